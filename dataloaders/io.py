@@ -1,0 +1,208 @@
+"""Reading and checking a segmentation dataset on disk.
+
+The layout is the one the MGCC / CMU-Net code bases use::
+
+    <data>/images/<id>.<ext>
+    <data>/masks/0/<id>.<ext>
+    <data>/<name>_train<i>.txt, <data>/<name>_val<i>.txt   (one id per line, written by split.py)
+
+Every script reads data through this module, so every script reports bad input the same way:
+one :class:`DataError` whose message names the offending files.
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+MASK_SUBDIR = Path("masks") / "0"
+MASK_THRESHOLD = 127  # foreground where the mask value is > 127 (masks are 0/255)
+_MAX_LISTED = 20  # offenders named in one message before "... and N more"
+
+
+class DataError(ValueError):
+    """Bad input data. The message names the file(s) or value at fault."""
+
+
+def _listing(title: str, items: list[str]) -> str:
+    shown = [f"  {item}" for item in items[:_MAX_LISTED]]
+    if len(items) > _MAX_LISTED:
+        shown.append(f"  ... and {len(items) - _MAX_LISTED} more")
+    return f"{title} ({len(items)}):\n" + "\n".join(shown)
+
+
+def list_images(folder: str | Path) -> tuple[dict[str, Path], list[str]]:
+    """Map id -> image path for the image files directly in ``folder``.
+
+    Extensions are matched case-insensitively. Returns ``(images, problems)`` where problems lists
+    ids that occur with more than one extension (``a.png`` and ``a.jpg``): such an id is ambiguous
+    and is left out of ``images``.
+    """
+    folder = Path(folder)
+    by_id: dict[str, list[Path]] = defaultdict(list)
+    for path in sorted(folder.iterdir()):
+        if path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS:
+            by_id[path.stem].append(path)
+    images, problems = {}, []
+    for case_id, paths in by_id.items():
+        if len(paths) > 1:
+            problems.append(f"{folder / case_id}.*: one id, several files: "
+                            + ", ".join(p.name for p in paths))
+        else:
+            images[case_id] = paths[0]
+    return images, problems
+
+
+def require_dir(path: str | Path, what: str) -> Path:
+    path = Path(path)
+    if not path.is_dir():
+        raise DataError(f"{what} not found: {path} (no such folder)")
+    return path
+
+
+def find_cases(data_dir: str | Path) -> dict[str, tuple[Path, Path]]:
+    """Map id -> (image path, mask path) for a labelled dataset folder, checking the pairing.
+
+    Raises one DataError listing every image without a mask, mask without an image and id with
+    several files. Files are not opened here: see :func:`check_pairs` for that.
+    """
+    data_dir = require_dir(data_dir, "data folder")
+    image_dir = require_dir(data_dir / "images", "image folder")
+    mask_dir = require_dir(data_dir / MASK_SUBDIR, "mask folder")
+    images, problems = list_images(image_dir)
+    masks, mask_problems = list_images(mask_dir)
+    problems += mask_problems
+    no_mask = sorted(str(images[i]) for i in images.keys() - masks.keys())
+    no_image = sorted(str(masks[i]) for i in masks.keys() - images.keys())
+    parts = []
+    if problems:
+        parts.append(_listing("ids with more than one file", sorted(problems)))
+    if no_mask:
+        parts.append(_listing(f"images without a mask in {mask_dir}", no_mask))
+    if no_image:
+        parts.append(_listing(f"masks without an image in {image_dir}", no_image))
+    if parts:
+        raise DataError(f"dataset {data_dir} is not consistent:\n" + "\n".join(parts))
+    if not images:
+        raise DataError(f"dataset {data_dir} has no images in {image_dir} "
+                        f"(extensions {', '.join(IMAGE_EXTENSIONS)})")
+    return {i: (images[i], masks[i]) for i in sorted(images)}
+
+
+def _decode(path: Path, flags: int) -> np.ndarray:
+    """Decode an image file, raising DataError for a missing, corrupt or truncated file."""
+    try:
+        data = np.fromfile(path, dtype=np.uint8)
+    except OSError as error:
+        raise DataError(f"cannot read {path}: {error}") from None
+    # libjpeg decodes a truncated JPEG with a grey tail and only a warning: check the end marker.
+    if path.suffix.lower() in (".jpg", ".jpeg") and not bytes(data[-16:]).rstrip(b"\0\r\n ").endswith(b"\xff\xd9"):
+        raise DataError(f"cannot read {path}: truncated JPEG (no end-of-image marker)")
+    image = cv2.imdecode(data, flags) if data.size else None
+    if image is None:
+        raise DataError(f"cannot read {path}: not a readable image (corrupt, truncated or empty)")
+    return image
+
+
+def read_image(path: str | Path, channels: int = 3) -> np.ndarray:
+    """Read an image as uint8 HxWxC with C = channels (1: grayscale, 3: BGR as OpenCV reads it).
+
+    Grayscale and colour files may be mixed in one folder: each is converted to ``channels``.
+    """
+    if channels not in (1, 3):
+        raise DataError(f"channels must be 1 or 3, got {channels}")
+    flags = cv2.IMREAD_GRAYSCALE if channels == 1 else cv2.IMREAD_COLOR
+    image = _decode(Path(path), flags)
+    return image[..., None] if image.ndim == 2 else image
+
+
+def read_mask(path: str | Path) -> np.ndarray:
+    """Read a mask as a bool HxW array: foreground where the grey value is > 127."""
+    return _decode(Path(path), cv2.IMREAD_GRAYSCALE) > MASK_THRESHOLD
+
+
+def read_id_list(path: str | Path) -> list[str]:
+    """Read a split file: one id per line, blank lines ignored, order kept."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"split file not found: {path}")
+    ids = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    if not ids:
+        raise DataError(f"split file is empty: {path}")
+    duplicates = sorted({i for i in ids if ids.count(i) > 1}) if len(set(ids)) != len(ids) else []
+    if duplicates:
+        raise DataError(_listing(f"split file {path} lists ids more than once", duplicates))
+    return ids
+
+
+def split_file(data_dir: str | Path, part: str, index: int, name: str | None = None) -> Path:
+    """Path of ``<name>_<part><index>.txt`` in data_dir; name defaults to the folder's, lower-case."""
+    data_dir = Path(data_dir)
+    name = name or dataset_name(data_dir)
+    return data_dir / f"{name}_{part}{index}.txt"
+
+
+def dataset_name(data_dir: str | Path) -> str:
+    return Path(data_dir).resolve().name.lower()
+
+
+def select_cases(cases: dict[str, tuple[Path, Path]], ids: list[str], source: str) -> list[tuple[str, Path, Path]]:
+    """The (id, image, mask) triples for ``ids``; an id with no files is an error naming ``source``."""
+    missing = [i for i in ids if i not in cases]
+    if missing:
+        raise DataError(_listing(f"{source} names ids with no image/mask pair", missing))
+    return [(i, *cases[i]) for i in ids]
+
+
+def check_pairs(pairs: list[tuple[str, Path, Path]], progress: bool = False) -> None:
+    """Open every image and mask once, before any training starts.
+
+    Raises one DataError listing every unreadable file and every image whose mask has another
+    size, so that a bad file never surfaces later as a data-loader worker traceback.
+    """
+    from tqdm import tqdm
+
+    problems = []
+    for _, image_path, mask_path in tqdm(pairs, desc="checking data", disable=not progress, leave=False):
+        shapes = []
+        for path in (image_path, mask_path):
+            try:
+                shapes.append(_decode(path, cv2.IMREAD_GRAYSCALE).shape)
+            except DataError as error:
+                problems.append(str(error))
+        if len(shapes) == 2 and shapes[0] != shapes[1]:
+            problems.append(f"{mask_path}: mask is {shapes[1][1]}x{shapes[1][0]} but its image "
+                            f"{image_path.name} is {shapes[0][1]}x{shapes[0][0]}")
+    if problems:
+        raise DataError(_listing("bad image/mask files", problems))
+
+
+def check_images(paths: list[Path], progress: bool = False) -> None:
+    """Open every image once; raise one DataError listing the unreadable ones."""
+    from tqdm import tqdm
+
+    problems = []
+    for path in tqdm(paths, desc="checking images", disable=not progress, leave=False):
+        try:
+            _decode(path, cv2.IMREAD_GRAYSCALE)
+        except DataError as error:
+            problems.append(str(error))
+    if problems:
+        raise DataError(_listing("unreadable images", problems))
+
+
+def unlabeled_images(folder: str | Path) -> list[Path]:
+    """The images of an unlabeled folder: ``<folder>/images/*`` (stage 1's output), or the image
+    files directly in ``<folder>`` when it has no ``images/`` subfolder."""
+    folder = require_dir(folder, "unlabeled folder")
+    image_dir = folder / "images" if (folder / "images").is_dir() else folder
+    images, problems = list_images(image_dir)
+    if problems:
+        raise DataError(_listing(f"unlabeled folder {image_dir} has ambiguous ids", problems))
+    if not images:
+        raise DataError(f"unlabeled folder {image_dir} has no images "
+                        f"(extensions {', '.join(IMAGE_EXTENSIONS)})")
+    return [images[i] for i in sorted(images)]

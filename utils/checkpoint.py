@@ -1,0 +1,49 @@
+"""Checkpoints: written atomically, read with a clear error when they are not what is expected."""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that is missing, truncated, or written by another script or architecture."""
+
+
+def atomic_save(obj: Any, path: str | Path) -> None:
+    """torch.save to a temporary file beside ``path``, then rename it over ``path``.
+
+    A crash while writing leaves the previous file intact: the rename is atomic on POSIX.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load_checkpoint(path: str | Path, kind: str | None = None, map_location: str | torch.device = "cpu") -> dict:
+    """Load a checkpoint written by :func:`atomic_save`; check its ``kind`` field when given."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        checkpoint = torch.load(path, map_location=map_location, weights_only=False)
+    except Exception as error:  # torch raises several types for truncated or foreign files
+        raise CheckpointError(f"cannot read checkpoint {path}: {type(error).__name__}: {error} "
+                              "(truncated or not a PyTorch file?)") from None
+    if kind is not None:
+        found = checkpoint.get("kind") if isinstance(checkpoint, dict) else None
+        if found != kind:
+            raise CheckpointError(f"{path} is not a {kind} checkpoint (found kind={found!r})")
+    return checkpoint

@@ -1,0 +1,150 @@
+"""One configuration mechanism for every script: a schema of options, a YAML file, flags.
+
+Each script declares its options once (name, default, type, help). From that schema come the
+command-line flags (``batch_size`` -> ``--batch-size``), the ``--help`` text and the check of YAML
+files. Precedence: schema default < ``--config`` YAML file < command-line flag. An unknown YAML key
+or flag is an error, never silently ignored.
+"""
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any, Callable, Sequence
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A bad configuration value, key or file; the message names it."""
+
+
+@dataclass(frozen=True)
+class Option:
+    name: str
+    default: Any
+    help: str
+    type: Callable[[str], Any] | None = None  # parser of a flag's text; inferred from default if None
+    choices: Sequence[Any] | None = None
+    repeatable: bool = False  # a list, given as a repeated flag (--x a --x b) or a YAML list
+    in_file: bool = True  # False for options of one invocation (--resume, --device): not in YAML
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+
+def optional(parse: Callable[[str], Any]) -> Callable[[str], Any]:
+    """Parser that also accepts 'none'/'null' for None."""
+    def parse_optional(text: str) -> Any:
+        return None if text.lower() in ("none", "null") else parse(text)
+    parse_optional.__name__ = getattr(parse, "__name__", "value")
+    return parse_optional
+
+
+def _parser_of(option: Option) -> Callable[[str], Any]:
+    if option.type is not None:
+        return option.type
+    if isinstance(option.default, bool):
+        raise AssertionError("bool options use --x/--no-x")
+    if isinstance(option.default, (int, float)):
+        return type(option.default)
+    return str
+
+
+def build_parser(options: Sequence[Option], description: str, epilog: str | None = None,
+                 with_config: bool = True) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=description, epilog=epilog,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     allow_abbrev=False)
+    if with_config:
+        parser.add_argument("--config", type=Path, default=None,
+                            help="YAML file of option values (keys are the flag names with _). "
+                                 "Flags given on the command line override it.")
+    for option in options:
+        default_text = "none" if option.default is None else option.default
+        help_text = f"{option.help} (default: {default_text})"
+        if isinstance(option.default, bool) and option.type is None:
+            parser.add_argument(option.flag, action=argparse.BooleanOptionalAction,
+                                default=argparse.SUPPRESS, help=help_text)
+        else:
+            parser.add_argument(option.flag, dest=option.name, type=_parser_of(option),
+                                choices=option.choices, default=argparse.SUPPRESS,
+                                action="append" if option.repeatable else "store",
+                                metavar=option.name.upper(), help=help_text)
+    return parser
+
+
+def _coerce(option: Option, value: Any, source: str) -> Any:
+    """Check a YAML value against the option's type; convert ints to floats where floats are due."""
+    if option.repeatable:
+        if value is None:
+            return []
+        values = value if isinstance(value, list) else [value]
+        return [_coerce(Option(option.name, "", option.help, option.type), v, source) for v in values]
+    if value is None:
+        return None
+    if isinstance(option.default, bool) and option.type is None:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{source}: {option.name} must be true or false, got {value!r}")
+        return value
+    parse = _parser_of(option)
+    try:
+        if isinstance(value, bool):
+            raise ValueError("a boolean where a value is due")
+        if parse is int and isinstance(value, float) and not value.is_integer():
+            raise ValueError("not a whole number")
+        value = parse(value) if parse in (int, float) and isinstance(value, (int, float)) else parse(str(value))
+    except (TypeError, ValueError) as error:
+        raise ConfigError(f"{source}: {option.name} = {value!r} is not valid: {error}") from None
+    if option.choices is not None and value not in option.choices:
+        raise ConfigError(f"{source}: {option.name} = {value!r}; choose one of {list(option.choices)}")
+    return value
+
+
+def read_yaml(path: Path, options: Sequence[Option]) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as error:
+        raise ConfigError(f"config file {path} is not valid YAML: {error}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of option: value")
+    known = {o.name: o for o in options if o.in_file}
+    unknown = sorted(set(data) - set(known))
+    if unknown:
+        raise ConfigError(f"config file {path}: unknown key(s) {', '.join(unknown)}; "
+                          f"known keys: {', '.join(sorted(known))}")
+    return {k: _coerce(known[k], v, str(path)) for k, v in data.items()}
+
+
+def parse_config(options: Sequence[Option], description: str, argv: Sequence[str] | None = None,
+                 epilog: str | None = None) -> SimpleNamespace:
+    """Resolve the configuration: defaults, then the --config file, then flags.
+
+    Returns a namespace with one attribute per option plus ``config`` (the YAML path or None) and
+    ``explicit`` (the set of names given as flags, e.g. to check them against a resumed run).
+    """
+    parser = build_parser(options, description, epilog)
+    args = parser.parse_args(argv)
+    values = {o.name: (list(o.default) if o.repeatable else o.default) for o in options}
+    config_path = getattr(args, "config", None)
+    if config_path is not None:
+        values.update(read_yaml(config_path, options))
+    explicit = set()
+    for option in options:
+        if hasattr(args, option.name):
+            values[option.name] = getattr(args, option.name)
+            explicit.add(option.name)
+    return SimpleNamespace(**values, config=config_path, explicit=explicit)
+
+
+def file_values(cfg: SimpleNamespace, options: Sequence[Option]) -> dict[str, Any]:
+    """The options that belong in a saved config file, as plain YAML-able values."""
+    return {o.name: getattr(cfg, o.name) for o in options if o.in_file}
+
+
+def save_yaml(values: dict[str, Any], path: Path) -> None:
+    path.write_text(yaml.safe_dump(values, sort_keys=False))
