@@ -1,0 +1,81 @@
+"""Which images play which part in a run: labeled, unlabeled, model selection, report.
+
+From a split's ``<name>_train<i>.txt`` (already shuffled by split.py, order kept):
+- with ``holdout`` > 0 the last round(holdout * n) ids are carved out for model selection, and the
+  split's val list is evaluated once, at the end, with the selected checkpoint;
+- labeled: the first int(labeled_fraction * m) of the remaining m ids (as the official code);
+- unlabeled: the remaining training ids (images only, when ``unlabeled_from_train``) and the images
+  of every ``unlabeled_dirs`` folder (stage 1's output).
+Without holdout the val list serves both for selection and for the report: the official protocol,
+which is optimistic, and said so in metrics.json.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .io import (DataError, check_images, check_pairs, find_cases, read_id_list, select_cases, split_file,
+                 unlabeled_images)
+
+Item = tuple[str, Path, "Path | None"]
+
+
+@dataclass
+class RunData:
+    labeled: list[Item]
+    unlabeled: list[Item]
+    selection: list[Item]  # evaluated periodically; picks checkpoint_best
+    selection_name: str  # "val" or "holdout"
+    report: list[Item] = field(default_factory=list)  # evaluated once at the end (holdout protocol)
+
+    def summary(self) -> str:
+        text = (f"{len(self.labeled)} labeled, {len(self.unlabeled)} unlabeled, "
+                f"{len(self.selection)} {self.selection_name} images")
+        return text + (f", {len(self.report)} val images reported at the end" if self.report else "")
+
+
+def load_run_data(data_dir: str | Path, split: int, labeled_fraction: float = 0.5, holdout: float = 0.0,
+                  unlabeled_dirs: list[str | Path] = (), unlabeled_from_train: bool = True,
+                  need_unlabeled: bool = True, check_files: bool = True, progress: bool = False) -> RunData:
+    """Resolve and check a run's data; every problem is a DataError raised before training starts."""
+    if not 0 < labeled_fraction <= 1:
+        raise DataError(f"labeled_fraction must be in (0, 1], got {labeled_fraction}")
+    if not 0 <= holdout < 1:
+        raise DataError(f"holdout must be in [0, 1), got {holdout}")
+    cases = find_cases(data_dir)
+    train_file, val_file = split_file(data_dir, "train", split), split_file(data_dir, "val", split)
+    train_ids, val_ids = read_id_list(train_file), read_id_list(val_file)
+    leaked = sorted(set(train_ids) & set(val_ids))
+    if leaked:
+        raise DataError(f"{train_file.name} and {val_file.name} share {len(leaked)} id(s), e.g. {leaked[:5]}")
+    train = select_cases(cases, train_ids, str(train_file))
+    val = select_cases(cases, val_ids, str(val_file))
+
+    n_holdout = round(holdout * len(train))
+    if holdout and not 0 < n_holdout < len(train):
+        raise DataError(f"holdout {holdout} of {len(train)} training ids leaves {n_holdout} for selection")
+    pool, carved = (train[:len(train) - n_holdout], train[len(train) - n_holdout:]) if n_holdout else (train, [])
+    n_labeled = int(labeled_fraction * len(pool))
+    if n_labeled == 0:
+        raise DataError(f"labeled_fraction {labeled_fraction} of {len(pool)} training ids selects no image")
+    labeled = pool[:n_labeled]
+
+    unlabeled: list[Item] = []
+    folder_images: list[Path] = []
+    if need_unlabeled:
+        if unlabeled_from_train:
+            unlabeled += [(case_id, image, None) for case_id, image, _ in pool[n_labeled:]]
+        for folder in unlabeled_dirs:
+            images = unlabeled_images(folder)
+            folder_images += images
+            unlabeled += [(f"{Path(folder).name}/{p.stem}", p, None) for p in images]
+        if not unlabeled:
+            raise DataError("mgcc mode needs unlabeled images: give --unlabeled-dir or use a labeled "
+                            "fraction below 1 with unlabeled_from_train")
+
+    if check_files:
+        check_pairs(train + val, progress=progress)
+        check_images(folder_images, progress=progress)
+    if n_holdout:
+        return RunData(labeled, unlabeled, carved, "holdout", report=val)
+    return RunData(labeled, unlabeled, val, "val")

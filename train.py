@@ -1,0 +1,326 @@
+"""Train the MGCC segmenter (stage 2), or the supervised baseline on the same network and loop.
+
+    python train.py --config configs/busi.yaml --data-dir inputs/BUSI --split 1 \\
+        --unlabeled-dir inputs/BUSI_synth_1
+
+Each iteration (paper Sec. 3.2-3.3, official schedule):
+    batch      = labeled_batch_size labeled images + the rest unlabeled (official 4 + 4)
+    main, aux  = model(batch)                      aux_k sees features perturbed before ConvMixer k
+    L_sup      = mean_d (0.5 BCE + Dice)(d[labeled], mask)        d in main, aux1..3   (Eq. 5-6)
+    L_cons     = mean_k MSE(sigmoid(main[unl]), sigmoid(aux_k[unl]))                     (Eq. 7)
+    L          = L_sup + lambda(it) * L_cons        lambda ramps up to 7                   (Eq. 8)
+    SGD step, poly learning rate (1 - it/max)^0.9.
+--mode supervised: labeled images only, main decoder only, L = (0.5 BCE + Dice)(main, mask).
+
+Writes to the run folder: config.yaml (resolved), metrics.jsonl (one line per evaluation),
+metrics.json (final), curves.png, checkpoint_last.pt (for --resume) and checkpoint_best.pt.
+"""
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from dataloaders.datasets import NORMALIZATIONS, SegmentationDataset
+from dataloaders.io import DataError, dataset_name
+from dataloaders.samplers import LABELED_STREAM, UNLABELED_STREAM, StreamBatchSampler
+from dataloaders.splits import load_run_data
+from networks.mgcc import MGCCNet, count_parameters
+from utils.checkpoint import CheckpointError, atomic_save, load_checkpoint
+from utils.config import ConfigError, Option, file_values, optional, parse_config, save_yaml
+from utils.evaluation import evaluate
+from utils.losses import bce_dice_loss, consistency_loss, consistency_weight, poly_lr_factor, supervised_loss
+from utils.plots import plot_curves
+from utils.runtime import StopRequest, autocast_dtype, resolve_device, rng_state, seed_everything, set_rng_state
+
+CHECKPOINT_KIND = "mgcc-segmenter"
+OPTIONS = [
+    # data
+    Option("data_dir", None, "dataset folder (images/, masks/0/, <name>_train<i>.txt, <name>_val<i>.txt)", type=str),
+    Option("split", 1, "split number i: uses <name>_train<i>.txt and <name>_val<i>.txt"),
+    Option("labeled_fraction", 0.5, "fraction of the training list used with labels (its first ids, in file order)"),
+    Option("unlabeled_dir", [], "folder of unlabeled images (<dir>/images/* or <dir>/*), e.g. sample_ldm.py's "
+           "output; repeat the flag for several", type=str, repeatable=True),
+    Option("unlabeled_from_train", True, "also use the training ids left unlabeled as unlabeled images"),
+    Option("holdout", 0.0, "fraction of the training list (its last ids) held out for model selection; the val "
+           "list is then evaluated once at the end. 0: select on the val list (official, optimistic)"),
+    Option("image_size", 256, "images are resized to image_size x image_size"),
+    Option("in_channels", 3, "network input channels: 3 (BGR, as the official code) or 1 (grayscale)", choices=(1, 3)),
+    Option("normalization", "official", "input normalisation: official (ImageNet stats, /255 again) or unit "
+           "([-1, 1])", choices=NORMALIZATIONS),
+    Option("num_workers", 4, "data-loader worker processes (0: load in the main process)"),
+    # model
+    Option("mode", "mgcc", "mgcc: semi-supervised MGCC; supervised: the baseline on the labeled images alone",
+           choices=("mgcc", "supervised")),
+    Option("width", 64, "channels of the first encoder stage (published: 64); stages are w, 2w, 4w, 8w, 16w"),
+    Option("mixer_depth", 3, "ConvMixer blocks in each of the three bottleneck stages"),
+    Option("mixer_kernel", 7, "kernel size of the ConvMixer depthwise convolutions"),
+    # optimisation (official defaults)
+    Option("iterations", None, "training iterations; none: base_iterations x labeled_fraction (official)",
+           type=optional(int)),
+    Option("base_iterations", 40000, "iterations at labeled_fraction 1, used when iterations is none"),
+    Option("batch_size", 8, "images per iteration, labeled and unlabeled together"),
+    Option("labeled_batch_size", 4, "labeled images per iteration (mgcc); the whole batch is this in supervised mode"),
+    Option("lr", 0.01, "SGD base learning rate, decayed as (1 - it/iterations)^0.9"),
+    Option("momentum", 0.9, "SGD momentum"),
+    Option("weight_decay", 1e-4, "SGD weight decay"),
+    Option("consistency", 7.0, "final weight lambda of the consistency loss"),
+    Option("consistency_rampup", 200.0, "lambda ramps up over this many ramp steps (sigmoid ramp-up)"),
+    Option("consistency_ramp_every", 150, "iterations per ramp step (official: t = iteration // 150)"),
+    Option("seed", 1337, "random seed of weights, data order, augmentation and perturbations"),
+    # speed (options; the defaults are the official fp32 math)
+    Option("precision", "fp32", "autocast precision: fp32, bf16, or auto (bf16 on CUDA, fp32 on CPU)",
+           choices=("fp32", "bf16", "auto")),
+    Option("channels_last", False, "channels_last memory format (faster convolutions on GPUs)"),
+    Option("compile", False, "torch.compile the model"),
+    # evaluation and outputs
+    Option("eval_every", 200, "evaluate on the selection set every N iterations (and at the end)"),
+    Option("eval_batch_size", 16, "images per evaluation batch"),
+    Option("checkpoint_every", None, "write checkpoint_last.pt every N iterations; none: at each evaluation",
+           type=optional(int)),
+    Option("log_every", 10, "read the losses back from the device every N iterations (progress bar, NaN check)"),
+    Option("out_dir", None, "run folder; none: runs/<dataset>_split<i>_<mode>_l<fraction>", type=optional(str)),
+    # one invocation only (not saved in config.yaml)
+    Option("device", "auto", "auto (CUDA if present, else CPU), cpu, cuda or cuda:N", in_file=False),
+    Option("resume", False, "continue the run in --out-dir from its checkpoint_last.pt", in_file=False),
+    Option("overwrite", False, "start afresh in an --out-dir that holds an earlier run", in_file=False),
+    Option("progress", True, "show progress bars", in_file=False),
+]
+RUN_FILES = ("config.yaml", "metrics.jsonl", "metrics.json", "curves.png", "checkpoint_last.pt", "checkpoint_best.pt")
+OPTIMISTIC_NOTE = ("checkpoint_best was selected on the val list that is also reported (the official protocol): "
+                   "these val metrics are optimistic. Use --holdout to select on ids carved from the training list.")
+
+
+def build_model(cfg) -> MGCCNet:
+    return MGCCNet(in_channels=cfg.in_channels, width=cfg.width, mixer_depth=cfg.mixer_depth,
+                   mixer_kernel=cfg.mixer_kernel)
+
+
+def model_args(cfg) -> dict:
+    return {"in_channels": cfg.in_channels, "width": cfg.width, "mixer_depth": cfg.mixer_depth,
+            "mixer_kernel": cfg.mixer_kernel}
+
+
+def make_loader(dataset, cfg, device, **kwargs) -> DataLoader:
+    workers = cfg.num_workers
+    # A private generator: creating loader iterators must not consume the global torch RNG (exact resume).
+    return DataLoader(dataset, num_workers=workers, pin_memory=device.type == "cuda",
+                      persistent_workers=workers > 0, generator=torch.Generator().manual_seed(cfg.seed), **kwargs)
+
+
+def endless(loader: DataLoader):
+    while True:
+        yield from loader
+
+
+def prepare_run(cfg) -> tuple[object, Path, dict | None]:
+    """Resolve the run folder; on --resume, load the checkpoint and the run's own config."""
+    if cfg.out_dir is None and cfg.data_dir is not None:
+        cfg.out_dir = (f"runs/{dataset_name(cfg.data_dir)}_split{cfg.split}_{cfg.mode}"
+                       f"_l{cfg.labeled_fraction:g}")
+    if cfg.out_dir is None:
+        raise ConfigError("give --data-dir (and --out-dir, or it is derived from the data folder)")
+    out_dir = Path(cfg.out_dir)
+    if cfg.resume:
+        checkpoint = load_checkpoint(out_dir / "checkpoint_last.pt", CHECKPOINT_KIND)
+        saved = checkpoint["config"]
+        for name in sorted(cfg.explicit & set(saved)):
+            if getattr(cfg, name) != saved[name] and name != "out_dir":
+                raise ConfigError(f"--resume: {name} = {getattr(cfg, name)!r} differs from the run's "
+                                  f"{saved[name]!r} (see {out_dir / 'config.yaml'})")
+        for name, value in saved.items():
+            setattr(cfg, name, value)
+        cfg.out_dir = str(out_dir)
+        return cfg, out_dir, checkpoint
+    if cfg.data_dir is None:
+        raise ConfigError("--data-dir is required")
+    existing = [name for name in RUN_FILES if (out_dir / name).exists()]
+    if existing and not cfg.overwrite:
+        raise ConfigError(f"{out_dir} already holds a run ({', '.join(existing)}): "
+                          "use --resume to continue it or --overwrite to start afresh")
+    for name in existing:
+        (out_dir / name).unlink()
+    return cfg, out_dir, None
+
+
+def check_config(cfg, run_data) -> None:
+    if cfg.mode == "mgcc" and not 0 < cfg.labeled_batch_size < cfg.batch_size:
+        raise ConfigError(f"labeled_batch_size must be in [1, batch_size - 1] in mgcc mode, got "
+                          f"{cfg.labeled_batch_size} of batch_size {cfg.batch_size}")
+    if len(run_data.labeled) < cfg.labeled_batch_size:
+        raise DataError(f"labeled_batch_size {cfg.labeled_batch_size} is larger than the labeled set "
+                        f"({len(run_data.labeled)} images)")
+    unlabeled_batch = cfg.batch_size - cfg.labeled_batch_size
+    if cfg.mode == "mgcc" and len(run_data.unlabeled) < unlabeled_batch:
+        raise DataError(f"an unlabeled batch of {unlabeled_batch} needs that many unlabeled images, "
+                        f"found {len(run_data.unlabeled)}")
+    if cfg.iterations is not None and cfg.iterations < 1:
+        raise ConfigError(f"iterations must be positive, got {cfg.iterations}")
+
+
+def write_curves(history: list[dict], path: Path, selection_name: str) -> None:
+    its = [r["iteration"] for r in history]
+    losses = {k: (its, [r[f"train_{k}"] for r in history]) for k in ("loss", "sup", "cons")
+              if all(f"train_{k}" in r for r in history)}
+    plot_curves(path, {"training loss (mean since last eval)": losses,
+                       f"{selection_name} IoU / Dice": {"IoU": (its, [r["iou"] for r in history]),
+                                                        "Dice": (its, [r["dice"] for r in history])}})
+
+
+def main(argv=None) -> int:
+    cfg = parse_config(OPTIONS, __doc__, argv)
+    cfg, out_dir, checkpoint = prepare_run(cfg)
+    device = resolve_device(cfg.device)
+    amp_dtype = autocast_dtype(cfg.precision, device)
+    semi = cfg.mode == "mgcc"
+    run_data = load_run_data(cfg.data_dir, cfg.split, cfg.labeled_fraction, cfg.holdout, cfg.unlabeled_dir,
+                             cfg.unlabeled_from_train, need_unlabeled=semi, progress=cfg.progress)
+    check_config(cfg, run_data)
+    # the baseline sees the labeled images only: the same number per step as MGCC
+    unlabeled_batch_size = cfg.batch_size - cfg.labeled_batch_size if semi else 0
+    iterations = cfg.iterations or round(cfg.base_iterations * cfg.labeled_fraction)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_yaml(file_values(cfg, OPTIONS), out_dir / "config.yaml")
+    print(f"run folder {out_dir} | {cfg.mode} on {device} | {run_data.summary()} | {iterations} iterations",
+          flush=True)
+
+    seed_everything(cfg.seed)
+    model = build_model(cfg).to(device)
+    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: poly_lr_factor(it, iterations))
+    start, history, best = 0, [], {"iteration": None, "iou": -1.0}
+    if checkpoint is not None:
+        model.load_state_dict(checkpoint["model"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        scheduler.load_state_dict(checkpoint["scheduler"])
+        start, history, best = checkpoint["iteration"], checkpoint["history"], checkpoint["best"]
+        set_rng_state(checkpoint["rng"])
+        # evaluations logged after the checkpoint was written are repeated: drop them
+        (out_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in history))
+        print(f"resumed at iteration {start}", flush=True)
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    forward = torch.compile(model) if cfg.compile else model
+
+    def make(items, augment: bool) -> SegmentationDataset:
+        return SegmentationDataset(items, cfg.image_size, cfg.in_channels, cfg.normalization, augment)
+
+    labeled_batches = endless(make_loader(make(run_data.labeled, True), cfg, device, batch_sampler=StreamBatchSampler(
+        len(run_data.labeled), cfg.labeled_batch_size, cfg.seed, LABELED_STREAM, whole_epochs=True, start_step=start)))
+    unlabeled_batches = endless(make_loader(make(run_data.unlabeled, True), cfg, device, batch_sampler=StreamBatchSampler(
+        len(run_data.unlabeled), unlabeled_batch_size, cfg.seed, UNLABELED_STREAM,
+        whole_epochs=False, start_step=start))) if semi else None
+    selection_loader = make_loader(make(run_data.selection, False), cfg, device, batch_size=cfg.eval_batch_size)
+
+    def save_last(iteration: int) -> None:
+        atomic_save({"kind": CHECKPOINT_KIND, "config": file_values(cfg, OPTIONS), "model_args": model_args(cfg),
+                     "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                     "scheduler": scheduler.state_dict(), "iteration": iteration, "history": history,
+                     "best": best, "rng": rng_state()}, out_dir / "checkpoint_last.pt")
+
+    sums = torch.zeros(3, device=device)  # loss, sup, cons summed on the device since the last read
+    first_bad = torch.full((), -1, device=device, dtype=torch.long)  # first iteration with a non-finite loss
+    since_eval = torch.zeros(3, device=device)
+    last_read = start
+    checkpoint_every = cfg.checkpoint_every or cfg.eval_every
+    bar = tqdm(total=iterations, initial=start, desc=cfg.mode, disable=not cfg.progress, dynamic_ncols=True)
+    model.train()
+    with StopRequest() as stop:
+        for it in range(start, iterations):
+            labeled = next(labeled_batches)
+            images, masks = labeled["image"].to(device, non_blocking=True), labeled["mask"].to(device, non_blocking=True)
+            if semi:
+                images = torch.cat([images, next(unlabeled_batches)["image"].to(device, non_blocking=True)])
+            if cfg.channels_last:
+                images = images.contiguous(memory_format=torch.channels_last)
+            n = cfg.labeled_batch_size
+            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                if semi:
+                    main_logits, aux_logits = forward(images, with_aux=True)
+                    main_logits, aux_logits = main_logits.float(), [a.float() for a in aux_logits]
+                    sup = supervised_loss([main_logits[:n]] + [a[:n] for a in aux_logits], masks)
+                    cons = consistency_loss(main_logits[n:], [a[n:] for a in aux_logits])
+                    loss = sup + consistency_weight(it, cfg.consistency, cfg.consistency_rampup,
+                                                    cfg.consistency_ramp_every) * cons
+                else:
+                    sup = loss = bce_dice_loss(forward(images).float(), masks)
+                    cons = torch.zeros((), device=device)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+
+            step_losses = torch.stack([loss.detach(), sup.detach(), cons.detach()])
+            sums += step_losses
+            since_eval += step_losses
+            first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss.detach()), it, first_bad)
+            done = it + 1
+            if done % cfg.log_every == 0 or done == iterations or done % cfg.eval_every == 0 or stop:
+                if first_bad.item() >= 0:
+                    bar.close()
+                    raise FloatingPointError(
+                        f"non-finite loss at iteration {first_bad.item()}: stopped; the last good checkpoint "
+                        f"({out_dir / 'checkpoint_last.pt'}) is untouched")
+                mean = (sums / (done - last_read)).tolist()
+                sums.zero_()
+                last_read = done
+                bar.set_postfix(loss=f"{mean[0]:.4f}", best_iou=f"{best['iou']:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
+            bar.update(1)
+
+            if done % cfg.eval_every == 0 or done == iterations:
+                metrics = evaluate(model, selection_loader, device, amp_dtype)
+                intervals = done - (history[-1]["iteration"] if history else 0)
+                train_mean = (since_eval / intervals).tolist()
+                since_eval.zero_()
+                record = {"iteration": done, "set": run_data.selection_name, **metrics,
+                          "train_loss": train_mean[0], "train_sup": train_mean[1], "train_cons": train_mean[2],
+                          "lr": scheduler.get_last_lr()[0], "time": time.time()}
+                history.append(record)
+                with open(out_dir / "metrics.jsonl", "a") as f:
+                    f.write(json.dumps(record) + "\n")
+                if metrics["iou"] > best["iou"]:
+                    best = {"iteration": done, **metrics}
+                    atomic_save({"kind": CHECKPOINT_KIND, "config": file_values(cfg, OPTIONS),
+                                 "model_args": model_args(cfg), "model": model.state_dict(), "iteration": done,
+                                 "metrics": metrics}, out_dir / "checkpoint_best.pt")
+                write_curves(history, out_dir / "curves.png", run_data.selection_name)
+                bar.write(f"iteration {done}: {run_data.selection_name} IoU {metrics['iou']:.4f} "
+                          f"Dice {metrics['dice']:.4f} (best {best['iou']:.4f} at {best['iteration']})")
+            if done % checkpoint_every == 0 or done == iterations or stop:
+                save_last(done)
+            if stop and done < iterations:
+                bar.close()
+                print(f"stopped by {stop.signal_name} at iteration {done}; checkpoint written. Continue with:\n"
+                      f"  python train.py --out-dir {out_dir} --resume", file=sys.stderr)
+                return 130
+    bar.close()
+
+    summary = {"mode": cfg.mode, "iterations": iterations, "parameters": count_parameters(model),
+               "selection_set": run_data.selection_name, "best_iteration": best["iteration"],
+               "best": {k: v for k, v in best.items() if k != "iteration"}, "last": history[-1]}
+    if run_data.report:  # --holdout: the val list is evaluated once, with the selected checkpoint
+        model.load_state_dict(load_checkpoint(out_dir / "checkpoint_best.pt", CHECKPOINT_KIND)["model"])
+        summary["val"] = evaluate(model, make_loader(make(run_data.report, False), cfg, device,
+                                                     batch_size=cfg.eval_batch_size), device, amp_dtype)
+        summary["note"] = "checkpoint_best selected on the holdout ids; 'val' is its single evaluation on the val list."
+    else:
+        summary["val"] = summary["best"]
+        summary["note"] = OPTIMISTIC_NOTE
+    (out_dir / "metrics.json").write_text(json.dumps(summary, indent=2))
+    print(f"done: val IoU {summary['val']['iou']:.4f} Dice {summary['val']['dice']:.4f} "
+          f"(checkpoint_best at iteration {best['iteration']}); wrote {out_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except (ConfigError, DataError, CheckpointError, FloatingPointError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)

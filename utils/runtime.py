@@ -1,0 +1,78 @@
+"""Devices, precision, reproducibility and clean stops: what every training script needs."""
+from __future__ import annotations
+
+import random
+import signal
+import sys
+
+import numpy as np
+import torch
+
+from .config import ConfigError
+
+
+def resolve_device(name: str) -> torch.device:
+    """'auto' -> CUDA when present, else CPU; 'cuda' without a GPU is an error, not a silent CPU run."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"device {name!r} is not a torch device (use auto, cpu, cuda or cuda:N)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {name!r} asked for, but CUDA is not available here (use --device cpu)")
+    return device
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for a precision option: 'auto' is bf16 on CUDA and fp32 elsewhere."""
+    if precision == "auto":
+        precision = "bf16" if device.type == "cuda" else "fp32"
+    return {"fp32": None, "bf16": torch.bfloat16}[precision]
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2 ** 32)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class StopRequest:
+    """Turns SIGINT/SIGTERM into a flag the training loop checks after each step.
+
+    The loop then writes its checkpoint and exits cleanly; a second signal stops at once.
+    """
+
+    def __init__(self):
+        self.signal_name: str | None = None
+
+    def __enter__(self):
+        self._previous = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def __exit__(self, *exc):
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+
+    def _handle(self, signum, frame):
+        if self.signal_name is not None:
+            sys.exit(128 + signum)
+        self.signal_name = signal.Signals(signum).name
+        print(f"\n{self.signal_name} received: finishing the current step, then saving a checkpoint "
+              "(signal again to stop at once)", file=sys.stderr, flush=True)
+
+    def __bool__(self) -> bool:
+        return self.signal_name is not None
