@@ -89,6 +89,8 @@ OPTIONS = [
     # one invocation only (not saved in config.yaml)
     Option("device", "auto", "auto (CUDA if present, else CPU), cpu, cuda or cuda:N", in_file=False),
     Option("resume", False, "continue the run in --out-dir from its checkpoint_last.pt", in_file=False),
+    Option("stop_after", None, "leave after this many iterations of this invocation, with checkpoint_last.pt "
+           "written (for time-limited job slots); continue with --resume", type=optional(int), in_file=False),
     Option("overwrite", False, "start afresh in an --out-dir that holds an earlier run", in_file=False),
     Option("progress", True, "show progress bars", in_file=False),
 ]
@@ -292,8 +294,14 @@ def main(argv=None) -> int:
                 write_curves(history, out_dir / "curves.png", run_data.selection_name)
                 bar.write(f"iteration {done}: {run_data.selection_name} IoU {metrics['iou']:.4f} "
                           f"Dice {metrics['dice']:.4f} (best {best['iou']:.4f} at {best['iteration']})")
-            if done % checkpoint_every == 0 or done == iterations or stop:
+            pause = cfg.stop_after is not None and done - start >= cfg.stop_after
+            if done % checkpoint_every == 0 or done == iterations or stop or pause:
                 save_last(done)
+            if pause and done < iterations:
+                bar.close()
+                print(f"stopped after {cfg.stop_after} iterations (--stop-after) at iteration {done}; continue with:\n"
+                      f"  python train.py --out-dir {out_dir} --resume")
+                return 0
             if stop and done < iterations:
                 bar.close()
                 print(f"stopped by {stop.signal_name} at iteration {done}; checkpoint written. Continue with:\n"

@@ -67,7 +67,7 @@ class SegmentationDataset(Dataset):
     """Images with or without masks, preprocessed for the segmenter.
 
     ``items`` are (id, image path, mask path or None). An item is a dict with ``image`` (float32
-    C x S x S), ``id`` and, for labeled items, ``mask`` (float32 1 x S x S, values 0/1). Index with an
+    C x S x S), ``id``, ``size`` (the file's H, W) and, for labeled items, ``mask`` (float32 1 x S x S, values 0/1). Index with an
     int (no augmentation) or with ``(index, seed)`` from the samplers (augmented when ``augment``).
     """
 
@@ -92,7 +92,8 @@ class SegmentationDataset(Dataset):
             arrays.append(read_mask(mask_path))
         if self.augment and seed is not None:
             arrays = random_rot90_flip(np.random.default_rng(seed), *arrays)
-        item = {"id": case_id, "image": torch.from_numpy(normalize(resize_image(arrays[0], self.image_size),
+        size = torch.tensor(arrays[0].shape[:2])  # (H, W) as read, to map predictions back
+        item = {"id": case_id, "size": size, "image": torch.from_numpy(normalize(resize_image(arrays[0], self.image_size),
                                                                    self.normalization))}
         if mask_path is not None:
             item["mask"] = torch.from_numpy(resize_mask(arrays[1], self.image_size)[None].astype(np.float32))

@@ -194,15 +194,19 @@ def check_images(paths: list[Path], progress: bool = False) -> None:
         raise DataError(_listing("unreadable images", problems))
 
 
-def unlabeled_images(folder: str | Path) -> list[Path]:
-    """The images of an unlabeled folder: ``<folder>/images/*`` (stage 1's output), or the image
-    files directly in ``<folder>`` when it has no ``images/`` subfolder."""
-    folder = require_dir(folder, "unlabeled folder")
+def image_folder(folder: str | Path, what: str = "unlabeled folder") -> list[Path]:
+    """The images of a folder of images without masks: ``<folder>/images/*`` (the dataset layout and
+    stage 1's output), or the image files directly in ``<folder>`` when it has no ``images/``."""
+    folder = require_dir(folder, what)
     image_dir = folder / "images" if (folder / "images").is_dir() else folder
     images, problems = list_images(image_dir)
     if problems:
-        raise DataError(_listing(f"unlabeled folder {image_dir} has ambiguous ids", problems))
+        raise DataError(_listing(f"{what} {image_dir} has ambiguous ids", problems))
     if not images:
-        raise DataError(f"unlabeled folder {image_dir} has no images "
-                        f"(extensions {', '.join(IMAGE_EXTENSIONS)})")
+        raise DataError(f"{what} {image_dir} has no images (extensions {', '.join(IMAGE_EXTENSIONS)})")
     return [images[i] for i in sorted(images)]
+
+
+def unlabeled_images(folder: str | Path) -> list[Path]:
+    """The images of an unlabeled folder (see :func:`image_folder`)."""
+    return image_folder(folder, "unlabeled folder")

@@ -1,0 +1,155 @@
+"""Segment a folder of images with a trained segmenter; score the masks when ground truth is given.
+
+    python predict.py --checkpoint runs/<run>/checkpoint_best.pt --input-dir <images> --output-dir <out> \\
+        [--masks-dir <data>/masks/0] [--no-overlays]
+
+Writes <out>/masks/<id>.png (0/255, at each input image's own size), <out>/overlays/<id>.png
+(prediction in red, ground truth outlined in green) and, with --masks-dir, <out>/metrics.csv (per
+image) and <out>/metrics.json (means), computed at each image's own size.
+
+--checkpoint takes a checkpoint of train.py (checkpoint_best.pt or checkpoint_last.pt) or one written
+by the official MGCC code (a plain state_dict): the latter is detected, renamed, and run with the
+official preprocessing (3-channel BGR, 256 x 256, official normalisation), so it gives the official
+code's masks.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import sys
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from dataloaders.datasets import SegmentationDataset
+from dataloaders.io import DataError, check_images, check_pairs, image_folder, list_images, read_image, read_mask
+from networks.mgcc import MGCCNet
+from networks.official import convert_official_state_dict, infer_official_architecture, is_official_state_dict
+from utils.checkpoint import CheckpointError, load_checkpoint
+from utils.config import ConfigError
+from utils.metrics import METRIC_NAMES, per_image_metrics
+from utils.plots import overlay, save_image
+from utils.runtime import autocast_dtype, resolve_device
+
+SEGMENTER_KIND = "mgcc-segmenter"
+OFFICIAL_PREPROCESSING = {"image_size": 256, "in_channels": 3, "normalization": "official"}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     allow_abbrev=False)
+    parser.add_argument("--checkpoint", type=Path, required=True,
+                        help="checkpoint_best.pt / checkpoint_last.pt of train.py, or an official MGCC state_dict")
+    parser.add_argument("--input-dir", type=Path, required=True,
+                        help="folder of images (<dir>/images/* if it has an images/ folder, else <dir>/*)")
+    parser.add_argument("--output-dir", type=Path, required=True, help="where masks/, overlays/ and metrics go")
+    parser.add_argument("--masks-dir", type=Path, default=None,
+                        help="ground-truth masks named like the images (e.g. <data>/masks/0): adds metrics")
+    parser.add_argument("--overlays", action=argparse.BooleanOptionalAction, default=True,
+                        help="write overlay PNGs (default: on)")
+    parser.add_argument("--threshold", type=float, default=0.5, help="foreground where sigmoid(logit) > this (default: 0.5)")
+    parser.add_argument("--batch-size", type=int, default=8, help="images per forward pass (default: 8)")
+    parser.add_argument("--num-workers", type=int, default=2, help="data-loader workers (default: 2)")
+    parser.add_argument("--precision", choices=("fp32", "bf16", "auto"), default="fp32",
+                        help="autocast precision (default: fp32)")
+    parser.add_argument("--device", default="auto", help="auto (CUDA if present, else CPU), cpu, cuda or cuda:N")
+    parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="progress bar")
+    return parser.parse_args(argv)
+
+
+def load_segmenter(path: Path) -> tuple[MGCCNet, dict, str]:
+    """(model in eval mode, preprocessing options, description) from either kind of checkpoint."""
+    checkpoint = load_checkpoint(path)
+    if is_official_state_dict(checkpoint):
+        model = MGCCNet(**infer_official_architecture(checkpoint))
+        model.load_state_dict(convert_official_state_dict(checkpoint))
+        return model.eval(), dict(OFFICIAL_PREPROCESSING), "official MGCC checkpoint"
+    kind = checkpoint.get("kind") if isinstance(checkpoint, dict) else None
+    if kind != SEGMENTER_KIND:
+        raise CheckpointError(f"{path} is not a segmenter checkpoint: expected one written by train.py "
+                              f"(kind {SEGMENTER_KIND!r}) or an official MGCC state_dict, found "
+                              f"{'kind ' + repr(kind) if kind else type(checkpoint).__name__}")
+    model = MGCCNet(**checkpoint["model_args"])
+    try:
+        model.load_state_dict(checkpoint["model"])
+    except RuntimeError as error:
+        raise CheckpointError(f"{path}: weights do not fit the architecture it names: {error}") from None
+    config = checkpoint["config"]
+    preprocessing = {k: config[k] for k in OFFICIAL_PREPROCESSING}
+    return model.eval(), preprocessing, f"train.py checkpoint ({config['mode']}, iteration {checkpoint['iteration']})"
+
+
+def match_masks(images: list[Path], masks_dir: Path) -> dict[str, Path]:
+    if not masks_dir.is_dir():
+        raise DataError(f"mask folder not found: {masks_dir}")
+    masks, problems = list_images(masks_dir)
+    problems += [f"no mask for {p}" for p in images if p.stem not in masks]
+    if problems:
+        raise DataError(f"masks in {masks_dir} do not match the input images:\n  " + "\n  ".join(problems[:20])
+                        + (f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""))
+    return {p.stem: masks[p.stem] for p in images}
+
+
+@torch.no_grad()
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    device = resolve_device(args.device)
+    amp_dtype = autocast_dtype(args.precision, device)
+    model, prep, description = load_segmenter(args.checkpoint)
+    model.to(device)
+    images = image_folder(args.input_dir, "input folder")
+    masks = match_masks(images, args.masks_dir) if args.masks_dir else {}
+    # every file is opened once (and each mask's size checked) before anything is written
+    if masks:
+        check_pairs([(p.stem, p, masks[p.stem]) for p in images])
+    else:
+        check_images(images)
+    image_paths = {p.stem: p for p in images}
+    dataset = SegmentationDataset([(p.stem, p, None) for p in images], prep["image_size"], prep["in_channels"],
+                                  prep["normalization"])
+    loader = DataLoader(dataset, batch_size=args.batch_size, num_workers=args.num_workers)
+    print(f"{description}: {len(images)} images -> {args.output_dir}", flush=True)
+
+    for sub in ("masks", "overlays") if args.overlays else ("masks",):
+        (args.output_dir / sub).mkdir(parents=True, exist_ok=True)
+    rows = []
+    for batch in tqdm(loader, desc="predicting", disable=not args.progress):
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            logits = model(batch["image"].to(device)).float()
+        for case_id, size, logit in zip(batch["id"], batch["size"].tolist(), logits):
+            # probabilities back to the image's own size, then the threshold
+            prob = torch.sigmoid(F.interpolate(logit[None], size=size, mode="bilinear", align_corners=False))[0, 0]
+            pred = (prob > args.threshold).cpu().numpy()
+            save_image(args.output_dir / "masks" / f"{case_id}.png", pred.astype(np.uint8) * 255)
+            truth = read_mask(masks[case_id]) if masks else None
+            if truth is not None:
+                values = per_image_metrics(torch.from_numpy(pred)[None], torch.from_numpy(truth)[None])
+                rows.append({"id": case_id, **{k: float(v[0]) for k, v in values.items()}})
+            if args.overlays:
+                original = read_image(image_paths[case_id], 3)
+                save_image(args.output_dir / "overlays" / f"{case_id}.png", overlay(original, pred, truth))
+    if rows:
+        with open(args.output_dir / "metrics.csv", "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=["id", *METRIC_NAMES])
+            writer.writeheader()
+            writer.writerows(rows)
+        means = {k: float(np.mean([r[k] for r in rows])) for k in METRIC_NAMES}
+        (args.output_dir / "metrics.json").write_text(json.dumps(
+            {"checkpoint": str(args.checkpoint), "images": len(rows), "evaluated_at": "each image's own size",
+             "threshold": args.threshold, **means}, indent=2))
+        print("  ".join(f"{k} {v:.4f}" for k, v in means.items()))
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except (ConfigError, DataError, CheckpointError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
