@@ -88,11 +88,11 @@ class SegmentationDataset(Dataset):
         index, seed = key if isinstance(key, tuple) else (key, None)
         case_id, image_path, mask_path = self.items[index]
         arrays = [read_image(image_path, self.in_channels)]
+        size = torch.tensor(arrays[0].shape[:2])  # (H, W) of the file, to map predictions back
         if mask_path is not None:
             arrays.append(read_mask(mask_path))
         if self.augment and seed is not None:
             arrays = random_rot90_flip(np.random.default_rng(seed), *arrays)
-        size = torch.tensor(arrays[0].shape[:2])  # (H, W) as read, to map predictions back
         item = {"id": case_id, "size": size, "image": torch.from_numpy(normalize(resize_image(arrays[0], self.image_size),
                                                                    self.normalization))}
         if mask_path is not None:

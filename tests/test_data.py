@@ -1,0 +1,168 @@
+"""The data layer: reading and checking files, preprocessing, batch streams, run composition."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from conftest import write_dataset
+from dataloaders.datasets import SegmentationDataset, normalize
+from dataloaders.io import DataError, check_pairs, find_cases, read_image, unlabeled_images
+from dataloaders.samplers import StreamBatchSampler
+from dataloaders.splits import load_run_data
+
+
+# ---- batch streams -------------------------------------------------------------------------------
+def test_labeled_stream_passes_over_every_id_once_per_epoch():
+    sampler = StreamBatchSampler(10, 3, seed=1, stream=0, whole_epochs=True)
+    assert sampler.batches_per_epoch == 3
+    for epoch in range(3):
+        ids = sum((sampler.indices(epoch * 3 + b) for b in range(3)), [])
+        assert len(ids) == len(set(ids)) == 9  # one id of 10 left out (incomplete batch dropped)
+    assert sampler.indices(0) != sampler.indices(3)  # a new permutation each epoch
+
+
+def test_unlabeled_stream_cycles_across_permutations():
+    sampler = StreamBatchSampler(5, 2, seed=1, stream=1, whole_epochs=False)
+    flat = sum((sampler.indices(s) for s in range(5)), [])  # 10 items = two full cycles
+    assert sorted(flat[:5]) == sorted(flat[5:]) == list(range(5))
+
+
+def test_streams_are_resumable_and_independent():
+    fresh = StreamBatchSampler(7, 2, seed=3, stream=0, whole_epochs=True)
+    resumed = StreamBatchSampler(7, 2, seed=3, stream=0, whole_epochs=True, start_step=5)
+    first = next(iter(resumed))
+    assert first == fresh.batch(5)
+    assert [i for i, _ in first] == fresh.indices(5)
+    other = StreamBatchSampler(7, 2, seed=3, stream=1, whole_epochs=True)
+    assert [fresh.indices(s) for s in range(6)] != [other.indices(s) for s in range(6)]
+    seeds = [s for _, s in fresh.batch(0)] + [s for _, s in fresh.batch(1)]
+    assert len(set(seeds)) == 4  # every item of every step has its own augmentation seed
+
+
+def test_stream_needs_a_full_batch():
+    with pytest.raises(ValueError, match="at least"):
+        StreamBatchSampler(3, 4, seed=0, stream=0, whole_epochs=True)
+
+
+# ---- preprocessing --------------------------------------------------------------------------------
+def test_official_normalisation_by_hand():
+    image = np.array([[[0, 128, 255]]], np.uint8)  # one BGR pixel
+    got = normalize(image, "official")[:, 0, 0]
+    mean, std = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])
+    expected = (np.array([0, 128, 255]) - mean * 255) / (std * 255) / 255
+    np.testing.assert_allclose(got, expected, rtol=1e-6)
+    np.testing.assert_allclose(normalize(image[..., :1], "unit")[:, 0, 0], [-1.0])
+
+
+def test_augmentation_keeps_image_and_mask_aligned(tmp_path):
+    root = write_dataset(tmp_path / "d", n=3, size=(40, 56))
+    cases = find_cases(root)
+    items = [(i, img, mask) for i, (img, mask) in cases.items()]
+    # make the image equal to its mask so alignment is visible after any rotation/flip
+    for _, img, mask in items:
+        cv2.imwrite(str(img), cv2.imread(str(mask), cv2.IMREAD_GRAYSCALE))
+    dataset = SegmentationDataset(items, image_size=32, in_channels=1, normalization="unit", augment=True)
+    for seed in range(12):
+        item = dataset[(seed % 3, seed)]
+        assert item["image"].shape == (1, 32, 32) and item["mask"].shape == (1, 32, 32)
+        agreement = ((item["image"] > 0) == (item["mask"] > 0)).float().mean()
+        assert agreement > 0.97  # only resampling at the edge can differ
+        assert item["size"].tolist() == [40, 56]
+    views = {dataset[(0, seed)]["mask"].numpy().tobytes() for seed in range(20)}
+    assert len(views) >= 4  # the seeds draw different rotations/flips
+    assert torch.equal(dataset[(0, 7)]["image"], dataset[(0, 7)]["image"])  # one seed, one view
+
+
+def test_grayscale_and_colour_files_mix(tmp_path):
+    gray = write_dataset(tmp_path / "g", n=2, splits=False)
+    color = write_dataset(tmp_path / "c", n=2, color=True, splits=False, seed=5)
+    for path in [*(gray / "images").iterdir(), *(color / "images").iterdir()]:
+        assert read_image(path, 3).shape[2] == 3 and read_image(path, 1).shape[2] == 1
+
+
+# ---- checking files --------------------------------------------------------------------------------
+def test_upper_case_extensions_and_other_sizes(tmp_path):
+    root = write_dataset(tmp_path / "d", n=4, size=(33, 47), ext=".PNG")
+    cases = find_cases(root)
+    assert len(cases) == 4 and all(p.suffix == ".PNG" for p, _ in cases.values())
+
+
+def test_missing_mask_missing_image_and_duplicate_ids_in_one_error(tmp_path):
+    root = write_dataset(tmp_path / "d", n=4)
+    (root / "masks" / "0" / "benign (1).png").unlink()
+    (root / "images" / "malignant (2).png").unlink()
+    cv2.imwrite(str(root / "images" / "benign (3).jpg"), np.zeros((8, 8), np.uint8))
+    with pytest.raises(DataError) as error:
+        find_cases(root)
+    message = str(error.value)
+    assert "benign (1).png" in message and "malignant (2).png" in message and "benign (3)" in message
+
+
+def test_corrupt_truncated_and_mismatched_files(tmp_path):
+    root = write_dataset(tmp_path / "d", n=4)
+    images = root / "images"
+    (images / "benign (1).png").write_bytes(b"not a png")
+    jpeg = cv2.imencode(".jpg", np.full((64, 80), 128, np.uint8))[1].tobytes()
+    (images / "malignant (2).png").unlink()
+    (images / "malignant (2).jpg").write_bytes(jpeg[: len(jpeg) // 2])
+    cv2.imwrite(str(root / "masks" / "0" / "benign (3).png"), np.zeros((10, 10), np.uint8))
+    with pytest.raises(DataError) as error:
+        check_pairs([(i, *p) for i, p in find_cases(root).items()])
+    message = str(error.value)
+    assert "benign (1).png" in message and "malignant (2).jpg: truncated" in message
+    assert "benign (3).png: mask is 10x10 but its image" in message
+
+
+def test_unlabeled_folder_errors(tmp_path):
+    with pytest.raises(DataError, match="unlabeled folder not found"):
+        unlabeled_images(tmp_path / "nope")
+    (tmp_path / "empty" / "images").mkdir(parents=True)
+    with pytest.raises(DataError, match="has no images"):
+        unlabeled_images(tmp_path / "empty")
+
+
+# ---- what plays which part in a run ----------------------------------------------------------------
+def test_labeled_fraction_takes_the_first_ids_in_file_order(dataset):
+    train_ids = (dataset / "toy_train1.txt").read_text().split("\n")[:8]
+    (dataset / "toy_train1.txt").write_text("\n".join(reversed(train_ids)))
+    data = load_run_data(dataset, 1, labeled_fraction=0.25)
+    assert [i for i, *_ in data.labeled] == list(reversed(train_ids))[:2]
+    assert [i for i, *_ in data.unlabeled] == list(reversed(train_ids))[2:]
+    assert all(mask is None for *_, mask in data.unlabeled)
+    assert data.selection_name == "val" and len(data.selection) == 4 and not data.report
+
+
+def test_holdout_is_carved_from_the_end_of_the_training_list(dataset):
+    data = load_run_data(dataset, 1, labeled_fraction=0.5, holdout=0.25)
+    ids = (dataset / "toy_train1.txt").read_text().splitlines()
+    assert [i for i, *_ in data.selection] == ids[6:] and data.selection_name == "holdout"
+    assert [i for i, *_ in data.labeled] == ids[:3] and len(data.report) == 4
+    assert not {i for i, *_ in data.selection} & {i for i, *_ in data.labeled + data.unlabeled}
+
+
+def test_unlabeled_dirs_are_added(dataset, tmp_path):
+    synth = write_dataset(tmp_path / "synth", n=3, splits=False)
+    data = load_run_data(dataset, 1, labeled_fraction=0.5, unlabeled_dirs=[synth], unlabeled_from_train=False)
+    assert len(data.unlabeled) == 3 and all(i.startswith("synth/") for i, *_ in data.unlabeled)
+
+
+@pytest.mark.parametrize("change,message", [
+    (lambda d: (d / "toy_val1.txt").write_text("benign (1)\n"), "share 1 id"),
+    (lambda d: (d / "toy_train1.txt").write_text("benign (1)\nghost (9)\n"), "ghost (9)"),
+    (lambda d: (d / "toy_train1.txt").write_text("\n"), "split file is empty"),
+    (lambda d: (d / "toy_val1.txt").unlink(), "split file not found"),
+])
+def test_bad_split_files(dataset, change, message):
+    change(dataset)
+    with pytest.raises(DataError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        load_run_data(dataset, 1)
+
+
+def test_mgcc_needs_unlabeled_images(dataset):
+    with pytest.raises(DataError, match="needs unlabeled images"):
+        load_run_data(dataset, 1, labeled_fraction=1.0)
+    assert len(load_run_data(dataset, 1, labeled_fraction=1.0, need_unlabeled=False).labeled) == 8
