@@ -1,0 +1,108 @@
+"""predict.py: masks at each image's size, metrics, and official checkpoints with official preprocessing."""
+from __future__ import annotations
+
+import csv
+import json
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from conftest import run_script, write_dataset
+from networks.mgcc import MGCCNet
+from networks.official import convert_official_state_dict
+from reference_weights import official_reference_state_dict
+import train
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("predict")
+    data = write_dataset(tmp / "toy", n=9)
+    # one image of another size: predictions must come back at each image's own size
+    image = cv2.imread(str(data / "images" / "benign (1).png"), cv2.IMREAD_GRAYSCALE)
+    mask = cv2.imread(str(data / "masks" / "0" / "benign (1).png"), cv2.IMREAD_GRAYSCALE)
+    cv2.imwrite(str(data / "images" / "benign (1).png"), cv2.resize(image, (50, 30)))
+    cv2.imwrite(str(data / "masks" / "0" / "benign (1).png"), cv2.resize(mask, (50, 30), interpolation=cv2.INTER_NEAREST))
+    assert train.main(["--data-dir", str(data), "--out-dir", str(tmp / "run"), "--width", "4", "--image-size", "32",
+                       "--batch-size", "4", "--labeled-batch-size", "2", "--iterations", "2", "--eval-every", "2",
+                       "--num-workers", "0", "--no-progress"]) == 0
+    return data, tmp / "run" / "checkpoint_best.pt"
+
+
+def test_masks_overlays_and_metrics(tmp_path, trained):
+    data, checkpoint = trained
+    out = tmp_path / "out"
+    run_script("predict.py", "--checkpoint", checkpoint, "--input-dir", data, "--output-dir", out,
+               "--masks-dir", data / "masks" / "0", "--num-workers", "0")
+    names = sorted(p.name for p in (data / "images").iterdir())
+    assert sorted(p.name for p in (out / "masks").iterdir()) == names
+    assert sorted(p.name for p in (out / "overlays").iterdir()) == names
+    for name in names:
+        image = cv2.imread(str(data / "images" / name), cv2.IMREAD_GRAYSCALE)
+        mask = cv2.imread(str(out / "masks" / name), cv2.IMREAD_GRAYSCALE)
+        assert mask.shape == image.shape and set(np.unique(mask)) <= {0, 255}
+    rows = list(csv.DictReader(open(out / "metrics.csv")))
+    summary = json.loads((out / "metrics.json").read_text())
+    assert len(rows) == summary["images"] == 9
+    assert summary["iou"] == pytest.approx(np.mean([float(r["iou"]) for r in rows]))
+
+
+def test_official_checkpoint_gives_the_official_masks(tmp_path):
+    """An official state_dict is detected and run with the official preprocessing (BGR, 256, ImageNet / 255)."""
+    state = {k: v.float() if v.is_floating_point() else v for k, v in official_reference_state_dict().items()}
+    checkpoint = tmp_path / "official.pth"
+    torch.save(state, checkpoint)
+    rng = np.random.default_rng(0)
+    images = tmp_path / "images"
+    images.mkdir()
+    bgr = rng.integers(0, 256, (256, 256, 3), dtype=np.uint8)
+    cv2.imwrite(str(images / "case.png"), bgr)
+    result = run_script("predict.py", "--checkpoint", checkpoint, "--input-dir", images, "--output-dir",
+                        tmp_path / "out", "--num-workers", "0", "--no-overlays")
+    assert "official MGCC checkpoint" in result.stdout
+    # the official pipeline by hand, from the reference README
+    mean, std = np.array([0.485, 0.456, 0.406]) * 255, np.array([0.229, 0.224, 0.225]) * 255
+    x = ((bgr.astype(np.float64) - mean) / std / 255).transpose(2, 0, 1)[None]
+    model = MGCCNet(in_channels=3, width=16).double().eval()
+    model.load_state_dict(convert_official_state_dict(official_reference_state_dict()))
+    with torch.no_grad():
+        logits = model(torch.from_numpy(x))[0, 0].numpy()
+    expected = (logits > 0).astype(np.uint8) * 255
+    got = cv2.imread(str(tmp_path / "out" / "masks" / "case.png"), cv2.IMREAD_GRAYSCALE)
+    decided = np.abs(logits) > 1e-4  # float32 vs float64 may only disagree right at the threshold
+    assert np.array_equal(got[decided], expected[decided]) and decided.mean() > 0.99
+
+
+@pytest.mark.parametrize("make,message", [
+    (lambda p: torch.save({"kind": "mgcc-ldm"}, p), "not a segmenter checkpoint"),
+    (lambda p: p.write_bytes(b"\x80\x02garbage"), "cannot read checkpoint"),
+])
+def test_foreign_or_broken_checkpoints(tmp_path, trained, make, message):
+    data, _ = trained
+    bad = tmp_path / "bad.pt"
+    make(bad)
+    result = run_script("predict.py", "--checkpoint", bad, "--input-dir", data, "--output-dir", tmp_path / "o", check=False)
+    assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "o").exists()
+
+
+def test_truncated_checkpoint(tmp_path, trained):
+    data, checkpoint = trained
+    bad = tmp_path / "cut.pt"
+    bad.write_bytes(checkpoint.read_bytes()[:5000])
+    result = run_script("predict.py", "--checkpoint", bad, "--input-dir", data, "--output-dir", tmp_path / "o", check=False)
+    assert result.returncode == 2 and "cannot read checkpoint" in result.stderr
+
+
+def test_missing_ground_truth_is_named(tmp_path, trained):
+    data, checkpoint = trained
+    masks = tmp_path / "masks"
+    masks.mkdir()
+    for p in list((data / "masks" / "0").iterdir())[1:]:
+        (masks / p.name).write_bytes(p.read_bytes())
+    result = run_script("predict.py", "--checkpoint", checkpoint, "--input-dir", data, "--output-dir",
+                        tmp_path / "o", "--masks-dir", masks, check=False)
+    assert result.returncode == 2 and "no mask for" in result.stderr
+    assert not (tmp_path / "o").exists()

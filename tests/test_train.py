@@ -1,0 +1,121 @@
+"""train.py end to end on a small dataset: outputs, modes, exact resume, and errors."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import yaml
+
+from conftest import ROOT, run_script, write_dataset
+import train
+
+TINY = ["--width", "4", "--image-size", "32", "--batch-size", "4", "--labeled-batch-size", "2",
+        "--eval-every", "3", "--eval-batch-size", "4", "--num-workers", "0", "--no-progress"]
+
+
+def run_train(tmp_path, dataset, *extra, out="run"):
+    out_dir = tmp_path / out
+    code = train.main(["--data-dir", str(dataset), "--out-dir", str(out_dir), *TINY, *extra])
+    return code, out_dir
+
+
+def test_mgcc_run_writes_everything(tmp_path, dataset):
+    synth = write_dataset(tmp_path / "synth", n=3, splits=False, seed=9)
+    code, out = run_train(tmp_path, dataset, "--iterations", "6", "--unlabeled-dir", str(synth))
+    assert code == 0
+    for name in ("config.yaml", "metrics.jsonl", "metrics.json", "curves.png", "checkpoint_last.pt", "checkpoint_best.pt"):
+        assert (out / name).is_file(), name
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["iteration"] for r in lines] == [3, 6]
+    assert all(0 <= r["iou"] <= 1 and r["train_cons"] > 0 for r in lines)
+    summary = json.loads((out / "metrics.json").read_text())
+    assert summary["best"]["iou"] == max(r["iou"] for r in lines) and "optimistic" in summary["note"]
+    config = yaml.safe_load((out / "config.yaml").read_text())
+    assert config["unlabeled_dir"] == [str(synth)] and config["mode"] == "mgcc" and "device" not in config
+    best = torch.load(out / "checkpoint_best.pt", weights_only=False)
+    assert best["kind"] == "mgcc-segmenter" and best["iteration"] == summary["best_iteration"]
+
+
+def test_supervised_baseline_shares_the_loop(tmp_path, dataset):
+    code, out = run_train(tmp_path, dataset, "--mode", "supervised", "--iterations", "3", "--labeled-fraction", "1.0")
+    assert code == 0
+    record = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
+    assert record["train_cons"] == 0 and record["train_sup"] == pytest.approx(record["train_loss"])
+
+
+def test_holdout_selects_on_training_ids_and_reports_val_once(tmp_path, dataset):
+    code, out = run_train(tmp_path, dataset, "--iterations", "3", "--holdout", "0.25")
+    assert code == 0
+    summary = json.loads((out / "metrics.json").read_text())
+    assert summary["selection_set"] == "holdout" and set(summary["val"]) >= {"iou", "dice", "hd95"}
+    assert "holdout" in summary["note"]
+
+
+def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path, dataset):
+    args = ["--iterations", "6", "--seed", "5"]
+    assert run_train(tmp_path, dataset, *args, out="straight")[0] == 0
+    assert run_train(tmp_path, dataset, *args, "--stop-after", "4", out="resumed")[0] == 0
+    paused = torch.load(tmp_path / "resumed" / "checkpoint_last.pt", weights_only=False)
+    assert paused["iteration"] == 4
+    assert train.main(["--out-dir", str(tmp_path / "resumed"), "--resume", "--no-progress"]) == 0
+    a = torch.load(tmp_path / "straight" / "checkpoint_last.pt", weights_only=False)
+    b = torch.load(tmp_path / "resumed" / "checkpoint_last.pt", weights_only=False)
+    assert a["iteration"] == b["iteration"] == 6
+    for name, tensor in a["model"].items():
+        assert torch.equal(tensor, b["model"][name]), name
+    for state_a, state_b in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
+        assert torch.equal(state_a["momentum_buffer"], state_b["momentum_buffer"])
+    assert [r["iou"] for r in a["history"]] == [r["iou"] for r in b["history"]]
+    lines = (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["iteration"] for line in lines] == [3, 6]
+
+
+def test_iterations_default_to_the_official_schedule(tmp_path, dataset):
+    code, out = run_train(tmp_path, dataset, "--base-iterations", "8", "--labeled-fraction", "0.25",
+                          "--stop-after", "1")
+    assert code == 0
+    assert torch.load(out / "checkpoint_last.pt", weights_only=False)["config"]["iterations"] is None
+    code = train.main(["--out-dir", str(out), "--resume", "--no-progress"])
+    assert code == 0 and json.loads((out / "metrics.json").read_text())["iterations"] == 2  # 8 x 0.25
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--bogus-flag", "1"], "unrecognized arguments: --bogus-flag"),
+    (["--iterations", "2", "--labeled-batch-size", "9", "--batch-size", "12"], "larger than the labeled set"),
+    (["--iterations", "2", "--data-dir", "/nonexistent/data"], "data folder not found: /nonexistent/data"),
+    (["--iterations", "2", "--unlabeled-dir", "/nonexistent/synth"], "unlabeled folder not found"),
+    (["--iterations", "2", "--device", "cuda:0"] if not torch.cuda.is_available() else ["--device", "tpu"], "device"),
+])
+def test_bad_arguments_give_one_clear_error(tmp_path, dataset, args, message):
+    result = run_script("train.py", "--data-dir", dataset, "--out-dir", tmp_path / "run", *TINY, *args, check=False)
+    assert result.returncode == 2
+    assert message in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "run" / "checkpoint_last.pt").exists()
+
+
+def test_unknown_config_key_is_an_error(tmp_path, dataset):
+    config = tmp_path / "c.yaml"
+    config.write_text("width: 4\nlearning_rate: 0.1\n")
+    result = run_script("train.py", "--config", config, "--data-dir", dataset, check=False)
+    assert result.returncode == 2 and "unknown key(s) learning_rate" in result.stderr
+
+
+def test_existing_run_is_not_overwritten(tmp_path, dataset):
+    assert run_train(tmp_path, dataset, "--iterations", "1")[0] == 0
+    before = (tmp_path / "run" / "checkpoint_last.pt").read_bytes()
+    result = run_script("train.py", "--data-dir", dataset, "--out-dir", tmp_path / "run", *TINY, "--iterations", "1",
+                        check=False)
+    assert result.returncode == 2 and "--resume" in result.stderr and "--overwrite" in result.stderr
+    assert (tmp_path / "run" / "checkpoint_last.pt").read_bytes() == before
+
+
+def test_busi_config_holds_the_official_defaults():
+    config = yaml.safe_load((ROOT / "configs" / "busi.yaml").read_text())
+    assert {k: config[k] for k in ("lr", "momentum", "weight_decay", "batch_size", "labeled_batch_size",
+                                   "consistency", "consistency_rampup", "consistency_ramp_every", "image_size",
+                                   "width", "base_iterations", "labeled_fraction")} == {
+        "lr": 0.01, "momentum": 0.9, "weight_decay": 0.0001, "batch_size": 8, "labeled_batch_size": 4,
+        "consistency": 7.0, "consistency_rampup": 200.0, "consistency_ramp_every": 150, "image_size": 256,
+        "width": 64, "base_iterations": 40000, "labeled_fraction": 0.5}
+    assert set(config) <= {o.name for o in train.OPTIONS}
