@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from dataloaders.datasets import SegmentationDataset
-from dataloaders.io import DataError, check_images, check_pairs, image_folder, list_images, read_image, read_mask
+from dataloaders.io import MASK_VALUES, DataError, check_images, check_pairs, image_folder, list_images, read_image, read_mask
 from networks.mgcc import MGCCNet
 from networks.official import convert_official_state_dict, infer_official_architecture, is_official_state_dict
 from utils.checkpoint import CheckpointError, load_checkpoint
@@ -53,6 +53,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="ground-truth masks named like the images (e.g. <data>/masks/0): adds metrics")
     parser.add_argument("--overlays", action=argparse.BooleanOptionalAction, default=True,
                         help="write overlay PNGs (default: on)")
+    parser.add_argument("--mask-values", choices=MASK_VALUES, default="binary",
+                        help="ground-truth mask values: binary (0/255), threshold (> 127) or nonzero (> 0) (default: binary)")
     parser.add_argument("--threshold", type=float, default=0.5, help="foreground where sigmoid(logit) > this (default: 0.5)")
     parser.add_argument("--batch-size", type=int, default=8, help="images per forward pass (default: 8)")
     parser.add_argument("--num-workers", type=int, default=2, help="data-loader workers (default: 2)")
@@ -107,7 +109,7 @@ def main(argv=None) -> int:
     masks = match_masks(images, args.masks_dir) if args.masks_dir else {}
     # every file is opened once (and each mask's size checked) before anything is written
     if masks:
-        check_pairs([(p.stem, p, masks[p.stem]) for p in images])
+        check_pairs([(p.stem, p, masks[p.stem]) for p in images], mask_values=args.mask_values)
     else:
         check_images(images)
     image_paths = {p.stem: p for p in images}
@@ -127,7 +129,7 @@ def main(argv=None) -> int:
             prob = torch.sigmoid(F.interpolate(logit[None], size=size, mode="bilinear", align_corners=False))[0, 0]
             pred = (prob > args.threshold).cpu().numpy()
             save_image(args.output_dir / "masks" / f"{case_id}.png", pred.astype(np.uint8) * 255)
-            truth = read_mask(masks[case_id]) if masks else None
+            truth = read_mask(masks[case_id], args.mask_values) if masks else None
             if truth is not None:
                 values = per_image_metrics(torch.from_numpy(pred)[None], torch.from_numpy(truth)[None])
                 rows.append({"id": case_id, **{k: float(v[0]) for k, v in values.items()}})

@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from dataloaders.datasets import NORMALIZATIONS, SegmentationDataset
-from dataloaders.io import DataError, dataset_name
+from dataloaders.io import MASK_VALUES, DataError, dataset_name
 from dataloaders.samplers import LABELED_STREAM, UNLABELED_STREAM, StreamBatchSampler
 from dataloaders.splits import load_run_data
 from networks.mgcc import MGCCNet, count_parameters
@@ -50,6 +50,9 @@ OPTIONS = [
     Option("unlabeled_from_train", True, "also use the training ids left unlabeled as unlabeled images"),
     Option("holdout", 0.0, "fraction of the training list (its last ids) held out for model selection; the val "
            "list is then evaluated once at the end. 0: select on the val list (official, optimistic)"),
+    Option("mask_values", "binary", "mask values: binary (0/255; JPEG noise thresholded with a warning, anything "
+           "else an error), threshold (foreground > 127) or nonzero (foreground > 0: label maps, 0/1 masks)",
+           choices=MASK_VALUES),
     Option("image_size", 256, "images are resized to image_size x image_size"),
     Option("in_channels", 3, "network input channels: 3 (BGR, as the official code) or 1 (grayscale)", choices=(1, 3)),
     Option("normalization", "official", "input normalisation: official (ImageNet stats, /255 again) or unit "
@@ -182,7 +185,8 @@ def main(argv=None) -> int:
     amp_dtype = autocast_dtype(cfg.precision, device)
     semi = cfg.mode == "mgcc"
     run_data = load_run_data(cfg.data_dir, cfg.split, cfg.labeled_fraction, cfg.holdout, cfg.unlabeled_dir,
-                             cfg.unlabeled_from_train, need_unlabeled=semi, progress=cfg.progress)
+                             cfg.unlabeled_from_train, need_unlabeled=semi, progress=cfg.progress,
+                             mask_values=cfg.mask_values)
     check_config(cfg, run_data)
     # the baseline sees the labeled images only: the same number per step as MGCC
     unlabeled_batch_size = cfg.batch_size - cfg.labeled_batch_size if semi else 0
@@ -211,7 +215,7 @@ def main(argv=None) -> int:
     forward = torch.compile(model) if cfg.compile else model
 
     def make(items, augment: bool) -> SegmentationDataset:
-        return SegmentationDataset(items, cfg.image_size, cfg.in_channels, cfg.normalization, augment)
+        return SegmentationDataset(items, cfg.image_size, cfg.in_channels, cfg.normalization, augment, cfg.mask_values)
 
     labeled_batches = endless(make_loader(make(run_data.labeled, True), cfg, device, batch_sampler=StreamBatchSampler(
         len(run_data.labeled), cfg.labeled_batch_size, cfg.seed, LABELED_STREAM, whole_epochs=True, start_step=start)))

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from .io import read_image, read_mask
+from .io import MASK_VALUES, read_image, read_mask
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -72,7 +72,7 @@ class SegmentationDataset(Dataset):
     """
 
     def __init__(self, items: list[tuple[str, Path, Path | None]], image_size: int = 256, in_channels: int = 3,
-                 normalization: str = "official", augment: bool = False):
+                 normalization: str = "official", augment: bool = False, mask_values: str = "binary"):
         if normalization not in NORMALIZATIONS:
             raise ValueError(f"normalization must be one of {NORMALIZATIONS}, got {normalization!r}")
         self.items = list(items)
@@ -80,6 +80,9 @@ class SegmentationDataset(Dataset):
         self.in_channels = in_channels
         self.normalization = normalization
         self.augment = augment
+        if mask_values not in MASK_VALUES:
+            raise ValueError(f"mask_values must be one of {MASK_VALUES}, got {mask_values!r}")
+        self.mask_values = mask_values
 
     def __len__(self) -> int:
         return len(self.items)
@@ -90,7 +93,7 @@ class SegmentationDataset(Dataset):
         arrays = [read_image(image_path, self.in_channels)]
         size = torch.tensor(arrays[0].shape[:2])  # (H, W) of the file, to map predictions back
         if mask_path is not None:
-            arrays.append(read_mask(mask_path))
+            arrays.append(read_mask(mask_path, self.mask_values))
         if self.augment and seed is not None:
             arrays = random_rot90_flip(np.random.default_rng(seed), *arrays)
         item = {"id": case_id, "size": size, "image": torch.from_numpy(normalize(resize_image(arrays[0], self.image_size),

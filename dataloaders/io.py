@@ -11,6 +11,7 @@ one :class:`DataError` whose message names the offending files.
 """
 from __future__ import annotations
 
+import warnings
 from collections import defaultdict
 from pathlib import Path
 
@@ -20,6 +21,12 @@ import numpy as np
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 MASK_SUBDIR = Path("masks") / "0"
 MASK_THRESHOLD = 127  # foreground where the mask value is > 127 (masks are 0/255)
+# How mask values map to foreground (option mask_values of the scripts):
+#   binary:    masks are 0/255; JPEG noise around those is thresholded at 127 with a warning;
+#              any other values (label maps, 0/1 masks, grey levels) are an error
+#   threshold: foreground where > 127, whatever the values
+#   nonzero:   foreground where > 0 (label maps with several lesion labels, 0/1 masks)
+MASK_VALUES = ("binary", "threshold", "nonzero")
 _MAX_LISTED = 20  # offenders named in one message before "... and N more"
 
 
@@ -119,9 +126,22 @@ def read_image(path: str | Path, channels: int = 3) -> np.ndarray:
     return image[..., None] if image.ndim == 2 else image
 
 
-def read_mask(path: str | Path) -> np.ndarray:
-    """Read a mask as a bool HxW array: foreground where the grey value is > 127."""
-    return _decode(Path(path), cv2.IMREAD_GRAYSCALE) > MASK_THRESHOLD
+def read_mask(path: str | Path, mask_values: str = "binary") -> np.ndarray:
+    """Read a mask as a bool HxW array: foreground where the grey value is > 127 (> 0 for 'nonzero')."""
+    gray = _decode(Path(path), cv2.IMREAD_GRAYSCALE)
+    return gray > 0 if mask_values == "nonzero" else gray > MASK_THRESHOLD
+
+
+def classify_mask(gray: np.ndarray) -> str:
+    """'binary' (only 0 and 255), 'noisy' (0/255 with JPEG-like noise: many grey levels, few pixels
+    between 31 and 224) or 'labels' (anything else: 0/1 masks, label maps, grey-level masks)."""
+    values = np.unique(gray)
+    if np.isin(values, (0, 255)).all():
+        return "binary"
+    middle = np.count_nonzero((gray > 30) & (gray < 225)) / gray.size
+    if len(values) > 8 and middle < 0.05 and gray.max() > 224:
+        return "noisy"
+    return "labels"
 
 
 def read_id_list(path: str | Path) -> list[str]:
@@ -157,27 +177,45 @@ def select_cases(cases: dict[str, tuple[Path, Path]], ids: list[str], source: st
     return [(i, *cases[i]) for i in ids]
 
 
-def check_pairs(pairs: list[tuple[str, Path, Path]], progress: bool = False) -> None:
+def check_pairs(pairs: list[tuple[str, Path, Path]], progress: bool = False, mask_values: str | None = None) -> None:
     """Open every image and mask once, before any training starts.
 
     Raises one DataError listing every unreadable file and every image whose mask has another
-    size, so that a bad file never surfaces later as a data-loader worker traceback.
+    size, so that a bad file never surfaces later as a data-loader worker traceback. With
+    ``mask_values='binary'`` masks must be 0/255: JPEG-noisy ones are counted in one warning, other
+    values are an error that says which option maps them.
     """
     from tqdm import tqdm
 
-    problems = []
+    problems, noisy, labels = [], [], []
     for _, image_path, mask_path in tqdm(pairs, desc="checking data", disable=not progress, leave=False):
-        shapes = []
+        arrays = []
         for path in (image_path, mask_path):
             try:
-                shapes.append(_decode(path, cv2.IMREAD_GRAYSCALE).shape)
+                arrays.append(_decode(path, cv2.IMREAD_GRAYSCALE))
             except DataError as error:
                 problems.append(str(error))
-        if len(shapes) == 2 and shapes[0] != shapes[1]:
-            problems.append(f"{mask_path}: mask is {shapes[1][1]}x{shapes[1][0]} but its image "
-                            f"{image_path.name} is {shapes[0][1]}x{shapes[0][0]}")
+        if len(arrays) < 2:
+            continue
+        (image, mask) = arrays
+        if image.shape != mask.shape:
+            problems.append(f"{mask_path}: mask is {mask.shape[1]}x{mask.shape[0]} but its image "
+                            f"{image_path.name} is {image.shape[1]}x{image.shape[0]}")
+        if mask_values == "binary":
+            kind = classify_mask(mask)
+            if kind == "noisy":
+                noisy.append(str(mask_path))
+            elif kind == "labels":
+                values = np.unique(mask)
+                labels.append(f"{mask_path}: values {values[:6].tolist()}{' ...' if len(values) > 6 else ''}")
+    if labels:
+        problems.append(_listing("masks that are not 0/255 (use mask_values 'nonzero' for label maps and 0/1 "
+                                 "masks, or 'threshold' for foreground above 127)", labels))
     if problems:
         raise DataError(_listing("bad image/mask files", problems))
+    if noisy:
+        warnings.warn(f"{len(noisy)} mask(s) are 0/255 with JPEG-like noise, thresholded at 127: e.g. {noisy[0]}",
+                      stacklevel=2)
 
 
 def check_images(paths: list[Path], progress: bool = False) -> None:

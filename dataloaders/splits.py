@@ -36,7 +36,8 @@ class RunData:
 
 def load_run_data(data_dir: str | Path, split: int, labeled_fraction: float = 0.5, holdout: float = 0.0,
                   unlabeled_dirs: list[str | Path] = (), unlabeled_from_train: bool = True,
-                  need_unlabeled: bool = True, check_files: bool = True, progress: bool = False) -> RunData:
+                  need_unlabeled: bool = True, check_files: bool = True, progress: bool = False,
+                  mask_values: str = "binary") -> RunData:
     """Resolve and check a run's data; every problem is a DataError raised before training starts."""
     if not 0 < labeled_fraction <= 1:
         raise DataError(f"labeled_fraction must be in (0, 1], got {labeled_fraction}")
@@ -74,7 +75,7 @@ def load_run_data(data_dir: str | Path, split: int, labeled_fraction: float = 0.
                             "fraction below 1 with unlabeled_from_train")
 
     if check_files:
-        check_pairs(train + val, progress=progress)
+        check_pairs(train + val, progress=progress, mask_values=mask_values)
         check_images(folder_images, progress=progress)
     if n_holdout:
         return RunData(labeled, unlabeled, carved, "holdout", report=val)

@@ -10,7 +10,7 @@ import torch
 
 from conftest import write_dataset
 from dataloaders.datasets import SegmentationDataset, normalize
-from dataloaders.io import DataError, check_pairs, find_cases, read_image, unlabeled_images
+from dataloaders.io import DataError, check_pairs, find_cases, read_image, read_mask, unlabeled_images
 from dataloaders.samplers import StreamBatchSampler
 from dataloaders.splits import load_run_data
 
@@ -166,3 +166,28 @@ def test_mgcc_needs_unlabeled_images(dataset):
     with pytest.raises(DataError, match="needs unlabeled images"):
         load_run_data(dataset, 1, labeled_fraction=1.0)
     assert len(load_run_data(dataset, 1, labeled_fraction=1.0, need_unlabeled=False).labeled) == 8
+
+
+# ---- mask values -----------------------------------------------------------------------------------
+def test_jpeg_noisy_masks_are_thresholded_with_one_warning(dataset):
+    mask_path = dataset / "masks" / "0" / "benign (1).png"
+    mask = cv2.imread(str(mask_path), cv2.IMREAD_GRAYSCALE)
+    noisy = cv2.imdecode(cv2.imencode(".jpg", mask, [cv2.IMWRITE_JPEG_QUALITY, 75])[1], cv2.IMREAD_GRAYSCALE)
+    assert len(np.unique(noisy)) > 8
+    cv2.imwrite(str(mask_path), noisy)
+    with pytest.warns(UserWarning, match=r"1 mask\(s\) are 0/255 with JPEG-like noise"):
+        check_pairs([(i, *p) for i, p in find_cases(dataset).items()], mask_values="binary")
+    assert (read_mask(mask_path) == (mask > 127)).mean() > 0.99
+
+
+def test_label_maps_need_a_mapping(dataset):
+    mask_path = dataset / "masks" / "0" / "benign (1).png"
+    mask = cv2.imread(str(mask_path), cv2.IMREAD_GRAYSCALE)
+    cv2.imwrite(str(mask_path), (mask > 0).astype(np.uint8))  # a 0/1 mask
+    pairs = [(i, *p) for i, p in find_cases(dataset).items()]
+    with pytest.raises(DataError, match=r"benign \(1\).png: values \[0, 1\]") as error:
+        check_pairs(pairs, mask_values="binary")
+    assert "nonzero" in str(error.value)
+    check_pairs(pairs, mask_values="nonzero")
+    assert np.array_equal(read_mask(mask_path, "nonzero"), mask > 0)
+    assert not read_mask(mask_path, "threshold").any()
