@@ -112,6 +112,28 @@ def model_args(cfg) -> dict:
             "mixer_kernel": cfg.mixer_kernel}
 
 
+def mgcc_losses(forward, images: torch.Tensor, masks: torch.Tensor, consistency: float):
+    """The MGCC objective of one batch whose first len(masks) images are labeled: (loss, sup, cons)."""
+    n = len(masks)
+    main_logits, aux_logits = forward(images, with_aux=True)
+    main_logits, aux_logits = main_logits.float(), [a.float() for a in aux_logits]
+    sup = supervised_loss([main_logits[:n]] + [a[:n] for a in aux_logits], masks)  # Eq. 5-6
+    cons = consistency_loss(main_logits[n:], [a[n:] for a in aux_logits])  # Eq. 7
+    return sup + consistency * cons, sup, cons  # Eq. 8
+
+
+def supervised_losses(forward, images: torch.Tensor, masks: torch.Tensor):
+    """The baseline's objective: BCE + Dice of the main decoder; (loss, sup, cons = 0)."""
+    sup = bce_dice_loss(forward(images).float(), masks)
+    return sup, sup, torch.zeros((), device=sup.device)
+
+
+def make_optimizer(model, cfg, device) -> torch.optim.SGD:
+    # the fused CUDA kernel computes the same update in one launch instead of one per tensor
+    return torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+                           fused=device.type == "cuda" or None)
+
+
 def make_loader(dataset, cfg, device, **kwargs) -> DataLoader:
     workers = cfg.num_workers
     # A private generator: creating loader iterators must not consume the global torch RNG (exact resume).
@@ -197,8 +219,9 @@ def main(argv=None) -> int:
           flush=True)
 
     seed_everything(cfg.seed)
+    torch.backends.cudnn.benchmark = True  # fixed input size: let cuDNN pick its fastest kernels
     model = build_model(cfg).to(device)
-    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    optimizer = make_optimizer(model, cfg, device)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: poly_lr_factor(it, iterations))
     start, history, best = 0, [], {"iteration": None, "iou": -1.0}
     if checkpoint is not None:
@@ -245,18 +268,12 @@ def main(argv=None) -> int:
                 images = torch.cat([images, next(unlabeled_batches)["image"].to(device, non_blocking=True)])
             if cfg.channels_last:
                 images = images.contiguous(memory_format=torch.channels_last)
-            n = cfg.labeled_batch_size
             with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                 if semi:
-                    main_logits, aux_logits = forward(images, with_aux=True)
-                    main_logits, aux_logits = main_logits.float(), [a.float() for a in aux_logits]
-                    sup = supervised_loss([main_logits[:n]] + [a[:n] for a in aux_logits], masks)
-                    cons = consistency_loss(main_logits[n:], [a[n:] for a in aux_logits])
-                    loss = sup + consistency_weight(it, cfg.consistency, cfg.consistency_rampup,
-                                                    cfg.consistency_ramp_every) * cons
+                    weight = consistency_weight(it, cfg.consistency, cfg.consistency_rampup, cfg.consistency_ramp_every)
+                    loss, sup, cons = mgcc_losses(forward, images, masks, weight)
                 else:
-                    sup = loss = bce_dice_loss(forward(images).float(), masks)
-                    cons = torch.zeros((), device=device)
+                    loss, sup, cons = supervised_losses(forward, images, masks)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
