@@ -1,0 +1,193 @@
+"""Write the train/validation split files of a labelled dataset folder.
+
+Default: the published protocol of CMU-Net and MGCC, three random 70/30 splits made with
+scikit-learn's ``train_test_split(ids, test_size=0.3, random_state=seed)`` for seeds 41, 64 and 1337,
+written as ``<name>_train{1,2,3}.txt`` and ``<name>_val{1,2,3}.txt`` (one id per line). On the BUSI
+folder this reproduces the published busi_train/val files exactly. ``--folds K`` writes a K-fold
+cross-validation instead (files numbered 1..K).
+
+The ids are sorted before they are shuffled, so one folder gives the same files on every machine,
+whatever order its file system lists them in. Training files keep the shuffled order: train.py takes
+its labeled subset from the head of the list, which must therefore not be sorted by class.
+
+    python split.py --data-dir inputs/BUSI
+    python split.py --data-dir inputs/BUSI --folds 5 --overwrite
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import sys
+import tempfile
+from collections import Counter
+from pathlib import Path
+
+from dataloaders.io import DataError, check_pairs, dataset_name, find_cases
+
+DEFAULT_SEEDS = (41, 64, 1337)
+DEFAULT_VAL_FRACTION = 0.3
+_ID_CLASS = re.compile(r"^(.*\S) \(\d+\)$")  # BUSI-style ids: "benign (12)" -> class "benign"
+
+
+def make_splits(ids: list[str], seeds: list[int] = DEFAULT_SEEDS, val_fraction: float = DEFAULT_VAL_FRACTION,
+                folds: int | None = None) -> list[tuple[list[str], list[str]]]:
+    """The (train ids, val ids) of each split, in file order (split i is element i-1).
+
+    Random splits: one per seed, ``train_test_split(sorted ids, test_size=val_fraction,
+    random_state=seed)``. K-fold: ``KFold(folds, shuffle=True, random_state=seeds[0])`` on the sorted
+    ids; each training list is then put in a seeded random order (it comes out of KFold sorted).
+    """
+    from sklearn.model_selection import KFold, train_test_split
+    from sklearn.utils import shuffle
+
+    ids = sorted(ids)
+    if len(set(ids)) != len(ids):
+        raise DataError("ids must be unique")
+    if folds is not None:
+        if folds < 2:
+            raise DataError(f"--folds must be at least 2, got {folds}")
+        if folds > len(ids):
+            raise DataError(f"--folds {folds} needs at least {folds} cases; the dataset has {len(ids)}")
+        splitter = KFold(n_splits=folds, shuffle=True, random_state=seeds[0])
+        return [(shuffle([ids[i] for i in train], random_state=seeds[0]), [ids[i] for i in val])
+                for train, val in splitter.split(ids)]
+    if not 0 < val_fraction < 1:
+        raise DataError(f"--val-fraction must be between 0 and 1 (exclusive), got {val_fraction}")
+    if not seeds:
+        raise DataError("--seeds needs at least one seed")
+    splits = []
+    for seed in seeds:
+        try:
+            train, val = train_test_split(ids, test_size=val_fraction, random_state=seed)
+        except ValueError as error:  # too few ids for this fraction: one side would be empty
+            raise DataError(f"cannot split {len(ids)} cases with --val-fraction {val_fraction}: {error}") from None
+        splits.append((list(train), list(val)))
+    return splits
+
+
+def existing_split_files(data_dir: Path, name: str) -> list[Path]:
+    """The ``<name>_train<i>.txt`` / ``<name>_val<i>.txt`` files already in data_dir."""
+    pattern = re.compile(rf"^{re.escape(name)}_(train|val)\d+\.txt$")
+    return sorted(p for p in data_dir.iterdir() if p.is_file() and pattern.match(p.name))
+
+
+def check_ids(ids: list[str], cases: dict) -> None:
+    """Ids must survive the one-id-per-line round trip (read_id_list strips each line)."""
+    bad = [str(cases[i][0]) for i in ids if i != i.strip() or "\n" in i or "\r" in i]
+    if bad:
+        raise DataError("file names that cannot be written as one id per line (leading/trailing "
+                        "white space or a line break in the name): " + ", ".join(bad[:20]))
+
+
+def write_split_files(data_dir: Path, name: str, splits: list[tuple[list[str], list[str]]],
+                      overwrite: bool = False) -> tuple[list[Path], list[Path]]:
+    """Write every split file atomically; returns (written, removed stale files).
+
+    All files are first written to temporary files beside their targets and only then renamed over
+    them, so an interrupted run leaves either the old files or the new ones, never a half file. With
+    ``overwrite``, split files of this name that the new splits do not replace (``_train5`` after
+    switching from 5 folds to 3 splits) are removed, so the folder never mixes two protocols.
+    """
+    existing = existing_split_files(data_dir, name)
+    if existing and not overwrite:
+        listed = "\n".join(f"  {p}" for p in existing[:20])
+        raise DataError(f"split files already exist in {data_dir} (use --overwrite to replace them):\n{listed}")
+    contents = {}
+    for index, (train, val) in enumerate(splits, start=1):
+        contents[data_dir / f"{name}_train{index}.txt"] = "".join(f"{i}\n" for i in train)
+        contents[data_dir / f"{name}_val{index}.txt"] = "".join(f"{i}\n" for i in val)
+    temporary = {}
+    try:
+        for path, text in contents.items():
+            fd, tmp = tempfile.mkstemp(dir=data_dir, prefix=f".{path.name}.", suffix=".tmp")
+            temporary[path] = Path(tmp)
+            with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
+                f.write(text)
+                f.flush()
+                os.fsync(f.fileno())
+        for path, tmp in temporary.items():
+            os.replace(tmp, path)
+    finally:
+        for tmp in temporary.values():
+            tmp.unlink(missing_ok=True)
+    stale = [p for p in existing if p not in contents]
+    for path in stale:
+        path.unlink()
+    return list(contents), stale
+
+
+def class_counts(ids: list[str]) -> str:
+    """'137 benign, 58 malignant' for BUSI-style ids, '' when the ids do not name a class."""
+    matches = [_ID_CLASS.match(i) for i in ids]
+    if not all(matches):
+        return ""
+    counts = Counter(m.group(1) for m in matches)
+    return " (" + ", ".join(f"{n} {c}" for c, n in sorted(counts.items())) + ")"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False,
+        epilog="The folder is checked first (every image has a mask and vice versa, no id with two "
+               "files, every file readable, masks the size of their images); any problem is reported "
+               "as one error and nothing is written.")
+    parser.add_argument("--data-dir", type=Path, required=True,
+                        help="dataset folder holding images/ and masks/0/; the split files are written "
+                             "into it (required)")
+    parser.add_argument("--name", default=None,
+                        help="file name prefix: <name>_train<i>.txt (default: the folder's name, lower-case)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=None, metavar="SEED",
+                        help="random_state of each 70/30 split, one split per seed; with --folds, the one "
+                             f"seed of the K-fold shuffle (default: {' '.join(map(str, DEFAULT_SEEDS))}; "
+                             f"{DEFAULT_SEEDS[0]} with --folds)")
+    parser.add_argument("--val-fraction", type=float, default=None,
+                        help=f"fraction of the cases in each validation file (default: {DEFAULT_VAL_FRACTION}); "
+                             "not with --folds, where it is 1/K")
+    parser.add_argument("--folds", type=int, default=None,
+                        help="write a K-fold cross-validation (K >= 2, files 1..K) instead of random "
+                             "splits (default: none)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace existing <name>_train*/_val* files (default: refuse); stale ones "
+                             "beyond the new count are removed")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.folds is not None and args.val_fraction is not None:
+            raise DataError("--val-fraction cannot be used with --folds (each validation fold is 1/K)")
+        if args.folds is not None and args.seeds is not None and len(args.seeds) > 1:
+            raise DataError(f"--folds uses one seed, got {len(args.seeds)}: {' '.join(map(str, args.seeds))}")
+        seeds = args.seeds or list(DEFAULT_SEEDS)
+        val_fraction = DEFAULT_VAL_FRACTION if args.val_fraction is None else args.val_fraction
+        data_dir = args.data_dir
+        name = args.name if args.name is not None else dataset_name(data_dir)
+        if not name.strip() or name != name.strip() or "/" in name or os.sep in name:
+            raise DataError(f"--name {name!r} is not a usable file name prefix")
+        cases = find_cases(data_dir)
+        ids = list(cases)
+        check_ids(ids, cases)
+        check_pairs([(i, *cases[i]) for i in ids], progress=sys.stderr.isatty())
+        splits = make_splits(ids, seeds, val_fraction, args.folds)
+        written, stale = write_split_files(data_dir, name, splits, args.overwrite)
+    except (DataError, OSError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+
+    protocol = (f"{args.folds}-fold cross-validation (seed {seeds[0]})" if args.folds
+                else f"{len(splits)} random split(s), {val_fraction:g} validation")
+    print(f"{data_dir}: {len(ids)} cases{class_counts(ids)}; {protocol}")
+    for index, (train, val) in enumerate(splits, start=1):
+        seed_text = "" if args.folds else f", seed {seeds[index - 1]}"
+        print(f"  split {index}{seed_text}: {len(train)} train / {len(val)} val{class_counts(val)} "
+              f"-> {name}_train{index}.txt, {name}_val{index}.txt")
+    if stale:
+        print(f"  removed {len(stale)} stale file(s): {', '.join(p.name for p in stale)}")
+    print(f"wrote {len(written)} files in {data_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,214 @@
+"""split.py: the published 70/30 protocol, K-fold, determinism, validation errors, --overwrite."""
+from __future__ import annotations
+
+import os
+import random
+import shutil
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+from sklearn.model_selection import KFold, train_test_split
+
+import split
+from conftest import run_script, write_dataset
+from dataloaders.io import read_id_list
+
+BUSI_DIR = Path(os.environ.get("BUSI_DIR", "/work/shared/data/busi"))
+
+
+def split_files(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if p.suffix == ".txt")
+
+
+def all_ids(folder: Path) -> list[str]:
+    return sorted(p.stem for p in (folder / "images").iterdir())
+
+
+def test_defaults_are_three_70_30_splits_with_the_published_seeds(tmp_path):
+    data = write_dataset(tmp_path / "Toy", n=20, splits=False)
+    result = run_script("split.py", "--data-dir", data)
+    assert "20 cases (10 benign, 10 malignant)" in result.stdout
+    ids = all_ids(data)
+    # the name is the folder's, lower-cased; nothing else (no temporary file) is left behind
+    assert sorted(os.listdir(data)) == ["images", "masks"] + [f"toy_{p}{i}.txt" for p in ("train", "val") for i in (1, 2, 3)]
+    vals = []
+    for index, seed in ((1, 41), (2, 64), (3, 1337)):
+        train, val = read_id_list(data / f"toy_train{index}.txt"), read_id_list(data / f"toy_val{index}.txt")
+        assert (len(train), len(val)) == (14, 6)  # test_size=0.3 of 20: ceil(6.0) = 6
+        assert not set(train) & set(val) and sorted(train + val) == ids
+        # exactly scikit-learn's split of the sorted ids, in its shuffled order (CMU-Net / MGCC protocol)
+        expected_train, expected_val = train_test_split(ids, test_size=0.3, random_state=seed)
+        assert (train, val) == (list(expected_train), list(expected_val))
+        vals.append(val)
+    assert vals[0] != vals[1] != vals[2] != vals[0]
+
+
+@pytest.mark.skipif(not (BUSI_DIR / "busi_train1.txt").is_file(), reason="BUSI data not available")
+def test_reproduces_the_published_busi_split_files(tmp_path):
+    data = tmp_path / "busi"  # the data linked, not copied; the split files are written here
+    data.mkdir()
+    for part in ("images", "masks"):
+        (data / part).symlink_to(BUSI_DIR / part)
+    run_script("split.py", "--data-dir", data)
+    for index in (1, 2, 3):
+        for part in ("train", "val"):
+            name = f"busi_{part}{index}.txt"
+            assert read_id_list(data / name) == read_id_list(BUSI_DIR / name), name
+
+
+def test_same_folder_gives_identical_files_whatever_the_listing_order(tmp_path):
+    first = write_dataset(tmp_path / "a" / "toy", n=15, splits=False)
+    second = tmp_path / "b" / "toy"
+    for sub in ("images", "masks/0"):
+        (second / sub).mkdir(parents=True)
+        for path in sorted((first / sub).iterdir(), reverse=True):  # created in the other order
+            shutil.copy(path, second / sub / path.name)
+    for folder in (first, second):
+        run_script("split.py", "--data-dir", folder, "--folds", "4")
+    names = split_files(first)
+    assert names == split_files(second) and len(names) == 8
+    for name in names:
+        assert (first / name).read_bytes() == (second / name).read_bytes(), name
+    ids = [f"case {k}" for k in range(30)]
+    shuffled = random.Random(0).sample(ids, len(ids))
+    assert split.make_splits(shuffled) == split.make_splits(ids)
+    assert split.make_splits(shuffled, folds=3) == split.make_splits(ids, folds=3)
+
+
+def test_kfold_partitions_the_ids(tmp_path):
+    data = write_dataset(tmp_path / "toy", n=12, splits=False)
+    run_script("split.py", "--data-dir", data, "--folds", "5")
+    ids = all_ids(data)
+    assert split_files(data) == sorted(f"toy_{p}{i}.txt" for p in ("train", "val") for i in range(1, 6))
+    vals = [read_id_list(data / f"toy_val{i}.txt") for i in range(1, 6)]
+    assert sorted(len(v) for v in vals) == [2, 2, 2, 3, 3]
+    assert sorted(sum(vals, [])) == ids  # every id validated exactly once
+    expected = [[ids[k] for k in val] for _, val in KFold(5, shuffle=True, random_state=41).split(ids)]
+    assert vals == expected
+    for i, val in enumerate(vals, start=1):
+        train = read_id_list(data / f"toy_train{i}.txt")
+        assert sorted(train) == sorted(set(ids) - set(val))
+    # the labeled subset is the head of a training list: it must not be sorted (all benign first)
+    assert read_id_list(data / "toy_train1.txt") != sorted(read_id_list(data / "toy_train1.txt"))
+
+
+@pytest.mark.parametrize("ext", [".PNG", ".JPG"])
+def test_upper_case_extensions(tmp_path, ext):
+    data = write_dataset(tmp_path / "toy", n=10, ext=ext, splits=False)  # .JPG images get .png masks
+    run_script("split.py", "--data-dir", data, "--seeds", "7", "--val-fraction", "0.2")
+    assert split_files(data) == ["toy_train1.txt", "toy_val1.txt"]
+    train, val = read_id_list(data / "toy_train1.txt"), read_id_list(data / "toy_val1.txt")
+    assert len(val) == 2 and sorted(train + val) == all_ids(data)
+    assert all(not i.lower().endswith((".png", ".jpg")) for i in train + val)
+
+
+def _missing_mask(data: Path) -> str:
+    (data / "masks/0/benign (1).png").unlink()
+    return "images/benign (1).png"
+
+
+def _missing_image(data: Path) -> str:
+    (data / "images/malignant (4).png").unlink()
+    return "masks/0/malignant (4).png"
+
+
+def _duplicate_id(data: Path) -> str:
+    shutil.copy(data / "images/benign (3).png", data / "images/benign (3).BMP")
+    return "benign (3).BMP"
+
+
+def _corrupt_image(data: Path) -> str:
+    path = data / "images/benign (5).png"
+    path.write_bytes(path.read_bytes()[:60])  # truncated
+    return "images/benign (5).png"
+
+
+def _corrupt_mask(data: Path) -> str:
+    (data / "masks/0/malignant (6).png").write_bytes(b"not a png")
+    return "masks/0/malignant (6).png"
+
+
+def _size_mismatch(data: Path) -> str:
+    cv2.imwrite(str(data / "masks/0/benign (7).png"), np.zeros((10, 12), np.uint8))
+    return "masks/0/benign (7).png"
+
+
+@pytest.mark.parametrize("damage", [_missing_mask, _missing_image, _duplicate_id, _corrupt_image,
+                                    _corrupt_mask, _size_mismatch])
+def test_a_bad_folder_is_one_clear_error_and_nothing_is_written(tmp_path, capsys, damage):
+    data = write_dataset(tmp_path / "toy", n=8, splits=False)
+    offender = damage(data)
+    assert split.main(["--data-dir", str(data)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and offender in err
+    assert split_files(data) == [] and not [p for p in data.iterdir() if p.name.startswith(".")]
+
+
+def test_exit_status_and_message_of_the_script(tmp_path):
+    data = write_dataset(tmp_path / "toy", n=8, splits=False)
+    (data / "masks/0/benign (1).png").unlink()
+    result = run_script("split.py", "--data-dir", data, check=False)
+    assert result.returncode == 2 and result.stderr.startswith("error: ")
+    assert "benign (1).png" in result.stderr and "Traceback" not in result.stderr
+    assert split_files(data) == []
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--val-fraction", "1.5"], "--val-fraction"),
+    (["--val-fraction", "0.99"], "cannot split 8 cases"),
+    (["--folds", "1"], "at least 2"),
+    (["--folds", "9"], "needs at least 9 cases"),
+    (["--folds", "3", "--val-fraction", "0.2"], "cannot be used with --folds"),
+    (["--folds", "3", "--seeds", "1", "2"], "one seed"),
+    (["--name", ""], "not a usable"),
+])
+def test_bad_values_are_errors(tmp_path, capsys, args, message):
+    data = write_dataset(tmp_path / "toy", n=8, splits=False)
+    assert split.main(["--data-dir", str(data), *args]) == 2
+    assert message in capsys.readouterr().err
+    assert split_files(data) == []
+
+
+def test_missing_folder(tmp_path, capsys):
+    assert split.main(["--data-dir", str(tmp_path / "nowhere")]) == 2
+    assert "nowhere" in capsys.readouterr().err
+
+
+def test_existing_files_are_kept_unless_overwrite(tmp_path):
+    data = write_dataset(tmp_path / "toy", n=12, splits=False)
+    run_script("split.py", "--data-dir", data, "--name", "demo")
+    before = {name: (data / name).read_bytes() for name in split_files(data)}
+    assert sorted(before) == sorted(f"demo_{p}{i}.txt" for p in ("train", "val") for i in (1, 2, 3))
+
+    again = run_script("split.py", "--data-dir", data, "--name", "demo", "--seeds", "5", check=False)
+    assert again.returncode == 2 and "--overwrite" in again.stderr and "demo_train1.txt" in again.stderr
+    assert {name: (data / name).read_bytes() for name in split_files(data)} == before
+
+    run_script("split.py", "--data-dir", data, "--name", "demo", "--folds", "4", "--overwrite")
+    assert len(split_files(data)) == 8
+    back = run_script("split.py", "--data-dir", data, "--name", "demo", "--overwrite")
+    assert "removed 2 stale file(s): demo_train4.txt, demo_val4.txt" in back.stdout  # no stale fold 4
+    assert {name: (data / name).read_bytes() for name in split_files(data)} == before
+
+
+def test_an_interrupted_write_leaves_no_file(tmp_path, monkeypatch):
+    data = write_dataset(tmp_path / "toy", n=10, splits=False)
+    calls = []
+
+    def failing_fsync(fd):
+        calls.append(fd)
+        if len(calls) == 4:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(split.os, "fsync", failing_fsync)
+    with pytest.raises(KeyboardInterrupt):
+        split.main(["--data-dir", str(data)])
+    assert sorted(os.listdir(data)) == ["images", "masks"]  # no split file, no temporary file
+
+
+def test_help_documents_every_flag():
+    text = run_script("split.py", "--help").stdout
+    for flag in ("--data-dir", "--name", "--seeds", "--val-fraction", "--folds", "--overwrite"):
+        assert flag in text
