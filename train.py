@@ -248,6 +248,10 @@ def main(argv=None) -> int:
     selection_loader = make_loader(make(run_data.selection, False), cfg, device, batch_size=cfg.eval_batch_size)
 
     def save_last(iteration: int) -> None:
+        # a checkpoint with non-finite weights would poison --resume: keep the last good one instead
+        if not all(torch.isfinite(t).all() for t in model.state_dict().values() if t.is_floating_point()):
+            raise FloatingPointError(f"non-finite weights at iteration {iteration}: stopped; the last good "
+                                     f"checkpoint ({out_dir / 'checkpoint_last.pt'}) is untouched")
         atomic_save({"kind": CHECKPOINT_KIND, "config": file_values(cfg, OPTIONS), "model_args": model_args(cfg),
                      "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                      "scheduler": scheduler.state_dict(), "iteration": iteration, "history": history,
@@ -327,7 +331,7 @@ def main(argv=None) -> int:
                 bar.close()
                 print(f"stopped by {stop.signal_name} at iteration {done}; checkpoint written. Continue with:\n"
                       f"  python train.py --out-dir {out_dir} --resume", file=sys.stderr)
-                return 130
+                return 128 + stop.signal_number
     bar.close()
 
     summary = {"mode": cfg.mode, "iterations": iterations, "parameters": count_parameters(model),
@@ -350,6 +354,9 @@ def main(argv=None) -> int:
 if __name__ == "__main__":
     try:
         sys.exit(main())
-    except (ConfigError, DataError, CheckpointError, FloatingPointError) as error:
+    except (ConfigError, DataError, CheckpointError) as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
+    except FloatingPointError as error:  # the run diverged: not bad input, but no traceback either
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(3)

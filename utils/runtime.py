@@ -58,6 +58,7 @@ class StopRequest:
 
     def __init__(self):
         self.signal_name: str | None = None
+        self.signal_number = 0
 
     def __enter__(self):
         self._previous = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
@@ -71,6 +72,7 @@ class StopRequest:
         if self.signal_name is not None:
             sys.exit(128 + signum)
         self.signal_name = signal.Signals(signum).name
+        self.signal_number = signum
         print(f"\n{self.signal_name} received: finishing the current step, then saving a checkpoint "
               "(signal again to stop at once)", file=sys.stderr, flush=True)
 

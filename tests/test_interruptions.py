@@ -1,0 +1,93 @@
+"""Fault injection on train.py with real processes: signals, kill -9, divergence, crashes while saving."""
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from conftest import ROOT
+from test_train import TINY
+import train
+from utils.checkpoint import atomic_save, load_checkpoint
+
+
+def start_training(dataset, out_dir, *extra) -> subprocess.Popen:
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    return subprocess.Popen([sys.executable, str(ROOT / "train.py"), "--data-dir", str(dataset), "--out-dir",
+                             str(out_dir), *TINY, *extra], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def wait_for(path, process, timeout=120.0):
+    deadline = time.time() + timeout
+    while not path.exists():
+        assert process.poll() is None, process.communicate()
+        assert time.time() < deadline, f"{path} never appeared"
+        time.sleep(0.05)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_signal_finishes_the_step_saves_and_says_how_to_resume(tmp_path, dataset, signum):
+    out = tmp_path / "run"
+    process = start_training(dataset, out, "--iterations", "100000", "--eval-every", "100000")
+    wait_for(out / "config.yaml", process)
+    time.sleep(3)  # into the training loop
+    process.send_signal(signum)
+    stdout, stderr = process.communicate(timeout=120)
+    assert process.returncode == 128 + signum, stderr
+    assert f"stopped by {signal.Signals(signum).name}" in stderr and "--resume" in stderr
+    checkpoint = load_checkpoint(out / "checkpoint_last.pt", "mgcc-segmenter")
+    assert 0 < checkpoint["iteration"] < 100000
+
+
+def test_kill_9_then_resume_equals_an_uninterrupted_run(tmp_path, dataset):
+    args = ["--iterations", "8", "--eval-every", "4", "--checkpoint-every", "2", "--seed", "3"]
+    assert train.main(["--data-dir", str(dataset), "--out-dir", str(tmp_path / "straight"), *TINY, *args]) == 0
+    out = tmp_path / "killed"
+    process = start_training(dataset, out, *args)
+    wait_for(out / "checkpoint_last.pt", process)
+    process.kill()  # SIGKILL: no chance to save anything
+    process.wait()
+    if (out / "metrics.json").exists():
+        pytest.skip("the run finished before the kill landed")
+    assert load_checkpoint(out / "checkpoint_last.pt")["iteration"] in (2, 4, 6)  # a whole, readable checkpoint
+    assert train.main(["--out-dir", str(out), "--resume", "--no-progress"]) == 0
+    a = torch.load(tmp_path / "straight" / "checkpoint_last.pt", weights_only=False)["model"]
+    b = torch.load(out / "checkpoint_last.pt", weights_only=False)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_divergence_stops_and_keeps_the_last_good_checkpoint(tmp_path, dataset):
+    """A learning rate of 1e30 poisons the weights after the first step: the run must stop with the
+    iteration named, exit status 3, and leave the checkpoint written before the divergence intact."""
+    result = subprocess.run([sys.executable, str(ROOT / "train.py"), "--data-dir", str(dataset), "--out-dir",
+                             str(tmp_path / "run"), *TINY, "--iterations", "50", "--lr", "1e30", "--log-every", "1",
+                             "--checkpoint-every", "1"], capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 3 and "Traceback" not in result.stderr
+    match = re.search(r"non-finite (loss|weights) at iteration (\d+)", result.stderr)
+    assert match, result.stderr
+    saved = load_checkpoint(tmp_path / "run" / "checkpoint_last.pt", "mgcc-segmenter")
+    assert saved["iteration"] <= int(match[2]) < 50
+    assert all(torch.isfinite(t).all() for t in saved["model"].values() if t.is_floating_point())
+
+
+def test_a_crash_while_saving_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
+    path = tmp_path / "checkpoint_last.pt"
+    atomic_save({"kind": "x", "iteration": 1}, path)
+
+    def broken_save(obj, f):
+        f.write(b"partial bytes")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", broken_save)
+    with pytest.raises(OSError, match="disk full"):
+        atomic_save({"kind": "x", "iteration": 2}, path)
+    monkeypatch.undo()
+    assert load_checkpoint(path, "x")["iteration"] == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["checkpoint_last.pt"]  # no temporary file left behind
