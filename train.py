@@ -18,9 +18,7 @@ metrics.json (final), curves.png, checkpoint_last.pt (for --resume) and checkpoi
 from __future__ import annotations
 
 import json
-import math
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -32,11 +30,12 @@ from dataloaders.io import MASK_VALUES, DataError, dataset_name
 from dataloaders.samplers import LABELED_STREAM, UNLABELED_STREAM, StreamBatchSampler
 from dataloaders.splits import load_run_data
 from networks.mgcc import MGCCNet, count_parameters
-from utils.checkpoint import CheckpointError, atomic_save, load_checkpoint
+from utils import distributed
+from utils.checkpoint import CheckpointError, load_checkpoint
 from utils.config import ConfigError, Option, file_values, optional, parse_config, save_yaml
 from utils.evaluation import evaluate
 from utils.losses import bce_dice_loss, consistency_loss, consistency_weight, poly_lr_factor, supervised_loss
-from utils.plots import plot_curves
+from utils.run import LossTracker, RunRecord, claim_run_folder
 from utils.runtime import StopRequest, autocast_dtype, resolve_device, rng_state, seed_everything, set_rng_state
 
 CHECKPOINT_KIND = "mgcc-segmenter"
@@ -68,8 +67,10 @@ OPTIONS = [
     Option("iterations", None, "training iterations; none: base_iterations x labeled_fraction (official)",
            type=optional(int)),
     Option("base_iterations", 40000, "iterations at labeled_fraction 1, used when iterations is none"),
-    Option("batch_size", 8, "images per iteration, labeled and unlabeled together"),
-    Option("labeled_batch_size", 4, "labeled images per iteration (mgcc); the whole batch is this in supervised mode"),
+    Option("batch_size", 8, "images per iteration, labeled and unlabeled together; under torchrun the global "
+           "batch, split evenly over the processes"),
+    Option("labeled_batch_size", 4, "labeled images per iteration (global under torchrun); in supervised mode "
+           "the whole batch"),
     Option("lr", 0.01, "SGD base learning rate, decayed as (1 - it/iterations)^0.9"),
     Option("momentum", 0.9, "SGD momentum"),
     Option("weight_decay", 1e-4, "SGD weight decay"),
@@ -82,6 +83,7 @@ OPTIONS = [
            choices=("fp32", "bf16", "auto")),
     Option("channels_last", False, "channels_last memory format (faster convolutions on GPUs)"),
     Option("compile", False, "torch.compile the model"),
+    Option("sync_bn", False, "under torchrun: synchronise batch-norm statistics across GPUs (SyncBatchNorm)"),
     # evaluation and outputs
     Option("eval_every", 200, "evaluate on the selection set every N iterations (and at the end)"),
     Option("eval_batch_size", 16, "images per evaluation batch"),
@@ -97,14 +99,12 @@ OPTIONS = [
     Option("overwrite", False, "start afresh in an --out-dir that holds an earlier run", in_file=False),
     Option("progress", True, "show progress bars", in_file=False),
 ]
-RUN_FILES = ("config.yaml", "metrics.jsonl", "metrics.json", "curves.png", "checkpoint_last.pt", "checkpoint_best.pt")
 OPTIMISTIC_NOTE = ("checkpoint_best was selected on the val list that is also reported (the official protocol): "
                    "these val metrics are optimistic. Use --holdout to select on ids carved from the training list.")
 
 
 def build_model(cfg) -> MGCCNet:
-    return MGCCNet(in_channels=cfg.in_channels, width=cfg.width, mixer_depth=cfg.mixer_depth,
-                   mixer_kernel=cfg.mixer_kernel)
+    return MGCCNet(**model_args(cfg))
 
 
 def model_args(cfg) -> dict:
@@ -134,6 +134,18 @@ def make_optimizer(model, cfg, device) -> torch.optim.SGD:
                            fused=device.type == "cuda" or None)
 
 
+def wrap_for_training(model, cfg, ctx, device, semi: bool):
+    """The callable the loop trains through: channels_last, DDP under torchrun, torch.compile."""
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    forward = model
+    if ctx.enabled:
+        # the baseline never runs the auxiliary decoders: DDP must not wait for their gradients
+        forward = torch.nn.parallel.DistributedDataParallel(
+            forward, device_ids=[device] if device.type == "cuda" else None, find_unused_parameters=not semi)
+    return torch.compile(forward) if cfg.compile else forward
+
+
 def make_loader(dataset, cfg, device, **kwargs) -> DataLoader:
     workers = cfg.num_workers
     # A private generator: creating loader iterators must not consume the global torch RNG (exact resume).
@@ -146,123 +158,129 @@ def endless(loader: DataLoader):
         yield from loader
 
 
-def prepare_run(cfg) -> tuple[object, Path, dict | None]:
+def prepare_run(cfg, ctx) -> tuple[object, Path, dict | None]:
     """Resolve the run folder; on --resume, load the checkpoint and the run's own config."""
     if cfg.out_dir is None and cfg.data_dir is not None:
-        cfg.out_dir = (f"runs/{dataset_name(cfg.data_dir)}_split{cfg.split}_{cfg.mode}"
-                       f"_l{cfg.labeled_fraction:g}")
+        cfg.out_dir = f"runs/{dataset_name(cfg.data_dir)}_split{cfg.split}_{cfg.mode}_l{cfg.labeled_fraction:g}"
     if cfg.out_dir is None:
         raise ConfigError("give --data-dir (and --out-dir, or it is derived from the data folder)")
     out_dir = Path(cfg.out_dir)
-    if cfg.resume:
-        checkpoint = load_checkpoint(out_dir / "checkpoint_last.pt", CHECKPOINT_KIND)
-        saved = checkpoint["config"]
-        for name in sorted(cfg.explicit & set(saved)):
-            if getattr(cfg, name) != saved[name] and name != "out_dir":
-                raise ConfigError(f"--resume: {name} = {getattr(cfg, name)!r} differs from the run's "
-                                  f"{saved[name]!r} (see {out_dir / 'config.yaml'})")
-        for name, value in saved.items():
-            setattr(cfg, name, value)
-        cfg.out_dir = str(out_dir)
-        return cfg, out_dir, checkpoint
-    if cfg.data_dir is None:
-        raise ConfigError("--data-dir is required")
-    existing = [name for name in RUN_FILES if (out_dir / name).exists()]
-    if existing and not cfg.overwrite:
-        raise ConfigError(f"{out_dir} already holds a run ({', '.join(existing)}): "
-                          "use --resume to continue it or --overwrite to start afresh")
-    for name in existing:
-        (out_dir / name).unlink()
-    return cfg, out_dir, None
+    if not cfg.resume:
+        if cfg.data_dir is None:
+            raise ConfigError("--data-dir is required")
+        claim_run_folder(out_dir, cfg.overwrite, writer=ctx.is_main)
+        return cfg, out_dir, None
+    checkpoint = load_checkpoint(out_dir / "checkpoint_last.pt", CHECKPOINT_KIND)
+    saved = checkpoint["config"]
+    for name in sorted(cfg.explicit & set(saved) - {"out_dir"}):
+        if getattr(cfg, name) != saved[name]:
+            raise ConfigError(f"--resume: {name} = {getattr(cfg, name)!r} differs from the run's "
+                              f"{saved[name]!r} (see {out_dir / 'config.yaml'})")
+    for name, value in saved.items():
+        setattr(cfg, name, value)
+    cfg.out_dir = str(out_dir)
+    return cfg, out_dir, checkpoint
 
 
-def check_config(cfg, run_data) -> None:
-    if cfg.mode == "mgcc" and not 0 < cfg.labeled_batch_size < cfg.batch_size:
+def check_config(cfg, run_data, world_size: int, device: torch.device) -> None:
+    semi = cfg.mode == "mgcc"
+    if cfg.sync_bn and world_size > 1 and device.type != "cuda":
+        raise ConfigError("sync_bn needs CUDA devices (PyTorch's SyncBatchNorm runs on GPUs only)")
+    if semi and not 0 < cfg.labeled_batch_size < cfg.batch_size:
         raise ConfigError(f"labeled_batch_size must be in [1, batch_size - 1] in mgcc mode, got "
                           f"{cfg.labeled_batch_size} of batch_size {cfg.batch_size}")
     if len(run_data.labeled) < cfg.labeled_batch_size:
         raise DataError(f"labeled_batch_size {cfg.labeled_batch_size} is larger than the labeled set "
                         f"({len(run_data.labeled)} images)")
     unlabeled_batch = cfg.batch_size - cfg.labeled_batch_size
-    if cfg.mode == "mgcc" and len(run_data.unlabeled) < unlabeled_batch:
+    if semi and len(run_data.unlabeled) < unlabeled_batch:
         raise DataError(f"an unlabeled batch of {unlabeled_batch} needs that many unlabeled images, "
                         f"found {len(run_data.unlabeled)}")
+    if cfg.labeled_batch_size % world_size or (semi and unlabeled_batch % world_size):
+        raise ConfigError(f"under torchrun the labeled ({cfg.labeled_batch_size}) and unlabeled "
+                          f"({unlabeled_batch if semi else 0}) batches must split evenly over {world_size} processes")
     if cfg.iterations is not None and cfg.iterations < 1:
         raise ConfigError(f"iterations must be positive, got {cfg.iterations}")
 
 
-def write_curves(history: list[dict], path: Path, selection_name: str) -> None:
-    its = [r["iteration"] for r in history]
-    losses = {k: (its, [r[f"train_{k}"] for r in history]) for k in ("loss", "sup", "cons")
-              if all(f"train_{k}" in r for r in history)}
-    plot_curves(path, {"training loss (mean since last eval)": losses,
-                       f"{selection_name} IoU / Dice": {"IoU": (its, [r["iou"] for r in history]),
-                                                        "Dice": (its, [r["dice"] for r in history])}})
-
-
 def main(argv=None) -> int:
     cfg = parse_config(OPTIONS, __doc__, argv)
-    cfg, out_dir, checkpoint = prepare_run(cfg)
-    device = resolve_device(cfg.device)
+    ctx, device = distributed.setup(resolve_device(cfg.device))
+    try:
+        return train(cfg, ctx, device)
+    finally:
+        distributed.teardown()
+
+
+def train(cfg, ctx, device) -> int:
+    cfg, out_dir, checkpoint = prepare_run(cfg, ctx)
     amp_dtype = autocast_dtype(cfg.precision, device)
     semi = cfg.mode == "mgcc"
     run_data = load_run_data(cfg.data_dir, cfg.split, cfg.labeled_fraction, cfg.holdout, cfg.unlabeled_dir,
-                             cfg.unlabeled_from_train, need_unlabeled=semi, progress=cfg.progress,
+                             cfg.unlabeled_from_train, need_unlabeled=semi, progress=cfg.progress and ctx.is_main,
                              mask_values=cfg.mask_values)
-    check_config(cfg, run_data)
+    check_config(cfg, run_data, ctx.world_size, device)
     # the baseline sees the labeled images only: the same number per step as MGCC
     unlabeled_batch_size = cfg.batch_size - cfg.labeled_batch_size if semi else 0
     iterations = cfg.iterations or round(cfg.base_iterations * cfg.labeled_fraction)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    save_yaml(file_values(cfg, OPTIONS), out_dir / "config.yaml")
-    print(f"run folder {out_dir} | {cfg.mode} on {device} | {run_data.summary()} | {iterations} iterations",
-          flush=True)
+    if ctx.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        save_yaml(file_values(cfg, OPTIONS), out_dir / "config.yaml")
+        print(f"run folder {out_dir} | {cfg.mode} on {device} x {ctx.world_size} | {run_data.summary()} | "
+              f"{iterations} iterations", flush=True)
 
-    seed_everything(cfg.seed)
+    seed_everything(cfg.seed)  # the same initial weights on every rank
     torch.backends.cudnn.benchmark = True  # fixed input size: let cuDNN pick its fastest kernels
     model = build_model(cfg).to(device)
+    if ctx.enabled and cfg.sync_bn:  # same parameter and buffer names: checkpoints stay plain
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     optimizer = make_optimizer(model, cfg, device)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: poly_lr_factor(it, iterations))
-    start, history, best = 0, [], {"iteration": None, "iou": -1.0}
+    start = 0
+    if ctx.enabled:
+        torch.manual_seed(cfg.seed + ctx.rank)  # each rank its own perturbation noise
     if checkpoint is not None:
         model.load_state_dict(checkpoint["model"])
         optimizer.load_state_dict(checkpoint["optimizer"])
         scheduler.load_state_dict(checkpoint["scheduler"])
-        start, history, best = checkpoint["iteration"], checkpoint["history"], checkpoint["best"]
-        set_rng_state(checkpoint["rng"])
-        # evaluations logged after the checkpoint was written are repeated: drop them
-        (out_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in history))
-        print(f"resumed at iteration {start}", flush=True)
-    if cfg.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    forward = torch.compile(model) if cfg.compile else model
+        start = checkpoint["iteration"]
+        states = checkpoint["rng"]
+        set_rng_state(states[ctx.rank] if len(states) == ctx.world_size else states[0])
+    record = RunRecord(out_dir, run_data.selection_name, ctx.is_main, *(
+        (checkpoint["history"], checkpoint["best"]) if checkpoint else ()))
+    forward = wrap_for_training(model, cfg, ctx, device, semi)
 
     def make(items, augment: bool) -> SegmentationDataset:
         return SegmentationDataset(items, cfg.image_size, cfg.in_channels, cfg.normalization, augment, cfg.mask_values)
 
-    labeled_batches = endless(make_loader(make(run_data.labeled, True), cfg, device, batch_sampler=StreamBatchSampler(
-        len(run_data.labeled), cfg.labeled_batch_size, cfg.seed, LABELED_STREAM, whole_epochs=True, start_step=start)))
-    unlabeled_batches = endless(make_loader(make(run_data.unlabeled, True), cfg, device, batch_sampler=StreamBatchSampler(
-        len(run_data.unlabeled), unlabeled_batch_size, cfg.seed, UNLABELED_STREAM,
-        whole_epochs=False, start_step=start))) if semi else None
+    def stream(items, batch_size, kind, whole_epochs):
+        sampler = StreamBatchSampler(len(items), batch_size, cfg.seed, kind, whole_epochs, start, ctx.rank, ctx.world_size)
+        return endless(make_loader(make(items, augment=True), cfg, device, batch_sampler=sampler))
+
+    labeled_batches = stream(run_data.labeled, cfg.labeled_batch_size, LABELED_STREAM, whole_epochs=True)
+    unlabeled_batches = stream(run_data.unlabeled, unlabeled_batch_size, UNLABELED_STREAM, False) if semi else None
     selection_loader = make_loader(make(run_data.selection, False), cfg, device, batch_size=cfg.eval_batch_size)
+    last_path = out_dir / "checkpoint_last.pt"
+
+    def state(iteration: int, full: bool) -> dict:
+        checkpoint = {"kind": CHECKPOINT_KIND, "config": file_values(cfg, OPTIONS), "model_args": model_args(cfg),
+                      "model": model.state_dict(), "iteration": iteration}
+        if full:  # what --resume needs
+            checkpoint.update(optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
+                              history=record.history, best=record.best, rng=distributed.gather_objects(rng_state()))
+        return checkpoint
 
     def save_last(iteration: int) -> None:
         # a checkpoint with non-finite weights would poison --resume: keep the last good one instead
         if not all(torch.isfinite(t).all() for t in model.state_dict().values() if t.is_floating_point()):
             raise FloatingPointError(f"non-finite weights at iteration {iteration}: stopped; the last good "
-                                     f"checkpoint ({out_dir / 'checkpoint_last.pt'}) is untouched")
-        atomic_save({"kind": CHECKPOINT_KIND, "config": file_values(cfg, OPTIONS), "model_args": model_args(cfg),
-                     "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                     "scheduler": scheduler.state_dict(), "iteration": iteration, "history": history,
-                     "best": best, "rng": rng_state()}, out_dir / "checkpoint_last.pt")
+                                     f"checkpoint ({last_path}) is untouched")
+        record.save("checkpoint_last.pt", state(iteration, full=True))
 
-    sums = torch.zeros(3, device=device)  # loss, sup, cons summed on the device since the last read
-    first_bad = torch.full((), -1, device=device, dtype=torch.long)  # first iteration with a non-finite loss
-    since_eval = torch.zeros(3, device=device)
-    last_read = start
+    losses = LossTracker(device, start)
     checkpoint_every = cfg.checkpoint_every or cfg.eval_every
-    bar = tqdm(total=iterations, initial=start, desc=cfg.mode, disable=not cfg.progress, dynamic_ncols=True)
+    bar = tqdm(total=iterations, initial=start, desc=cfg.mode, disable=not (cfg.progress and ctx.is_main),
+               dynamic_ncols=True)
     model.train()
     with StopRequest() as stop:
         for it in range(start, iterations):
@@ -282,65 +300,51 @@ def main(argv=None) -> int:
             loss.backward()
             optimizer.step()
             scheduler.step()
-
-            step_losses = torch.stack([loss.detach(), sup.detach(), cons.detach()])
-            sums += step_losses
-            since_eval += step_losses
-            first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss.detach()), it, first_bad)
-            done = it + 1
-            if done % cfg.log_every == 0 or done == iterations or done % cfg.eval_every == 0 or stop:
-                if first_bad.item() >= 0:
-                    bar.close()
-                    raise FloatingPointError(
-                        f"non-finite loss at iteration {first_bad.item()}: stopped; the last good checkpoint "
-                        f"({out_dir / 'checkpoint_last.pt'}) is untouched")
-                mean = (sums / (done - last_read)).tolist()
-                sums.zero_()
-                last_read = done
-                bar.set_postfix(loss=f"{mean[0]:.4f}", best_iou=f"{best['iou']:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
+            losses.add(it, loss, sup, cons)
             bar.update(1)
 
-            if done % cfg.eval_every == 0 or done == iterations:
-                metrics = evaluate(model, selection_loader, device, amp_dtype)
-                intervals = done - (history[-1]["iteration"] if history else 0)
-                train_mean = (since_eval / intervals).tolist()
-                since_eval.zero_()
-                record = {"iteration": done, "set": run_data.selection_name, **metrics,
-                          "train_loss": train_mean[0], "train_sup": train_mean[1], "train_cons": train_mean[2],
-                          "lr": scheduler.get_last_lr()[0], "time": time.time()}
-                history.append(record)
-                with open(out_dir / "metrics.jsonl", "a") as f:
-                    f.write(json.dumps(record) + "\n")
-                if metrics["iou"] > best["iou"]:
-                    best = {"iteration": done, **metrics}
-                    atomic_save({"kind": CHECKPOINT_KIND, "config": file_values(cfg, OPTIONS),
-                                 "model_args": model_args(cfg), "model": model.state_dict(), "iteration": done,
-                                 "metrics": metrics}, out_dir / "checkpoint_best.pt")
-                write_curves(history, out_dir / "curves.png", run_data.selection_name)
-                bar.write(f"iteration {done}: {run_data.selection_name} IoU {metrics['iou']:.4f} "
-                          f"Dice {metrics['dice']:.4f} (best {best['iou']:.4f} at {best['iteration']})")
-            pause = cfg.stop_after is not None and done - start >= cfg.stop_after
-            if done % checkpoint_every == 0 or done == iterations or stop or pause:
+            done = it + 1
+            evaluate_now = done % cfg.eval_every == 0 or done == iterations
+            read_now = evaluate_now or done % cfg.log_every == 0
+            # a signal is acted on after this step; under torchrun all ranks agree at the next reading
+            stopping = (bool(stop) if not ctx.enabled else read_now and distributed.any_rank(bool(stop), device))
+            if read_now or stopping:
+                mean = losses.read(done, last_path)
+                bar.set_postfix(loss=f"{mean[0]:.4f}", best_iou=f"{record.best['iou']:.4f}",
+                                lr=f"{scheduler.get_last_lr()[0]:.2e}")
+            if evaluate_now:
+                train_means = losses.eval_means(done)
+                if ctx.is_main:
+                    metrics = evaluate(model, selection_loader, device, amp_dtype)
+                    if record.add(done, metrics, train_means, scheduler.get_last_lr()[0]):
+                        record.save("checkpoint_best.pt", {**state(done, full=False), "metrics": metrics})
+                    bar.write(record.describe_last())
+            pausing = cfg.stop_after is not None and done - start >= cfg.stop_after and done < iterations
+            if done % checkpoint_every == 0 or done == iterations or stopping or pausing:
                 save_last(done)
-            if pause and done < iterations:
+            if (stopping or pausing) and done < iterations:
                 bar.close()
-                print(f"stopped after {cfg.stop_after} iterations (--stop-after) at iteration {done}; continue with:\n"
-                      f"  python train.py --out-dir {out_dir} --resume")
-                return 0
-            if stop and done < iterations:
-                bar.close()
-                print(f"stopped by {stop.signal_name} at iteration {done}; checkpoint written. Continue with:\n"
-                      f"  python train.py --out-dir {out_dir} --resume", file=sys.stderr)
-                return 128 + stop.signal_number
+                how = f"by {stop.signal_name}" if stopping else f"after {cfg.stop_after} iterations (--stop-after)"
+                if ctx.is_main:
+                    print(f"stopped {how} at iteration {done}; checkpoint written. Continue with:\n"
+                          f"  python train.py --out-dir {out_dir} --resume", file=sys.stderr if stopping else sys.stdout)
+                return 128 + stop.signal_number if stopping else 0
     bar.close()
+    if ctx.is_main:
+        finish(cfg, model, record, run_data, out_dir, iterations, device, amp_dtype, make)
+    return 0
 
+
+def finish(cfg, model, record, run_data, out_dir, iterations, device, amp_dtype, make) -> None:
+    """metrics.json; with --holdout, the single evaluation of the val list by the selected checkpoint."""
+    best = record.best
     summary = {"mode": cfg.mode, "iterations": iterations, "parameters": count_parameters(model),
                "selection_set": run_data.selection_name, "best_iteration": best["iteration"],
-               "best": {k: v for k, v in best.items() if k != "iteration"}, "last": history[-1]}
-    if run_data.report:  # --holdout: the val list is evaluated once, with the selected checkpoint
+               "best": {k: v for k, v in best.items() if k != "iteration"}, "last": record.history[-1]}
+    if run_data.report:
         model.load_state_dict(load_checkpoint(out_dir / "checkpoint_best.pt", CHECKPOINT_KIND)["model"])
-        summary["val"] = evaluate(model, make_loader(make(run_data.report, False), cfg, device,
-                                                     batch_size=cfg.eval_batch_size), device, amp_dtype)
+        loader = make_loader(make(run_data.report, False), cfg, device, batch_size=cfg.eval_batch_size)
+        summary["val"] = evaluate(model, loader, device, amp_dtype)
         summary["note"] = "checkpoint_best selected on the holdout ids; 'val' is its single evaluation on the val list."
     else:
         summary["val"] = summary["best"]
@@ -348,7 +352,6 @@ def main(argv=None) -> int:
     (out_dir / "metrics.json").write_text(json.dumps(summary, indent=2))
     print(f"done: val IoU {summary['val']['iou']:.4f} Dice {summary['val']['dice']:.4f} "
           f"(checkpoint_best at iteration {best['iteration']}); wrote {out_dir}")
-    return 0
 
 
 if __name__ == "__main__":

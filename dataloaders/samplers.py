@@ -9,6 +9,9 @@ exactly what an uninterrupted run would have drawn, whatever the number of data-
 - the unlabeled stream cycles through its own permutations independently of the labeled epochs.
 
 A batch is a list of (index, sample_seed) pairs; the sample seed drives that item's augmentation.
+Under torchrun every rank computes the same global batch and keeps its own slice (items rank,
+rank + world_size, ...): the ranks never overlap within a step, and together they see exactly the
+batches of a single-process run.
 """
 from __future__ import annotations
 
@@ -26,12 +29,16 @@ class StreamBatchSampler(Sampler[list[tuple[int, int]]]):
     ``whole_epochs``: batches never straddle two permutations (labeled stream); otherwise the
     permutations are concatenated and cut into batches (unlabeled stream).
     ``start_step``: the step of the first batch yielded (for resuming).
+    ``rank``, ``world_size``: yield only this rank's slice of each (global) batch.
     """
 
     def __init__(self, num_items: int, batch_size: int, seed: int, stream: int, whole_epochs: bool,
-                 start_step: int = 0):
+                 start_step: int = 0, rank: int = 0, world_size: int = 1):
         if batch_size < 1 or num_items < batch_size:
             raise ValueError(f"a batch of {batch_size} needs at least that many items, got {num_items}")
+        if batch_size % world_size:
+            raise ValueError(f"a batch of {batch_size} does not split evenly over {world_size} processes")
+        self.rank, self.world_size = rank, world_size
         self.num_items, self.batch_size, self.seed, self.stream = num_items, batch_size, seed, stream
         self.whole_epochs = whole_epochs
         self.start_step = start_step
@@ -66,5 +73,5 @@ class StreamBatchSampler(Sampler[list[tuple[int, int]]]):
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
         step = self.start_step
         while True:
-            yield self.batch(step)
+            yield self.batch(step)[self.rank::self.world_size]
             step += 1
