@@ -28,7 +28,8 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from dataloaders.datasets import SegmentationDataset
-from dataloaders.io import MASK_VALUES, DataError, check_images, check_pairs, image_folder, list_images, read_image, read_mask
+from dataloaders.io import (MASK_VALUES, DataError, check_images, check_pairs, image_folder, list_images, read_id_list,
+                            read_image, read_mask, select_cases)
 from networks.mgcc import MGCCNet
 from networks.official import convert_official_state_dict, infer_official_architecture, is_official_state_dict
 from utils.checkpoint import CheckpointError, load_checkpoint
@@ -48,6 +49,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="checkpoint_best.pt / checkpoint_last.pt of train.py, or an official MGCC state_dict")
     parser.add_argument("--input-dir", type=Path, required=True,
                         help="folder of images (<dir>/images/* if it has an images/ folder, else <dir>/*)")
+    parser.add_argument("--ids", type=Path, default=None,
+                        help="only the images whose ids this file lists, one per line (e.g. <data>/<name>_val1.txt)")
     parser.add_argument("--output-dir", type=Path, required=True, help="where masks/, overlays/ and metrics go")
     parser.add_argument("--masks-dir", type=Path, default=None,
                         help="ground-truth masks named like the images (e.g. <data>/masks/0): adds metrics")
@@ -106,6 +109,10 @@ def main(argv=None) -> int:
     model, prep, description = load_segmenter(args.checkpoint)
     model.to(device)
     images = image_folder(args.input_dir, "input folder")
+    if args.ids is not None:
+        by_id = {p.stem: p for p in images}
+        images = [item[1] for item in select_cases({i: (p,) for i, p in by_id.items()}, read_id_list(args.ids),
+                                                   str(args.ids))]
     masks = match_masks(images, args.masks_dir) if args.masks_dir else {}
     # every file is opened once (and each mask's size checked) before anything is written
     if masks:

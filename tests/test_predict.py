@@ -106,3 +106,15 @@ def test_missing_ground_truth_is_named(tmp_path, trained):
                         tmp_path / "o", "--masks-dir", masks, check=False)
     assert result.returncode == 2 and "no mask for" in result.stderr
     assert not (tmp_path / "o").exists()
+
+
+def test_ids_file_restricts_the_images(tmp_path, trained):
+    data, checkpoint = trained
+    run_script("predict.py", "--checkpoint", checkpoint, "--input-dir", data, "--output-dir", tmp_path / "o",
+               "--ids", data / "toy_val1.txt", "--masks-dir", data / "masks" / "0", "--num-workers", "0")
+    val = (data / "toy_val1.txt").read_text().split("\n")
+    assert sorted(p.stem for p in (tmp_path / "o" / "masks").iterdir()) == sorted(i for i in val if i)
+    (tmp_path / "ids.txt").write_text("benign (1)\nnobody (0)\n")
+    result = run_script("predict.py", "--checkpoint", checkpoint, "--input-dir", data, "--output-dir", tmp_path / "p",
+                        "--ids", tmp_path / "ids.txt", check=False)
+    assert result.returncode == 2 and "nobody (0)" in result.stderr
