@@ -17,10 +17,8 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import sys
 from pathlib import Path
 
-import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -33,7 +31,7 @@ from dataloaders.io import (MASK_VALUES, DataError, check_images, check_pairs, i
 from networks.mgcc import MGCCNet
 from networks.official import convert_official_state_dict, infer_official_architecture, is_official_state_dict
 from utils.checkpoint import CheckpointError, load_checkpoint
-from utils.config import ConfigError
+from utils.cli import run_cli
 from utils.metrics import METRIC_NAMES, per_image_metrics
 from utils.plots import overlay, save_image
 from utils.runtime import autocast_dtype, resolve_device
@@ -157,8 +155,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except (ConfigError, DataError, CheckpointError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
+    run_cli(main)

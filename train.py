@@ -31,7 +31,8 @@ from dataloaders.samplers import LABELED_STREAM, UNLABELED_STREAM, StreamBatchSa
 from dataloaders.splits import load_run_data
 from networks.mgcc import MGCCNet, count_parameters
 from utils import distributed
-from utils.checkpoint import CheckpointError, load_checkpoint
+from utils.checkpoint import load_checkpoint
+from utils.cli import run_cli
 from utils.config import ConfigError, Option, file_values, optional, parse_config, save_yaml
 from utils.evaluation import evaluate
 from utils.losses import bce_dice_loss, consistency_loss, consistency_weight, poly_lr_factor, supervised_loss
@@ -355,11 +356,4 @@ def finish(cfg, model, record, run_data, out_dir, iterations, device, amp_dtype,
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except (ConfigError, DataError, CheckpointError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
-    except FloatingPointError as error:  # the run diverged: not bad input, but no traceback either
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(3)
+    run_cli(main)

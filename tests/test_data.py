@@ -1,7 +1,6 @@
 """The data layer: reading and checking files, preprocessing, batch streams, run composition."""
 from __future__ import annotations
 
-from pathlib import Path
 
 import cv2
 import numpy as np
