@@ -34,7 +34,7 @@ class DataError(ValueError):
     """Bad input data. The message names the file(s) or value at fault."""
 
 
-def _listing(title: str, items: list[str]) -> str:
+def listing(title: str, items: list[str]) -> str:
     shown = [f"  {item}" for item in items[:_MAX_LISTED]]
     if len(items) > _MAX_LISTED:
         shown.append(f"  ... and {len(items) - _MAX_LISTED} more")
@@ -86,11 +86,11 @@ def find_cases(data_dir: str | Path) -> dict[str, tuple[Path, Path]]:
     no_image = sorted(str(masks[i]) for i in masks.keys() - images.keys())
     parts = []
     if problems:
-        parts.append(_listing("ids with more than one file", sorted(problems)))
+        parts.append(listing("ids with more than one file", sorted(problems)))
     if no_mask:
-        parts.append(_listing(f"images without a mask in {mask_dir}", no_mask))
+        parts.append(listing(f"images without a mask in {mask_dir}", no_mask))
     if no_image:
-        parts.append(_listing(f"masks without an image in {image_dir}", no_image))
+        parts.append(listing(f"masks without an image in {image_dir}", no_image))
     if parts:
         raise DataError(f"dataset {data_dir} is not consistent:\n" + "\n".join(parts))
     if not images:
@@ -154,7 +154,7 @@ def read_id_list(path: str | Path) -> list[str]:
         raise DataError(f"split file is empty: {path}")
     duplicates = sorted({i for i in ids if ids.count(i) > 1}) if len(set(ids)) != len(ids) else []
     if duplicates:
-        raise DataError(_listing(f"split file {path} lists ids more than once", duplicates))
+        raise DataError(listing(f"split file {path} lists ids more than once", duplicates))
     return ids
 
 
@@ -173,7 +173,7 @@ def select_cases(cases: dict[str, tuple[Path, Path]], ids: list[str], source: st
     """The (id, image, mask) triples for ``ids``; an id with no files is an error naming ``source``."""
     missing = [i for i in ids if i not in cases]
     if missing:
-        raise DataError(_listing(f"{source} names ids with no image/mask pair", missing))
+        raise DataError(listing(f"{source} names ids with no image/mask pair", missing))
     return [(i, *cases[i]) for i in ids]
 
 
@@ -209,10 +209,10 @@ def check_pairs(pairs: list[tuple[str, Path, Path]], progress: bool = False, mas
                 values = np.unique(mask)
                 labels.append(f"{mask_path}: values {values[:6].tolist()}{' ...' if len(values) > 6 else ''}")
     if labels:
-        problems.append(_listing("masks that are not 0/255 (use mask_values 'nonzero' for label maps and 0/1 "
+        problems.append(listing("masks that are not 0/255 (use mask_values 'nonzero' for label maps and 0/1 "
                                  "masks, or 'threshold' for foreground above 127)", labels))
     if problems:
-        raise DataError(_listing("bad image/mask files", problems))
+        raise DataError(listing("bad image/mask files", problems))
     if noisy:
         warnings.warn(f"{len(noisy)} mask(s) are 0/255 with JPEG-like noise, thresholded at 127: e.g. {noisy[0]}",
                       stacklevel=2)
@@ -229,7 +229,7 @@ def check_images(paths: list[Path], progress: bool = False) -> None:
         except DataError as error:
             problems.append(str(error))
     if problems:
-        raise DataError(_listing("unreadable images", problems))
+        raise DataError(listing("unreadable images", problems))
 
 
 def image_folder(folder: str | Path, what: str = "unlabeled folder") -> list[Path]:
@@ -239,7 +239,7 @@ def image_folder(folder: str | Path, what: str = "unlabeled folder") -> list[Pat
     image_dir = folder / "images" if (folder / "images").is_dir() else folder
     images, problems = list_images(image_dir)
     if problems:
-        raise DataError(_listing(f"{what} {image_dir} has ambiguous ids", problems))
+        raise DataError(listing(f"{what} {image_dir} has ambiguous ids", problems))
     if not images:
         raise DataError(f"{what} {image_dir} has no images (extensions {', '.join(IMAGE_EXTENSIONS)})")
     return [images[i] for i in sorted(images)]

@@ -1,0 +1,722 @@
+"""Stage 1 of MGCC: train the latent diffusion model that makes synthetic ultrasound images.
+
+Two stages, both on the training images of one split only (never a validation image):
+  vae        an AutoencoderKL (diffusers) learns to compress the images to latents:
+             loss L1 + (1 - SSIM) + KL (+ an optional patch-discriminator term);
+  diffusion  a UNet2DModel (diffusers) learns to denoise the frozen autoencoder's latents
+             (DDPM, epsilon prediction, L1 loss), optionally conditioned on the class, with an EMA
+             copy of its weights used for sampling.
+--stage all runs both. The run folder gets config.yaml, ldm.json, vae/, unet/, unet_ema/ (diffusers
+save_pretrained), state files for --resume, preview grids and loss plots. Then sample with
+sample_ldm.py --checkpoint <run folder>.
+"""
+from __future__ import annotations
+
+import csv
+import shutil
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+from types import SimpleNamespace
+
+from utils.config import ConfigError, Option, file_values, optional, parse_config, read_yaml, save_yaml
+
+EPILOG = """examples:
+  python train_ldm.py --config configs/ldm_busi.yaml --data-dir inputs/BUSI --split 1 --out-dir runs/ldm_busi_1
+  python train_ldm.py --config configs/ldm_busi.yaml --out-dir runs/ldm_busi_1 --resume
+  python train_ldm.py --config configs/ldm_tiny.yaml --data-dir inputs/BUSI --out-dir runs/ldm_tiny --device cpu
+"""
+
+
+OPTIONS = [
+    # data and run
+    Option("data_dir", None, "dataset folder (images/, masks/0/, <name>_train<i>.txt); only the ids of "
+           "the training list of --split are used", type=optional(str)),
+    Option("split", 1, "split index i: trains on <name>_train<i>.txt, refuses ids of <name>_val<i>.txt"),
+    Option("out_dir", None, "run folder; none: runs/ldm_<dataset>_<split>", type=optional(str), in_file=False),
+    Option("stage", "all", "what to train: vae, diffusion (on a run whose autoencoder is trained) or all",
+           choices=("vae", "diffusion", "all"), in_file=False),
+    Option("resume", False, "continue the run in --out-dir where its last checkpoint stopped; the step "
+           "counts may be raised, other settings must be those of the run", in_file=False),
+    Option("overwrite", False, "start the run in --out-dir over (with --stage diffusion: only its "
+           "diffusion stage, keeping the autoencoder)", in_file=False),
+    Option("device", "auto", "auto, cpu, cuda or cuda:N", in_file=False),
+    Option("seed", 0, "seed of the initial weights, the data order, the augmentation and the noise"),
+    Option("image_size", 256, "images are resized to image_size x image_size (gray, [-1, 1])"),
+    Option("class_conditioning", True, "condition the denoiser on the class when classes are given "
+           "(class_names or class_csv); otherwise, or with --no-class-conditioning, unconditional"),
+    Option("class_names", [], "class names; an id's class is the name it starts with (BUSI: benign, "
+           "malignant); repeat the flag for each", repeatable=True),
+    Option("class_csv", None, "CSV of 'id,class' rows giving each training id's class (instead of the "
+           "id prefix)", type=optional(str)),
+    # autoencoder
+    Option("vae_channels", [64, 128, 256, 512], "autoencoder block widths (one block per entry; the "
+           "image is halved len-1 times)", type=int, repeatable=True),
+    Option("vae_layers_per_block", 2, "resnet layers per autoencoder block"),
+    Option("vae_latent_channels", 8, "latent channels"),
+    Option("vae_norm_groups", 32, "group-norm groups in the autoencoder (must divide every width)"),
+    Option("vae_mid_attention", False, "self-attention in the autoencoder's middle block"),
+    Option("vae_steps", 20000, "autoencoder training steps"),
+    Option("vae_batch_size", 8, "autoencoder batch size"),
+    Option("vae_lr", 1e-4, "autoencoder learning rate (AdamW)"),
+    Option("l1_weight", 1.0, "weight of the L1 reconstruction loss"),
+    Option("ssim_weight", 1.0, "weight of the (1 - SSIM) reconstruction loss"),
+    Option("kl_weight", 1e-6, "weight of the KL term (summed over latent elements, averaged over images)"),
+    Option("disc_weight", 0.0, "weight of the patch-discriminator (hinge) term; 0 = no discriminator"),
+    Option("disc_start", 10000, "autoencoder step at which the discriminator term starts"),
+    Option("disc_channels", 64, "width of the discriminator's first layer"),
+    Option("disc_layers", 3, "downsampling layers of the discriminator"),
+    Option("disc_lr", 1e-4, "discriminator learning rate (AdamW, betas 0.5, 0.9)"),
+    # denoiser
+    Option("unet_channels", [256, 256, 512, 1024], "denoiser block widths (no attention blocks)",
+           type=int, repeatable=True),
+    Option("unet_layers_per_block", 2, "resnet layers per denoiser block"),
+    Option("unet_norm_groups", 32, "group-norm groups in the denoiser (must divide every width)"),
+    Option("unet_mid_attention", False, "self-attention in the denoiser's middle block"),
+    Option("diffusion_steps", 50000, "denoiser training steps"),
+    Option("batch_size", 32, "denoiser batch size (latents)"),
+    Option("lr", 1e-4, "denoiser learning rate (AdamW)"),
+    Option("train_timesteps", 1000, "diffusion timesteps of the noise schedule"),
+    Option("beta_schedule", "scaled_linear", "noise schedule",
+           choices=("linear", "scaled_linear", "squaredcos_cap_v2")),
+    Option("beta_start", 0.002, "first beta of the noise schedule"),
+    Option("beta_end", 0.02, "last beta of the noise schedule"),
+    Option("prediction_type", "epsilon", "what the denoiser predicts", choices=("epsilon", "v_prediction")),
+    Option("diffusion_loss", "l1", "denoiser loss", choices=("l1", "l2")),
+    Option("class_dropout", 0.1, "probability of dropping the class during training (classifier-free guidance)"),
+    Option("ema_decay", 0.9999, "largest EMA decay of the denoiser weights"),
+    Option("ema_power", 0.75, "EMA warm-up exponent: decay = 1 - (1 + step) ** -power, capped at ema_decay"),
+    # both stages
+    Option("weight_decay", 0.01, "AdamW weight decay"),
+    Option("warmup_steps", 500, "linear learning-rate warm-up steps, then constant"),
+    Option("grad_clip", 1.0, "gradient norm clipping; 0 = none"),
+    Option("precision", "auto", "autocast precision: auto (bf16 on CUDA, fp32 on CPU), bf16 or fp32",
+           choices=("auto", "bf16", "fp32")),
+    Option("num_workers", 4, "data-loader worker processes (autoencoder stage)"),
+    Option("log_every", 50, "steps between loss records (CSV and PNG plot)"),
+    Option("sample_every", 2000, "steps between preview grids (reconstructions / samples); 0 = only at the end"),
+    Option("checkpoint_every", 2000, "steps between checkpoints (always at the end)"),
+    Option("preview_images", 8, "images in a preview grid"),
+    Option("preview_steps", 50, "DDIM steps of the preview samples"),
+    Option("progress", True, "show progress bars", in_file=False),
+]
+FILE_KEYS = {o.name for o in OPTIONS if o.in_file}
+# May differ on --resume: they change how long or how visibly the run goes, not what it learns.
+FREE_KEYS = {"vae_steps", "diffusion_steps", "precision", "num_workers", "log_every", "sample_every",
+             "checkpoint_every", "preview_images", "preview_steps",
+             "data_dir", "class_csv"}  # moved files: the ids and classes are checked against ldm.json
+# May differ from the run's config.yaml when the diffusion stage starts fresh on a trained autoencoder.
+DIFFUSION_KEYS = {"unet_channels", "unet_layers_per_block", "unet_norm_groups", "unet_mid_attention",
+                  "batch_size", "lr", "train_timesteps", "beta_schedule", "beta_start", "beta_end",
+                  "prediction_type", "diffusion_loss", "class_dropout", "ema_decay", "ema_power",
+                  "class_conditioning"}
+VAE_STATE_KIND, DIFFUSION_STATE_KIND = "mgcc-ldm-vae-state", "mgcc-ldm-diffusion-state"
+
+
+# ----------------------------------------------------------------------------------------------
+# configuration and run folder
+# ----------------------------------------------------------------------------------------------
+
+def check_values(cfg: SimpleNamespace) -> None:
+    from networks.ldm import check_architecture
+
+    def require(condition: bool, message: str) -> None:
+        if not condition:
+            raise ConfigError(message)
+
+    for name in ("image_size", "vae_layers_per_block", "vae_latent_channels", "vae_batch_size",
+                 "unet_layers_per_block", "batch_size", "log_every", "checkpoint_every",
+                 "disc_channels", "disc_layers", "preview_steps"):
+        require(getattr(cfg, name) >= 1, f"{name} must be at least 1, got {getattr(cfg, name)}")
+    for name in ("vae_steps", "diffusion_steps", "disc_start", "num_workers", "sample_every",
+                 "preview_images", "warmup_steps", "l1_weight", "ssim_weight", "kl_weight",
+                 "disc_weight", "weight_decay", "grad_clip"):
+        require(getattr(cfg, name) >= 0, f"{name} must not be negative, got {getattr(cfg, name)}")
+    for name in ("vae_lr", "lr", "disc_lr"):
+        require(getattr(cfg, name) > 0, f"{name} must be positive, got {getattr(cfg, name)}")
+    if cfg.stage in ("vae", "all"):
+        require(cfg.vae_steps >= 1, f"vae_steps must be at least 1 to train the autoencoder, got {cfg.vae_steps}")
+    if cfg.stage in ("diffusion", "all"):
+        require(cfg.diffusion_steps >= 1, f"diffusion_steps must be at least 1, got {cfg.diffusion_steps}")
+    require(cfg.train_timesteps >= 2, f"train_timesteps must be at least 2, got {cfg.train_timesteps}")
+    require(cfg.preview_steps <= cfg.train_timesteps,
+            f"preview_steps {cfg.preview_steps} exceeds train_timesteps {cfg.train_timesteps}")
+    require(0 < cfg.beta_start < cfg.beta_end < 1,
+            f"need 0 < beta_start < beta_end < 1, got {cfg.beta_start}, {cfg.beta_end}")
+    require(0 <= cfg.class_dropout < 1, f"class_dropout must be in [0, 1), got {cfg.class_dropout}")
+    require(0 <= cfg.ema_decay <= 1, f"ema_decay must be in [0, 1], got {cfg.ema_decay}")
+    require(cfg.ema_power > 0, f"ema_power must be positive, got {cfg.ema_power}")
+    require(not (cfg.resume and cfg.overwrite), "give --resume or --overwrite, not both")
+    check_architecture(cfg)
+
+
+def absolute_paths(values: dict) -> dict:
+    """Paths are kept absolute, so that a run compares and resumes from any working folder."""
+    for key in ("data_dir", "class_csv"):
+        if values.get(key) is not None:
+            values[key] = str(Path(values[key]).expanduser().resolve())
+    return values
+
+
+def merged_config(cfg: SimpleNamespace, run_dir: Path, may_change: set[str]) -> SimpleNamespace:
+    """The configuration of a run that is continued: its config.yaml, then the values given now.
+
+    A value given now that differs from the run's is an error unless it only changes the length or
+    the output of the run (FREE_KEYS) or belongs to a stage that starts afresh (``may_change``).
+    """
+    saved = absolute_paths(read_yaml(run_dir / "config.yaml", OPTIONS))
+    given = {}
+    if cfg.config is not None:
+        given.update(read_yaml(Path(cfg.config), OPTIONS))
+    given.update({name: getattr(cfg, name) for name in cfg.explicit if name in FILE_KEYS})
+    given = absolute_paths(given)
+    changed = [f"  {key}: {saved[key]!r} in the run, {value!r} now" for key, value in sorted(given.items())
+               if key in saved and value != saved[key] and key not in FREE_KEYS | may_change]
+    if changed:
+        raise ConfigError(f"the run in {run_dir} was made with other settings (its config.yaml); a "
+                          "continued run keeps them:\n" + "\n".join(changed)
+                          + "\n(use another --out-dir, or --overwrite to start over)")
+    values = {o.name: getattr(cfg, o.name) for o in OPTIONS}
+    values.update(saved)
+    values.update(given)
+    return SimpleNamespace(**values, config=cfg.config, explicit=cfg.explicit)
+
+
+def load_data(cfg: SimpleNamespace):
+    from dataloaders.ldm_data import load_training_set
+
+    if cfg.data_dir is None:
+        raise ConfigError("give --data-dir (the dataset folder whose training images the model learns)")
+    class_names = cfg.class_names if cfg.class_conditioning else []
+    class_csv = cfg.class_csv if cfg.class_conditioning else None
+    return load_training_set(cfg.data_dir, cfg.split, class_names, class_csv, progress=cfg.progress)
+
+
+def new_run_info(cfg: SimpleNamespace, data) -> dict:
+    from networks.ldm import IMAGE_CHANNELS, KIND, latent_size
+
+    counts = [data.labels.count(k) for k in range(len(data.class_names))] if data.labels is not None else []
+    return {"kind": KIND, "version": 1, "image_size": cfg.image_size, "channels": IMAGE_CHANNELS,
+            "latent_channels": cfg.vae_latent_channels, "latent_size": latent_size(cfg),
+            "latent_scaling_factor": None, "class_names": data.class_names, "class_counts": counts,
+            "data_dir": str(Path(cfg.data_dir).resolve()), "split": cfg.split,
+            "train_file": str(data.train_file), "val_file": str(data.val_file) if data.val_file else None,
+            "train_ids": data.ids, "vae_step": 0, "diffusion_step": 0}
+
+
+def remove_diffusion_outputs(run_dir: Path, info: dict) -> None:
+    from networks.ldm import DIFFUSION_STATE, EMA_DIR, PREVIEW_DIR, SCHEDULER_DIR, UNET_DIR, write_run_info
+
+    for name in (UNET_DIR, EMA_DIR, SCHEDULER_DIR):
+        shutil.rmtree(run_dir / name, ignore_errors=True)
+    for path in [run_dir / DIFFUSION_STATE, run_dir / "losses_diffusion.csv", run_dir / "losses_diffusion.png",
+                 *(run_dir / PREVIEW_DIR).glob("diffusion_*.png")]:
+        path.unlink(missing_ok=True)
+    info.update(diffusion_step=0, latent_scaling_factor=None)
+    write_run_info(run_dir, info)
+
+
+def prepare_run(cfg: SimpleNamespace, run_dir: Path):
+    """Decide what the command means for the run folder; return (cfg, ldm.json dict, training set).
+
+    Nothing is written or deleted before the configuration and the data have been checked.
+    """
+    from networks.ldm import DIFFUSION_STATE, RUN_INFO, read_run_info, write_run_info
+
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError(f"--out-dir {run_dir} is a file, not a folder")
+    is_run = (run_dir / RUN_INFO).is_file()
+    if run_dir.is_dir() and any(run_dir.iterdir()) and not is_run:
+        raise ConfigError(f"--out-dir {run_dir} exists and is not a train_ldm.py run folder (no {RUN_INFO}); "
+                          "choose another folder (nothing was changed)")
+    wants_diffusion = cfg.stage in ("diffusion", "all")
+    if is_run:
+        info = read_run_info(run_dir)
+        has_diffusion = (run_dir / DIFFUSION_STATE).is_file()
+        if cfg.overwrite and cfg.stage != "diffusion":
+            is_run = False  # started over below, once the data are checked
+        elif not cfg.resume and not cfg.overwrite and not (cfg.stage == "diffusion" and not has_diffusion):
+            raise ConfigError(f"{run_dir} already holds a run; give --resume to continue it or "
+                              "--overwrite to start it over")
+    if not is_run:
+        if cfg.resume:
+            raise ConfigError(f"--resume: there is no run to continue in {run_dir}")
+        if cfg.stage == "diffusion":
+            raise ConfigError(f"--stage diffusion needs a run folder with a trained autoencoder and "
+                              f"{run_dir} holds none: train it with --stage vae first, or use --stage all")
+        data = load_data(cfg)
+        if run_dir.exists():
+            shutil.rmtree(run_dir)
+        run_dir.mkdir(parents=True)
+        info = new_run_info(cfg, data)
+        save_yaml(file_values(cfg, OPTIONS), run_dir / "config.yaml")
+        write_run_info(run_dir, info)
+        return cfg, info, data
+
+    fresh_diffusion = wants_diffusion and (cfg.overwrite or not has_diffusion)
+    cfg = merged_config(cfg, run_dir, DIFFUSION_KEYS if fresh_diffusion else set())
+    check_values(cfg)
+    vae_step, diffusion_step = info["vae_step"], 0 if fresh_diffusion else info["diffusion_step"]
+    if cfg.vae_steps < vae_step:
+        raise ConfigError(f"the run's autoencoder has trained {vae_step} steps, more than --vae-steps {cfg.vae_steps}")
+    if cfg.diffusion_steps < diffusion_step:
+        raise ConfigError(f"the run's denoiser has trained {diffusion_step} steps, more than "
+                          f"--diffusion-steps {cfg.diffusion_steps}")
+    if cfg.stage == "diffusion" and vae_step < cfg.vae_steps:
+        raise ConfigError(f"the run's autoencoder has trained {vae_step} of {cfg.vae_steps} steps: "
+                          "finish it first with --stage vae --resume (or --stage all --resume)")
+    if cfg.stage != "diffusion" and vae_step < cfg.vae_steps and has_diffusion:
+        raise ConfigError(f"the run's denoiser was trained on the latents of its autoencoder at step {vae_step}; "
+                          "training the autoencoder further would invalidate it (use --overwrite to start over)")
+    data = load_data(cfg)
+    if data.ids != info["train_ids"]:
+        raise ConfigError(f"the training list {data.train_file} changed since the run in {run_dir} started; "
+                          "a continued run must learn from the same images")
+    info["data_dir"] = cfg.data_dir  # where the memorisation check of sample_ldm.py finds the images
+    if fresh_diffusion:  # classes matter to the denoiser only, which starts afresh here
+        fresh = new_run_info(cfg, data)
+        info.update(class_names=fresh["class_names"], class_counts=fresh["class_counts"])
+    elif data.class_names != info["class_names"]:
+        raise ConfigError(f"the classes of the training images changed since the run in {run_dir} started "
+                          f"({info['class_names']} then, {data.class_names} now)")
+    if cfg.overwrite:
+        remove_diffusion_outputs(run_dir, info)
+    save_yaml(file_values(cfg, OPTIONS), run_dir / "config.yaml")
+    write_run_info(run_dir, info)
+    return cfg, info, data
+
+
+# ----------------------------------------------------------------------------------------------
+# shared training pieces
+# ----------------------------------------------------------------------------------------------
+
+class LossLog:
+    """Averages of the losses over each window of ``log_every`` steps, kept in the state file so
+    that a resumed run's curves continue exactly from its checkpoint."""
+
+    def __init__(self, history: list[dict] | None = None):
+        self.history = list(history or [])
+        self.window: dict[str, list] = defaultdict(list)
+
+    def add(self, **values) -> None:
+        for key, value in values.items():
+            self.window[key].append(value.detach())
+
+    def flush(self, step: int, state_path: Path) -> dict:
+        """Record the window's means; a non-finite loss stops the run, its last checkpoint untouched."""
+        import math
+
+        import torch
+        row = {"step": step, **{k: float(torch.stack(v).float().mean()) for k, v in self.window.items()}}
+        self.window.clear()
+        if not all(math.isfinite(v) for v in row.values()):
+            kept = (f"its last checkpoint {state_path} is untouched" if state_path.is_file()
+                    else "no checkpoint was written")
+            raise FloatingPointError(f"non-finite loss by step {step} ({row}): stopped; {kept}. A lower "
+                                     "learning rate or --grad-clip needs a new run (--overwrite)")
+        self.history.append(row)
+        return row
+
+    def write(self, run_dir: Path, stage: str, title: str, panels: dict[str, dict[str, str]]) -> None:
+        """losses_<stage>.csv and losses_<stage>.png; panels: {panel title: {curve label: column}}."""
+        from utils.plots import plot_curves
+
+        if not self.history:
+            return
+        columns = ["step"] + sorted({k for row in self.history for k in row} - {"step"})
+        with (run_dir / f"losses_{stage}.csv").open("w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=columns)
+            writer.writeheader()
+            writer.writerows(self.history)
+        figure = {}
+        for panel, curves in panels.items():
+            drawn = {label: ([r["step"] for r in self.history if column in r],
+                             [r[column] for r in self.history if column in r]) for label, column in curves.items()}
+            drawn = {label: xy for label, xy in drawn.items() if xy[0]}
+            if drawn:
+                figure[panel] = drawn
+        plot_curves(run_dir / f"losses_{stage}.png", figure, xlabel="step", title=f"{title} training losses")
+
+
+def due(step: int, every: int, last: int) -> bool:
+    """After ``step`` steps: every ``every`` steps and always at the end (every = 0: only the end)."""
+    return step == last or (every > 0 and step % every == 0)
+
+
+def optimizer_and_schedule(parameters, lr: float, cfg: SimpleNamespace, betas=(0.9, 0.999), weight_decay=None):
+    import torch
+    from diffusers.optimization import get_constant_schedule_with_warmup
+
+    optimizer = torch.optim.AdamW(parameters, lr=lr, betas=betas,
+                                  weight_decay=cfg.weight_decay if weight_decay is None else weight_decay)
+    return optimizer, get_constant_schedule_with_warmup(optimizer, cfg.warmup_steps)
+
+
+def stopped(stop, what: str, step: int, run_dir: Path, stage: str) -> bool:
+    print(f"{what}: stopped by {stop.signal_name} at step {step}; checkpoint written. Continue with:\n"
+          f"  python train_ldm.py --out-dir {run_dir} --stage {stage} --resume", file=sys.stderr)
+    return False
+
+
+def report_speed(name: str, last_step: int, timer: tuple[int, float] | None) -> None:
+    """Steps per second since the end of this invocation's first step (start-up and warm-up left out)."""
+    if timer is None or last_step <= timer[0]:
+        return
+    steps, seconds = last_step - timer[0], time.perf_counter() - timer[1]
+    print(f"{name}: {steps} steps in {seconds:.1f} s ({steps / seconds:.2f} it/s, after the first step)")
+
+
+# ----------------------------------------------------------------------------------------------
+# stage 1a: the autoencoder
+# ----------------------------------------------------------------------------------------------
+
+def train_vae(cfg: SimpleNamespace, run_dir: Path, info: dict, data, device) -> bool:
+    """Train (or continue) the autoencoder; False when stopped early by a signal."""
+    import torch
+    import torch.nn.functional as F
+    from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+    from torch.utils.data import DataLoader
+    from tqdm import tqdm
+
+    from dataloaders.ldm_data import StepBatchSampler, TrainingImages
+    from networks.ldm import (PREVIEW_DIR, STREAM_VAE, VAE_DIR, VAE_STATE, PatchDiscriminator, autocast, build_vae,
+                              derived_seed, ssim, step_generator, to_uint8, write_run_info)
+    from utils.checkpoint import atomic_save, load_checkpoint
+    from utils.plots import image_grid, save_image
+    from utils.runtime import StopRequest, autocast_dtype, rng_state, set_rng_state
+
+    state_path = run_dir / VAE_STATE
+    state = load_checkpoint(state_path, VAE_STATE_KIND) if state_path.is_file() else None
+    start = state["step"] if state else 0
+    if start >= cfg.vae_steps:
+        print(f"autoencoder: already trained for {start} steps")
+        return True
+    amp_dtype = autocast_dtype(cfg.precision, device)
+    torch.manual_seed(cfg.seed)
+    vae = build_vae(cfg).to(device)
+    optimizer, schedule = optimizer_and_schedule(vae.parameters(), cfg.vae_lr, cfg)
+    disc = disc_optimizer = None
+    if cfg.disc_weight > 0:
+        disc = PatchDiscriminator(cfg.disc_channels, cfg.disc_layers).to(device)
+        disc_optimizer = torch.optim.AdamW(disc.parameters(), lr=cfg.disc_lr, betas=(0.5, 0.9), weight_decay=0.0)
+    log = LossLog(state["history"] if state else None)
+    if state:
+        vae.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        schedule.load_state_dict(state["schedule"])
+        if disc is not None:
+            disc.load_state_dict(state["disc"])
+            disc_optimizer.load_state_dict(state["disc_optimizer"])
+        set_rng_state(state["rng"])
+        print(f"autoencoder: resuming at step {start} of {cfg.vae_steps}")
+
+    dataset = TrainingImages(data.paths, data.labels, cfg.image_size)
+    sampler = StepBatchSampler(len(dataset), cfg.vae_batch_size, cfg.seed, start, cfg.vae_steps)
+    # The loader's own generator seeds its workers: it leaves the global RNG alone (exact resume).
+    loader = DataLoader(dataset, batch_sampler=sampler, num_workers=cfg.num_workers,
+                        pin_memory=device.type == "cuda",
+                        generator=torch.Generator().manual_seed(derived_seed(cfg.seed, start, STREAM_VAE)))
+    preview = [dataset[(i, False)][0] for i in range(min(cfg.preview_images, len(dataset)))]
+    preview = torch.stack(preview).to(device) if preview else None
+    (run_dir / PREVIEW_DIR).mkdir(exist_ok=True)
+
+    def save_preview(step: int) -> None:
+        if preview is None:
+            return
+        with torch.no_grad(), autocast(device, amp_dtype):
+            reconstruction = vae.decode(vae.encode(preview).latent_dist.mode()).sample
+        grid = image_grid(list(to_uint8(preview)) + list(to_uint8(reconstruction)), columns=len(preview))
+        save_image(run_dir / PREVIEW_DIR / f"vae_step{step:07d}.png", grid)
+
+    def save_checkpoint(step: int) -> None:
+        vae.save_pretrained(run_dir / VAE_DIR)
+        atomic_save({"kind": VAE_STATE_KIND, "step": step, "model": vae.state_dict(),
+                     "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
+                     "disc": disc.state_dict() if disc is not None else None,
+                     "disc_optimizer": disc_optimizer.state_dict() if disc is not None else None,
+                     "history": log.history, "rng": rng_state()}, state_path)
+        info["vae_step"] = step
+        write_run_info(run_dir, info)
+        log.write(run_dir, "vae", "autoencoder", {"total": {"loss": "loss"},
+                                   "reconstruction": {"L1": "l1", "1 - SSIM": "one_minus_ssim"},
+                                   "KL (per image)": {"KL": "kl"},
+                                   "adversarial": {"generator": "generator", "discriminator": "discriminator"}})
+
+    vae.train()
+    progress = tqdm(total=cfg.vae_steps, initial=start, desc="autoencoder", dynamic_ncols=True,
+                    disable=not cfg.progress)
+    timer = None
+    with StopRequest() as stop:
+        for step, (images, _) in zip(range(start, cfg.vae_steps), loader):
+            images = images.to(device, non_blocking=True)
+            rng = step_generator(cfg.seed, step, STREAM_VAE, device)
+            with autocast(device, amp_dtype):
+                posterior = vae.encode(images).latent_dist
+                reconstruction = vae.decode(posterior.sample(rng)).sample.float()
+            l1 = (reconstruction - images).abs().mean()
+            one_minus_ssim = 1 - ssim(reconstruction, images)
+            kl = DiagonalGaussianDistribution(posterior.parameters.float()).kl().mean()
+            loss = cfg.l1_weight * l1 + cfg.ssim_weight * one_minus_ssim + cfg.kl_weight * kl
+            terms = {}
+            adversarial = disc is not None and step >= cfg.disc_start
+            if adversarial:
+                with autocast(device, amp_dtype):
+                    generator_loss = -disc(reconstruction).float().mean()
+                loss = loss + cfg.disc_weight * generator_loss
+                terms["generator"] = generator_loss
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(vae.parameters(), cfg.grad_clip)
+            optimizer.step()
+            schedule.step()
+            if adversarial:
+                with autocast(device, amp_dtype):
+                    real, fake = disc(images).float(), disc(reconstruction.detach()).float()
+                disc_loss = F.relu(1 - real).mean() + F.relu(1 + fake).mean()
+                disc_optimizer.zero_grad(set_to_none=True)
+                disc_loss.backward()
+                disc_optimizer.step()
+                terms["discriminator"] = disc_loss
+            log.add(loss=loss, l1=l1, one_minus_ssim=one_minus_ssim, kl=kl, **terms)
+
+            done, stopping = step + 1, bool(stop)  # read once: a signal may arrive at any moment
+            progress.update(1)
+            # the losses are checked before any checkpoint: a non-finite one never overwrites a good state
+            if due(done, cfg.log_every, cfg.vae_steps) or due(done, cfg.checkpoint_every, cfg.vae_steps) or stopping:
+                row = log.flush(done, state_path)
+                progress.set_postfix(loss=f"{row['loss']:.4f}", l1=f"{row['l1']:.4f}",
+                                     ssim=f"{1 - row['one_minus_ssim']:.3f}")
+            if due(done, cfg.sample_every, cfg.vae_steps):
+                save_preview(done)
+            if due(done, cfg.checkpoint_every, cfg.vae_steps) or stopping:
+                save_checkpoint(done)
+            if stopping:
+                break
+            if timer is None:
+                timer = (done, time.perf_counter())
+    progress.close()
+    if stopping and done < cfg.vae_steps:
+        return stopped(stop, "autoencoder", done, run_dir, "vae" if cfg.stage == "vae" else "all")
+    report_speed("autoencoder", cfg.vae_steps, timer)
+    return True
+
+
+# ----------------------------------------------------------------------------------------------
+# stage 1b: the denoiser on the frozen autoencoder's latents
+# ----------------------------------------------------------------------------------------------
+
+def encode_training_set(vae, dataset, device, batch_size: int, progress: bool = True):
+    """Posterior mean and std of every training image and of its mirror image: (N, 2, C, h, w) each.
+
+    The autoencoder is frozen, so each image is encoded once (fp32) instead of at every step.
+    """
+    import torch
+    from tqdm import tqdm
+
+    items = [(i, flip) for i in range(len(dataset)) for flip in (False, True)]
+    means, stds = [], []
+    with torch.no_grad():
+        for first in tqdm(range(0, len(items), batch_size), desc="encoding training images", leave=False,
+                          disable=not progress):
+            images = torch.stack([dataset[item][0] for item in items[first:first + batch_size]]).to(device)
+            posterior = vae.encode(images).latent_dist
+            means.append(posterior.mean.float())
+            stds.append(posterior.std.float())
+    shape = (len(dataset), 2, *means[0].shape[1:])
+    return torch.cat(means).reshape(shape), torch.cat(stds).reshape(shape)
+
+
+def train_diffusion(cfg: SimpleNamespace, run_dir: Path, info: dict, data, device) -> bool:
+    """Train (or continue) the denoiser on the frozen autoencoder's latents; False when stopped early."""
+    import torch
+    import torch.nn.functional as F
+    from diffusers import AutoencoderKL
+    from diffusers.training_utils import EMAModel
+    from tqdm import tqdm
+
+    from dataloaders.ldm_data import StepBatchSampler, TrainingImages
+    from networks.ldm import (DIFFUSION_STATE, EMA_DIR, PREVIEW_DIR, SCHEDULER_DIR, STREAM_DIFFUSION,
+                              STREAM_PREVIEW, UNET_DIR, VAE_DIR, autocast, build_unet, derived_seed, generate,
+                              latent_scaling_factor, noise_scheduler, sampling_scheduler, step_generator,
+                              write_run_info)
+    from utils.checkpoint import atomic_save, load_checkpoint
+    from utils.plots import image_grid, save_image
+    from utils.runtime import StopRequest, autocast_dtype, rng_state, set_rng_state
+
+    state_path = run_dir / DIFFUSION_STATE
+    state = load_checkpoint(state_path, DIFFUSION_STATE_KIND) if state_path.is_file() else None
+    start = state["step"] if state else 0
+    if start >= cfg.diffusion_steps:
+        print(f"denoiser: already trained for {start} steps")
+        return True
+    amp_dtype = autocast_dtype(cfg.precision, device)
+    vae = AutoencoderKL.from_pretrained(run_dir / VAE_DIR).to(device).eval().requires_grad_(False)
+    dataset = TrainingImages(data.paths, data.labels, cfg.image_size)
+    means, stds = encode_training_set(vae, dataset, device, cfg.batch_size, cfg.progress)
+    if info["latent_scaling_factor"] is None:
+        info["latent_scaling_factor"] = latent_scaling_factor(means)
+        write_run_info(run_dir, info)
+    scaling = info["latent_scaling_factor"]
+    print(f"latent scaling factor: {scaling:.5f} (1 / std of the training latents)")
+
+    num_classes = len(data.class_names)
+    torch.manual_seed(cfg.seed)
+    unet = build_unet(cfg, num_classes).to(device)
+    ema = EMAModel(unet.parameters(), decay=cfg.ema_decay, use_ema_warmup=True, power=cfg.ema_power, foreach=True)
+    scheduler = noise_scheduler(cfg)
+    optimizer, schedule = optimizer_and_schedule(unet.parameters(), cfg.lr, cfg)
+    log = LossLog(state["history"] if state else None)
+    if state:
+        unet.load_state_dict(state["model"])
+        ema.load_state_dict(state["ema"])
+        ema.to(device)
+        optimizer.load_state_dict(state["optimizer"])
+        schedule.load_state_dict(state["schedule"])
+        set_rng_state(state["rng"])
+        print(f"denoiser: resuming at step {start} of {cfg.diffusion_steps}")
+
+    labels_of = torch.tensor(data.labels, device=device) if data.labels is not None else None
+    null_label = num_classes  # the extra embedding: "no class" (classifier-free guidance)
+    sampler = StepBatchSampler(len(dataset), cfg.batch_size, cfg.seed, start, cfg.diffusion_steps)
+    latent_shape = means.shape[2:]
+    preview_noise = torch.randn((cfg.preview_images, *latent_shape),
+                                generator=torch.Generator().manual_seed(derived_seed(cfg.seed, 0, STREAM_PREVIEW)))
+    preview_labels = (torch.arange(cfg.preview_images, device=device) % num_classes) if num_classes else None
+    (run_dir / PREVIEW_DIR).mkdir(exist_ok=True)
+
+    def save_preview(step: int) -> None:
+        if cfg.preview_images == 0:
+            return
+        ema.store(unet.parameters())
+        ema.copy_to(unet.parameters())
+        unet.eval()
+        images = generate(unet, vae, sampling_scheduler("ddim", scheduler.config), preview_noise.to(device),
+                          preview_labels, null_label, 1.0, cfg.preview_steps, scaling, amp_dtype)
+        unet.train()
+        ema.restore(unet.parameters())
+        save_image(run_dir / PREVIEW_DIR / f"diffusion_step{step:07d}.png", image_grid(list(images), columns=8))
+
+    def save_checkpoint(step: int) -> None:
+        unet.save_pretrained(run_dir / UNET_DIR)
+        ema.store(unet.parameters())
+        ema.copy_to(unet.parameters())
+        unet.save_pretrained(run_dir / EMA_DIR)
+        ema.restore(unet.parameters())
+        scheduler.save_pretrained(run_dir / SCHEDULER_DIR)
+        atomic_save({"kind": DIFFUSION_STATE_KIND, "step": step, "model": unet.state_dict(),
+                     "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
+                     "schedule": schedule.state_dict(), "history": log.history, "rng": rng_state()},
+                    state_path)
+        info["diffusion_step"] = step
+        write_run_info(run_dir, info)
+        log.write(run_dir, "diffusion", "denoiser", {"denoising loss": {cfg.diffusion_loss: "loss"}})
+
+    unet.train()
+    progress = tqdm(total=cfg.diffusion_steps, initial=start, desc="denoiser", dynamic_ncols=True,
+                    disable=not cfg.progress)
+    timer = None
+    with StopRequest() as stop:
+        for step in range(start, cfg.diffusion_steps):
+            batch = sampler.batch(step)
+            index = torch.tensor([i for i, _ in batch], device=device)
+            flip = torch.tensor([int(f) for _, f in batch], device=device)
+            rng = step_generator(cfg.seed, step, STREAM_DIFFUSION, device)
+            mean, std = means[index, flip], stds[index, flip]
+            latents = (mean + std * torch.randn(mean.shape, generator=rng, device=device)) * scaling
+            noise = torch.randn(latents.shape, generator=rng, device=device)
+            timesteps = torch.randint(0, cfg.train_timesteps, (len(batch),), generator=rng, device=device)
+            labels = None
+            if labels_of is not None:
+                dropped = torch.rand(len(batch), generator=rng, device=device) < cfg.class_dropout
+                labels = torch.where(dropped, torch.full_like(index, null_label), labels_of[index])
+            noisy = scheduler.add_noise(latents, noise, timesteps)
+            target = noise if cfg.prediction_type == "epsilon" else scheduler.get_velocity(latents, noise, timesteps)
+            with autocast(device, amp_dtype):
+                prediction = unet(noisy, timesteps, class_labels=labels).sample.float()
+            loss = F.l1_loss(prediction, target) if cfg.diffusion_loss == "l1" else F.mse_loss(prediction, target)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(unet.parameters(), cfg.grad_clip)
+            optimizer.step()
+            schedule.step()
+            ema.step(unet.parameters())
+            log.add(loss=loss)
+
+            done, stopping = step + 1, bool(stop)
+            progress.update(1)
+            if (due(done, cfg.log_every, cfg.diffusion_steps) or due(done, cfg.checkpoint_every, cfg.diffusion_steps)
+                    or stopping):
+                progress.set_postfix(loss=f"{log.flush(done, state_path)['loss']:.4f}")
+            if due(done, cfg.sample_every, cfg.diffusion_steps):
+                save_preview(done)
+            if due(done, cfg.checkpoint_every, cfg.diffusion_steps) or stopping:
+                save_checkpoint(done)
+            if stopping:
+                break
+            if timer is None:
+                timer = (done, time.perf_counter())
+    progress.close()
+    if stopping and done < cfg.diffusion_steps:
+        return stopped(stop, "denoiser", done, run_dir, cfg.stage)
+    report_speed("denoiser", cfg.diffusion_steps, timer)
+    return True
+
+
+# ----------------------------------------------------------------------------------------------
+
+def train(cfg: SimpleNamespace) -> int:
+    """Run the stages the configuration asks for; the exit status (0, or 130 when stopped by a signal)."""
+    import os
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # models are built from config, never downloaded
+    from diffusers.utils import logging as diffusers_logging
+
+    from dataloaders.io import dataset_name
+    from networks.ldm import parameter_counts
+    from utils.runtime import resolve_device
+
+    diffusers_logging.set_verbosity_error()
+    check_values(cfg)
+    cfg.data_dir = absolute_paths({"data_dir": cfg.data_dir})["data_dir"]
+    cfg.class_csv = absolute_paths({"class_csv": cfg.class_csv})["class_csv"]
+    if cfg.out_dir is None:
+        if cfg.data_dir is None:
+            raise ConfigError("give --out-dir (the run folder) or --data-dir (to name it runs/ldm_<dataset>_<split>)")
+        cfg.out_dir = f"runs/ldm_{dataset_name(cfg.data_dir)}_{cfg.split}"
+    device = resolve_device(cfg.device)
+    if device.type == "cuda":
+        import torch
+        torch.backends.cudnn.benchmark = True  # fixed input sizes: let cuDNN pick its fastest kernels
+    run_dir = Path(cfg.out_dir)
+    cfg, info, data = prepare_run(cfg, run_dir)
+    counts = parameter_counts(cfg, len(info["class_names"]))
+    classes = (f"{len(info['class_names'])} classes ({', '.join(info['class_names'])})"
+               if info["class_names"] else "unconditional")
+    print(f"run {run_dir}: {len(data.ids)} training images of {data.train_file.name}, {classes}, on {device}")
+    print(f"autoencoder {counts['vae']:,} parameters, denoiser {counts['unet']:,} parameters; latents "
+          f"{info['latent_channels']}x{info['latent_size']}x{info['latent_size']} for images "
+          f"{cfg.image_size}x{cfg.image_size}")
+    if cfg.stage in ("vae", "all") and not train_vae(cfg, run_dir, info, data, device):
+        return 130
+    if cfg.stage in ("diffusion", "all") and not train_diffusion(cfg, run_dir, info, data, device):
+        return 130
+    print(f"done: {run_dir}" + (f" (sample with: python sample_ldm.py --checkpoint {run_dir} --out-dir <folder>)"
+                                if cfg.stage != "vae" else ""))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    from dataloaders.io import DataError
+    from utils.checkpoint import CheckpointError
+
+    try:
+        return train(parse_config(OPTIONS, __doc__, argv, epilog=EPILOG))
+    except (ConfigError, DataError, CheckpointError, FloatingPointError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
