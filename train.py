@@ -79,10 +79,12 @@ OPTIONS = [
     Option("consistency_rampup", 200.0, "lambda ramps up over this many ramp steps (sigmoid ramp-up)"),
     Option("consistency_ramp_every", 150, "iterations per ramp step (official: t = iteration // 150)"),
     Option("seed", 1337, "random seed of weights, data order, augmentation and perturbations"),
-    # speed (options; the defaults are the official fp32 math)
-    Option("precision", "fp32", "autocast precision: fp32, bf16, or auto (bf16 on CUDA, fp32 on CPU)",
-           choices=("fp32", "bf16", "auto")),
-    Option("channels_last", False, "channels_last memory format (faster convolutions on GPUs)"),
+    # speed options. bf16 is not the default: on CPU its step gradient differs from fp32 more than the
+    # perturbations' own randomness does (README, "Speed"); its accuracy on a full schedule is unmeasured.
+    Option("precision", "fp32", "autocast precision: fp32 (the official arithmetic), bf16 (fp32 master weights), "
+           "or auto (bf16 on CUDA, fp32 on CPU)", choices=("fp32", "bf16", "auto")),
+    Option("channels_last", "auto", "channels_last memory format: on, off, or auto (on with CUDA)",
+           choices=("auto", "on", "off")),
     Option("compile", False, "torch.compile the model"),
     Option("sync_bn", False, "under torchrun: synchronise batch-norm statistics across GPUs (SyncBatchNorm)"),
     # evaluation and outputs
@@ -135,9 +137,13 @@ def make_optimizer(model, cfg, device) -> torch.optim.SGD:
                            fused=device.type == "cuda" or None)
 
 
+def use_channels_last(cfg, device) -> bool:
+    return cfg.channels_last == "on" or (cfg.channels_last == "auto" and device.type == "cuda")
+
+
 def wrap_for_training(model, cfg, ctx, device, semi: bool):
     """The callable the loop trains through: channels_last, DDP under torchrun, torch.compile."""
-    if cfg.channels_last:
+    if use_channels_last(cfg, device):
         model = model.to(memory_format=torch.channels_last)
     forward = model
     if ctx.enabled:
@@ -250,6 +256,7 @@ def train(cfg, ctx, device) -> int:
     record = RunRecord(out_dir, run_data.selection_name, ctx.is_main, *(
         (checkpoint["history"], checkpoint["best"]) if checkpoint else ()))
     forward = wrap_for_training(model, cfg, ctx, device, semi)
+    channels_last = use_channels_last(cfg, device)
 
     def make(items, augment: bool) -> SegmentationDataset:
         return SegmentationDataset(items, cfg.image_size, cfg.in_channels, cfg.normalization, augment, cfg.mask_values)
@@ -289,7 +296,7 @@ def train(cfg, ctx, device) -> int:
             images, masks = labeled["image"].to(device, non_blocking=True), labeled["mask"].to(device, non_blocking=True)
             if semi:
                 images = torch.cat([images, next(unlabeled_batches)["image"].to(device, non_blocking=True)])
-            if cfg.channels_last:
+            if channels_last:
                 images = images.contiguous(memory_format=torch.channels_last)
             with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                 if semi:

@@ -25,7 +25,7 @@ class FeatureDropout(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         attention = x.mean(dim=1, keepdim=True)
         max_per_sample = attention.flatten(1).amax(dim=1).view(-1, 1, 1, 1)
-        gamma = torch.empty((), device=x.device, dtype=x.dtype).uniform_(self.low, self.high)
+        gamma = torch.empty((), device=x.device).uniform_(self.low, self.high)  # float32 in any precision
         keep = attention < max_per_sample * gamma
         return x * keep.to(x.dtype)
 
@@ -52,5 +52,6 @@ class FeatureNoise(nn.Module):
         self.uniform_range = uniform_range
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        noise = torch.empty(x.shape[1:], device=x.device, dtype=x.dtype).uniform_(-self.uniform_range, self.uniform_range)
-        return x + x * noise.unsqueeze(0)
+        # drawn in float32 so that bf16 autocast sees the same noise as fp32
+        noise = torch.empty(x.shape[1:], device=x.device).uniform_(-self.uniform_range, self.uniform_range)
+        return x + x * noise.to(x.dtype).unsqueeze(0)
