@@ -3,7 +3,17 @@
 Writes <out-dir>/images/<prefix>_<n>.png (gray, 8-bit, the training size) and <out-dir>/manifest.csv
 (file, seed, class, scheduler, steps, guidance, checkpoint, nearest training image and distance),
 a folder that train.py takes unchanged as --unlabeled-dir. Image n is drawn from seed --seed + n,
-so any image can be made again on its own. The folder appears only when every image is written.
+so any image can be made again on its own. The folder appears only when every image is written:
+images go to a hidden <out-dir>/../.<name>.partial folder that is renamed at the end, so an
+interrupted run (a signal, kill -9, a crash) never leaves a half-written --out-dir; a signal exits
+with status 128 + its number, bad input or an unusable run folder with status 2.
+
+Several GPUs: torchrun --nproc_per_node N sample_ldm.py ... (the same flags). The batches of
+--batch-size images are dealt out to the processes in turn (batch k to rank k mod N); every image
+keeps its global name and seed and is written once, and rank 0 alone writes manifest.csv and the
+memorisation report and publishes the folder. The output is byte for byte that of one process on
+the same kind of device (each image is denoised in the same batch). --out-dir must be on a file
+system every process sees.
 
 The memorisation report (on by default) gives each sample's distance to its nearest training image
 (normalised L2 at 64x64, mirror images included) and the fraction of samples nearer to a training
@@ -13,6 +23,7 @@ images shows up there.
 from __future__ import annotations
 
 import csv
+import math
 import re
 import shutil
 import sys
@@ -23,6 +34,7 @@ from utils.config import ConfigError, Option, optional, parse_config
 
 EPILOG = """examples:
   python sample_ldm.py --checkpoint runs/ldm_busi_1 --num-images 1000 --out-dir inputs/BUSI_synth_1
+  torchrun --nproc_per_node 4 sample_ldm.py --checkpoint runs/ldm_busi_1 --num-images 1000 --out-dir inputs/BUSI_synth_1
   python sample_ldm.py --checkpoint runs/ldm_busi_1 --num-images 200 --class malignant --guidance-scale 2 \\
       --scheduler dpmsolver --steps 25 --out-dir inputs/BUSI_synth_malignant --prefix malignant
 """
@@ -35,7 +47,7 @@ OPTIONS = [
            type=optional(str)),
     Option("num_images", 100, "number of images to make"),
     Option("out_dir", None, "output folder: images/ and manifest.csv are written there", type=optional(str)),
-    Option("batch_size", 16, "images denoised together"),
+    Option("batch_size", 16, "images denoised together (per process under torchrun)"),
     Option("scheduler", "ddim", "sampler: ddim or dpmsolver (DPM-Solver++)", choices=("ddim", "dpmsolver")),
     Option("steps", 50, "denoising steps"),
     Option("guidance_scale", 1.0, "classifier-free guidance scale (class-conditional models; 1 = none)"),
@@ -48,7 +60,8 @@ OPTIONS = [
     Option("overwrite", False, "replace --out-dir when it already holds images", in_file=False),
     Option("precision", "auto", "autocast precision: auto (bf16 on CUDA, fp32 on CPU), bf16 or fp32",
            choices=("auto", "bf16", "fp32")),
-    Option("device", "auto", "auto, cpu, cuda or cuda:N", in_file=False),
+    Option("device", "auto", "auto, cpu, cuda or cuda:N (under torchrun: cuda means each process's own GPU, "
+           "LOCAL_RANK)", in_file=False),
     Option("progress", True, "show progress bars", in_file=False),
 ]
 
@@ -111,117 +124,178 @@ def image_classes(cfg: SimpleNamespace, info: dict, label: int | None) -> list[i
             for n in range(cfg.num_images)]
 
 
-def sample(cfg: SimpleNamespace) -> Path:
+def publish(partial: Path, out_dir: Path) -> None:
+    """Rename the finished ``partial`` folder to ``out_dir``; an existing --out-dir (--overwrite) is
+    moved aside first and deleted only once the new folder is in place."""
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    old = out_dir.parent / f".{out_dir.name}.old"
+    shutil.rmtree(old, ignore_errors=True)
+    if out_dir.exists():
+        out_dir.rename(old)
+    partial.rename(out_dir)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def sample(cfg: SimpleNamespace, ctx, device) -> int:
+    """Sample the images this process is dealt; rank 0 publishes the folder. The exit status."""
     import os
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # models are read from the run folder, never downloaded
-    import numpy as np
+    import signal
+
+    import cv2
     import torch
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DModel
     from diffusers.utils import logging as diffusers_logging
     from tqdm import tqdm
 
-    from networks.ldm import (EMA_DIR, SCHEDULER_DIR, VAE_DIR, class_for_sampling, generate,
-                              nearest_training_images, open_run, sampling_scheduler, typical_training_distance)
+    from networks.ldm import (class_for_sampling, generate, load_sampling_models, on_main_rank, open_run,
+                              sampling_scheduler)
+    from utils import distributed
     from utils.plots import save_image
-    from utils.runtime import autocast_dtype, resolve_device
+    from utils.runtime import StopRequest, autocast_dtype
 
     diffusers_logging.set_verbosity_error()
     check_values(cfg)
-    run_dir, out_dir = Path(cfg.checkpoint), Path(cfg.out_dir)
-    info = open_run(run_dir)
-    requested = getattr(cfg, "class")
-    label = class_for_sampling(requested, info["class_names"])
-    if cfg.guidance_scale != 1.0 and not info["class_names"]:
-        raise ConfigError(f"--guidance-scale {cfg.guidance_scale}: the model in {run_dir} is unconditional "
-                          "(classifier-free guidance needs a class-conditional model); use 1")
-    check_out_dir(out_dir, cfg.overwrite)
-    training = training_thumbnails(info) if cfg.check_memorisation else None
-    device = resolve_device(cfg.device)
-    amp_dtype = autocast_dtype(cfg.precision, device)
+    # From here a signal only sets a flag, acted on after the current batch (every rank agrees).
+    with StopRequest() as stop:
+        run_dir, out_dir = Path(cfg.checkpoint), Path(cfg.out_dir)
+        requested = getattr(cfg, "class")
+        memorisation = {}
 
-    vae = AutoencoderKL.from_pretrained(run_dir / VAE_DIR).to(device).eval()
-    unet = UNet2DModel.from_pretrained(run_dir / EMA_DIR).to(device).eval()
-    training_schedule = DDPMScheduler.from_pretrained(run_dir / SCHEDULER_DIR).config
-    if cfg.steps > training_schedule.num_train_timesteps:
-        raise ConfigError(f"--steps {cfg.steps} exceeds the {training_schedule.num_train_timesteps} "
-                          "timesteps the model was trained with")
-    scheduler = sampling_scheduler(cfg.scheduler, training_schedule)
-    classes = image_classes(cfg, info, label)
-    null_label = len(info["class_names"])
-    latent_shape = (info["latent_channels"], info["latent_size"], info["latent_size"])
-    width = max(4, len(str(cfg.num_images - 1)))
-    names = [f"{cfg.prefix}_{n:0{width}d}.png" for n in range(cfg.num_images)]
+        def prepare():
+            """The checks (rank 0; every rank raises its errors) and the training thumbnails (rank 0)."""
+            info = open_run(run_dir)
+            label = class_for_sampling(requested, info["class_names"])
+            if cfg.guidance_scale != 1.0 and not info["class_names"]:
+                raise ConfigError(f"--guidance-scale {cfg.guidance_scale}: the model in {run_dir} is unconditional "
+                                  "(classifier-free guidance needs a class-conditional model); use 1")
+            check_out_dir(out_dir, cfg.overwrite)
+            memorisation["training"] = training_thumbnails(info) if cfg.check_memorisation else None
+            return info, label
 
-    partial = out_dir.parent / f".{out_dir.name}.partial"
-    shutil.rmtree(partial, ignore_errors=True)  # left by an interrupted run
-    (partial / "images").mkdir(parents=True)
-    try:
-        samples = []
-        print(f"sampling {cfg.num_images} images from {run_dir} (denoiser at training step {info['diffusion_step']}; "
-              f"{cfg.scheduler}, {cfg.steps} steps, class {requested}, guidance {cfg.guidance_scale}) on {device}")
-        for first in tqdm(range(0, cfg.num_images, cfg.batch_size), desc="sampling", unit="batch",
-                          dynamic_ncols=True, disable=not cfg.progress):
-            batch = range(first, min(first + cfg.batch_size, cfg.num_images))
-            # Noise drawn on the CPU, one generator per image: the same image on any device and batch size.
-            noise = torch.cat([torch.randn((1, *latent_shape), generator=torch.Generator().manual_seed(cfg.seed + n))
-                               for n in batch]).to(device)
-            labels = (torch.tensor([classes[n] for n in batch], device=device)
-                      if info["class_names"] else None)
-            images = generate(unet, vae, scheduler, noise, labels, null_label, cfg.guidance_scale, cfg.steps,
-                              info["latent_scaling_factor"], amp_dtype)
-            for n, image in zip(batch, images):
-                save_image(partial / "images" / names[n], image)
-            samples.append(images)
-        samples = np.concatenate(samples)
+        info, label = on_main_rank(prepare, ctx)
+        amp_dtype = autocast_dtype(cfg.precision, device)
+        vae, unet, training_schedule = load_sampling_models(run_dir, info)
+        vae, unet = vae.to(device).eval(), unet.to(device).eval()
+        if cfg.steps > training_schedule.num_train_timesteps:
+            raise ConfigError(f"--steps {cfg.steps} exceeds the {training_schedule.num_train_timesteps} "
+                              "timesteps the model was trained with")
+        scheduler = sampling_scheduler(cfg.scheduler, training_schedule)
+        classes = image_classes(cfg, info, label)
+        null_label = len(info["class_names"])
+        latent_shape = (info["latent_channels"], info["latent_size"], info["latent_size"])
+        width = max(4, len(str(cfg.num_images - 1)))
+        names = [f"{cfg.prefix}_{n:0{width}d}.png" for n in range(cfg.num_images)]
+        # the batches of a single-process run, dealt out in turn: each image is denoised in the same
+        # batch whatever the number of processes, so its bytes are the same too
+        batches = [range(first, min(first + cfg.batch_size, cfg.num_images))
+                   for first in range(0, cfg.num_images, cfg.batch_size)]
+        rounds = math.ceil(len(batches) / ctx.world_size)
 
-        nearest_ids, distances, summary = [""] * cfg.num_images, [""] * cfg.num_images, None
-        if training is not None:
-            import cv2
-            small = np.stack([cv2.resize(s, (MEMORISATION_SIZE,) * 2, interpolation=cv2.INTER_AREA) for s in samples])
-            d, nearest = nearest_training_images(small, training)
-            typical = typical_training_distance(training)
-            nearest_ids = [info["train_ids"][k] for k in nearest]
-            distances = [f"{x:.4f}" for x in d]
-            closest = int(d.argmin())
-            summary = (f"memorisation: {int((d < typical).sum())} of {len(d)} samples ({np.mean(d < typical):.1%}) "
-                       f"are nearer to a training image than the typical distance between two training "
-                       f"images ({typical:.3f}, normalised L2 at {MEMORISATION_SIZE}x{MEMORISATION_SIZE}); "
-                       f"median sample distance {np.median(d):.3f}; closest: {names[closest]} to "
-                       f"'{nearest_ids[closest]}' at {d[closest]:.3f}")
-            (partial / "memorisation.txt").write_text(summary + "\n")
+        partial = out_dir.parent / f".{out_dir.name}.partial"
+        if ctx.is_main:
+            shutil.rmtree(partial, ignore_errors=True)  # left by an interrupted run
+            (partial / "images").mkdir(parents=True)
+        distributed.barrier()  # the folder exists before any rank writes into it
+        published = False
+        try:
+            if ctx.is_main:
+                where = f"{device} x {ctx.world_size} processes" if ctx.enabled else str(device)
+                print(f"sampling {cfg.num_images} images from {run_dir} (denoiser at training step "
+                      f"{info['diffusion_step']}; {cfg.scheduler}, {cfg.steps} steps, class {requested}, guidance "
+                      f"{cfg.guidance_scale}) on {where}", flush=True)
+            small = {}  # image number -> 64x64 thumbnail, for the memorisation report
+            stopping = False
+            progress = tqdm(total=cfg.num_images, desc="sampling", unit="image", dynamic_ncols=True,
+                            disable=not (cfg.progress and ctx.is_main))
+            for round_ in range(rounds):
+                k = round_ * ctx.world_size + ctx.rank
+                if k < len(batches):
+                    batch = batches[k]
+                    # Noise drawn on the CPU, one generator per image: the same image on any device.
+                    noise = torch.cat([torch.randn((1, *latent_shape),
+                                                   generator=torch.Generator().manual_seed(cfg.seed + n))
+                                       for n in batch]).to(device)
+                    labels = (torch.tensor([classes[n] for n in batch], device=device)
+                              if info["class_names"] else None)
+                    images = generate(unet, vae, scheduler, noise, labels, null_label, cfg.guidance_scale,
+                                      cfg.steps, info["latent_scaling_factor"], amp_dtype)
+                    for n, image in zip(batch, images):
+                        save_image(partial / "images" / names[n], image)
+                        if cfg.check_memorisation:
+                            small[n] = cv2.resize(image, (MEMORISATION_SIZE,) * 2, interpolation=cv2.INTER_AREA)
+                progress.update(sum(len(b) for b in batches[round_ * ctx.world_size:(round_ + 1) * ctx.world_size]))
+                stopping = distributed.any_rank(bool(stop), device) if ctx.enabled else bool(stop)
+                if stopping:
+                    break
+            progress.close()
+            if stopping:
+                number = max(distributed.gather_objects(stop.signal_number))
+                if ctx.is_main:
+                    print(f"stopped by {signal.Signals(number).name}: nothing was written to {out_dir} (the images "
+                          "made so far are discarded); run the same command again to sample", file=sys.stderr)
+                return 128 + number
+            gathered = distributed.gather_objects(small)  # also: every rank has written its images
+            if ctx.is_main:
+                summary = write_manifest(cfg, info, classes, names, run_dir, partial, memorisation["training"],
+                                         {n: t for part in gathered for n, t in part.items()})
+                publish(partial, out_dir)
+                published = True
+                if summary:
+                    print(summary)
+                print(f"wrote {cfg.num_images} images to {out_dir / 'images'} and {out_dir / 'manifest.csv'}")
+            distributed.barrier()  # the folder is there when any rank returns
+        finally:
+            if ctx.is_main and not published:  # an error or a stop: no half-written folder stays behind
+                shutil.rmtree(partial, ignore_errors=True)
+        return 0
 
-        checkpoint = str(run_dir.resolve())
-        with (partial / "manifest.csv").open("w", newline="") as f:
-            writer = csv.writer(f)
-            writer.writerow(MANIFEST_COLUMNS)
-            for n in range(cfg.num_images):
-                class_name = info["class_names"][classes[n]] if classes[n] is not None else "none"
-                writer.writerow([f"images/{names[n]}", cfg.seed + n, class_name, cfg.scheduler, cfg.steps,
-                                 cfg.guidance_scale, checkpoint, nearest_ids[n], distances[n]])
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        out_dir.parent.mkdir(parents=True, exist_ok=True)
-        partial.rename(out_dir)
-    finally:
-        shutil.rmtree(partial, ignore_errors=True)
-    if summary:
-        print(summary)
-    print(f"wrote {cfg.num_images} images to {out_dir / 'images'} and {out_dir / 'manifest.csv'}")
-    return out_dir
+
+def write_manifest(cfg, info: dict, classes: list, names: list[str], run_dir: Path, folder: Path,
+                   training, small: dict) -> str | None:
+    """manifest.csv (and memorisation.txt) into ``folder``; the memorisation summary line or None."""
+    import numpy as np
+
+    from networks.ldm import nearest_training_images, typical_training_distance
+
+    nearest_ids, distances, summary = [""] * cfg.num_images, [""] * cfg.num_images, None
+    if training is not None:
+        d, nearest = nearest_training_images(np.stack([small[n] for n in range(cfg.num_images)]), training)
+        typical = typical_training_distance(training)
+        nearest_ids = [info["train_ids"][k] for k in nearest]
+        distances = [f"{x:.4f}" for x in d]
+        closest = int(d.argmin())
+        summary = (f"memorisation: {int((d < typical).sum())} of {len(d)} samples ({np.mean(d < typical):.1%}) "
+                   f"are nearer to a training image than the typical distance between two training "
+                   f"images ({typical:.3f}, normalised L2 at {MEMORISATION_SIZE}x{MEMORISATION_SIZE}); "
+                   f"median sample distance {np.median(d):.3f}; closest: {names[closest]} to "
+                   f"'{nearest_ids[closest]}' at {d[closest]:.3f}")
+        (folder / "memorisation.txt").write_text(summary + "\n")
+    checkpoint = str(run_dir.resolve())
+    with (folder / "manifest.csv").open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(MANIFEST_COLUMNS)
+        for n in range(cfg.num_images):
+            class_name = info["class_names"][classes[n]] if classes[n] is not None else "none"
+            writer.writerow([f"images/{names[n]}", cfg.seed + n, class_name, cfg.scheduler, cfg.steps,
+                             cfg.guidance_scale, checkpoint, nearest_ids[n], distances[n]])
+    return summary
 
 
 def main(argv: list[str] | None = None) -> int:
-    from dataloaders.io import DataError
-    from utils.checkpoint import CheckpointError
+    """Sample; the exit status. Bad input raises ConfigError / DataError / CheckpointError, which
+    utils.cli.run_cli turns into one error line and status 2."""
+    from utils import distributed
+    from utils.runtime import resolve_device
 
+    cfg = parse_config(OPTIONS, __doc__, argv, epilog=EPILOG)
+    ctx, device = distributed.setup(resolve_device(cfg.device))
     try:
-        cfg = parse_config(OPTIONS, __doc__, argv, epilog=EPILOG)
-        sample(cfg)
-    except (ConfigError, DataError, CheckpointError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    return 0
+        return sample(cfg, ctx, device)
+    finally:
+        distributed.teardown()
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from utils.cli import run_cli
+
+    run_cli(main)

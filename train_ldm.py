@@ -9,6 +9,21 @@ Two stages, both on the training images of one split only (never a validation im
 --stage all runs both. The run folder gets config.yaml, ldm.json, vae/, unet/, unet_ema/ (diffusers
 save_pretrained), state files for --resume, preview grids and loss plots. Then sample with
 sample_ldm.py --checkpoint <run folder>.
+
+Several GPUs: torchrun --nproc_per_node N train_ldm.py ... (the same flags; gloo on CPU, NCCL on
+GPUs). --vae-batch-size and --batch-size are then global, per step over all processes, and must
+split evenly over them: each process takes its own slice of every batch and the gradients are
+averaged (DistributedDataParallel), so N processes learn what one process does with the same
+batch sizes. Rank 0 alone writes the run folder; the saved networks are plain diffusers models
+that single-process scripts read, and --resume works across any number of processes. Both
+networks normalise with GroupNorm, which keeps no batch statistics: there is nothing to
+synchronise, hence no --sync-bn option (unlike train.py).
+
+Stopping: SIGINT or SIGTERM (under torchrun: to torchrun, which passes it on) finishes the current
+step, writes the checkpoint and exits with status 128 + the signal number; continue with --resume.
+After kill -9 or a crash, --resume continues from the last checkpoint (--checkpoint-every). A
+non-finite loss stops the run (status 3) naming the step, its last checkpoint untouched; bad
+input and unusable run folders or state files exit with status 2 and one error line.
 """
 from __future__ import annotations
 
@@ -25,6 +40,7 @@ from utils.config import ConfigError, Option, file_values, optional, parse_confi
 EPILOG = """examples:
   python train_ldm.py --config configs/ldm_busi.yaml --data-dir inputs/BUSI --split 1 --out-dir runs/ldm_busi_1
   python train_ldm.py --config configs/ldm_busi.yaml --out-dir runs/ldm_busi_1 --resume
+  torchrun --nproc_per_node 4 train_ldm.py --config configs/ldm_busi.yaml --data-dir inputs/BUSI --out-dir runs/ldm_busi_1
   python train_ldm.py --config configs/ldm_tiny.yaml --data-dir inputs/BUSI --out-dir runs/ldm_tiny --device cpu
 """
 
@@ -41,7 +57,8 @@ OPTIONS = [
            "counts may be raised, other settings must be those of the run", in_file=False),
     Option("overwrite", False, "start the run in --out-dir over (with --stage diffusion: only its "
            "diffusion stage, keeping the autoencoder)", in_file=False),
-    Option("device", "auto", "auto, cpu, cuda or cuda:N", in_file=False),
+    Option("device", "auto", "auto, cpu, cuda or cuda:N (under torchrun: cuda means each process's own GPU, "
+           "LOCAL_RANK)", in_file=False),
     Option("seed", 0, "seed of the initial weights, the data order, the augmentation and the noise"),
     Option("image_size", 256, "images are resized to image_size x image_size (gray, [-1, 1])"),
     Option("class_conditioning", True, "condition the denoiser on the class when classes are given "
@@ -58,7 +75,8 @@ OPTIONS = [
     Option("vae_norm_groups", 32, "group-norm groups in the autoencoder (must divide every width)"),
     Option("vae_mid_attention", False, "self-attention in the autoencoder's middle block"),
     Option("vae_steps", 20000, "autoencoder training steps"),
-    Option("vae_batch_size", 8, "autoencoder batch size"),
+    Option("vae_batch_size", 8, "autoencoder batch size; under torchrun the global batch, split evenly over "
+           "the processes"),
     Option("vae_lr", 1e-4, "autoencoder learning rate (AdamW)"),
     Option("l1_weight", 1.0, "weight of the L1 reconstruction loss"),
     Option("ssim_weight", 1.0, "weight of the (1 - SSIM) reconstruction loss"),
@@ -75,7 +93,8 @@ OPTIONS = [
     Option("unet_norm_groups", 32, "group-norm groups in the denoiser (must divide every width)"),
     Option("unet_mid_attention", False, "self-attention in the denoiser's middle block"),
     Option("diffusion_steps", 50000, "denoiser training steps"),
-    Option("batch_size", 32, "denoiser batch size (latents)"),
+    Option("batch_size", 32, "denoiser batch size (latents); under torchrun the global batch, split evenly "
+           "over the processes"),
     Option("lr", 1e-4, "denoiser learning rate (AdamW)"),
     Option("train_timesteps", 1000, "diffusion timesteps of the noise schedule"),
     Option("beta_schedule", "scaled_linear", "noise schedule",
@@ -93,7 +112,7 @@ OPTIONS = [
     Option("grad_clip", 1.0, "gradient norm clipping; 0 = none"),
     Option("precision", "auto", "autocast precision: auto (bf16 on CUDA, fp32 on CPU), bf16 or fp32",
            choices=("auto", "bf16", "fp32")),
-    Option("num_workers", 4, "data-loader worker processes (autoencoder stage)"),
+    Option("num_workers", 4, "data-loader worker processes (autoencoder stage; per process under torchrun)"),
     Option("log_every", 50, "steps between loss records (CSV and PNG plot)"),
     Option("sample_every", 2000, "steps between preview grids (reconstructions / samples); 0 = only at the end"),
     Option("checkpoint_every", 2000, "steps between checkpoints (always at the end)"),
@@ -118,7 +137,7 @@ VAE_STATE_KIND, DIFFUSION_STATE_KIND = "mgcc-ldm-vae-state", "mgcc-ldm-diffusion
 # configuration and run folder
 # ----------------------------------------------------------------------------------------------
 
-def check_values(cfg: SimpleNamespace) -> None:
+def check_values(cfg: SimpleNamespace, world_size: int = 1) -> None:
     from networks.ldm import check_architecture
 
     def require(condition: bool, message: str) -> None:
@@ -148,6 +167,10 @@ def check_values(cfg: SimpleNamespace) -> None:
     require(0 <= cfg.ema_decay <= 1, f"ema_decay must be in [0, 1], got {cfg.ema_decay}")
     require(cfg.ema_power > 0, f"ema_power must be positive, got {cfg.ema_power}")
     require(not (cfg.resume and cfg.overwrite), "give --resume or --overwrite, not both")
+    for name in ("vae_batch_size", "batch_size"):
+        require(getattr(cfg, name) % world_size == 0,
+                f"{name} {getattr(cfg, name)} is the global batch under torchrun and must split evenly over "
+                f"the {world_size} processes")
     check_architecture(cfg)
 
 
@@ -217,10 +240,11 @@ def remove_diffusion_outputs(run_dir: Path, info: dict) -> None:
     write_run_info(run_dir, info)
 
 
-def prepare_run(cfg: SimpleNamespace, run_dir: Path):
+def prepare_run(cfg: SimpleNamespace, run_dir: Path, world_size: int = 1):
     """Decide what the command means for the run folder; return (cfg, ldm.json dict, training set).
 
-    Nothing is written or deleted before the configuration and the data have been checked.
+    Nothing is written or deleted before the configuration and the data have been checked. Under
+    torchrun rank 0 alone calls this (see networks.ldm.on_main_rank).
     """
     from networks.ldm import DIFFUSION_STATE, RUN_INFO, read_run_info, write_run_info
 
@@ -228,8 +252,11 @@ def prepare_run(cfg: SimpleNamespace, run_dir: Path):
         raise ConfigError(f"--out-dir {run_dir} is a file, not a folder")
     is_run = (run_dir / RUN_INFO).is_file()
     if run_dir.is_dir() and any(run_dir.iterdir()) and not is_run:
-        raise ConfigError(f"--out-dir {run_dir} exists and is not a train_ldm.py run folder (no {RUN_INFO}); "
-                          "choose another folder (nothing was changed)")
+        segmenter = " (it holds checkpoint_last.pt: a segmenter run of train.py?)" \
+            if (run_dir / "checkpoint_last.pt").exists() else ""
+        raise ConfigError(f"--out-dir {run_dir} exists and is not a train_ldm.py run folder (no {RUN_INFO})"
+                          f"{segmenter}; " + ("--resume continues a run folder of train_ldm.py" if cfg.resume
+                                             else "choose another folder (nothing was changed)"))
     wants_diffusion = cfg.stage in ("diffusion", "all")
     if is_run:
         info = read_run_info(run_dir)
@@ -256,7 +283,7 @@ def prepare_run(cfg: SimpleNamespace, run_dir: Path):
 
     fresh_diffusion = wants_diffusion and (cfg.overwrite or not has_diffusion)
     cfg = merged_config(cfg, run_dir, DIFFUSION_KEYS if fresh_diffusion else set())
-    check_values(cfg)
+    check_values(cfg, world_size)
     vae_step, diffusion_step = info["vae_step"], 0 if fresh_diffusion else info["diffusion_step"]
     if cfg.vae_steps < vae_step:
         raise ConfigError(f"the run's autoencoder has trained {vae_step} steps, more than --vae-steps {cfg.vae_steps}")
@@ -293,9 +320,15 @@ def prepare_run(cfg: SimpleNamespace, run_dir: Path):
 
 class LossLog:
     """Averages of the losses over each window of ``log_every`` steps, kept in the state file so
-    that a resumed run's curves continue exactly from its checkpoint."""
+    that a resumed run's curves continue exactly from its checkpoint.
 
-    def __init__(self, history: list[dict] | None = None):
+    Under torchrun each process holds the losses of its own slice of the batch; a window's means
+    are averaged over the processes (equal slices: the mean over the global batch), so every rank
+    records the same row and every rank stops at the same step when one of them went non-finite.
+    """
+
+    def __init__(self, what: str, history: list[dict] | None = None):
+        self.what = what
         self.history = list(history or [])
         self.window: dict[str, list] = defaultdict(list)
 
@@ -308,13 +341,29 @@ class LossLog:
         import math
 
         import torch
-        row = {"step": step, **{k: float(torch.stack(v).float().mean()) for k, v in self.window.items()}}
+
+        from utils import distributed
+
+        means, first_bad = {}, None
+        for key, values in self.window.items():
+            values = torch.stack(values).float().cpu()
+            means[key] = float(values.mean())
+            bad = (~torch.isfinite(values)).nonzero()
+            if len(bad):  # the key's values are those of the window's last len(values) steps
+                at = step - len(values) + 1 + int(bad[0])
+                first_bad = at if first_bad is None else min(first_bad, at)
         self.window.clear()
-        if not all(math.isfinite(v) for v in row.values()):
+        ranks = distributed.gather_objects((means, first_bad))
+        row = {"step": step, **{k: sum(m[k] for m, _ in ranks) / len(ranks) for k in means}}
+        bad_steps = [b for _, b in ranks if b is not None]
+        if bad_steps or not all(math.isfinite(v) for v in row.values()):
+            first = min(bad_steps) if bad_steps else step
             kept = (f"its last checkpoint {state_path} is untouched" if state_path.is_file()
                     else "no checkpoint was written")
-            raise FloatingPointError(f"non-finite loss by step {step} ({row}): stopped; {kept}. A lower "
-                                     "learning rate or --grad-clip needs a new run (--overwrite)")
+            terms = ", ".join(f"{k} {v:.4g}" for k, v in row.items() if k != "step")
+            raise FloatingPointError(f"non-finite {self.what} loss at step {first} (means of steps up to {step}: "
+                                     f"{terms}): stopped; {kept}. A lower learning rate or --grad-clip needs a "
+                                     "new run (--overwrite)")
         self.history.append(row)
         return row
 
@@ -353,10 +402,70 @@ def optimizer_and_schedule(parameters, lr: float, cfg: SimpleNamespace, betas=(0
     return optimizer, get_constant_schedule_with_warmup(optimizer, cfg.warmup_steps)
 
 
-def stopped(stop, what: str, step: int, run_dir: Path, stage: str) -> bool:
-    print(f"{what}: stopped by {stop.signal_name} at step {step}; checkpoint written. Continue with:\n"
-          f"  python train_ldm.py --out-dir {run_dir} --stage {stage} --resume", file=sys.stderr)
-    return False
+def read_state(path: Path, kind: str, what: str):
+    """The state file --resume continues from, or None before the stage's first checkpoint."""
+    from utils.checkpoint import CheckpointError, load_checkpoint
+
+    if not path.is_file():
+        return None
+    try:
+        return load_checkpoint(path, kind)
+    except CheckpointError as error:
+        raise CheckpointError(f"{error}; expected the {what} training state that train_ldm.py writes there "
+                              f"(kind {kind!r}). The run cannot continue from it: start the stage over with "
+                              "--overwrite, or use another --out-dir") from None
+
+
+def rank_rng_state(saved, ctx) -> dict:
+    """This process's RNG state from a state file (one per rank): its own when the number of
+    processes is unchanged, else rank 0's (a run resumed on another number of processes)."""
+    states = saved if isinstance(saved, list) else [saved]
+    return states[ctx.rank] if len(states) == ctx.world_size else states[0]
+
+
+def check_finite_weights(modules, step: int, state_path: Path, device) -> None:
+    """Never checkpoint non-finite weights (a finite loss can still step to them): they would
+    poison --resume. Every rank raises together."""
+    import torch
+
+    from utils import distributed
+
+    bad = any(not torch.isfinite(p).all() for m in modules if m is not None for p in m.parameters())
+    if distributed.any_rank(bad, device):
+        kept = (f"its last checkpoint {state_path} is untouched" if state_path.is_file()
+                else "no checkpoint was written")
+        raise FloatingPointError(f"non-finite weights after step {step}: stopped; {kept}. A lower learning "
+                                 "rate or --grad-clip needs a new run (--overwrite)")
+
+
+def wrap_ddp(module, ctx, device):
+    """DistributedDataParallel under torchrun (gradients averaged over the processes), else the module."""
+    import torch
+
+    if not ctx.enabled:
+        return module
+    return torch.nn.parallel.DistributedDataParallel(module, device_ids=[device] if device.type == "cuda" else None)
+
+
+def stop_now(stop, ctx, device) -> bool:
+    """Whether to stop after this step: a signal reached this process or, under torchrun, any."""
+    from utils import distributed
+
+    return distributed.any_rank(bool(stop), device) if ctx.enabled else bool(stop)
+
+
+def stopped(stop, what: str, step: int, run_dir: Path, stage: str, ctx) -> int:
+    """Report a stop by a signal; the exit status 128 + signal number (the same on every rank)."""
+    import signal
+
+    from utils import distributed
+
+    number = max(distributed.gather_objects(stop.signal_number))
+    if ctx.is_main:
+        launcher = f"torchrun --nproc_per_node {ctx.world_size}" if ctx.enabled else "python"
+        print(f"{what}: stopped by {signal.Signals(number).name} at step {step}; checkpoint written. Continue "
+              f"with:\n  {launcher} train_ldm.py --out-dir {run_dir} --stage {stage} --resume", file=sys.stderr)
+    return 128 + number
 
 
 def report_speed(name: str, last_step: int, timer: tuple[int, float] | None) -> None:
@@ -371,8 +480,8 @@ def report_speed(name: str, last_step: int, timer: tuple[int, float] | None) -> 
 # stage 1a: the autoencoder
 # ----------------------------------------------------------------------------------------------
 
-def train_vae(cfg: SimpleNamespace, run_dir: Path, info: dict, data, device) -> bool:
-    """Train (or continue) the autoencoder; False when stopped early by a signal."""
+def train_vae(cfg: SimpleNamespace, run_dir: Path, info: dict, data, device, ctx, stop) -> int:
+    """Train (or continue) the autoencoder; 0, or 128 + signal number when stopped by a signal."""
     import torch
     import torch.nn.functional as F
     from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
@@ -380,18 +489,21 @@ def train_vae(cfg: SimpleNamespace, run_dir: Path, info: dict, data, device) -> 
     from tqdm import tqdm
 
     from dataloaders.ldm_data import StepBatchSampler, TrainingImages
-    from networks.ldm import (PREVIEW_DIR, STREAM_VAE, VAE_DIR, VAE_STATE, PatchDiscriminator, autocast, build_vae,
-                              derived_seed, ssim, step_generator, to_uint8, write_run_info)
-    from utils.checkpoint import atomic_save, load_checkpoint
+    from networks.ldm import (PREVIEW_DIR, STREAM_VAE, VAE_DIR, VAE_STATE, AutoencoderPass, PatchDiscriminator,
+                              autocast, build_vae, derived_seed, latent_size, save_model, ssim, step_generator,
+                              to_uint8, write_run_info)
+    from utils import distributed
+    from utils.checkpoint import atomic_save
     from utils.plots import image_grid, save_image
-    from utils.runtime import StopRequest, autocast_dtype, rng_state, set_rng_state
+    from utils.runtime import autocast_dtype, rng_state, set_rng_state
 
     state_path = run_dir / VAE_STATE
-    state = load_checkpoint(state_path, VAE_STATE_KIND) if state_path.is_file() else None
+    state = read_state(state_path, VAE_STATE_KIND, "autoencoder")
     start = state["step"] if state else 0
     if start >= cfg.vae_steps:
-        print(f"autoencoder: already trained for {start} steps")
-        return True
+        if ctx.is_main:
+            print(f"autoencoder: already trained for {start} steps")
+        return 0
     amp_dtype = autocast_dtype(cfg.precision, device)
     torch.manual_seed(cfg.seed)
     vae = build_vae(cfg).to(device)
@@ -400,7 +512,7 @@ def train_vae(cfg: SimpleNamespace, run_dir: Path, info: dict, data, device) -> 
     if cfg.disc_weight > 0:
         disc = PatchDiscriminator(cfg.disc_channels, cfg.disc_layers).to(device)
         disc_optimizer = torch.optim.AdamW(disc.parameters(), lr=cfg.disc_lr, betas=(0.5, 0.9), weight_decay=0.0)
-    log = LossLog(state["history"] if state else None)
+    log = LossLog("autoencoder", state["history"] if state else None)
     if state:
         vae.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
@@ -408,18 +520,25 @@ def train_vae(cfg: SimpleNamespace, run_dir: Path, info: dict, data, device) -> 
         if disc is not None:
             disc.load_state_dict(state["disc"])
             disc_optimizer.load_state_dict(state["disc_optimizer"])
-        set_rng_state(state["rng"])
-        print(f"autoencoder: resuming at step {start} of {cfg.vae_steps}")
+        set_rng_state(rank_rng_state(state["rng"], ctx))
+        if ctx.is_main:
+            print(f"autoencoder: resuming at step {start} of {cfg.vae_steps}")
+    vae_pass = wrap_ddp(AutoencoderPass(vae), ctx, device)
+    disc_pass = wrap_ddp(disc, ctx, device) if disc is not None else None
 
     dataset = TrainingImages(data.paths, data.labels, cfg.image_size)
-    sampler = StepBatchSampler(len(dataset), cfg.vae_batch_size, cfg.seed, start, cfg.vae_steps)
+    sampler = StepBatchSampler(len(dataset), cfg.vae_batch_size, cfg.seed, start, cfg.vae_steps,
+                               ctx.rank, ctx.world_size)
     # The loader's own generator seeds its workers: it leaves the global RNG alone (exact resume).
     loader = DataLoader(dataset, batch_sampler=sampler, num_workers=cfg.num_workers,
                         pin_memory=device.type == "cuda",
                         generator=torch.Generator().manual_seed(derived_seed(cfg.seed, start, STREAM_VAE)))
-    preview = [dataset[(i, False)][0] for i in range(min(cfg.preview_images, len(dataset)))]
-    preview = torch.stack(preview).to(device) if preview else None
-    (run_dir / PREVIEW_DIR).mkdir(exist_ok=True)
+    latent_shape = (cfg.vae_latent_channels, latent_size(cfg), latent_size(cfg))
+    preview = None
+    if ctx.is_main and cfg.preview_images > 0:
+        preview = torch.stack([dataset[(i, False)][0] for i in range(min(cfg.preview_images, len(dataset)))])
+        preview = preview.to(device)
+        (run_dir / PREVIEW_DIR).mkdir(exist_ok=True)
 
     def save_preview(step: int) -> None:
         if preview is None:
@@ -430,13 +549,17 @@ def train_vae(cfg: SimpleNamespace, run_dir: Path, info: dict, data, device) -> 
         save_image(run_dir / PREVIEW_DIR / f"vae_step{step:07d}.png", grid)
 
     def save_checkpoint(step: int) -> None:
-        vae.save_pretrained(run_dir / VAE_DIR)
+        check_finite_weights((vae, disc), step, state_path, device)
+        rng = distributed.gather_objects(rng_state())  # one per rank
+        info["vae_step"] = step
+        if not ctx.is_main:
+            return
+        save_model(vae, run_dir / VAE_DIR)
         atomic_save({"kind": VAE_STATE_KIND, "step": step, "model": vae.state_dict(),
                      "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
                      "disc": disc.state_dict() if disc is not None else None,
                      "disc_optimizer": disc_optimizer.state_dict() if disc is not None else None,
-                     "history": log.history, "rng": rng_state()}, state_path)
-        info["vae_step"] = step
+                     "history": log.history, "rng": rng}, state_path)
         write_run_info(run_dir, info)
         log.write(run_dir, "vae", "autoencoder", {"total": {"loss": "loss"},
                                    "reconstruction": {"L1": "l1", "1 - SSIM": "one_minus_ssim"},
@@ -445,62 +568,70 @@ def train_vae(cfg: SimpleNamespace, run_dir: Path, info: dict, data, device) -> 
 
     vae.train()
     progress = tqdm(total=cfg.vae_steps, initial=start, desc="autoencoder", dynamic_ncols=True,
-                    disable=not cfg.progress)
-    timer = None
-    with StopRequest() as stop:
-        for step, (images, _) in zip(range(start, cfg.vae_steps), loader):
-            images = images.to(device, non_blocking=True)
-            rng = step_generator(cfg.seed, step, STREAM_VAE, device)
+                    disable=not (cfg.progress and ctx.is_main))
+    timer, done, stopping = None, start, False
+    for step, (images, _) in zip(range(start, cfg.vae_steps), loader):
+        images = images.to(device, non_blocking=True)
+        rng = step_generator(cfg.seed, step, STREAM_VAE, device)
+        # the posterior noise of the whole batch, then this rank's slice: the same numbers for each
+        # image as in a single-process run
+        noise = torch.randn((cfg.vae_batch_size, *latent_shape), generator=rng, device=device)
+        with autocast(device, amp_dtype):
+            moments, reconstruction = vae_pass(images, noise[ctx.rank::ctx.world_size])
+        reconstruction = reconstruction.float()
+        l1 = (reconstruction - images).abs().mean()
+        one_minus_ssim = 1 - ssim(reconstruction, images)
+        kl = DiagonalGaussianDistribution(moments.float()).kl().mean()
+        loss = cfg.l1_weight * l1 + cfg.ssim_weight * one_minus_ssim + cfg.kl_weight * kl
+        terms = {}
+        adversarial = disc is not None and step >= cfg.disc_start
+        if adversarial:
+            disc.requires_grad_(False)  # the generator term trains the autoencoder only
             with autocast(device, amp_dtype):
-                posterior = vae.encode(images).latent_dist
-                reconstruction = vae.decode(posterior.sample(rng)).sample.float()
-            l1 = (reconstruction - images).abs().mean()
-            one_minus_ssim = 1 - ssim(reconstruction, images)
-            kl = DiagonalGaussianDistribution(posterior.parameters.float()).kl().mean()
-            loss = cfg.l1_weight * l1 + cfg.ssim_weight * one_minus_ssim + cfg.kl_weight * kl
-            terms = {}
-            adversarial = disc is not None and step >= cfg.disc_start
-            if adversarial:
-                with autocast(device, amp_dtype):
-                    generator_loss = -disc(reconstruction).float().mean()
-                loss = loss + cfg.disc_weight * generator_loss
-                terms["generator"] = generator_loss
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(vae.parameters(), cfg.grad_clip)
-            optimizer.step()
-            schedule.step()
-            if adversarial:
-                with autocast(device, amp_dtype):
-                    real, fake = disc(images).float(), disc(reconstruction.detach()).float()
-                disc_loss = F.relu(1 - real).mean() + F.relu(1 + fake).mean()
-                disc_optimizer.zero_grad(set_to_none=True)
-                disc_loss.backward()
-                disc_optimizer.step()
-                terms["discriminator"] = disc_loss
-            log.add(loss=loss, l1=l1, one_minus_ssim=one_minus_ssim, kl=kl, **terms)
+                generator_loss = -disc(reconstruction).float().mean()
+            disc.requires_grad_(True)
+            loss = loss + cfg.disc_weight * generator_loss
+            terms["generator"] = generator_loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(vae.parameters(), cfg.grad_clip)
+        optimizer.step()
+        schedule.step()
+        if adversarial:
+            # real and fake in one forward: DDP synchronises one backward per forward
+            with autocast(device, amp_dtype):
+                real, fake = disc_pass(torch.cat([images, reconstruction.detach()])).float().chunk(2)
+            disc_loss = F.relu(1 - real).mean() + F.relu(1 + fake).mean()
+            disc_optimizer.zero_grad(set_to_none=True)
+            disc_loss.backward()
+            disc_optimizer.step()
+            terms["discriminator"] = disc_loss
+        log.add(loss=loss, l1=l1, one_minus_ssim=one_minus_ssim, kl=kl, **terms)
 
-            done, stopping = step + 1, bool(stop)  # read once: a signal may arrive at any moment
-            progress.update(1)
-            # the losses are checked before any checkpoint: a non-finite one never overwrites a good state
-            if due(done, cfg.log_every, cfg.vae_steps) or due(done, cfg.checkpoint_every, cfg.vae_steps) or stopping:
-                row = log.flush(done, state_path)
-                progress.set_postfix(loss=f"{row['loss']:.4f}", l1=f"{row['l1']:.4f}",
-                                     ssim=f"{1 - row['one_minus_ssim']:.3f}")
-            if due(done, cfg.sample_every, cfg.vae_steps):
-                save_preview(done)
-            if due(done, cfg.checkpoint_every, cfg.vae_steps) or stopping:
-                save_checkpoint(done)
-            if stopping:
-                break
-            if timer is None:
-                timer = (done, time.perf_counter())
+        done = step + 1
+        stopping = stop_now(stop, ctx, device)  # read once, agreed by every rank
+        progress.update(1)
+        # the losses are checked before any checkpoint: a non-finite one never overwrites a good state
+        if due(done, cfg.log_every, cfg.vae_steps) or due(done, cfg.checkpoint_every, cfg.vae_steps) or stopping:
+            row = log.flush(done, state_path)
+            progress.set_postfix(loss=f"{row['loss']:.4f}", l1=f"{row['l1']:.4f}",
+                                 ssim=f"{1 - row['one_minus_ssim']:.3f}")
+        if due(done, cfg.sample_every, cfg.vae_steps):
+            save_preview(done)
+        if due(done, cfg.checkpoint_every, cfg.vae_steps) or stopping:
+            save_checkpoint(done)
+        if stopping:
+            break
+        if timer is None:
+            timer = (done, time.perf_counter())
     progress.close()
+    distributed.barrier()  # rank 0 has written vae/ before any rank reads it
     if stopping and done < cfg.vae_steps:
-        return stopped(stop, "autoencoder", done, run_dir, "vae" if cfg.stage == "vae" else "all")
-    report_speed("autoencoder", cfg.vae_steps, timer)
-    return True
+        return stopped(stop, "autoencoder", done, run_dir, "vae" if cfg.stage == "vae" else "all", ctx)
+    if ctx.is_main:
+        report_speed("autoencoder", cfg.vae_steps, timer)
+    return 0
 
 
 # ----------------------------------------------------------------------------------------------
@@ -511,6 +642,8 @@ def encode_training_set(vae, dataset, device, batch_size: int, progress: bool = 
     """Posterior mean and std of every training image and of its mirror image: (N, 2, C, h, w) each.
 
     The autoencoder is frozen, so each image is encoded once (fp32) instead of at every step.
+    Under torchrun every process encodes all images in the same batches as a single process: the
+    latents, and the latent scaling factor, are those of a single-process run.
     """
     import torch
     from tqdm import tqdm
@@ -528,66 +661,76 @@ def encode_training_set(vae, dataset, device, batch_size: int, progress: bool = 
     return torch.cat(means).reshape(shape), torch.cat(stds).reshape(shape)
 
 
-def train_diffusion(cfg: SimpleNamespace, run_dir: Path, info: dict, data, device) -> bool:
-    """Train (or continue) the denoiser on the frozen autoencoder's latents; False when stopped early."""
+def train_diffusion(cfg: SimpleNamespace, run_dir: Path, info: dict, data, device, ctx, stop) -> int:
+    """Train (or continue) the denoiser on the frozen autoencoder's latents; 0, or 128 + signal
+    number when stopped by a signal."""
     import torch
     import torch.nn.functional as F
-    from diffusers import AutoencoderKL
     from diffusers.training_utils import EMAModel
     from tqdm import tqdm
 
     from dataloaders.ldm_data import StepBatchSampler, TrainingImages
     from networks.ldm import (DIFFUSION_STATE, EMA_DIR, PREVIEW_DIR, SCHEDULER_DIR, STREAM_DIFFUSION,
                               STREAM_PREVIEW, UNET_DIR, VAE_DIR, autocast, build_unet, derived_seed, generate,
-                              latent_scaling_factor, noise_scheduler, sampling_scheduler, step_generator,
-                              write_run_info)
-    from utils.checkpoint import atomic_save, load_checkpoint
+                              latent_scaling_factor, load_model, noise_scheduler, sampling_scheduler, save_model,
+                              step_generator, write_run_info)
+    from utils import distributed
+    from utils.checkpoint import atomic_save
     from utils.plots import image_grid, save_image
-    from utils.runtime import StopRequest, autocast_dtype, rng_state, set_rng_state
+    from utils.runtime import autocast_dtype, rng_state, set_rng_state
 
     state_path = run_dir / DIFFUSION_STATE
-    state = load_checkpoint(state_path, DIFFUSION_STATE_KIND) if state_path.is_file() else None
+    state = read_state(state_path, DIFFUSION_STATE_KIND, "denoiser")
     start = state["step"] if state else 0
     if start >= cfg.diffusion_steps:
-        print(f"denoiser: already trained for {start} steps")
-        return True
+        if ctx.is_main:
+            print(f"denoiser: already trained for {start} steps")
+        return 0
     amp_dtype = autocast_dtype(cfg.precision, device)
-    vae = AutoencoderKL.from_pretrained(run_dir / VAE_DIR).to(device).eval().requires_grad_(False)
+    vae = load_model("vae", run_dir / VAE_DIR, "autoencoder").to(device).eval().requires_grad_(False)
     dataset = TrainingImages(data.paths, data.labels, cfg.image_size)
-    means, stds = encode_training_set(vae, dataset, device, cfg.batch_size, cfg.progress)
+    means, stds = encode_training_set(vae, dataset, device, cfg.batch_size, cfg.progress and ctx.is_main)
     if info["latent_scaling_factor"] is None:
-        info["latent_scaling_factor"] = latent_scaling_factor(means)
-        write_run_info(run_dir, info)
+        # rank 0's value on every rank (GPUs may differ in the last bits): the one written to ldm.json
+        info["latent_scaling_factor"] = distributed.broadcast_object(latent_scaling_factor(means))
+        if ctx.is_main:
+            write_run_info(run_dir, info)
     scaling = info["latent_scaling_factor"]
-    print(f"latent scaling factor: {scaling:.5f} (1 / std of the training latents)")
+    if ctx.is_main:
+        print(f"latent scaling factor: {scaling:.5f} (1 / std of the training latents)")
 
     num_classes = len(data.class_names)
     torch.manual_seed(cfg.seed)
     unet = build_unet(cfg, num_classes).to(device)
+    # every rank keeps the EMA of the same (synchronised) weights: the copies stay identical
     ema = EMAModel(unet.parameters(), decay=cfg.ema_decay, use_ema_warmup=True, power=cfg.ema_power, foreach=True)
     scheduler = noise_scheduler(cfg)
     optimizer, schedule = optimizer_and_schedule(unet.parameters(), cfg.lr, cfg)
-    log = LossLog(state["history"] if state else None)
+    log = LossLog("denoiser", state["history"] if state else None)
     if state:
         unet.load_state_dict(state["model"])
         ema.load_state_dict(state["ema"])
         ema.to(device)
         optimizer.load_state_dict(state["optimizer"])
         schedule.load_state_dict(state["schedule"])
-        set_rng_state(state["rng"])
-        print(f"denoiser: resuming at step {start} of {cfg.diffusion_steps}")
+        set_rng_state(rank_rng_state(state["rng"], ctx))
+        if ctx.is_main:
+            print(f"denoiser: resuming at step {start} of {cfg.diffusion_steps}")
+    denoiser = wrap_ddp(unet, ctx, device)
 
     labels_of = torch.tensor(data.labels, device=device) if data.labels is not None else None
     null_label = num_classes  # the extra embedding: "no class" (classifier-free guidance)
     sampler = StepBatchSampler(len(dataset), cfg.batch_size, cfg.seed, start, cfg.diffusion_steps)
+    mine = slice(ctx.rank, None, ctx.world_size)  # this rank's items of each global batch
     latent_shape = means.shape[2:]
     preview_noise = torch.randn((cfg.preview_images, *latent_shape),
                                 generator=torch.Generator().manual_seed(derived_seed(cfg.seed, 0, STREAM_PREVIEW)))
     preview_labels = (torch.arange(cfg.preview_images, device=device) % num_classes) if num_classes else None
-    (run_dir / PREVIEW_DIR).mkdir(exist_ok=True)
+    if ctx.is_main:
+        (run_dir / PREVIEW_DIR).mkdir(exist_ok=True)
 
     def save_preview(step: int) -> None:
-        if cfg.preview_images == 0:
+        if cfg.preview_images == 0 or not ctx.is_main:
             return
         ema.store(unet.parameters())
         ema.copy_to(unet.parameters())
@@ -599,124 +742,149 @@ def train_diffusion(cfg: SimpleNamespace, run_dir: Path, info: dict, data, devic
         save_image(run_dir / PREVIEW_DIR / f"diffusion_step{step:07d}.png", image_grid(list(images), columns=8))
 
     def save_checkpoint(step: int) -> None:
-        unet.save_pretrained(run_dir / UNET_DIR)
+        check_finite_weights((unet,), step, state_path, device)
+        rng = distributed.gather_objects(rng_state())  # one per rank
+        info["diffusion_step"] = step
+        if not ctx.is_main:
+            return
+        save_model(unet, run_dir / UNET_DIR)
         ema.store(unet.parameters())
         ema.copy_to(unet.parameters())
-        unet.save_pretrained(run_dir / EMA_DIR)
+        save_model(unet, run_dir / EMA_DIR)
         ema.restore(unet.parameters())
-        scheduler.save_pretrained(run_dir / SCHEDULER_DIR)
+        save_model(scheduler, run_dir / SCHEDULER_DIR)
         atomic_save({"kind": DIFFUSION_STATE_KIND, "step": step, "model": unet.state_dict(),
                      "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
-                     "schedule": schedule.state_dict(), "history": log.history, "rng": rng_state()},
-                    state_path)
-        info["diffusion_step"] = step
+                     "schedule": schedule.state_dict(), "history": log.history, "rng": rng}, state_path)
         write_run_info(run_dir, info)
         log.write(run_dir, "diffusion", "denoiser", {"denoising loss": {cfg.diffusion_loss: "loss"}})
 
     unet.train()
     progress = tqdm(total=cfg.diffusion_steps, initial=start, desc="denoiser", dynamic_ncols=True,
-                    disable=not cfg.progress)
-    timer = None
-    with StopRequest() as stop:
-        for step in range(start, cfg.diffusion_steps):
-            batch = sampler.batch(step)
-            index = torch.tensor([i for i, _ in batch], device=device)
-            flip = torch.tensor([int(f) for _, f in batch], device=device)
-            rng = step_generator(cfg.seed, step, STREAM_DIFFUSION, device)
-            mean, std = means[index, flip], stds[index, flip]
-            latents = (mean + std * torch.randn(mean.shape, generator=rng, device=device)) * scaling
-            noise = torch.randn(latents.shape, generator=rng, device=device)
-            timesteps = torch.randint(0, cfg.train_timesteps, (len(batch),), generator=rng, device=device)
-            labels = None
-            if labels_of is not None:
-                dropped = torch.rand(len(batch), generator=rng, device=device) < cfg.class_dropout
-                labels = torch.where(dropped, torch.full_like(index, null_label), labels_of[index])
-            noisy = scheduler.add_noise(latents, noise, timesteps)
-            target = noise if cfg.prediction_type == "epsilon" else scheduler.get_velocity(latents, noise, timesteps)
-            with autocast(device, amp_dtype):
-                prediction = unet(noisy, timesteps, class_labels=labels).sample.float()
-            loss = F.l1_loss(prediction, target) if cfg.diffusion_loss == "l1" else F.mse_loss(prediction, target)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(unet.parameters(), cfg.grad_clip)
-            optimizer.step()
-            schedule.step()
-            ema.step(unet.parameters())
-            log.add(loss=loss)
+                    disable=not (cfg.progress and ctx.is_main))
+    timer, done, stopping = None, start, False
+    for step in range(start, cfg.diffusion_steps):
+        # Every random number is drawn for the whole (global) batch and sliced: each item gets the
+        # numbers it gets in a single-process run.
+        batch = sampler.batch(step)
+        size = len(batch)
+        index = torch.tensor([i for i, _ in batch], device=device)[mine]
+        flip = torch.tensor([int(f) for _, f in batch], device=device)[mine]
+        rng = step_generator(cfg.seed, step, STREAM_DIFFUSION, device)
+        mean, std = means[index, flip], stds[index, flip]
+        shape = (size, *latent_shape)
+        latents = (mean + std * torch.randn(shape, generator=rng, device=device)[mine]) * scaling
+        noise = torch.randn(shape, generator=rng, device=device)[mine]
+        timesteps = torch.randint(0, cfg.train_timesteps, (size,), generator=rng, device=device)[mine]
+        labels = None
+        if labels_of is not None:
+            dropped = (torch.rand(size, generator=rng, device=device) < cfg.class_dropout)[mine]
+            labels = torch.where(dropped, torch.full_like(index, null_label), labels_of[index])
+        noisy = scheduler.add_noise(latents, noise, timesteps)
+        target = noise if cfg.prediction_type == "epsilon" else scheduler.get_velocity(latents, noise, timesteps)
+        with autocast(device, amp_dtype):
+            prediction = denoiser(noisy, timesteps, class_labels=labels).sample.float()
+        loss = F.l1_loss(prediction, target) if cfg.diffusion_loss == "l1" else F.mse_loss(prediction, target)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(unet.parameters(), cfg.grad_clip)
+        optimizer.step()
+        schedule.step()
+        ema.step(unet.parameters())
+        log.add(loss=loss)
 
-            done, stopping = step + 1, bool(stop)
-            progress.update(1)
-            if (due(done, cfg.log_every, cfg.diffusion_steps) or due(done, cfg.checkpoint_every, cfg.diffusion_steps)
-                    or stopping):
-                progress.set_postfix(loss=f"{log.flush(done, state_path)['loss']:.4f}")
-            if due(done, cfg.sample_every, cfg.diffusion_steps):
-                save_preview(done)
-            if due(done, cfg.checkpoint_every, cfg.diffusion_steps) or stopping:
-                save_checkpoint(done)
-            if stopping:
-                break
-            if timer is None:
-                timer = (done, time.perf_counter())
+        done = step + 1
+        stopping = stop_now(stop, ctx, device)
+        progress.update(1)
+        if (due(done, cfg.log_every, cfg.diffusion_steps) or due(done, cfg.checkpoint_every, cfg.diffusion_steps)
+                or stopping):
+            progress.set_postfix(loss=f"{log.flush(done, state_path)['loss']:.4f}")
+        if due(done, cfg.sample_every, cfg.diffusion_steps):
+            save_preview(done)
+        if due(done, cfg.checkpoint_every, cfg.diffusion_steps) or stopping:
+            save_checkpoint(done)
+        if stopping:
+            break
+        if timer is None:
+            timer = (done, time.perf_counter())
     progress.close()
+    distributed.barrier()
     if stopping and done < cfg.diffusion_steps:
-        return stopped(stop, "denoiser", done, run_dir, cfg.stage)
-    report_speed("denoiser", cfg.diffusion_steps, timer)
-    return True
+        return stopped(stop, "denoiser", done, run_dir, cfg.stage, ctx)
+    if ctx.is_main:
+        report_speed("denoiser", cfg.diffusion_steps, timer)
+    return 0
 
 
 # ----------------------------------------------------------------------------------------------
 
-def train(cfg: SimpleNamespace) -> int:
-    """Run the stages the configuration asks for; the exit status (0, or 130 when stopped by a signal)."""
+def train(cfg: SimpleNamespace, ctx, device) -> int:
+    """Run the stages the configuration asks for; the exit status (0, or 128 + signal number when
+    stopped by a signal)."""
     import os
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # models are built from config, never downloaded
     from diffusers.utils import logging as diffusers_logging
 
     from dataloaders.io import dataset_name
-    from networks.ldm import parameter_counts
-    from utils.runtime import resolve_device
+    from networks.ldm import on_main_rank, parameter_counts
+    from utils.runtime import StopRequest
 
     diffusers_logging.set_verbosity_error()
-    check_values(cfg)
+    check_values(cfg, ctx.world_size)
     cfg.data_dir = absolute_paths({"data_dir": cfg.data_dir})["data_dir"]
     cfg.class_csv = absolute_paths({"class_csv": cfg.class_csv})["class_csv"]
     if cfg.out_dir is None:
         if cfg.data_dir is None:
             raise ConfigError("give --out-dir (the run folder) or --data-dir (to name it runs/ldm_<dataset>_<split>)")
         cfg.out_dir = f"runs/ldm_{dataset_name(cfg.data_dir)}_{cfg.split}"
-    device = resolve_device(cfg.device)
     if device.type == "cuda":
         import torch
         torch.backends.cudnn.benchmark = True  # fixed input sizes: let cuDNN pick its fastest kernels
     run_dir = Path(cfg.out_dir)
-    cfg, info, data = prepare_run(cfg, run_dir)
-    counts = parameter_counts(cfg, len(info["class_names"]))
-    classes = (f"{len(info['class_names'])} classes ({', '.join(info['class_names'])})"
-               if info["class_names"] else "unconditional")
-    print(f"run {run_dir}: {len(data.ids)} training images of {data.train_file.name}, {classes}, on {device}")
-    print(f"autoencoder {counts['vae']:,} parameters, denoiser {counts['unet']:,} parameters; latents "
-          f"{info['latent_channels']}x{info['latent_size']}x{info['latent_size']} for images "
-          f"{cfg.image_size}x{cfg.image_size}")
-    if cfg.stage in ("vae", "all") and not train_vae(cfg, run_dir, info, data, device):
-        return 130
-    if cfg.stage in ("diffusion", "all") and not train_diffusion(cfg, run_dir, info, data, device):
-        return 130
-    print(f"done: {run_dir}" + (f" (sample with: python sample_ldm.py --checkpoint {run_dir} --out-dir <folder>)"
-                                if cfg.stage != "vae" else ""))
+    # From here a signal only sets a flag: the run folder is never left half-prepared, and the
+    # training loops act on it after their current step.
+    with StopRequest() as stop:
+        # rank 0 checks the data and settles the run folder; the others get its outcome (or its error)
+        cfg, info, data = on_main_rank(lambda: prepare_run(cfg, run_dir, ctx.world_size), ctx)
+        if ctx.is_main:
+            counts = parameter_counts(cfg, len(info["class_names"]))
+            classes = (f"{len(info['class_names'])} classes ({', '.join(info['class_names'])})"
+                       if info["class_names"] else "unconditional")
+            where = f"{device} x {ctx.world_size} processes" if ctx.enabled else str(device)
+            print(f"run {run_dir}: {len(data.ids)} training images of {data.train_file.name}, {classes}, on {where}")
+            print(f"autoencoder {counts['vae']:,} parameters, denoiser {counts['unet']:,} parameters; latents "
+                  f"{info['latent_channels']}x{info['latent_size']}x{info['latent_size']} for images "
+                  f"{cfg.image_size}x{cfg.image_size}", flush=True)
+        if cfg.stage in ("vae", "all"):
+            code = train_vae(cfg, run_dir, info, data, device, ctx, stop)
+            if code:
+                return code
+        if cfg.stage in ("diffusion", "all"):
+            code = train_diffusion(cfg, run_dir, info, data, device, ctx, stop)
+            if code:
+                return code
+    if ctx.is_main:
+        print(f"done: {run_dir}" + (f" (sample with: python sample_ldm.py --checkpoint {run_dir} --out-dir <folder>)"
+                                    if cfg.stage != "vae" else ""))
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    from dataloaders.io import DataError
-    from utils.checkpoint import CheckpointError
+    """Train; the exit status. Bad input raises ConfigError / DataError / CheckpointError and a
+    diverged run FloatingPointError: utils.cli.run_cli turns them into one error line (status 2, 3)."""
+    from utils import distributed
+    from utils.runtime import resolve_device
 
+    cfg = parse_config(OPTIONS, __doc__, argv, epilog=EPILOG)
+    ctx, device = distributed.setup(resolve_device(cfg.device))
     try:
-        return train(parse_config(OPTIONS, __doc__, argv, epilog=EPILOG))
-    except (ConfigError, DataError, CheckpointError, FloatingPointError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+        return train(cfg, ctx, device)
+    finally:
+        distributed.teardown()
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from utils.cli import run_cli
+
+    run_cli(main)

@@ -167,13 +167,21 @@ class StepBatchSampler(Sampler):
     Step s takes positions s*B .. s*B+B-1 of an endless stream made of one permutation per epoch
     (epoch e permuted with seed (seed, e)), so every image is seen once per epoch even when the
     batch size does not divide the dataset; the flips of step s come from seed (seed, s).
+
+    Under torchrun ``batch_size`` is the global batch: every rank computes the same batch and
+    iterates over its own slice (items rank, rank + world_size, ...), so the ranks never overlap
+    within a step and together see exactly the batches of a single-process run.
     """
 
-    def __init__(self, num_items: int, batch_size: int, seed: int, start_step: int, end_step: int):
+    def __init__(self, num_items: int, batch_size: int, seed: int, start_step: int, end_step: int,
+                 rank: int = 0, world_size: int = 1):
         if num_items <= 0:
             raise DataError("no training images")
+        if batch_size % world_size:
+            raise ValueError(f"a batch of {batch_size} does not split evenly over {world_size} processes")
         self.num_items, self.batch_size, self.seed = num_items, batch_size, seed
         self.start_step, self.end_step = start_step, end_step
+        self.rank, self.world_size = rank, world_size
         self._epoch, self._order = -1, np.empty(0, np.int64)
 
     def __len__(self) -> int:
@@ -186,11 +194,16 @@ class StepBatchSampler(Sampler):
         return self._order
 
     def batch(self, step: int) -> list[tuple[int, bool]]:
+        """The whole (global) batch of ``step``."""
         positions = range(step * self.batch_size, (step + 1) * self.batch_size)
         indices = [int(self._permutation(p // self.num_items)[p % self.num_items]) for p in positions]
         flips = np.random.default_rng([self.seed, step, 1]).random(self.batch_size) < 0.5
         return list(zip(indices, map(bool, flips)))
 
+    def local_batch(self, step: int) -> list[tuple[int, bool]]:
+        """This rank's slice of the batch of ``step``."""
+        return self.batch(step)[self.rank::self.world_size]
+
     def __iter__(self) -> Iterator[list[tuple[int, bool]]]:
         for step in range(self.start_step, self.end_step):
-            yield self.batch(step)
+            yield self.local_batch(step)

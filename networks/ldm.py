@@ -21,9 +21,10 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -65,6 +66,35 @@ def derived_seed(*keys: int) -> int:
 
 def step_generator(seed: int, step: int, stream: int, device: torch.device) -> torch.Generator:
     return torch.Generator(device=device).manual_seed(derived_seed(seed, step, stream))
+
+
+def on_main_rank(work: Callable[[], Any], ctx) -> Any:
+    """``work()`` on rank 0 alone (checks, then writes), its result given to every rank.
+
+    Bad input it raises (ConfigError, DataError, CheckpointError) is raised on every rank, so that
+    all processes stop with the same message instead of waiting for rank 0 in a collective. A plain
+    run (one process) just calls ``work``.
+    """
+    from utils import distributed
+    from utils.cli import USER_ERRORS
+
+    if not ctx.enabled:
+        return work()
+    outcome = None
+    if ctx.is_main:
+        try:
+            outcome = ("done", work())
+        except USER_ERRORS as error:
+            outcome = ("error", error)
+        except BaseException:
+            distributed.broadcast_object(("failed", None))
+            raise
+    status, value = distributed.broadcast_object(outcome)
+    if status == "error":
+        raise value
+    if status == "failed":
+        raise RuntimeError("rank 0 failed (its traceback says why)")
+    return value
 
 
 # ----------------------------------------------------------------------------------------------
@@ -178,6 +208,23 @@ class PatchDiscriminator(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.net(images)
+
+
+class AutoencoderPass(nn.Module):
+    """One training pass of the autoencoder as a single ``forward``: encode, sample the posterior
+    with the given unit noise, decode. DistributedDataParallel synchronises the gradients of what
+    runs through ``forward`` only, and AutoencoderKL's own forward draws its noise itself; here the
+    caller draws it (the same numbers for an image whatever the number of processes)."""
+
+    def __init__(self, vae):
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, images: torch.Tensor, noise: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(posterior parameters: mean and log-variance stacked on dim 1, reconstruction)."""
+        posterior = self.vae.encode(images).latent_dist
+        latents = posterior.mean + posterior.std * noise.to(posterior.mean.dtype)  # = posterior.sample()
+        return posterior.parameters, self.vae.decode(latents).sample
 
 
 # ----------------------------------------------------------------------------------------------
@@ -308,6 +355,67 @@ def typical_training_distance(training: np.ndarray) -> float:
 # the run folder
 # ----------------------------------------------------------------------------------------------
 
+WEIGHTS_FILE = "diffusion_pytorch_model.safetensors"  # what diffusers' save_pretrained writes
+
+
+def save_model(model, folder: Path) -> None:
+    """``model.save_pretrained(folder)``, each file replaced atomically.
+
+    save_pretrained writes in place, so a crash while it writes would leave half a weights file
+    in the run. Here it writes into a temporary folder beside ``folder`` and each file is then
+    renamed over its old version: a reader sees the old weights or the new ones, never a mix of
+    bytes (the config never changes during a run).
+    """
+    tmp = folder.parent / f".{folder.name}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        model.save_pretrained(tmp)
+        folder.mkdir(exist_ok=True)
+        for path in sorted(tmp.iterdir()):
+            with path.open("rb") as f:
+                os.fsync(f.fileno())
+            os.replace(path, folder / path.name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def load_model(kind: str, folder: Path, what: str):
+    """AutoencoderKL (kind "vae") or UNet2DModel ("unet") from a folder written by :func:`save_model`.
+
+    Unlike ``from_pretrained``, which quietly leaves weights it cannot match at their random
+    initial values, every weight must be there with its shape: a truncated file, a file of another
+    network or of another width is a CheckpointError that says what was expected.
+    """
+    from diffusers import AutoencoderKL, UNet2DModel
+    from safetensors.torch import load_file
+
+    cls = {"vae": AutoencoderKL, "unet": UNet2DModel}[kind]
+    expected = f"expected the {what} that train_ldm.py saves there ({cls.__name__}: config.json and {WEIGHTS_FILE})"
+    if not (folder / "config.json").is_file() or not (folder / WEIGHTS_FILE).is_file():
+        raise CheckpointError(f"{folder} is incomplete (config.json or {WEIGHTS_FILE} missing); {expected}")
+    try:
+        config = cls.load_config(folder)
+        model = cls.from_config(config)
+    except Exception as error:  # diffusers raises OSError, ValueError, TypeError... for a foreign config
+        raise CheckpointError(f"cannot build a {cls.__name__} from {folder / 'config.json'}: {error}; "
+                              f"{expected}") from None
+    try:
+        weights = load_file(folder / WEIGHTS_FILE)
+    except Exception as error:  # safetensors' own error type for truncated or foreign bytes
+        raise CheckpointError(f"cannot read {folder / WEIGHTS_FILE}: {error} (truncated?); {expected}") from None
+    own = model.state_dict()
+    missing, unexpected = sorted(own.keys() - weights.keys()), sorted(weights.keys() - own.keys())
+    resized = sorted(k for k in own.keys() & weights.keys() if own[k].shape != weights[k].shape)
+    if missing or unexpected or resized:
+        found = "; ".join(f"{len(names)} {label}, e.g. {names[0]}" for label, names in
+                          (("weights missing", missing), ("unknown weights", unexpected),
+                           ("weights of another shape", resized)) if names)
+        raise CheckpointError(f"{folder / WEIGHTS_FILE} does not fit the network of {folder / 'config.json'} "
+                              f"({found}): another architecture or width; {expected}")
+    model.load_state_dict(weights)
+    return model
+
+
 def write_run_info(run_dir: Path, info: dict) -> None:
     """Write ldm.json through a temporary file and a rename: a crash never leaves half a file."""
     tmp = run_dir / f".{RUN_INFO}.tmp"
@@ -324,7 +432,8 @@ def read_run_info(run_dir: Path) -> dict:
     try:
         info = json.loads(path.read_text())
     except (OSError, ValueError) as error:
-        raise CheckpointError(f"cannot read {path}: {error}") from None
+        raise CheckpointError(f"cannot read {path}: {error} (truncated?); expected the JSON run description "
+                              f"that train_ldm.py writes (kind {KIND!r})") from None
     if not isinstance(info, dict) or info.get("kind") != KIND:
         found = info.get("kind") if isinstance(info, dict) else None
         raise CheckpointError(f"{path} does not describe a train_ldm.py run (kind={found!r}, expected {KIND!r})")
@@ -363,6 +472,30 @@ def open_run(path: str | Path, need_denoiser: bool = True) -> dict:
         raise CheckpointError(f"run {path} has no trained denoiser yet ({EMA_DIR}/ missing): "
                               "train it with train_ldm.py --stage diffusion (or --stage all)")
     return info
+
+
+def load_sampling_models(run_dir: Path, info: dict):
+    """The autoencoder, the EMA denoiser and the training noise schedule's config of a run that
+    :func:`open_run` accepted, checked against its ldm.json: (vae, unet, schedule config)."""
+    from diffusers import DDPMScheduler
+
+    vae = load_model("vae", run_dir / VAE_DIR, "autoencoder")
+    unet = load_model("unet", run_dir / EMA_DIR, "EMA denoiser")
+    classes = len(info["class_names"])
+    found = {"autoencoder latent channels": (vae.config.latent_channels, info["latent_channels"]),
+             "denoiser input channels": (unet.config.in_channels, info["latent_channels"]),
+             "denoiser input size": (unet.config.sample_size, info["latent_size"]),
+             "denoiser class embeddings": (unet.config.num_class_embeds, classes + 1 if classes else None)}
+    wrong = [f"{name} {got} (ldm.json implies {want})" for name, (got, want) in found.items() if got != want]
+    if wrong:
+        raise CheckpointError(f"the networks in {run_dir} do not match its {RUN_INFO}: {'; '.join(wrong)}; "
+                              "expected the vae/ and unet_ema/ that train_ldm.py saved with it")
+    try:
+        schedule = DDPMScheduler.from_pretrained(run_dir / SCHEDULER_DIR).config
+    except Exception as error:  # diffusers raises OSError / ValueError for missing or broken files
+        raise CheckpointError(f"cannot read the noise schedule in {run_dir / SCHEDULER_DIR}: {error}; expected "
+                              "the scheduler_config.json that train_ldm.py saves there") from None
+    return vae, unet, schedule
 
 
 def class_for_sampling(requested: str, class_names: Sequence[str]) -> int | None:

@@ -21,6 +21,7 @@ from dataloaders.ldm_data import StepBatchSampler, TrainingImages, class_labels,
 from networks.ldm import (build_unet, build_vae, count_parameters, nearest_training_images, parameter_counts, ssim,
                           typical_training_distance)
 from utils.checkpoint import atomic_save
+from utils.cli import run_cli
 from utils.config import parse_config
 
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")  # diffusers + numpy 2
@@ -33,6 +34,13 @@ SHORT = ("--vae-steps", "4", "--diffusion-steps", "4", "--sample-every", "2", "-
 
 def tiny_args(data: Path, out: Path, *extra: str) -> list[str]:
     return ["--config", TINY, "--data-dir", str(data), "--out-dir", str(out), "--device", "cpu", *extra]
+
+
+def exit_status(main, args: list[str]) -> int:
+    """The exit status of a script's ``main`` run as its command line runs it (utils.cli.run_cli)."""
+    with pytest.raises(SystemExit) as exit_:
+        run_cli(lambda: main(args))
+    return exit_.value.code
 
 
 def read_manifest(folder: Path) -> list[dict]:
@@ -203,7 +211,7 @@ def test_validation_images_never_reach_the_generator(tmp_path: Path, monkeypatch
     assert set(opened) == train_ids  # the memorisation check, too, reads training images only
     capsys.readouterr()
     for bad in (["--class", "benign"], ["--guidance-scale", "2"]):
-        assert sample_ldm.main(["--checkpoint", str(run), "--out-dir", str(tmp_path / "x"), *bad]) == 2
+        assert exit_status(sample_ldm.main, ["--checkpoint", str(run), "--out-dir", str(tmp_path / "x"), *bad]) == 2
         assert "unconditional" in capsys.readouterr().err
 
 
@@ -260,7 +268,7 @@ def test_sampled_folder_is_train_py_unlabeled_data(trained_run: Path, data: Path
 
     # an existing folder is replaced only with --overwrite
     capsys.readouterr()
-    assert sample_ldm.main(["--checkpoint", str(trained_run), "--out-dir", str(again), "--device", "cpu"]) == 2
+    assert exit_status(sample_ldm.main, ["--checkpoint", str(trained_run), "--out-dir", str(again), "--device", "cpu"]) == 2
     assert "already holds files; give --overwrite" in capsys.readouterr().err
     assert sample_ldm.main(["--checkpoint", str(trained_run), "--out-dir", str(again), "--device", "cpu",
                             "--num-images", "2", "--steps", "2", "--overwrite"]) == 0
@@ -285,8 +293,8 @@ def test_conditional_model_samples_the_asked_class(trained_run: Path, tmp_path: 
 # ----------------------------------------------------------------------------------------------
 
 def test_training_errors(tmp_path: Path, data: Path, trained_run: Path, capsys):
-    def fails(args: list[str], *expected: str) -> None:
-        assert train_ldm.main(args) == 2
+    def fails(args: list[str], *expected: str, status: int = 2) -> None:
+        assert exit_status(train_ldm.main, args) == status
         err = capsys.readouterr().err
         assert "error: " in err and "Traceback" not in err and all(e in err for e in expected), err
 
@@ -304,13 +312,13 @@ def test_training_errors(tmp_path: Path, data: Path, trained_run: Path, capsys):
           "vae_channels", "vae_norm_groups")
     assert not any((tmp_path / f"r{k}").exists() for k in (2, 3, 4, 5))
     fails(tiny_args(data, tmp_path / "r6", "--vae-steps", "3", "--vae-lr", "1e30", "--log-every", "1"),
-          "non-finite loss by step", "no checkpoint was written")
+          "non-finite autoencoder loss at step", "no checkpoint was written", status=3)  # diverged, not bad input
     assert not (tmp_path / "r6" / "state_vae.pt").exists() and not (tmp_path / "r6" / "vae").exists()
 
 
 def test_sampling_errors(tmp_path: Path, trained_run: Path, capsys):
     def fails(args: list[str], *expected: str) -> None:
-        assert sample_ldm.main([*args, "--out-dir", str(tmp_path / "out"), "--device", "cpu"]) == 2
+        assert exit_status(sample_ldm.main, [*args, "--out-dir", str(tmp_path / "out"), "--device", "cpu"]) == 2
         err = capsys.readouterr().err
         assert "error: " in err and "Traceback" not in err and all(e in err for e in expected), err
 
