@@ -476,6 +476,75 @@ def report_speed(name: str, last_step: int, timer: tuple[int, float] | None) -> 
     print(f"{name}: {steps} steps in {seconds:.1f} s ({steps / seconds:.2f} it/s, after the first step)")
 
 
+def vae_losses(vae_pass, disc, images, noise, cfg: SimpleNamespace, device, amp_dtype, adversarial: bool):
+    """The autoencoder's loss of one step: L1 + (1 - SSIM) + KL (+ the generator's hinge term when
+    ``adversarial``). ``noise``: this process's unit posterior noise. Returns (loss, reconstruction,
+    the logged terms). benchmarks/bench_ldm.py times it."""
+    from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
+    from networks.ldm import autocast, ssim
+
+    with autocast(device, amp_dtype):
+        moments, reconstruction = vae_pass(images, noise)
+    reconstruction = reconstruction.float()
+    l1 = (reconstruction - images).abs().mean()
+    one_minus_ssim = 1 - ssim(reconstruction, images)
+    kl = DiagonalGaussianDistribution(moments.float()).kl().mean()
+    loss = cfg.l1_weight * l1 + cfg.ssim_weight * one_minus_ssim + cfg.kl_weight * kl
+    terms = {"l1": l1, "one_minus_ssim": one_minus_ssim, "kl": kl}
+    if adversarial:
+        disc.requires_grad_(False)  # the generator term trains the autoencoder only
+        with autocast(device, amp_dtype):
+            generator_loss = -disc(reconstruction).float().mean()
+        disc.requires_grad_(True)
+        loss = loss + cfg.disc_weight * generator_loss
+        terms["generator"] = generator_loss
+    return loss, reconstruction, terms
+
+
+def discriminator_loss(disc_pass, images, reconstruction, device, amp_dtype):
+    """Hinge loss of the patch discriminator, real and (detached) fake images in one forward:
+    DDP synchronises one backward per forward."""
+    import torch
+    import torch.nn.functional as F
+
+    from networks.ldm import autocast
+
+    with autocast(device, amp_dtype):
+        real, fake = disc_pass(torch.cat([images, reconstruction.detach()])).float().chunk(2)
+    return F.relu(1 - real).mean() + F.relu(1 + fake).mean()
+
+
+def diffusion_loss(denoiser, scheduler, means, stds, labels_of, batch, rng, scaling: float, cfg: SimpleNamespace,
+                   device, amp_dtype, null_label: int, mine: slice = slice(0, None, 1)):
+    """The denoiser's loss of one step on the encoded training set (posterior ``means``, ``stds`` of
+    each image and its mirror image). ``batch``: the global StepBatchSampler batch; ``mine``: this
+    process's items of it. Every random number is drawn for the whole batch and sliced: each item
+    gets the numbers it gets in a single-process run. benchmarks/bench_ldm.py times it."""
+    import torch
+    import torch.nn.functional as F
+
+    from networks.ldm import autocast
+
+    size = len(batch)
+    index = torch.tensor([i for i, _ in batch], device=device)[mine]
+    flip = torch.tensor([int(f) for _, f in batch], device=device)[mine]
+    mean, std = means[index, flip], stds[index, flip]
+    shape = (size, *means.shape[2:])
+    latents = (mean + std * torch.randn(shape, generator=rng, device=device)[mine]) * scaling
+    noise = torch.randn(shape, generator=rng, device=device)[mine]
+    timesteps = torch.randint(0, cfg.train_timesteps, (size,), generator=rng, device=device)[mine]
+    labels = None
+    if labels_of is not None:
+        dropped = (torch.rand(size, generator=rng, device=device) < cfg.class_dropout)[mine]
+        labels = torch.where(dropped, torch.full_like(index, null_label), labels_of[index])
+    noisy = scheduler.add_noise(latents, noise, timesteps)
+    target = noise if cfg.prediction_type == "epsilon" else scheduler.get_velocity(latents, noise, timesteps)
+    with autocast(device, amp_dtype):
+        prediction = denoiser(noisy, timesteps, class_labels=labels).sample.float()
+    return F.l1_loss(prediction, target) if cfg.diffusion_loss == "l1" else F.mse_loss(prediction, target)
+
+
 # ----------------------------------------------------------------------------------------------
 # stage 1a: the autoencoder
 # ----------------------------------------------------------------------------------------------
@@ -483,14 +552,12 @@ def report_speed(name: str, last_step: int, timer: tuple[int, float] | None) -> 
 def train_vae(cfg: SimpleNamespace, run_dir: Path, info: dict, data, device, ctx, stop) -> int:
     """Train (or continue) the autoencoder; 0, or 128 + signal number when stopped by a signal."""
     import torch
-    import torch.nn.functional as F
-    from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
     from torch.utils.data import DataLoader
     from tqdm import tqdm
 
     from dataloaders.ldm_data import StepBatchSampler, TrainingImages
     from networks.ldm import (PREVIEW_DIR, STREAM_VAE, VAE_DIR, VAE_STATE, AutoencoderPass, PatchDiscriminator,
-                              autocast, build_vae, derived_seed, latent_size, save_model, ssim, step_generator,
+                              autocast, build_vae, derived_seed, latent_size, save_model, step_generator,
                               to_uint8, write_run_info)
     from utils import distributed
     from utils.checkpoint import atomic_save
@@ -576,22 +643,9 @@ def train_vae(cfg: SimpleNamespace, run_dir: Path, info: dict, data, device, ctx
         # the posterior noise of the whole batch, then this rank's slice: the same numbers for each
         # image as in a single-process run
         noise = torch.randn((cfg.vae_batch_size, *latent_shape), generator=rng, device=device)
-        with autocast(device, amp_dtype):
-            moments, reconstruction = vae_pass(images, noise[ctx.rank::ctx.world_size])
-        reconstruction = reconstruction.float()
-        l1 = (reconstruction - images).abs().mean()
-        one_minus_ssim = 1 - ssim(reconstruction, images)
-        kl = DiagonalGaussianDistribution(moments.float()).kl().mean()
-        loss = cfg.l1_weight * l1 + cfg.ssim_weight * one_minus_ssim + cfg.kl_weight * kl
-        terms = {}
         adversarial = disc is not None and step >= cfg.disc_start
-        if adversarial:
-            disc.requires_grad_(False)  # the generator term trains the autoencoder only
-            with autocast(device, amp_dtype):
-                generator_loss = -disc(reconstruction).float().mean()
-            disc.requires_grad_(True)
-            loss = loss + cfg.disc_weight * generator_loss
-            terms["generator"] = generator_loss
+        loss, reconstruction, terms = vae_losses(vae_pass, disc, images, noise[ctx.rank::ctx.world_size], cfg,
+                                                 device, amp_dtype, adversarial)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.grad_clip > 0:
@@ -599,15 +653,12 @@ def train_vae(cfg: SimpleNamespace, run_dir: Path, info: dict, data, device, ctx
         optimizer.step()
         schedule.step()
         if adversarial:
-            # real and fake in one forward: DDP synchronises one backward per forward
-            with autocast(device, amp_dtype):
-                real, fake = disc_pass(torch.cat([images, reconstruction.detach()])).float().chunk(2)
-            disc_loss = F.relu(1 - real).mean() + F.relu(1 + fake).mean()
+            disc_loss = discriminator_loss(disc_pass, images, reconstruction, device, amp_dtype)
             disc_optimizer.zero_grad(set_to_none=True)
             disc_loss.backward()
             disc_optimizer.step()
             terms["discriminator"] = disc_loss
-        log.add(loss=loss, l1=l1, one_minus_ssim=one_minus_ssim, kl=kl, **terms)
+        log.add(loss=loss, **terms)
 
         done = step + 1
         stopping = stop_now(stop, ctx, device)  # read once, agreed by every rank
@@ -665,13 +716,12 @@ def train_diffusion(cfg: SimpleNamespace, run_dir: Path, info: dict, data, devic
     """Train (or continue) the denoiser on the frozen autoencoder's latents; 0, or 128 + signal
     number when stopped by a signal."""
     import torch
-    import torch.nn.functional as F
     from diffusers.training_utils import EMAModel
     from tqdm import tqdm
 
     from dataloaders.ldm_data import StepBatchSampler, TrainingImages
     from networks.ldm import (DIFFUSION_STATE, EMA_DIR, PREVIEW_DIR, SCHEDULER_DIR, STREAM_DIFFUSION,
-                              STREAM_PREVIEW, UNET_DIR, VAE_DIR, autocast, build_unet, derived_seed, generate,
+                              STREAM_PREVIEW, UNET_DIR, VAE_DIR, build_unet, derived_seed, generate,
                               latent_scaling_factor, load_model, noise_scheduler, sampling_scheduler, save_model,
                               step_generator, write_run_info)
     from utils import distributed
@@ -764,27 +814,9 @@ def train_diffusion(cfg: SimpleNamespace, run_dir: Path, info: dict, data, devic
                     disable=not (cfg.progress and ctx.is_main))
     timer, done, stopping = None, start, False
     for step in range(start, cfg.diffusion_steps):
-        # Every random number is drawn for the whole (global) batch and sliced: each item gets the
-        # numbers it gets in a single-process run.
-        batch = sampler.batch(step)
-        size = len(batch)
-        index = torch.tensor([i for i, _ in batch], device=device)[mine]
-        flip = torch.tensor([int(f) for _, f in batch], device=device)[mine]
         rng = step_generator(cfg.seed, step, STREAM_DIFFUSION, device)
-        mean, std = means[index, flip], stds[index, flip]
-        shape = (size, *latent_shape)
-        latents = (mean + std * torch.randn(shape, generator=rng, device=device)[mine]) * scaling
-        noise = torch.randn(shape, generator=rng, device=device)[mine]
-        timesteps = torch.randint(0, cfg.train_timesteps, (size,), generator=rng, device=device)[mine]
-        labels = None
-        if labels_of is not None:
-            dropped = (torch.rand(size, generator=rng, device=device) < cfg.class_dropout)[mine]
-            labels = torch.where(dropped, torch.full_like(index, null_label), labels_of[index])
-        noisy = scheduler.add_noise(latents, noise, timesteps)
-        target = noise if cfg.prediction_type == "epsilon" else scheduler.get_velocity(latents, noise, timesteps)
-        with autocast(device, amp_dtype):
-            prediction = denoiser(noisy, timesteps, class_labels=labels).sample.float()
-        loss = F.l1_loss(prediction, target) if cfg.diffusion_loss == "l1" else F.mse_loss(prediction, target)
+        loss = diffusion_loss(denoiser, scheduler, means, stds, labels_of, sampler.batch(step), rng, scaling, cfg,
+                              device, amp_dtype, null_label, mine)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.grad_clip > 0:
