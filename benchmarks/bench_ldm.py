@@ -1,0 +1,366 @@
+"""Time stage 1 (train_ldm.py, sample_ldm.py): both training steps and sampling, per variant.
+
+    python benchmarks/bench_ldm.py                  # configs/ldm_busi.yaml on CUDA, configs/ldm_tiny.yaml on CPU
+    python benchmarks/bench_ldm.py --what sampling --variants "bf16 + channels_last + compile"
+    python benchmarks/bench_ldm.py --config configs/ldm_busi.yaml --device cpu --steps 1 --warmup 0
+    python benchmarks/bench_ldm.py --json           # one JSON line per benchmark and variant
+
+Benchmarks (--what):
+  vae         the autoencoder's training step: encode, sample the posterior, decode, L1 + (1 - SSIM)
+              + KL (+ the patch-discriminator terms when disc_weight > 0), AdamW, gradient clipping;
+  diffusion   the denoiser's training step on latents already encoded (as train_ldm.py does): batch
+              indices and flips, posterior sample, noise, timesteps, class dropout, the UNet, L1/L2
+              loss, AdamW, gradient clipping, the EMA update;
+  sampling    networks.ldm.generate (the code path of sample_ldm.py): DDIM with --ddim-steps (50)
+              and DPM-Solver++ with --dpmsolver-steps (20) denoising steps, then the decoder.
+The networks, schedulers and optimizers are built from the configuration exactly as train_ldm.py
+builds them, with random weights (speed does not depend on them). Inputs are made on the device,
+so the data loader is not timed. Each variant runs --warmup untimed steps, then --steps timed ones
+between device synchronisations; a sampling "step" is one batch of images. Training rows give
+iterations/s, sampling rows images/s (the it_per_s key in --json; see its "unit"). FLOPs of one
+step are counted with torch.utils.flop_counter on the eager networks (forward and backward). Peak
+memory is measured on CUDA only (NaN on CPU).
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # networks are built from the configuration, never downloaded
+
+import torch  # noqa: E402
+from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from bench_train import BF16_PEAK_TFLOPS, VARIANTS, device_name, synchronize  # noqa: E402
+from networks.ldm import (STREAM_DIFFUSION, STREAM_VAE, AutoencoderPass, PatchDiscriminator,  # noqa: E402
+                          build_unet, build_vae, check_architecture, generate, latent_size, noise_scheduler,
+                          sampling_scheduler, step_generator)
+from train_ldm import (OPTIONS, diffusion_loss, discriminator_loss, optimizer_and_schedule,  # noqa: E402
+                       vae_losses)
+from utils.config import ConfigError, read_yaml  # noqa: E402
+
+WHAT = ("vae", "diffusion", "sampling")
+TITLES = {"vae": "autoencoder training", "diffusion": "denoiser training"}
+SAMPLER_TITLES = {"ddim": "DDIM", "dpmsolver": "DPM-Solver++"}
+# Images of a split's training list (BUSI split 1 has 452): the size of the latent table the
+# denoiser's batches are drawn from. Only the gather's cost depends on it, and barely.
+TRAINING_IMAGES = 452
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default=None,
+                        help="train_ldm.py configuration (default: configs/ldm_busi.yaml on CUDA, "
+                             "configs/ldm_tiny.yaml on CPU)")
+    parser.add_argument("--device", default="auto", help="auto (CUDA if present, else CPU), cpu or cuda[:N]")
+    parser.add_argument("--what", choices=(*WHAT, "all"), default="all",
+                        help="what to time: vae, diffusion, sampling or all (default: all)")
+    parser.add_argument("--image-size", type=int, default=None,
+                        help="square image size (default: the configuration's image_size)")
+    parser.add_argument("--batch-size", type=int, default=None,
+                        help="training batch of both stages (default: the configuration's vae_batch_size "
+                             "for the autoencoder and batch_size for the denoiser)")
+    parser.add_argument("--sampling-batch-size", type=int, default=16,
+                        help="images denoised together (default: 16, as sample_ldm.py)")
+    parser.add_argument("--ddim-steps", type=int, default=50, help="DDIM denoising steps; 0 = skip (default: 50)")
+    parser.add_argument("--dpmsolver-steps", type=int, default=20,
+                        help="DPM-Solver++ denoising steps; 0 = skip (default: 20)")
+    parser.add_argument("--guidance-scale", type=float, default=1.0,
+                        help="classifier-free guidance scale of the sampling rows; other than 1 doubles the "
+                             "denoiser's batch (default: 1, as sample_ldm.py)")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="timed steps per benchmark (default on CUDA: 50 training steps, 5 sampling "
+                             "batches; on CPU: 3 and 1)")
+    parser.add_argument("--warmup", type=int, default=None,
+                        help="untimed steps first (default on CUDA: 10 training steps, 1 sampling batch; "
+                             "on CPU: 1 and 1; 2 more for a compiled variant, whose first calls compile)")
+    parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=None,
+                        help="variants to run (default: all on CUDA; the eager ones on CPU, where compiling "
+                             "is slow)")
+    parser.add_argument("--compile-mode", default="default",
+                        help="torch.compile mode (default, max-autotune-no-cudagraphs, ...)")
+    parser.add_argument("--json", action="store_true", help="print one JSON line per row instead of a table")
+    parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
+                        help="show a progress bar on stderr (default: on)")
+    args = parser.parse_args(argv)
+    for name in ("image_size", "batch_size", "steps", "sampling_batch_size"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+    for name in ("warmup", "ddim_steps", "dpmsolver_steps"):
+        value = getattr(args, name)
+        if value is not None and value < 0:
+            parser.error(f"--{name.replace('_', '-')} must not be negative, got {value}")
+    return args
+
+
+def resolve(args) -> SimpleNamespace:
+    """Device, configuration and step counts; a bad value is a ConfigError naming it."""
+    from utils.runtime import resolve_device
+
+    device = resolve_device(args.device)
+    cuda = device.type == "cuda"
+    config = Path(args.config) if args.config else ROOT / "configs" / ("ldm_busi.yaml" if cuda else "ldm_tiny.yaml")
+    values = {o.name: (list(o.default) if o.repeatable else o.default) for o in OPTIONS}
+    values.update(read_yaml(config, OPTIONS))
+    cfg = SimpleNamespace(**values)
+    if args.image_size is not None:
+        cfg.image_size = args.image_size
+    if args.batch_size is not None:
+        cfg.vae_batch_size = cfg.batch_size = args.batch_size
+    check_architecture(cfg)
+    samplers = [(name, steps) for name, steps in (("ddim", args.ddim_steps), ("dpmsolver", args.dpmsolver_steps))
+                if steps > 0]
+    for name, steps in samplers:
+        if steps > cfg.train_timesteps:
+            raise ConfigError(f"--{name}-steps {steps} exceeds train_timesteps {cfg.train_timesteps} of {config}")
+    what = list(WHAT) if args.what == "all" else [args.what]
+    if what == ["sampling"] and not samplers:
+        raise ConfigError("--what sampling with --ddim-steps 0 and --dpmsolver-steps 0: nothing to time")
+    return SimpleNamespace(
+        device=device, config=config, cfg=cfg, what=what, samplers=samplers,
+        # a class-conditional denoiser has one class embedding per class plus the "no class" one;
+        # classes given by a class_csv alone are only known from the data: timed unconditional
+        num_classes=len(cfg.class_names) if cfg.class_conditioning else 0,
+        variants=args.variants or (list(VARIANTS) if cuda else list(VARIANTS)[:2]),
+        train_steps=args.steps or (50 if cuda else 3), sampling_steps=args.steps or (5 if cuda else 1),
+        train_warmup=args.warmup if args.warmup is not None else (10 if cuda else 1),
+        sampling_warmup=args.warmup if args.warmup is not None else 1,
+        # the first calls of a compiled network compile it, and a backward pass is compiled on its
+        # first call too: timing after one warm-up step measured compilation on CPU
+        compile_warmup=0 if args.warmup is not None else 2,
+        sampling_batch_size=args.sampling_batch_size, guidance_scale=args.guidance_scale,
+        compile_mode=args.compile_mode, json=args.json, progress=args.progress)
+
+
+def memory_format(spec: dict) -> torch.memory_format:
+    return torch.channels_last if spec["channels_last"] else torch.contiguous_format
+
+
+def vae_benchmark(run, spec):
+    """(step, compile, batch) of the autoencoder's training step at steady state (past disc_start)."""
+    cfg, device, dtype = run.cfg, run.device, spec["dtype"]
+    fmt = memory_format(spec)
+    torch.manual_seed(cfg.seed)
+    vae = build_vae(cfg).to(device, memory_format=fmt).train()
+    optimizer, schedule = optimizer_and_schedule(vae.parameters(), cfg.vae_lr, cfg)
+    disc = disc_optimizer = None
+    if cfg.disc_weight > 0:
+        disc = PatchDiscriminator(cfg.disc_channels, cfg.disc_layers).to(device, memory_format=fmt)
+        disc_optimizer = torch.optim.AdamW(disc.parameters(), lr=cfg.disc_lr, betas=(0.5, 0.9), weight_decay=0.0)
+    vae_pass = AutoencoderPass(vae)
+    images = (torch.rand(cfg.vae_batch_size, 1, cfg.image_size, cfg.image_size, device=device) * 2 - 1)
+    images = images.contiguous(memory_format=fmt)
+    latent_shape = (cfg.vae_batch_size, cfg.vae_latent_channels, latent_size(cfg), latent_size(cfg))
+    counter = iter(range(1 << 62))
+
+    def step():
+        rng = step_generator(cfg.seed, next(counter), STREAM_VAE, device)
+        noise = torch.randn(latent_shape, generator=rng, device=device)
+        loss, reconstruction, _ = vae_losses(vae_pass, disc, images, noise, cfg, device, dtype, disc is not None)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(vae.parameters(), cfg.grad_clip)
+        optimizer.step()
+        schedule.step()
+        if disc is not None:
+            disc_loss = discriminator_loss(disc, images, reconstruction, device, dtype)
+            disc_optimizer.zero_grad(set_to_none=True)
+            disc_loss.backward()
+            disc_optimizer.step()
+
+    def compile_networks():
+        # in place (nn.Module.compile): the same modules, parameters and optimizer
+        vae_pass.compile(mode=run.compile_mode)
+        if disc is not None:
+            disc.compile(mode=run.compile_mode)
+
+    return step, compile_networks, cfg.vae_batch_size
+
+
+def diffusion_benchmark(run, spec):
+    """(step, compile, batch) of the denoiser's training step on a table of encoded training latents."""
+    from diffusers.training_utils import EMAModel
+
+    from dataloaders.ldm_data import StepBatchSampler
+
+    cfg, device, dtype = run.cfg, run.device, spec["dtype"]
+    fmt = memory_format(spec)
+    size = latent_size(cfg)
+    shape = (TRAINING_IMAGES, 2, cfg.vae_latent_channels, size, size)  # each image and its mirror image
+    generator = torch.Generator(device=device).manual_seed(cfg.seed)
+    means = torch.randn(shape, generator=generator, device=device)
+    stds = 0.1 * torch.rand(shape, generator=generator, device=device)
+    torch.manual_seed(cfg.seed)
+    unet = build_unet(cfg, run.num_classes).to(device, memory_format=fmt).train()
+    ema = EMAModel(unet.parameters(), decay=cfg.ema_decay, use_ema_warmup=True, power=cfg.ema_power, foreach=True)
+    scheduler = noise_scheduler(cfg)
+    optimizer, schedule = optimizer_and_schedule(unet.parameters(), cfg.lr, cfg)
+    labels_of = (torch.arange(TRAINING_IMAGES, device=device) % run.num_classes) if run.num_classes else None
+    sampler = StepBatchSampler(TRAINING_IMAGES, cfg.batch_size, cfg.seed, 0, 1 << 62)
+    counter = iter(range(1 << 62))
+
+    def step():
+        number = next(counter)
+        rng = step_generator(cfg.seed, number, STREAM_DIFFUSION, device)
+        loss = diffusion_loss(unet, scheduler, means, stds, labels_of, sampler.batch(number), rng, 1.0, cfg,
+                              device, dtype, run.num_classes)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(unet.parameters(), cfg.grad_clip)
+        optimizer.step()
+        schedule.step()
+        ema.step(unet.parameters())
+
+    def compile_networks():
+        unet.compile(mode=run.compile_mode)
+
+    return step, compile_networks, cfg.batch_size
+
+
+def sampling_benchmark(run, spec, sampler: str, num_steps: int):
+    """(step, compile, batch) of one batch of networks.ldm.generate, the sampling loop of sample_ldm.py."""
+    cfg, device, dtype = run.cfg, run.device, spec["dtype"]
+    fmt = memory_format(spec)
+    torch.manual_seed(cfg.seed)
+    unet = build_unet(cfg, run.num_classes).to(device, memory_format=fmt).eval().requires_grad_(False)
+    vae = build_vae(cfg).to(device, memory_format=fmt).eval().requires_grad_(False)
+    scheduler = sampling_scheduler(sampler, noise_scheduler(cfg).config)
+    size, batch = latent_size(cfg), run.sampling_batch_size
+    noise = torch.randn(batch, cfg.vae_latent_channels, size, size, device=device).contiguous(memory_format=fmt)
+    labels = (torch.arange(batch, device=device) % run.num_classes) if run.num_classes else None
+    guidance = run.guidance_scale if labels is not None else 1.0
+
+    def step():
+        generate(unet, vae, scheduler, noise, labels, run.num_classes, guidance, num_steps, 1.0, dtype)
+
+    def compile_networks():
+        unet.compile(mode=run.compile_mode)
+        vae.decoder.compile(mode=run.compile_mode)
+
+    return step, compile_networks, batch
+
+
+# ----------------------------------------------------------------------------------------------
+
+def measure(run, build, spec, warmup: int, steps: int) -> dict:
+    """FLOPs of one step (eager), then warm-up and timed steps of the variant; one result row."""
+    device = run.device
+    gc.collect()  # the previous row's networks, optimizer states and compiled code are gone
+    torch._dynamo.reset()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    torch.backends.cudnn.benchmark = True  # fixed sizes, as train_ldm.py sets on CUDA
+    step, compile_networks, batch = build()
+    with FlopCounterMode(display=False) as counter:  # before compiling: compiled code hides the ops
+        step()
+    flops = counter.get_total_flops()
+    if spec["compile"]:
+        compile_networks()
+        warmup += run.compile_warmup
+    for _ in range(warmup):
+        step()
+    synchronize(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    synchronize(device)
+    seconds = (time.perf_counter() - start) / steps
+    peak = torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda" else float("nan")
+    return {"ms_per_step": 1000 * seconds, "peak_mem_gib": peak, "tflops": flops / seconds / 1e12,
+            "tflop_per_step": flops / 1e12, "batch_size": batch, "steps": steps, "warmup": warmup,
+            "seconds": seconds}
+
+
+def jobs(run):
+    """(benchmark title, unit, builder(spec), warm-up, steps) for each thing to time."""
+    out = []
+    if "vae" in run.what:
+        out.append((TITLES["vae"], "it/s", lambda spec: lambda: vae_benchmark(run, spec),
+                    run.train_warmup, run.train_steps))
+    if "diffusion" in run.what:
+        out.append((TITLES["diffusion"], "it/s", lambda spec: lambda: diffusion_benchmark(run, spec),
+                    run.train_warmup, run.train_steps))
+    if "sampling" in run.what:
+        for sampler, num_steps in run.samplers:
+            out.append((f"sampling {SAMPLER_TITLES[sampler]} {num_steps}", "images/s",
+                        lambda spec, s=sampler, n=num_steps: lambda: sampling_benchmark(run, spec, s, n),
+                        run.sampling_warmup, run.sampling_steps))
+    return out
+
+
+def benchmark(run) -> list[dict]:
+    from tqdm import tqdm
+
+    name = device_name(run.device)
+    peak = next((v for k, v in BF16_PEAK_TFLOPS.items() if k in name), None)
+    todo = [(job, variant) for job in jobs(run) for variant in run.variants]
+    rows = []
+    for (title, unit, builder, warmup, steps), variant in tqdm(todo, desc="benchmarks", unit="row",
+                                                              disable=not run.progress, file=sys.stderr):
+        spec = VARIANTS[variant]
+        result = measure(run, builder(spec), spec, warmup, steps)
+        rate = (result["batch_size"] if unit == "images/s" else 1) / result.pop("seconds")
+        row = {"benchmark": title, "variant": variant, "it_per_s": rate, "unit": unit, **result,
+               "image_size": run.cfg.image_size,
+               "fraction_of_bf16_peak": result["tflops"] / peak if peak else None}
+        rows.append(row)
+        if run.json:
+            print(json.dumps(row), flush=True)
+    return rows
+
+
+def print_table(run, rows: list[dict]) -> None:
+    cfg = run.cfg
+    print(f"\nstage 1 ({run.config.name}) on {device_name(run.device)}: images {cfg.image_size}x{cfg.image_size}, "
+          f"latents {cfg.vae_latent_channels}x{latent_size(cfg)}x{latent_size(cfg)}; training batches: "
+          f"autoencoder {cfg.vae_batch_size}, denoiser {cfg.batch_size}; sampling batch {run.sampling_batch_size}, "
+          f"guidance {run.guidance_scale}; timed {run.train_steps} training steps after {run.train_warmup} "
+          f"warm-up, {run.sampling_steps} sampling batches after {run.sampling_warmup}"
+          + (f" (compiled variants: {run.compile_warmup} more warm-up)"
+             if run.compile_warmup and any(VARIANTS[v]["compile"] for v in run.variants) else "")
+          + f"; torch {torch.__version__}")
+    print(f"{'benchmark':24s} {'variant':32s} {'rate':>9s} {'unit':8s} {'ms/step':>9s} {'peak GiB':>9s} "
+          f"{'TFLOP/s':>8s} {'of bf16 peak':>13s} {'TFLOP/step':>11s}")
+    for r in rows:
+        frac = f"{100 * r['fraction_of_bf16_peak']:.1f}%" if r["fraction_of_bf16_peak"] else "n/a"
+        peak = "n/a" if math.isnan(r["peak_mem_gib"]) else f"{r['peak_mem_gib']:.2f}"
+        print(f"{r['benchmark']:24s} {r['variant']:32s} {r['it_per_s']:9.2f} {r['unit']:8s} {r['ms_per_step']:9.1f} "
+              f"{peak:>9s} {r['tflops']:8.3f} {frac:>13s} {r['tflop_per_step']:11.4f}")
+    print("ms/step: per training iteration, or per sampling batch (all denoising steps and the decoder); "
+          "FLOPs counted forward + backward for training")
+
+
+def main(argv=None) -> int:
+    from dataloaders.io import DataError
+    from diffusers.utils import logging as diffusers_logging
+
+    diffusers_logging.set_verbosity_error()
+    args = parse_args(argv)
+    try:
+        run = resolve(args)
+    except (ConfigError, DataError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    rows = benchmark(run)
+    if not run.json:
+        print_table(run, rows)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,149 @@
+"""Smoke tests of the benchmark scripts at their smallest on CPU: they run, and every JSON row holds
+coherent figures. Speed itself is never asserted."""
+from __future__ import annotations
+
+import csv
+import importlib.util
+import json
+import math
+from pathlib import Path
+
+import torch
+
+from conftest import ROOT, run_script, write_dataset
+
+KEYS = ("variant", "it_per_s", "ms_per_step", "peak_mem_gib", "tflops")
+EAGER_VARIANTS = ["fp32 eager", "bf16 + channels_last"]  # the CPU default: compiling is left out there
+
+
+def json_rows(stdout: str) -> list[dict]:
+    return [json.loads(line) for line in stdout.splitlines() if line.startswith("{")]
+
+
+def check_row(row: dict) -> None:
+    for key in KEYS:
+        assert key in row, f"{key} missing from {row}"
+    for key in ("it_per_s", "ms_per_step", "tflops"):
+        assert isinstance(row[key], float) and math.isfinite(row[key]) and row[key] > 0, (key, row)
+    # peak memory is a CUDA measurement: on CPU the row says "not measured" (NaN), never a made-up 0
+    assert isinstance(row["peak_mem_gib"], float) and math.isnan(row["peak_mem_gib"]), row
+
+
+def test_bench_train_json_rows():
+    result = run_script("benchmarks/bench_train.py", "--device", "cpu", "--width", "4", "--image-size", "32",
+                        "--steps", "1", "--warmup", "0", "--json")
+    rows = json_rows(result.stdout)
+    assert [r["variant"] for r in rows] == EAGER_VARIANTS
+    for row in rows:
+        check_row(row)
+        assert math.isclose(row["it_per_s"] * row["ms_per_step"], 1000, rel_tol=1e-6)
+    assert rows[0]["tflop_per_step"] == rows[1]["tflop_per_step"]  # the same math in both variants
+
+
+def test_bench_ldm_json_rows():
+    result = run_script("benchmarks/bench_ldm.py", "--device", "cpu", "--config", "configs/ldm_tiny.yaml",
+                        "--image-size", "32", "--batch-size", "2", "--sampling-batch-size", "3",
+                        "--ddim-steps", "2", "--dpmsolver-steps", "2", "--steps", "1", "--warmup", "0",
+                        "--json", "--no-progress")
+    rows = json_rows(result.stdout)
+    benchmarks = ["autoencoder training", "denoiser training", "sampling DDIM 2", "sampling DPM-Solver++ 2"]
+    assert [(r["benchmark"], r["variant"]) for r in rows] == [(b, v) for b in benchmarks for v in EAGER_VARIANTS]
+    for row in rows:
+        check_row(row)
+        assert row["image_size"] == 32
+        sampling = row["benchmark"].startswith("sampling")
+        assert row["unit"] == ("images/s" if sampling else "it/s")
+        assert row["batch_size"] == (3 if sampling else 2)
+        # training: iterations/s = 1000 / ms per step; sampling: images/s = batch * 1000 / ms per batch
+        assert math.isclose(row["it_per_s"] * row["ms_per_step"], 1000 * (3 if sampling else 1), rel_tol=1e-6)
+    flops = {}
+    for row in rows:
+        flops.setdefault(row["benchmark"], set()).add(row["tflop_per_step"])
+    assert all(len(per_variant) == 1 for per_variant in flops.values()), flops  # same math, same FLOPs
+    # DDIM and DPM-Solver++ at 2 steps run the denoiser equally often: the same FLOPs per batch
+    assert flops["sampling DDIM 2"] == flops["sampling DPM-Solver++ 2"]
+    assert flops["denoiser training"] != flops["autoencoder training"]
+
+
+def test_bench_ldm_bad_size_is_one_clear_error():
+    # ldm_tiny's autoencoder halves the image twice: 30 is not a multiple of 4
+    result = run_script("benchmarks/bench_ldm.py", "--device", "cpu", "--config", "configs/ldm_tiny.yaml",
+                        "--image-size", "30", "--json", check=False)
+    assert result.returncode == 2
+    assert result.stderr.startswith("error: image_size 30 must be a multiple of 4"), result.stderr
+    assert "Traceback" not in result.stderr and result.stdout == ""
+
+
+def load_bench_ldm():
+    spec = importlib.util.spec_from_file_location("bench_ldm", ROOT / "benchmarks" / "bench_ldm.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def logged_losses(path: Path) -> list[dict]:
+    with path.open(newline="") as f:
+        return [{k: float(v) for k, v in row.items() if v != ""} for row in csv.DictReader(f)]
+
+
+def test_bench_ldm_steps_compute_train_ldm_losses(tmp_path):
+    """The benchmark times copies of train_ldm.py's inline training steps: they must stay the same
+    math. Replayed on the data and seeds of a real two-step run, they give the losses it logged."""
+    import train_ldm
+    from dataloaders.ldm_data import StepBatchSampler, TrainingImages, load_training_set
+    from networks.ldm import (STREAM_DIFFUSION, STREAM_VAE, VAE_DIR, AutoencoderPass, PatchDiscriminator,
+                              build_unet, build_vae, latent_size, load_model, noise_scheduler, step_generator)
+    from utils.config import parse_config
+
+    bench = load_bench_ldm()
+    data = write_dataset(tmp_path / "toy", n=9, size=(64, 80))
+    args = ["--config", str(ROOT / "configs" / "ldm_tiny.yaml"), "--data-dir", str(data),
+            "--out-dir", str(tmp_path / "run"), "--device", "cpu", "--vae-steps", "2", "--diffusion-steps", "2",
+            "--log-every", "1", "--checkpoint-every", "2", "--sample-every", "0", "--disc-weight", "0.5",
+            "--disc-start", "0", "--num-workers", "0", "--no-progress"]
+    run_script("train_ldm.py", *args)
+    cfg = parse_config(train_ldm.OPTIONS, "", args)
+    cpu = torch.device("cpu")
+    training = load_training_set(data, cfg.split, cfg.class_names)
+    dataset = TrainingImages(training.paths, training.labels, cfg.image_size)
+
+    # autoencoder: two steps (the second sees the first's updates of both networks)
+    torch.manual_seed(cfg.seed)
+    vae = build_vae(cfg).train()
+    optimizer, schedule = train_ldm.optimizer_and_schedule(vae.parameters(), cfg.vae_lr, cfg)
+    disc = PatchDiscriminator(cfg.disc_channels, cfg.disc_layers)
+    disc_optimizer = torch.optim.AdamW(disc.parameters(), lr=cfg.disc_lr, betas=(0.5, 0.9), weight_decay=0.0)
+    sampler = StepBatchSampler(len(dataset), cfg.vae_batch_size, cfg.seed, 0, cfg.vae_steps)
+    logged = logged_losses(tmp_path / "run" / "losses_vae.csv")
+    for step in range(2):
+        images = torch.stack([dataset[item][0] for item in sampler.batch(step)])
+        rng = step_generator(cfg.seed, step, STREAM_VAE, cpu)
+        noise = torch.randn((cfg.vae_batch_size, cfg.vae_latent_channels, latent_size(cfg), latent_size(cfg)),
+                            generator=rng)
+        loss, reconstruction, terms = bench.vae_losses(AutoencoderPass(vae), disc, images, noise, cfg, cpu, None, True)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), cfg.grad_clip)
+        optimizer.step()
+        schedule.step()
+        disc_loss = bench.discriminator_loss(disc, images, reconstruction, cpu, None)
+        disc_optimizer.zero_grad(set_to_none=True)
+        disc_loss.backward()
+        disc_optimizer.step()
+        mine = {"loss": loss, **terms, "discriminator": disc_loss}
+        assert logged[step]["step"] == step + 1
+        for key, value in mine.items():
+            assert math.isclose(float(value.detach()), logged[step][key], rel_tol=1e-4, abs_tol=1e-6), (step, key)
+
+    # denoiser: the first step's loss on the latents of the run's autoencoder
+    vae = load_model("vae", tmp_path / "run" / VAE_DIR, "autoencoder").eval().requires_grad_(False)
+    means, stds = train_ldm.encode_training_set(vae, dataset, cpu, cfg.batch_size, progress=False)
+    scaling = json.loads((tmp_path / "run" / "ldm.json").read_text())["latent_scaling_factor"]
+    torch.manual_seed(cfg.seed)
+    unet = build_unet(cfg, len(training.class_names)).train()
+    sampler = StepBatchSampler(len(dataset), cfg.batch_size, cfg.seed, 0, cfg.diffusion_steps)
+    loss = bench.diffusion_loss(unet, noise_scheduler(cfg), means, stds, torch.tensor(training.labels),
+                                sampler.batch(0), step_generator(cfg.seed, 0, STREAM_DIFFUSION, cpu), scaling, cfg,
+                                cpu, None, len(training.class_names))
+    first = logged_losses(tmp_path / "run" / "losses_diffusion.csv")[0]
+    assert first["step"] == 1 and math.isclose(float(loss.detach()), first["loss"], rel_tol=1e-4, abs_tol=1e-6)
