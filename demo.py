@@ -109,7 +109,7 @@ def main(argv=None) -> int:
                         ("predicted masks", out / "predictions_mgcc" / "masks"),
                         ("overlays", out / "predictions_mgcc" / "overlays"),
                         ("metrics", out / "predictions_mgcc" / "metrics.json")]:
-        print(f"  {label:18s} {path}")
+        print(f"  {label:20s} {path}")
     return 0
 
 
