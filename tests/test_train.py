@@ -119,3 +119,16 @@ def test_busi_config_holds_the_official_defaults():
         "consistency": 7.0, "consistency_rampup": 200.0, "consistency_ramp_every": 150, "image_size": 256,
         "width": 64, "base_iterations": 40000, "labeled_fraction": 0.5}
     assert set(config) <= {o.name for o in train.OPTIONS}
+
+
+def test_any_dataset_in_the_layout(tmp_path):
+    """Other id names, upper-case extensions, JPEG images, sizes that are not square: split, train, predict."""
+    data = write_dataset(tmp_path / "Thyroid", n=9, size=(45, 70), ext=".JPG", prefix=("case",), splits=False)
+    run_script("split.py", "--data-dir", data)
+    assert (data / "thyroid_train1.txt").is_file()
+    code, out = run_train(tmp_path, data, "--iterations", "2", "--eval-every", "2")
+    assert code == 0 and json.loads((out / "metrics.json").read_text())["iterations"] == 2
+    run_script("predict.py", "--checkpoint", out / "checkpoint_best.pt", "--input-dir", data, "--output-dir",
+               tmp_path / "pred", "--masks-dir", data / "masks" / "0", "--num-workers", "0", "--no-overlays")
+    assert sorted(p.name for p in (tmp_path / "pred" / "masks").iterdir()) == [f"case ({k}).png" for k in
+                                                                                 sorted(range(1, 10), key=str)]
