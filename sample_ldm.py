@@ -24,13 +24,29 @@ from __future__ import annotations
 
 import csv
 import math
+import os
 import re
 import shutil
+import signal
 import sys
 from pathlib import Path
 from types import SimpleNamespace
 
+import cv2
+import numpy as np
+import torch
+from diffusers.utils import logging as diffusers_logging
+from tqdm import tqdm
+
+from dataloaders.io import DataError, find_cases, select_cases
+from dataloaders.ldm_data import thumbnails
+from networks.ldm import (class_for_sampling, generate, load_sampling_models, nearest_training_images, on_main_rank,
+                          open_run, sampling_scheduler, typical_training_distance)
+from utils import distributed
+from utils.cli import run_cli
 from utils.config import ConfigError, Option, optional, parse_config
+from utils.plots import save_image
+from utils.runtime import autocast_dtype, resolve_device, StopRequest
 
 EPILOG = """examples:
   python sample_ldm.py --checkpoint runs/ldm_busi_1 --num-images 1000 --out-dir inputs/BUSI_synth_1
@@ -97,9 +113,6 @@ def check_out_dir(out_dir: Path, overwrite: bool) -> None:
 
 def training_thumbnails(info: dict):
     """The run's training images at 64x64, for the memorisation report."""
-    from dataloaders.io import DataError, find_cases, select_cases
-    from dataloaders.ldm_data import thumbnails
-
     try:
         cases = find_cases(info["data_dir"])
         paths = [image for _, image, _ in select_cases(cases, info["train_ids"], "the run's ldm.json")]
@@ -112,7 +125,6 @@ def training_thumbnails(info: dict):
 def image_classes(cfg: SimpleNamespace, info: dict, label: int | None) -> list[int | None]:
     """One label per image: the asked class, or (``all``) drawn from image n's own seed with the
     training frequencies, so that image n is the same whatever --num-images and --batch-size."""
-    import numpy as np
 
     if not info["class_names"]:
         return [None] * cfg.num_images
@@ -138,20 +150,8 @@ def publish(partial: Path, out_dir: Path) -> None:
 
 def sample(cfg: SimpleNamespace, ctx, device) -> int:
     """Sample the images this process is dealt; rank 0 publishes the folder. The exit status."""
-    import os
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # models are read from the run folder, never downloaded
-    import signal
 
-    import cv2
-    import torch
-    from diffusers.utils import logging as diffusers_logging
-    from tqdm import tqdm
-
-    from networks.ldm import (class_for_sampling, generate, load_sampling_models, on_main_rank, open_run,
-                              sampling_scheduler)
-    from utils import distributed
-    from utils.plots import save_image
-    from utils.runtime import StopRequest, autocast_dtype
 
     diffusers_logging.set_verbosity_error()
     check_values(cfg)
@@ -253,9 +253,7 @@ def sample(cfg: SimpleNamespace, ctx, device) -> int:
 def write_manifest(cfg, info: dict, classes: list, names: list[str], run_dir: Path, folder: Path,
                    training, small: dict) -> str | None:
     """manifest.csv (and memorisation.txt) into ``folder``; the memorisation summary line or None."""
-    import numpy as np
 
-    from networks.ldm import nearest_training_images, typical_training_distance
 
     nearest_ids, distances, summary = [""] * cfg.num_images, [""] * cfg.num_images, None
     if training is not None:
@@ -284,8 +282,6 @@ def write_manifest(cfg, info: dict, classes: list, names: list[str], run_dir: Pa
 def main(argv: list[str] | None = None) -> int:
     """Sample; the exit status. Bad input raises ConfigError / DataError / CheckpointError, which
     utils.cli.run_cli turns into one error line and status 2."""
-    from utils import distributed
-    from utils.runtime import resolve_device
 
     cfg = parse_config(OPTIONS, __doc__, argv, epilog=EPILOG)
     ctx, device = distributed.setup(resolve_device(cfg.device))
@@ -296,6 +292,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from utils.cli import run_cli
-
     run_cli(main)

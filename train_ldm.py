@@ -28,14 +28,39 @@ input and unusable run folders or state files exit with status 2 and one error l
 from __future__ import annotations
 
 import csv
+import math
+import os
 import shutil
+import signal
 import sys
 import time
 from collections import defaultdict
 from pathlib import Path
 from types import SimpleNamespace
 
+import torch
+import torch.nn.functional as F
+from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+from diffusers.optimization import get_constant_schedule_with_warmup
+from diffusers.training_utils import EMAModel
+from diffusers.utils import logging as diffusers_logging
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from dataloaders.io import dataset_name
+from dataloaders.ldm_data import load_training_set, StepBatchSampler, TrainingImages
+from networks.ldm import (DIFFUSION_STATE, EMA_DIR, IMAGE_CHANNELS, KIND, PREVIEW_DIR, RUN_INFO, SCHEDULER_DIR,
+                          STREAM_DIFFUSION, STREAM_PREVIEW, STREAM_VAE, UNET_DIR, VAE_DIR, VAE_STATE, autocast,
+                          AutoencoderPass, build_unet, build_vae, check_architecture, derived_seed, generate,
+                          latent_scaling_factor, latent_size, load_model, noise_scheduler, on_main_rank,
+                          parameter_counts, PatchDiscriminator, read_run_info, sampling_scheduler, save_model, ssim,
+                          step_generator, to_uint8, write_run_info)
+from utils import distributed
+from utils.checkpoint import atomic_save, CheckpointError, load_checkpoint
+from utils.cli import run_cli
 from utils.config import ConfigError, Option, file_values, optional, parse_config, read_yaml, save_yaml
+from utils.plots import image_grid, plot_curves, save_image
+from utils.runtime import autocast_dtype, resolve_device, rng_state, set_rng_state, StopRequest
 
 EPILOG = """examples:
   python train_ldm.py --config configs/ldm_busi.yaml --data-dir inputs/BUSI --split 1 --out-dir runs/ldm_busi_1
@@ -138,8 +163,6 @@ VAE_STATE_KIND, DIFFUSION_STATE_KIND = "mgcc-ldm-vae-state", "mgcc-ldm-diffusion
 # ----------------------------------------------------------------------------------------------
 
 def check_values(cfg: SimpleNamespace, world_size: int = 1) -> None:
-    from networks.ldm import check_architecture
-
     def require(condition: bool, message: str) -> None:
         if not condition:
             raise ConfigError(message)
@@ -207,8 +230,6 @@ def merged_config(cfg: SimpleNamespace, run_dir: Path, may_change: set[str]) -> 
 
 
 def load_data(cfg: SimpleNamespace):
-    from dataloaders.ldm_data import load_training_set
-
     if cfg.data_dir is None:
         raise ConfigError("give --data-dir (the dataset folder whose training images the model learns)")
     class_names = cfg.class_names if cfg.class_conditioning else []
@@ -217,8 +238,6 @@ def load_data(cfg: SimpleNamespace):
 
 
 def new_run_info(cfg: SimpleNamespace, data) -> dict:
-    from networks.ldm import IMAGE_CHANNELS, KIND, latent_size
-
     counts = [data.labels.count(k) for k in range(len(data.class_names))] if data.labels is not None else []
     return {"kind": KIND, "version": 1, "image_size": cfg.image_size, "channels": IMAGE_CHANNELS,
             "latent_channels": cfg.vae_latent_channels, "latent_size": latent_size(cfg),
@@ -229,8 +248,6 @@ def new_run_info(cfg: SimpleNamespace, data) -> dict:
 
 
 def remove_diffusion_outputs(run_dir: Path, info: dict) -> None:
-    from networks.ldm import DIFFUSION_STATE, EMA_DIR, PREVIEW_DIR, SCHEDULER_DIR, UNET_DIR, write_run_info
-
     for name in (UNET_DIR, EMA_DIR, SCHEDULER_DIR):
         shutil.rmtree(run_dir / name, ignore_errors=True)
     for path in [run_dir / DIFFUSION_STATE, run_dir / "losses_diffusion.csv", run_dir / "losses_diffusion.png",
@@ -246,7 +263,6 @@ def prepare_run(cfg: SimpleNamespace, run_dir: Path, world_size: int = 1):
     Nothing is written or deleted before the configuration and the data have been checked. Under
     torchrun rank 0 alone calls this (see networks.ldm.on_main_rank).
     """
-    from networks.ldm import DIFFUSION_STATE, RUN_INFO, read_run_info, write_run_info
 
     if run_dir.exists() and not run_dir.is_dir():
         raise ConfigError(f"--out-dir {run_dir} is a file, not a folder")
@@ -338,12 +354,6 @@ class LossLog:
 
     def flush(self, step: int, state_path: Path) -> dict:
         """Record the window's means; a non-finite loss stops the run, its last checkpoint untouched."""
-        import math
-
-        import torch
-
-        from utils import distributed
-
         means, first_bad = {}, None
         for key, values in self.window.items():
             values = torch.stack(values).float().cpu()
@@ -369,8 +379,6 @@ class LossLog:
 
     def write(self, run_dir: Path, stage: str, title: str, panels: dict[str, dict[str, str]]) -> None:
         """losses_<stage>.csv and losses_<stage>.png; panels: {panel title: {curve label: column}}."""
-        from utils.plots import plot_curves
-
         if not self.history:
             return
         columns = ["step"] + sorted({k for row in self.history for k in row} - {"step"})
@@ -394,9 +402,6 @@ def due(step: int, every: int, last: int) -> bool:
 
 
 def optimizer_and_schedule(parameters, lr: float, cfg: SimpleNamespace, betas=(0.9, 0.999), weight_decay=None):
-    import torch
-    from diffusers.optimization import get_constant_schedule_with_warmup
-
     optimizer = torch.optim.AdamW(parameters, lr=lr, betas=betas,
                                   weight_decay=cfg.weight_decay if weight_decay is None else weight_decay)
     return optimizer, get_constant_schedule_with_warmup(optimizer, cfg.warmup_steps)
@@ -404,8 +409,6 @@ def optimizer_and_schedule(parameters, lr: float, cfg: SimpleNamespace, betas=(0
 
 def read_state(path: Path, kind: str, what: str):
     """The state file --resume continues from, or None before the stage's first checkpoint."""
-    from utils.checkpoint import CheckpointError, load_checkpoint
-
     if not path.is_file():
         return None
     try:
@@ -426,9 +429,7 @@ def rank_rng_state(saved, ctx) -> dict:
 def check_finite_weights(modules, step: int, state_path: Path, device) -> None:
     """Never checkpoint non-finite weights (a finite loss can still step to them): they would
     poison --resume. Every rank raises together."""
-    import torch
 
-    from utils import distributed
 
     bad = any(not torch.isfinite(p).all() for m in modules if m is not None for p in m.parameters())
     if distributed.any_rank(bad, device):
@@ -440,8 +441,6 @@ def check_finite_weights(modules, step: int, state_path: Path, device) -> None:
 
 def wrap_ddp(module, ctx, device):
     """DistributedDataParallel under torchrun (gradients averaged over the processes), else the module."""
-    import torch
-
     if not ctx.enabled:
         return module
     return torch.nn.parallel.DistributedDataParallel(module, device_ids=[device] if device.type == "cuda" else None)
@@ -449,17 +448,11 @@ def wrap_ddp(module, ctx, device):
 
 def stop_now(stop, ctx, device) -> bool:
     """Whether to stop after this step: a signal reached this process or, under torchrun, any."""
-    from utils import distributed
-
     return distributed.any_rank(bool(stop), device) if ctx.enabled else bool(stop)
 
 
 def stopped(stop, what: str, step: int, run_dir: Path, stage: str, ctx) -> int:
     """Report a stop by a signal; the exit status 128 + signal number (the same on every rank)."""
-    import signal
-
-    from utils import distributed
-
     number = max(distributed.gather_objects(stop.signal_number))
     if ctx.is_main:
         launcher = f"torchrun --nproc_per_node {ctx.world_size}" if ctx.enabled else "python"
@@ -480,9 +473,7 @@ def vae_losses(vae_pass, disc, images, noise, cfg: SimpleNamespace, device, amp_
     """The autoencoder's loss of one step: L1 + (1 - SSIM) + KL (+ the generator's hinge term when
     ``adversarial``). ``noise``: this process's unit posterior noise. Returns (loss, reconstruction,
     the logged terms). benchmarks/bench_ldm.py times it."""
-    from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
-    from networks.ldm import autocast, ssim
 
     with autocast(device, amp_dtype):
         moments, reconstruction = vae_pass(images, noise)
@@ -505,10 +496,7 @@ def vae_losses(vae_pass, disc, images, noise, cfg: SimpleNamespace, device, amp_
 def discriminator_loss(disc_pass, images, reconstruction, device, amp_dtype):
     """Hinge loss of the patch discriminator, real and (detached) fake images in one forward:
     DDP synchronises one backward per forward."""
-    import torch
-    import torch.nn.functional as F
 
-    from networks.ldm import autocast
 
     with autocast(device, amp_dtype):
         real, fake = disc_pass(torch.cat([images, reconstruction.detach()])).float().chunk(2)
@@ -521,10 +509,7 @@ def diffusion_loss(denoiser, scheduler, means, stds, labels_of, batch, rng, scal
     each image and its mirror image). ``batch``: the global StepBatchSampler batch; ``mine``: this
     process's items of it. Every random number is drawn for the whole batch and sliced: each item
     gets the numbers it gets in a single-process run. benchmarks/bench_ldm.py times it."""
-    import torch
-    import torch.nn.functional as F
 
-    from networks.ldm import autocast
 
     size = len(batch)
     index = torch.tensor([i for i, _ in batch], device=device)[mine]
@@ -551,19 +536,6 @@ def diffusion_loss(denoiser, scheduler, means, stds, labels_of, batch, rng, scal
 
 def train_vae(cfg: SimpleNamespace, run_dir: Path, info: dict, data, device, ctx, stop) -> int:
     """Train (or continue) the autoencoder; 0, or 128 + signal number when stopped by a signal."""
-    import torch
-    from torch.utils.data import DataLoader
-    from tqdm import tqdm
-
-    from dataloaders.ldm_data import StepBatchSampler, TrainingImages
-    from networks.ldm import (PREVIEW_DIR, STREAM_VAE, VAE_DIR, VAE_STATE, AutoencoderPass, PatchDiscriminator,
-                              autocast, build_vae, derived_seed, latent_size, save_model, step_generator,
-                              to_uint8, write_run_info)
-    from utils import distributed
-    from utils.checkpoint import atomic_save
-    from utils.plots import image_grid, save_image
-    from utils.runtime import autocast_dtype, rng_state, set_rng_state
-
     state_path = run_dir / VAE_STATE
     state = read_state(state_path, VAE_STATE_KIND, "autoencoder")
     start = state["step"] if state else 0
@@ -696,8 +668,6 @@ def encode_training_set(vae, dataset, device, batch_size: int, progress: bool = 
     Under torchrun every process encodes all images in the same batches as a single process: the
     latents, and the latent scaling factor, are those of a single-process run.
     """
-    import torch
-    from tqdm import tqdm
 
     items = [(i, flip) for i in range(len(dataset)) for flip in (False, True)]
     means, stds = [], []
@@ -715,19 +685,7 @@ def encode_training_set(vae, dataset, device, batch_size: int, progress: bool = 
 def train_diffusion(cfg: SimpleNamespace, run_dir: Path, info: dict, data, device, ctx, stop) -> int:
     """Train (or continue) the denoiser on the frozen autoencoder's latents; 0, or 128 + signal
     number when stopped by a signal."""
-    import torch
-    from diffusers.training_utils import EMAModel
-    from tqdm import tqdm
 
-    from dataloaders.ldm_data import StepBatchSampler, TrainingImages
-    from networks.ldm import (DIFFUSION_STATE, EMA_DIR, PREVIEW_DIR, SCHEDULER_DIR, STREAM_DIFFUSION,
-                              STREAM_PREVIEW, UNET_DIR, VAE_DIR, build_unet, derived_seed, generate,
-                              latent_scaling_factor, load_model, noise_scheduler, sampling_scheduler, save_model,
-                              step_generator, write_run_info)
-    from utils import distributed
-    from utils.checkpoint import atomic_save
-    from utils.plots import image_grid, save_image
-    from utils.runtime import autocast_dtype, rng_state, set_rng_state
 
     state_path = run_dir / DIFFUSION_STATE
     state = read_state(state_path, DIFFUSION_STATE_KIND, "denoiser")
@@ -854,13 +812,8 @@ def train_diffusion(cfg: SimpleNamespace, run_dir: Path, info: dict, data, devic
 def train(cfg: SimpleNamespace, ctx, device) -> int:
     """Run the stages the configuration asks for; the exit status (0, or 128 + signal number when
     stopped by a signal)."""
-    import os
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # models are built from config, never downloaded
-    from diffusers.utils import logging as diffusers_logging
 
-    from dataloaders.io import dataset_name
-    from networks.ldm import on_main_rank, parameter_counts
-    from utils.runtime import StopRequest
 
     diffusers_logging.set_verbosity_error()
     check_values(cfg, ctx.world_size)
@@ -871,7 +824,6 @@ def train(cfg: SimpleNamespace, ctx, device) -> int:
             raise ConfigError("give --out-dir (the run folder) or --data-dir (to name it runs/ldm_<dataset>_<split>)")
         cfg.out_dir = f"runs/ldm_{dataset_name(cfg.data_dir)}_{cfg.split}"
     if device.type == "cuda":
-        import torch
         torch.backends.cudnn.benchmark = True  # fixed input sizes: let cuDNN pick its fastest kernels
     run_dir = Path(cfg.out_dir)
     # From here a signal only sets a flag: the run folder is never left half-prepared, and the
@@ -905,8 +857,6 @@ def train(cfg: SimpleNamespace, ctx, device) -> int:
 def main(argv: list[str] | None = None) -> int:
     """Train; the exit status. Bad input raises ConfigError / DataError / CheckpointError and a
     diverged run FloatingPointError: utils.cli.run_cli turns them into one error line (status 2, 3)."""
-    from utils import distributed
-    from utils.runtime import resolve_device
 
     cfg = parse_config(OPTIONS, __doc__, argv, epilog=EPILOG)
     ctx, device = distributed.setup(resolve_device(cfg.device))
@@ -917,6 +867,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from utils.cli import run_cli
-
     run_cli(main)
