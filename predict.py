@@ -68,6 +68,10 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def load_segmenter(path: Path) -> tuple[MGCCNet, dict, str]:
     """(model in eval mode, preprocessing options, description) from either kind of checkpoint."""
+    if path.is_dir():
+        what = "a latent diffusion run folder (for sample_ldm.py)" if (path / "ldm.json").exists() else "a folder"
+        raise CheckpointError(f"{path} is {what}: expected a checkpoint file written by train.py "
+                              "(e.g. runs/<run>/checkpoint_best.pt) or an official MGCC state_dict")
     checkpoint = load_checkpoint(path)
     if is_official_state_dict(checkpoint):
         model = MGCCNet(**infer_official_architecture(checkpoint))

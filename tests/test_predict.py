@@ -88,6 +88,15 @@ def test_foreign_or_broken_checkpoints(tmp_path, trained, make, message):
     assert not (tmp_path / "o").exists()
 
 
+def test_an_ldm_run_folder_is_not_a_segmenter(tmp_path, trained):
+    data, _ = trained
+    (tmp_path / "ldm").mkdir()
+    (tmp_path / "ldm" / "ldm.json").write_text("{}")
+    result = run_script("predict.py", "--checkpoint", tmp_path / "ldm", "--input-dir", data, "--output-dir",
+                        tmp_path / "o", check=False)
+    assert result.returncode == 2 and "latent diffusion run folder (for sample_ldm.py)" in result.stderr
+
+
 def test_truncated_checkpoint(tmp_path, trained):
     data, checkpoint = trained
     bad = tmp_path / "cut.pt"
