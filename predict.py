@@ -86,7 +86,10 @@ def load_segmenter(path: Path) -> tuple[MGCCNet, dict, str]:
     try:
         model.load_state_dict(checkpoint["model"])
     except RuntimeError as error:
-        raise CheckpointError(f"{path}: weights do not fit the architecture it names: {error}") from None
+        problems = [line.strip() for line in str(error).splitlines()[1:] if line.strip()]
+        raise CheckpointError(f"{path}: its weights do not fit the architecture it names "
+                              f"({checkpoint['model_args']}): {len(problems)} mismatches, e.g. "
+                              f"{problems[0] if problems else error}") from None
     config = checkpoint["config"]
     preprocessing = {k: config[k] for k in OFFICIAL_PREPROCESSING}
     return model.eval(), preprocessing, f"train.py checkpoint ({config['mode']}, iteration {checkpoint['iteration']})"
