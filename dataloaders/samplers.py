@@ -20,7 +20,7 @@ from typing import Iterator
 import numpy as np
 from torch.utils.data import Sampler
 
-LABELED_STREAM, UNLABELED_STREAM, HOLDOUT_STREAM = 0, 1, 2
+LABELED_STREAM, UNLABELED_STREAM = 0, 1
 
 
 class StreamBatchSampler(Sampler[list[tuple[int, int]]]):

@@ -83,7 +83,3 @@ def broadcast_object(obj, src: int = 0):
     dist.broadcast_object_list(box, src=src)
     return box[0]
 
-
-def shard(items: list, context: Context) -> list:
-    """This rank's share of a list: every world_size-th item from its rank on (no overlap)."""
-    return items[context.rank::context.world_size]
