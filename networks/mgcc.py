@@ -23,12 +23,27 @@ from torch import nn
 from .perturbations import FeatureDropout, FeatureNoise, AlwaysOnDropout
 
 
-class ConvBlock(nn.Sequential):
-    """(3x3 conv -> BN -> ReLU) x 2."""
+class Float32Conv2d(nn.Conv2d):
+    """A convolution that stays in float32 under autocast (used for the image's first convolution).
 
-    def __init__(self, in_channels: int, out_channels: int):
+    Why: the official normalisation divides by 255 twice, so the image is ~1e-2 while this conv's
+    bias is ~1e-1 (PyTorch's default init). In bf16 the bias-dominated output keeps 8 bits, which
+    rounds most of the image's signal away before BatchNorm rescales it: 20% relative error after
+    the first BatchNorm, and a step gradient with cosine 0.4 to fp32 (benchmarks/check_bf16.py).
+    In float32 the step matches fp32 to bf16's usual tolerance. It is ~0.1% of a step's FLOPs.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(x.device.type, enabled=False):
+            return super().forward(x.to(self.weight.dtype))  # the fp32 master weights under autocast
+
+
+class ConvBlock(nn.Sequential):
+    """(3x3 conv -> BN -> ReLU) x 2. ``first_conv`` is the class of the first convolution."""
+
+    def __init__(self, in_channels: int, out_channels: int, first_conv: type[nn.Conv2d] = nn.Conv2d):
         super().__init__(
-            nn.Conv2d(in_channels, out_channels, 3, padding=1), nn.BatchNorm2d(out_channels), nn.ReLU(inplace=True),
+            first_conv(in_channels, out_channels, 3, padding=1), nn.BatchNorm2d(out_channels), nn.ReLU(inplace=True),
             nn.Conv2d(out_channels, out_channels, 3, padding=1), nn.BatchNorm2d(out_channels), nn.ReLU(inplace=True),
         )
 
@@ -90,13 +105,17 @@ class MSAG(nn.Module):
 
 
 class Encoder(nn.Module):
-    """Five conv stages of widths w, 2w, 4w, 8w, 16w with 2x2 max-pooling between them."""
+    """Five conv stages of widths w, 2w, 4w, 8w, 16w with 2x2 max-pooling between them.
+
+    The image's convolution runs in float32 under autocast (see Float32Conv2d).
+    """
 
     def __init__(self, in_channels: int = 3, width: int = 64):
         super().__init__()
         widths = [width * 2 ** i for i in range(5)]
         self.widths = widths
-        self.stages = nn.ModuleList(ConvBlock(c_in, c_out) for c_in, c_out in zip([in_channels] + widths[:-1], widths))
+        self.stages = nn.ModuleList([ConvBlock(in_channels, widths[0], first_conv=Float32Conv2d)] + [
+            ConvBlock(c_in, c_out) for c_in, c_out in zip(widths[:-1], widths[1:])])
         self.pool = nn.MaxPool2d(2)
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:

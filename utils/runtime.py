@@ -25,9 +25,12 @@ def resolve_device(name: str) -> torch.device:
 
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype for a precision option: 'auto' is bf16 on CUDA and fp32 elsewhere."""
+    """The autocast dtype for a precision option: 'auto' is bf16 on a CUDA GPU that has it, else fp32.
+
+    On CPUs bf16 is fast only where the cores have bf16 instructions, so 'auto' keeps fp32 there.
+    """
     if precision == "auto":
-        precision = "bf16" if device.type == "cuda" else "fp32"
+        precision = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
     return {"fp32": None, "bf16": torch.bfloat16}[precision]
 
 
