@@ -147,3 +147,30 @@ def test_bench_ldm_steps_compute_train_ldm_losses(tmp_path):
                                 cpu, None, len(training.class_names))
     first = logged_losses(tmp_path / "run" / "losses_diffusion.csv")[0]
     assert first["step"] == 1 and math.isclose(float(loss.detach()), first["loss"], rel_tol=1e-4, abs_tol=1e-6)
+
+
+def write_history(run_dir: Path, ious: dict[int, float]) -> None:
+    run_dir.mkdir()
+    records = [{"iteration": it, "set": "val", "iou": iou, "dice": 2 * iou / (1 + iou), "train_loss": 1 / it}
+               for it, iou in ious.items()]
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+
+
+def test_compare_runs_table_and_png(tmp_path):
+    write_history(tmp_path / "fp32", {100: 0.25, 200: 0.5, 300: 0.45})
+    write_history(tmp_path / "bf16", {100: 0.3, 200: 0.4})  # stopped early: no row at 300
+    png = tmp_path / "curves.png"
+    result = run_script("benchmarks/compare_runs.py", tmp_path / "fp32", tmp_path / "bf16", "--png", png)
+    rows = [line.split() for line in result.stdout.splitlines()[2:]]
+    assert rows[:3] == [["100", "0.2500", "0.3000"], ["200", "0.5000", "0.4000"], ["300", "0.4500", "-"]]
+    assert rows[3] == ["best", "0.5000", "@200", "0.4000", "@200"]
+    assert png.stat().st_size > 0 and png.read_bytes()[:4] == b"\x89PNG"
+    dice = run_script("benchmarks/compare_runs.py", tmp_path / "fp32", "--metric", "dice").stdout
+    assert "0.6667" in dice  # 2 * 0.5 / 1.5 at iteration 200
+
+
+def test_compare_runs_names_a_folder_without_metrics(tmp_path):
+    (tmp_path / "empty").mkdir()
+    result = run_script("benchmarks/compare_runs.py", tmp_path / "empty", check=False)
+    assert result.returncode == 2
+    assert result.stderr.strip() == f"error: {tmp_path / 'empty'} is not a train.py run folder: metrics.jsonl not found"
