@@ -79,10 +79,11 @@ OPTIONS = [
     Option("consistency_rampup", 200.0, "lambda ramps up over this many ramp steps (sigmoid ramp-up)"),
     Option("consistency_ramp_every", 150, "iterations per ramp step (official: t = iteration // 150)"),
     Option("seed", 1337, "random seed of weights, data order, augmentation and perturbations"),
-    # speed options. bf16 is not the default: on CPU its step gradient differs from fp32 more than the
-    # perturbations' own randomness does (README, "Speed"); its accuracy on a full schedule is unmeasured.
-    Option("precision", "fp32", "autocast precision: fp32 (the official arithmetic), bf16 (fp32 master weights), "
-           "or auto (bf16 on CUDA, fp32 on CPU)", choices=("fp32", "bf16", "auto")),
+    # speed options. bf16 on CUDA is the default: with the image's convolution in fp32 it trains as fp32
+    # does (benchmarks/RESULTS.md); evaluation is always fp32.
+    Option("precision", "auto", "autocast precision of the training step: auto (bf16 on a CUDA GPU with bf16, "
+           "fp32 elsewhere), bf16 (fp32 master weights), or fp32 (the official arithmetic)",
+           choices=("auto", "bf16", "fp32")),
     Option("channels_last", "auto", "channels_last memory format: on, off, or auto (on with CUDA)",
            choices=("auto", "on", "off")),
     Option("compile", False, "torch.compile the model"),
@@ -323,7 +324,8 @@ def train(cfg, ctx, device) -> int:
             if evaluate_now:
                 train_means = losses.eval_means(done)
                 if ctx.is_main:
-                    metrics = evaluate(model, selection_loader, device, amp_dtype)
+                    # in fp32 whatever the training precision: metrics comparable across runs and with predict.py
+                    metrics = evaluate(model, selection_loader, device)
                     if record.add(done, metrics, train_means, scheduler.get_last_lr()[0]):
                         record.save("checkpoint_best.pt", {**state(done, full=False), "metrics": metrics})
                     bar.write(record.describe_last())
@@ -339,11 +341,11 @@ def train(cfg, ctx, device) -> int:
                 return 128 + stop.signal_number if stopping else 0
     bar.close()
     if ctx.is_main:
-        finish(cfg, model, record, run_data, out_dir, iterations, device, amp_dtype, make)
+        finish(cfg, model, record, run_data, out_dir, iterations, device, make)
     return 0
 
 
-def finish(cfg, model, record, run_data, out_dir, iterations, device, amp_dtype, make) -> None:
+def finish(cfg, model, record, run_data, out_dir, iterations, device, make) -> None:
     """metrics.json; with --holdout, the single evaluation of the val list by the selected checkpoint."""
     best = record.best
     summary = {"mode": cfg.mode, "iterations": iterations, "parameters": count_parameters(model),
@@ -352,7 +354,7 @@ def finish(cfg, model, record, run_data, out_dir, iterations, device, amp_dtype,
     if run_data.report:
         model.load_state_dict(load_checkpoint(out_dir / "checkpoint_best.pt", CHECKPOINT_KIND)["model"])
         loader = make_loader(make(run_data.report, False), cfg, device, batch_size=cfg.eval_batch_size)
-        summary["val"] = evaluate(model, loader, device, amp_dtype)
+        summary["val"] = evaluate(model, loader, device)
         summary["note"] = "checkpoint_best selected on the holdout ids; 'val' is its single evaluation on the val list."
     else:
         summary["val"] = summary["best"]

@@ -23,9 +23,12 @@ from torch.utils.flop_counter import FlopCounterMode
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from networks.mgcc import MGCCNet  # noqa: E402
 from train import mgcc_losses  # noqa: E402
+from utils.runtime import autocast_dtype  # noqa: E402
 
 # dense bf16 peak (TFLOP/s) of devices this project is measured on, for the fraction column
 BF16_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
+# the official training loop as published, on an H100 at the published size (../shared/reference)
+OFFICIAL_H100_IT_PER_S = 3.55
 VARIANTS = {
     "fp32 eager": dict(dtype=None, channels_last=False, compile=False),
     "bf16 + channels_last": dict(dtype=torch.bfloat16, channels_last=True, compile=False),
@@ -135,6 +138,12 @@ def main(argv=None) -> int:
             print(f"{r['variant']:34s} {r['it_per_s']:8.2f} {r['ms_per_step']:9.1f} {r['peak_mem_gib']:9.2f} "
                   f"{r['tflops']:8.3f} {frac:>13s}")
         print(f"FLOPs per step (forward + backward): {rows[0]['tflop_per_step']:.3f} TFLOP")
+        # auto: bf16 and channels_last on a CUDA GPU with bf16, fp32 and the plain layout on CPU
+        default = "bf16 + channels_last" if autocast_dtype("auto", args.device) is not None else "fp32 eager"
+        print(f"train.py's default here (--precision auto, --channels-last auto, no --compile): {default}")
+        if "H100" in name and (args.width, args.image_size, args.batch_size) == (64, 256, 8):
+            print("against the official loop on an H100 (3.55 it/s): " + ", ".join(
+                f"{r['variant']} {r['it_per_s'] / OFFICIAL_H100_IT_PER_S:.2f}x" for r in rows))
     return 0
 
 

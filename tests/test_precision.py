@@ -15,6 +15,7 @@ import torch
 
 from conftest import ROOT
 from networks.mgcc import Float32Conv2d, MGCCNet
+from utils.runtime import autocast_dtype
 
 
 def load_check_bf16():
@@ -62,3 +63,12 @@ def test_first_conv_is_float32_under_autocast():
         assert torch.nn.Conv2d.forward(conv, x).dtype == torch.bfloat16  # what plain autocast gives
     assert y.dtype == torch.float32
     torch.testing.assert_close(y, torch.nn.Conv2d.forward(conv, x), rtol=0, atol=0)
+
+
+def test_auto_precision_is_bf16_only_on_cuda_gpus_that_have_it(monkeypatch):
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: True)
+    assert autocast_dtype("auto", cuda) is torch.bfloat16 and autocast_dtype("auto", cpu) is None
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: False)  # e.g. a V100
+    assert autocast_dtype("auto", cuda) is None
+    assert autocast_dtype("bf16", cpu) is torch.bfloat16 and autocast_dtype("fp32", cuda) is None

@@ -9,6 +9,7 @@ import yaml
 
 from conftest import ROOT, run_script, write_dataset
 import train
+from utils.evaluation import evaluate
 
 TINY = ["--width", "4", "--image-size", "32", "--batch-size", "4", "--labeled-batch-size", "2",
         "--eval-every", "3", "--eval-batch-size", "4", "--num-workers", "0", "--no-progress"]
@@ -50,6 +51,20 @@ def test_holdout_selects_on_training_ids_and_reports_val_once(tmp_path, dataset)
     summary = json.loads((out / "metrics.json").read_text())
     assert summary["selection_set"] == "holdout" and set(summary["val"]) >= {"iou", "dice", "hd95"}
     assert "holdout" in summary["note"]
+
+
+def test_bf16_training_is_evaluated_in_fp32(tmp_path, dataset, monkeypatch):
+    """Metrics never depend on the training precision: every evaluation runs without autocast."""
+    calls = []
+
+    def spy(model, loader, device, autocast_dtype=None, **kwargs):
+        calls.append(autocast_dtype)
+        return evaluate(model, loader, device, autocast_dtype, **kwargs)
+
+    monkeypatch.setattr(train, "evaluate", spy)
+    code, out = run_train(tmp_path, dataset, "--iterations", "3", "--holdout", "0.25", "--precision", "bf16")
+    assert code == 0 and calls == [None, None]  # the holdout evaluation, then the single val one
+    assert yaml.safe_load((out / "config.yaml").read_text())["precision"] == "bf16"
 
 
 def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path, dataset):
