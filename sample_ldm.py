@@ -253,8 +253,6 @@ def sample(cfg: SimpleNamespace, ctx, device) -> int:
 def write_manifest(cfg, info: dict, classes: list, names: list[str], run_dir: Path, folder: Path,
                    training, small: dict) -> str | None:
     """manifest.csv (and memorisation.txt) into ``folder``; the memorisation summary line or None."""
-
-
     nearest_ids, distances, summary = [""] * cfg.num_images, [""] * cfg.num_images, None
     if training is not None:
         d, nearest = nearest_training_images(np.stack([small[n] for n in range(cfg.num_images)]), training)

@@ -429,8 +429,6 @@ def rank_rng_state(saved, ctx) -> dict:
 def check_finite_weights(modules, step: int, state_path: Path, device) -> None:
     """Never checkpoint non-finite weights (a finite loss can still step to them): they would
     poison --resume. Every rank raises together."""
-
-
     bad = any(not torch.isfinite(p).all() for m in modules if m is not None for p in m.parameters())
     if distributed.any_rank(bad, device):
         kept = (f"its last checkpoint {state_path} is untouched" if state_path.is_file()
@@ -473,8 +471,6 @@ def vae_losses(vae_pass, disc, images, noise, cfg: SimpleNamespace, device, amp_
     """The autoencoder's loss of one step: L1 + (1 - SSIM) + KL (+ the generator's hinge term when
     ``adversarial``). ``noise``: this process's unit posterior noise. Returns (loss, reconstruction,
     the logged terms). benchmarks/bench_ldm.py times it."""
-
-
     with autocast(device, amp_dtype):
         moments, reconstruction = vae_pass(images, noise)
     reconstruction = reconstruction.float()
@@ -496,8 +492,6 @@ def vae_losses(vae_pass, disc, images, noise, cfg: SimpleNamespace, device, amp_
 def discriminator_loss(disc_pass, images, reconstruction, device, amp_dtype):
     """Hinge loss of the patch discriminator, real and (detached) fake images in one forward:
     DDP synchronises one backward per forward."""
-
-
     with autocast(device, amp_dtype):
         real, fake = disc_pass(torch.cat([images, reconstruction.detach()])).float().chunk(2)
     return F.relu(1 - real).mean() + F.relu(1 + fake).mean()
@@ -509,8 +503,6 @@ def diffusion_loss(denoiser, scheduler, means, stds, labels_of, batch, rng, scal
     each image and its mirror image). ``batch``: the global StepBatchSampler batch; ``mine``: this
     process's items of it. Every random number is drawn for the whole batch and sliced: each item
     gets the numbers it gets in a single-process run. benchmarks/bench_ldm.py times it."""
-
-
     size = len(batch)
     index = torch.tensor([i for i, _ in batch], device=device)[mine]
     flip = torch.tensor([int(f) for _, f in batch], device=device)[mine]
@@ -685,8 +677,6 @@ def encode_training_set(vae, dataset, device, batch_size: int, progress: bool = 
 def train_diffusion(cfg: SimpleNamespace, run_dir: Path, info: dict, data, device, ctx, stop) -> int:
     """Train (or continue) the denoiser on the frozen autoencoder's latents; 0, or 128 + signal
     number when stopped by a signal."""
-
-
     state_path = run_dir / DIFFUSION_STATE
     state = read_state(state_path, DIFFUSION_STATE_KIND, "denoiser")
     start = state["step"] if state else 0
