@@ -467,6 +467,48 @@ def report_speed(name: str, last_step: int, timer: tuple[int, float] | None) -> 
     print(f"{name}: {steps} steps in {seconds:.1f} s ({steps / seconds:.2f} it/s, after the first step)")
 
 
+class StageLoop:
+    """What each stage does after a training step: the progress bar, loss records, previews,
+    checkpoints, a stop on a signal, and at the end the speed report. ``after_step`` is True when
+    the loop must stop; ``finish`` gives the stage's exit status."""
+
+    def __init__(self, what: str, total: int, start: int, cfg: SimpleNamespace, ctx, device, stop, log: LossLog,
+                 state_path: Path, save_preview, save_checkpoint, postfix):
+        self.what, self.total, self.cfg, self.ctx, self.device, self.stop = what, total, cfg, ctx, device, stop
+        self.log, self.state_path, self.postfix = log, state_path, postfix
+        self.save_preview, self.save_checkpoint = save_preview, save_checkpoint
+        self.bar = tqdm(total=total, initial=start, desc=what, dynamic_ncols=True,
+                        disable=not (cfg.progress and ctx.is_main))
+        self.done, self.stopping, self.timer = start, False, None
+
+    def after_step(self, step: int) -> bool:
+        cfg, done = self.cfg, step + 1
+        self.done = done
+        self.stopping = stop_now(self.stop, self.ctx, self.device)  # read once, agreed by every rank
+        self.bar.update(1)
+        checkpoint = due(done, cfg.checkpoint_every, self.total) or self.stopping
+        # the losses are checked before any checkpoint: a non-finite one never overwrites a good state
+        if due(done, cfg.log_every, self.total) or checkpoint:
+            self.bar.set_postfix(self.postfix(self.log.flush(done, self.state_path)))
+        if due(done, cfg.sample_every, self.total):
+            self.save_preview(done)
+        if checkpoint:
+            self.save_checkpoint(done)
+        if self.timer is None and not self.stopping:
+            self.timer = (done, time.perf_counter())  # the speed report leaves the first step out
+        return self.stopping
+
+    def finish(self, run_dir: Path, stage: str) -> int:
+        """0, or 128 + the signal number when a signal stopped the stage early."""
+        self.bar.close()
+        distributed.barrier()  # rank 0 has written this stage's models before any rank reads them
+        if self.stopping and self.done < self.total:
+            return stopped(self.stop, self.what, self.done, run_dir, stage, self.ctx)
+        if self.ctx.is_main:
+            report_speed(self.what, self.total, self.timer)
+        return 0
+
+
 def vae_losses(vae_pass, disc, images, noise, cfg: SimpleNamespace, device, amp_dtype, adversarial: bool):
     """The autoencoder's loss of one step: L1 + (1 - SSIM) + KL (+ the generator's hinge term when
     ``adversarial``). ``noise``: this process's unit posterior noise. Returns (loss, reconstruction,
@@ -598,9 +640,9 @@ def train_vae(cfg: SimpleNamespace, run_dir: Path, info: dict, data, device, ctx
                                    "adversarial": {"generator": "generator", "discriminator": "discriminator"}})
 
     vae.train()
-    progress = tqdm(total=cfg.vae_steps, initial=start, desc="autoencoder", dynamic_ncols=True,
-                    disable=not (cfg.progress and ctx.is_main))
-    timer, done, stopping = None, start, False
+    loop = StageLoop("autoencoder", cfg.vae_steps, start, cfg, ctx, device, stop, log, state_path, save_preview,
+                     save_checkpoint, postfix=lambda row: dict(loss=f"{row['loss']:.4f}", l1=f"{row['l1']:.4f}",
+                                                               ssim=f"{1 - row['one_minus_ssim']:.3f}"))
     for step, (images, _) in zip(range(start, cfg.vae_steps), loader):
         images = images.to(device, non_blocking=True)
         rng = step_generator(cfg.seed, step, STREAM_VAE, device)
@@ -623,30 +665,9 @@ def train_vae(cfg: SimpleNamespace, run_dir: Path, info: dict, data, device, ctx
             disc_optimizer.step()
             terms["discriminator"] = disc_loss
         log.add(loss=loss, **terms)
-
-        done = step + 1
-        stopping = stop_now(stop, ctx, device)  # read once, agreed by every rank
-        progress.update(1)
-        # the losses are checked before any checkpoint: a non-finite one never overwrites a good state
-        if due(done, cfg.log_every, cfg.vae_steps) or due(done, cfg.checkpoint_every, cfg.vae_steps) or stopping:
-            row = log.flush(done, state_path)
-            progress.set_postfix(loss=f"{row['loss']:.4f}", l1=f"{row['l1']:.4f}",
-                                 ssim=f"{1 - row['one_minus_ssim']:.3f}")
-        if due(done, cfg.sample_every, cfg.vae_steps):
-            save_preview(done)
-        if due(done, cfg.checkpoint_every, cfg.vae_steps) or stopping:
-            save_checkpoint(done)
-        if stopping:
+        if loop.after_step(step):
             break
-        if timer is None:
-            timer = (done, time.perf_counter())
-    progress.close()
-    distributed.barrier()  # rank 0 has written vae/ before any rank reads it
-    if stopping and done < cfg.vae_steps:
-        return stopped(stop, "autoencoder", done, run_dir, "vae" if cfg.stage == "vae" else "all", ctx)
-    if ctx.is_main:
-        report_speed("autoencoder", cfg.vae_steps, timer)
-    return 0
+    return loop.finish(run_dir, "vae" if cfg.stage == "vae" else "all")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -758,9 +779,8 @@ def train_diffusion(cfg: SimpleNamespace, run_dir: Path, info: dict, data, devic
         log.write(run_dir, "diffusion", "denoiser", {"denoising loss": {cfg.diffusion_loss: "loss"}})
 
     unet.train()
-    progress = tqdm(total=cfg.diffusion_steps, initial=start, desc="denoiser", dynamic_ncols=True,
-                    disable=not (cfg.progress and ctx.is_main))
-    timer, done, stopping = None, start, False
+    loop = StageLoop("denoiser", cfg.diffusion_steps, start, cfg, ctx, device, stop, log, state_path, save_preview,
+                     save_checkpoint, postfix=lambda row: dict(loss=f"{row['loss']:.4f}"))
     for step in range(start, cfg.diffusion_steps):
         rng = step_generator(cfg.seed, step, STREAM_DIFFUSION, device)
         loss = diffusion_loss(denoiser, scheduler, means, stds, labels_of, sampler.batch(step), rng, scaling, cfg,
@@ -773,28 +793,9 @@ def train_diffusion(cfg: SimpleNamespace, run_dir: Path, info: dict, data, devic
         schedule.step()
         ema.step(unet.parameters())
         log.add(loss=loss)
-
-        done = step + 1
-        stopping = stop_now(stop, ctx, device)
-        progress.update(1)
-        if (due(done, cfg.log_every, cfg.diffusion_steps) or due(done, cfg.checkpoint_every, cfg.diffusion_steps)
-                or stopping):
-            progress.set_postfix(loss=f"{log.flush(done, state_path)['loss']:.4f}")
-        if due(done, cfg.sample_every, cfg.diffusion_steps):
-            save_preview(done)
-        if due(done, cfg.checkpoint_every, cfg.diffusion_steps) or stopping:
-            save_checkpoint(done)
-        if stopping:
+        if loop.after_step(step):
             break
-        if timer is None:
-            timer = (done, time.perf_counter())
-    progress.close()
-    distributed.barrier()
-    if stopping and done < cfg.diffusion_steps:
-        return stopped(stop, "denoiser", done, run_dir, cfg.stage, ctx)
-    if ctx.is_main:
-        report_speed("denoiser", cfg.diffusion_steps, timer)
-    return 0
+    return loop.finish(run_dir, cfg.stage)
 
 
 # ----------------------------------------------------------------------------------------------
