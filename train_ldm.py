@@ -407,6 +407,16 @@ def optimizer_and_schedule(parameters, lr: float, cfg: SimpleNamespace, betas=(0
     return optimizer, get_constant_schedule_with_warmup(optimizer, cfg.warmup_steps)
 
 
+def optimizer_update(loss: torch.Tensor, parameters, optimizer, schedule, grad_clip: float) -> None:
+    """One update of a stage: backward, gradient-norm clipping (grad_clip > 0), AdamW and schedule steps."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(parameters, grad_clip)
+    optimizer.step()
+    schedule.step()
+
+
 def read_state(path: Path, kind: str, what: str):
     """The state file --resume continues from, or None before the stage's first checkpoint."""
     if not path.is_file():
@@ -652,12 +662,7 @@ def train_vae(cfg: SimpleNamespace, run_dir: Path, info: dict, data, device, ctx
         adversarial = disc is not None and step >= cfg.disc_start
         loss, reconstruction, terms = vae_losses(vae_pass, disc, images, noise[ctx.rank::ctx.world_size], cfg,
                                                  device, amp_dtype, adversarial)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(vae.parameters(), cfg.grad_clip)
-        optimizer.step()
-        schedule.step()
+        optimizer_update(loss, vae.parameters(), optimizer, schedule, cfg.grad_clip)
         if adversarial:
             disc_loss = discriminator_loss(disc_pass, images, reconstruction, device, amp_dtype)
             disc_optimizer.zero_grad(set_to_none=True)
@@ -785,12 +790,7 @@ def train_diffusion(cfg: SimpleNamespace, run_dir: Path, info: dict, data, devic
         rng = step_generator(cfg.seed, step, STREAM_DIFFUSION, device)
         loss = diffusion_loss(denoiser, scheduler, means, stds, labels_of, sampler.batch(step), rng, scaling, cfg,
                               device, amp_dtype, null_label, mine)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(unet.parameters(), cfg.grad_clip)
-        optimizer.step()
-        schedule.step()
+        optimizer_update(loss, unet.parameters(), optimizer, schedule, cfg.grad_clip)
         ema.step(unet.parameters())
         log.add(loss=loss)
         if loop.after_step(step):

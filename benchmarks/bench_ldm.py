@@ -46,7 +46,7 @@ from networks.ldm import (STREAM_DIFFUSION, STREAM_VAE, AutoencoderPass, PatchDi
                           build_unet, build_vae, check_architecture, generate, latent_size, noise_scheduler,
                           sampling_scheduler, step_generator)
 from train_ldm import (OPTIONS, diffusion_loss, discriminator_loss, optimizer_and_schedule,  # noqa: E402
-                       vae_losses)
+                       optimizer_update, vae_losses)
 from utils.config import ConfigError, read_yaml  # noqa: E402
 
 WHAT = ("vae", "diffusion", "sampling")
@@ -168,12 +168,7 @@ def vae_benchmark(run, spec):
         rng = step_generator(cfg.seed, next(counter), STREAM_VAE, device)
         noise = torch.randn(latent_shape, generator=rng, device=device)
         loss, reconstruction, _ = vae_losses(vae_pass, disc, images, noise, cfg, device, dtype, disc is not None)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(vae.parameters(), cfg.grad_clip)
-        optimizer.step()
-        schedule.step()
+        optimizer_update(loss, vae.parameters(), optimizer, schedule, cfg.grad_clip)
         if disc is not None:
             disc_loss = discriminator_loss(disc, images, reconstruction, device, dtype)
             disc_optimizer.zero_grad(set_to_none=True)
@@ -216,12 +211,7 @@ def diffusion_benchmark(run, spec):
         rng = step_generator(cfg.seed, number, STREAM_DIFFUSION, device)
         loss = diffusion_loss(unet, scheduler, means, stds, labels_of, sampler.batch(number), rng, 1.0, cfg,
                               device, dtype, run.num_classes)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(unet.parameters(), cfg.grad_clip)
-        optimizer.step()
-        schedule.step()
+        optimizer_update(loss, unet.parameters(), optimizer, schedule, cfg.grad_clip)
         ema.step(unet.parameters())
 
     def compile_networks():
