@@ -22,7 +22,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from networks.mgcc import MGCCNet  # noqa: E402
-from train import mgcc_losses  # noqa: E402
+from train import mgcc_losses, supervised_losses  # noqa: E402
 from utils.runtime import autocast_dtype  # noqa: E402
 
 # dense bf16 peak (TFLOP/s) of devices this project is measured on, for the fraction column
@@ -41,6 +41,9 @@ def parse_args(argv=None):
     parser.add_argument("--device", default="auto", help="auto (CUDA if present, else CPU), cpu or cuda[:N]")
     parser.add_argument("--width", type=int, default=None, help="first-stage width (default: 64 on CUDA, 16 on CPU)")
     parser.add_argument("--image-size", type=int, default=None, help="square input size (default: 256 on CUDA, 128 on CPU)")
+    parser.add_argument("--mode", choices=("mgcc", "supervised"), default="mgcc",
+                        help="train.py's step to time: mgcc, or the supervised baseline's (labeled images only, "
+                             "main decoder only) (default: mgcc)")
     parser.add_argument("--batch-size", type=int, default=8, help="images per step (default: 8)")
     parser.add_argument("--labeled-batch-size", type=int, default=4, help="labeled images per step (default: 4)")
     parser.add_argument("--steps", type=int, default=None, help="timed steps (default: 50 on CUDA, 5 on CPU)")
@@ -77,12 +80,17 @@ def run_variant(name: str, args) -> dict:
     forward = torch.compile(model, mode=args.compile_mode) if spec["compile"] else model
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4,
                                 fused=device.type == "cuda" or None)
-    images = torch.randn(args.batch_size, 3, args.image_size, args.image_size, device=device).contiguous(memory_format=fmt)
+    # the baseline's batch is the labeled part alone, as in train.py
+    batch_size = args.batch_size if args.mode == "mgcc" else args.labeled_batch_size
+    images = torch.randn(batch_size, 3, args.image_size, args.image_size, device=device).contiguous(memory_format=fmt)
     masks = (torch.rand(args.labeled_batch_size, 1, args.image_size, args.image_size, device=device) > 0.5).float()
+
+    def losses(net):
+        return mgcc_losses(net, images, masks, 7.0) if args.mode == "mgcc" else supervised_losses(net, images, masks)
 
     def step():
         with torch.autocast(device.type, dtype=spec["dtype"], enabled=spec["dtype"] is not None):
-            loss, _, _ = mgcc_losses(forward, images, masks, 7.0)
+            loss, _, _ = losses(forward)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -93,7 +101,7 @@ def run_variant(name: str, args) -> dict:
     synchronize(device)
     with FlopCounterMode(display=False) as counter:  # on the eager model: compile hides the ops
         with torch.autocast(device.type, dtype=spec["dtype"], enabled=spec["dtype"] is not None):
-            loss, _, _ = mgcc_losses(model, images, masks, 7.0)
+            loss, _, _ = losses(model)
         loss.backward()
     optimizer.zero_grad(set_to_none=True)
     flops = counter.get_total_flops()
@@ -106,7 +114,7 @@ def run_variant(name: str, args) -> dict:
     synchronize(device)
     seconds = (time.perf_counter() - start) / args.steps
     peak = torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda" else float("nan")
-    return {"variant": name, "it_per_s": 1 / seconds, "ms_per_step": 1000 * seconds, "peak_mem_gib": peak,
+    return {"variant": name, "mode": args.mode, "it_per_s": 1 / seconds, "ms_per_step": 1000 * seconds, "peak_mem_gib": peak,
             "tflops": flops / seconds / 1e12, "tflop_per_step": flops / 1e12}
 
 
@@ -129,7 +137,7 @@ def main(argv=None) -> int:
         if args.json:
             print(json.dumps(row), flush=True)
     if not args.json:
-        print(f"\nMGCC training step on {name}: width {args.width}, batch {args.batch_size} "
+        print(f"\n{'MGCC' if args.mode == 'mgcc' else 'supervised baseline'} training step on {name}: width {args.width}, batch {args.batch_size} "
               f"({args.labeled_batch_size} labeled), {args.image_size}x{args.image_size}, "
               f"{args.steps} timed steps after {args.warmup} warm-up; torch {torch.__version__}")
         print(f"{'variant':34s} {'it/s':>8s} {'ms/step':>9s} {'peak GiB':>9s} {'TFLOP/s':>8s} {'of bf16 peak':>13s}")

@@ -1,0 +1,352 @@
+"""The paper's protocol in one command: every split, every arm, one results table.
+
+    python reproduce.py --data-dir inputs/BUSI --labeled-fraction 0.5 --out-dir runs/busi_l0.5
+    python reproduce.py --data-dir inputs/BUSI --preset demo --splits 1 --device cpu     # a CPU-sized try
+
+For each split (default: every <name>_train<i>.txt with its <name>_val<i>.txt):
+  1. stage 1   train_ldm.py on the split's training ids, then sample_ldm.py   (--no-generator: skipped)
+  2. stage 2   train.py once per arm, all with the same labels, seed and schedule:
+                 supervised      the baseline: the labeled images alone
+                 mgcc-real       MGCC, the training images left unlabeled as unlabeled data (the official code)
+                 mgcc-synthetic  MGCC, the split's synthetic images as unlabeled data (the paper)
+  3. predict.py of each arm's selected checkpoint on the split's val ids, at each image's own size
+Every stage is the project's real script, run as a subprocess with its command printed. The output
+folder gets results.csv (one row per arm and split), results.md (mean ± std over splits, the
+difference to the baseline, the generator's figures) and results.png.
+
+Rerunning the same command skips finished stages and resumes an interrupted one (Ctrl-C or SIGTERM
+stops the running stage at a checkpoint). An option changed since would make finished work stale:
+that is an error naming the stage, never a silent reuse. Before starting, the planned stages are
+printed with an estimated time (from a short benchmark of each step on the device, or from stages of
+the same kind already finished in --out-dir); at the end, the measured times.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import shlex
+import subprocess
+import sys
+import tempfile
+from datetime import date
+from pathlib import Path
+
+import torch
+
+from dataloaders.io import DataError, dataset_name, split_file
+from utils import results
+from utils.cli import run_cli
+from utils.config import ConfigError, file_values, parse_config, read_yaml, save_yaml
+from utils.runtime import resolve_device
+from utils.stages import Ledger, Stage, check_plan, child_environment, execute, format_seconds
+
+ROOT = Path(__file__).resolve().parent
+ARMS = ("supervised", "mgcc-real", "mgcc-synthetic")
+PRESETS = {  # stage-2 config, stage-1 config, synthetic images per split
+    "busi": dict(config=ROOT / "configs" / "busi.yaml", ldm_config=ROOT / "configs" / "ldm_busi.yaml", num_samples=1000),
+    "demo": dict(config=ROOT / "configs" / "demo.yaml", ldm_config=ROOT / "configs" / "ldm_demo.yaml", num_samples=128),
+}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     allow_abbrev=False)
+    parser.add_argument("--data-dir", type=Path, required=True, help="dataset folder with images/, masks/0/ and "
+                        "the split files <name>_train<i>.txt / <name>_val<i>.txt (split.py writes them)")
+    parser.add_argument("--out-dir", type=Path, default=None,
+                        help="where every run goes (default: runs/<name>_l<labeled fraction>)")
+    parser.add_argument("--labeled-fraction", type=float, default=None,
+                        help="labeled share of each training list, the same for every arm (default: the stage-2 "
+                             "config's: 0.5 in configs/busi.yaml, 0.25 in configs/demo.yaml)")
+    parser.add_argument("--splits", type=int, nargs="+", default=None,
+                        help="split numbers (default: every split whose train and val files are present)")
+    parser.add_argument("--arms", nargs="+", choices=ARMS, default=None,
+                        help="arms to run (default: all three; without the generator, the first two)")
+    parser.add_argument("--no-generator", dest="generator", action="store_false",
+                        help="skip stage 1 (no synthetic images, so no mgcc-synthetic arm)")
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="busi",
+                        help="names both stage configs and the number of samples: busi (configs/busi.yaml and "
+                             "configs/ldm_busi.yaml, for a GPU) or demo (configs/demo.yaml and "
+                             "configs/ldm_demo.yaml: 64x64, minutes on a CPU) (default: busi)")
+    parser.add_argument("--config", type=Path, default=None, help="train.py config (default: the preset's)")
+    parser.add_argument("--ldm-config", type=Path, default=None, help="train_ldm.py config (default: the preset's)")
+    parser.add_argument("--num-samples", type=int, default=None,
+                        help="synthetic images per split (default: the preset's, busi 1000, demo 128)")
+    parser.add_argument("--holdout", type=float, default=0.0,
+                        help="select each arm's checkpoint on the last F of the training list and evaluate the "
+                             "val ids once (default: 0, the official protocol: selection on the val ids)")
+    parser.add_argument("--seed", type=int, default=None,
+                        help="seed of every stage (default: each config's own)")
+    parser.add_argument("--train-args", default="", metavar="FLAGS",
+                        help="more flags for every train.py run, e.g. \"--iterations 3000 --width 16\"")
+    parser.add_argument("--ldm-args", default="", metavar="FLAGS",
+                        help="more flags for train_ldm.py, e.g. \"--vae-steps 2000 --image-size 64\"")
+    parser.add_argument("--sample-args", default="", metavar="FLAGS",
+                        help="more flags for sample_ldm.py, e.g. \"--scheduler dpmsolver --steps 20\"")
+    parser.add_argument("--device", default="auto", help="auto (CUDA if present, else CPU), cpu, cuda or cuda:N")
+    parser.add_argument("--nproc-per-node", type=int, default=None,
+                        help="processes per training stage, each run under torchrun (default: 1; under torchrun, "
+                             "its --nproc_per_node)")
+    parser.add_argument("--estimate", action=argparse.BooleanOptionalAction, default=True,
+                        help="benchmark the steps on the device to print an estimated time first (default: on)")
+    parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
+                        help="progress bars of the stages (default: on)")
+    args = parser.parse_args(argv)
+    args.command_line = shlex.join(["python", "reproduce.py", *(sys.argv[1:] if argv is None else argv)])
+    preset = PRESETS[args.preset]
+    args.config = args.config or preset["config"]
+    args.ldm_config = args.ldm_config or preset["ldm_config"]
+    args.num_samples = args.num_samples or preset["num_samples"]
+    if args.labeled_fraction is None:
+        import train
+        args.labeled_fraction = read_yaml(args.config, train.OPTIONS).get("labeled_fraction", 0.5)
+    args.out_dir = args.out_dir or Path("runs") / f"{dataset_name(args.data_dir)}_l{args.labeled_fraction:g}"
+    default_arms = ARMS if args.generator else ARMS[:2]
+    args.arms = [arm for arm in ARMS if arm in (args.arms or default_arms)]  # in the table's order
+    if "mgcc-synthetic" in args.arms and not args.generator:
+        raise ConfigError("--arms mgcc-synthetic needs the generator: drop --no-generator")
+    for name in ("train_args", "ldm_args", "sample_args"):
+        setattr(args, name, shlex.split(getattr(args, name)))
+    return args
+
+
+def find_splits(data_dir: Path, requested: list[int] | None) -> list[int]:
+    """The requested splits, or every split whose train and val files are both present."""
+    if requested:
+        for i in requested:
+            for part in ("train", "val"):
+                if not split_file(data_dir, part, i).is_file():
+                    raise DataError(f"split {i}: {split_file(data_dir, part, i)} not found")
+        return sorted(set(requested))
+    name = dataset_name(data_dir)
+    found = sorted(int(m.group(1)) for p in data_dir.glob(f"{name}_train*.txt")
+                   if (m := re.fullmatch(rf"{re.escape(name)}_train(\d+)\.txt", p.name))
+                   and split_file(data_dir, "val", int(m.group(1))).is_file())
+    if not found:
+        raise DataError(f"no split files {name}_train<i>.txt with {name}_val<i>.txt in {data_dir}: "
+                        f"run python split.py --data-dir {data_dir}")
+    return found
+
+
+def plan(args, splits: list[int], device: str) -> list[Stage]:
+    """Every stage of the protocol, in the order they run."""
+    data, out = args.data_dir.resolve(), args.out_dir.resolve()
+    shown = ["--device", device] + ([] if args.progress else ["--no-progress"])
+    seed = ["--seed", str(args.seed)] if args.seed is not None else []
+    torchrun = (["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc_per_node}"]
+                if args.nproc_per_node > 1 else [])
+
+    def resumable(script: str, folder: Path, *state_files: str):
+        def resume():
+            if any((folder / name).is_file() for name in state_files):
+                return [script, "--out-dir", str(folder), "--resume", *shown]
+            return None
+        return resume
+
+    stages = []
+    for i in splits:
+        run = out / f"split{i}"
+        ldm, samples = run / "ldm", run / "samples"
+        if args.generator:
+            stages.append(Stage(
+                f"split{i}/ldm", ["train_ldm.py", "--config", str(args.ldm_config.resolve()), "--data-dir", str(data),
+                                  "--split", str(i), "--out-dir", str(ldm), *seed, *args.ldm_args, *shown],
+                ldm, resume=resumable("train_ldm.py", ldm, "state_vae.pt", "state_diffusion.pt"), launcher=torchrun))
+            stages.append(Stage(
+                f"split{i}/samples", ["sample_ldm.py", "--checkpoint", str(ldm), "--num-images", str(args.num_samples),
+                                      "--out-dir", str(samples), *seed, *args.sample_args, *shown],
+                samples, depends=[f"split{i}/ldm"], launcher=torchrun))
+        for arm in args.arms:
+            folder = run / arm
+            mode = ["--mode", "supervised"] if arm == "supervised" else ["--mode", "mgcc"]
+            unlabeled = (["--unlabeled-dir", str(samples), "--no-unlabeled-from-train"] if arm == "mgcc-synthetic"
+                         else ["--unlabeled-from-train"] if arm == "mgcc-real" else [])
+            stages.append(Stage(
+                f"split{i}/{arm}", ["train.py", "--config", str(args.config.resolve()), "--data-dir", str(data),
+                                    "--split", str(i), "--labeled-fraction", f"{args.labeled_fraction:g}",
+                                    "--holdout", f"{args.holdout:g}", *mode, *unlabeled, *seed, *args.train_args,
+                                    "--out-dir", str(folder), *shown],
+                folder, depends=[f"split{i}/samples"] if arm == "mgcc-synthetic" else [],
+                resume=resumable("train.py", folder, "checkpoint_last.pt"), launcher=torchrun))
+            stages.append(Stage(
+                f"split{i}/{arm}/predict", ["predict.py", "--checkpoint", str(folder / "checkpoint_best.pt"),
+                                            "--input-dir", str(data), "--ids", str(split_file(data, "val", i)),
+                                            "--masks-dir", str(data / "masks" / "0"),
+                                            "--output-dir", str(run / f"{arm}_val"), *shown],
+                run / f"{arm}_val", depends=[f"split{i}/{arm}"], overwrite_flag=None))
+    return stages
+
+
+def stage_config(stage: Stage):
+    """The resolved configuration of a training or sampling stage, as its script would resolve it."""
+    script, argv = stage.command[0], stage.command[1:]
+    if script == "train.py":
+        import train as module
+    elif script == "train_ldm.py":
+        import train_ldm as module
+    else:
+        import sample_ldm as module
+    return module, parse_config(module.OPTIONS, "", argv)
+
+
+def benchmark(script: str, flags: list[str]) -> list[dict]:
+    """Rows of a benchmark script's --json output."""
+    print(f"timing the step for the estimate (--no-estimate skips this): benchmarks/{script} {shlex.join(flags)}",
+          flush=True)
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *flags, "--json"], cwd=ROOT,
+                            env=child_environment(), capture_output=True, text=True)
+    if result.returncode != 0:
+        raise RuntimeError(f"benchmarks/{script} failed: {result.stderr.strip()[-500:]}")
+    return [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+
+
+def estimate(stages: list[Stage], statuses: dict[str, str], ledger: Ledger, device: str, nproc: int) -> None:
+    """Fill in each pending stage's estimated seconds: from a finished stage of the same kind in this
+    out-dir when there is one (its measured wall time), else from a short benchmark of its step."""
+    cuda = resolve_device(device).type == "cuda"
+    variant = "bf16 + channels_last" if cuda else "fp32 eager"  # train.py's and train_ldm.py's defaults there
+    short = [] if cuda else ["--steps", "3", "--warmup", "1"]
+    measured, cache = {}, {}
+    for stage in stages:
+        kind = stage.name.split("/", 1)[1]
+        seconds = ledger.seconds(stage.name)
+        if seconds is not None:
+            measured.setdefault(kind, seconds)
+    for stage in stages:
+        if statuses[stage.name] == "done":
+            continue
+        kind = stage.name.split("/", 1)[1]
+        if kind in measured:
+            stage.estimate, stage.estimate_source = measured[kind], "a finished split"
+            continue
+        if kind.endswith("predict"):
+            continue
+        module, cfg = stage_config(stage)
+        if kind == "ldm" or kind == "samples":
+            ldm_cfg = stage_config(next(s for s in stages if s.name == stage.name.replace(kind, "ldm")))[1]
+            key = ("ldm",)
+            if key not in cache:
+                import train_ldm
+                with tempfile.TemporaryDirectory() as tmp:
+                    save_yaml(file_values(ldm_cfg, train_ldm.OPTIONS), Path(tmp) / "ldm.yaml")
+                    steps = 50 if kind == "ldm" else cfg.steps
+                    flags = ["--config", str(Path(tmp) / "ldm.yaml"), "--device", device, "--variants", variant,
+                             "--ddim-steps", str(steps), "--dpmsolver-steps", "0", "--no-progress", *short]
+                    cache[key] = {row["benchmark"].split()[0]: row["it_per_s"] for row in benchmark("bench_ldm.py", flags)}
+            rates = cache[key]
+            if kind == "ldm":
+                stage.estimate = ldm_cfg.vae_steps / rates["autoencoder"] + ldm_cfg.diffusion_steps / rates["denoiser"]
+            else:
+                stage.estimate = cfg.num_images / rates["sampling"]
+        else:
+            iterations = cfg.iterations or round(cfg.base_iterations * cfg.labeled_fraction)
+            key = ("train", cfg.mode, cfg.width, cfg.image_size, cfg.batch_size, cfg.labeled_batch_size)
+            if key not in cache:
+                flags = ["--device", device, "--mode", cfg.mode, "--width", str(cfg.width), "--image-size",
+                         str(cfg.image_size), "--batch-size", str(cfg.batch_size), "--labeled-batch-size",
+                         str(cfg.labeled_batch_size), "--variants", variant, *short]
+                cache[key] = benchmark("bench_train.py", flags)[0]["it_per_s"]
+            stage.estimate = iterations / cache[key]
+        stage.estimate /= nproc
+        stage.estimate_source = "benchmark of the step" + (f", / {nproc} processes" if nproc > 1 else "")
+
+
+def print_plan(stages: list[Stage], statuses: dict[str, str]) -> None:
+    print(f"\n{'stage':32s} {'status':8s} {'estimate':>10s}  from")
+    for stage in stages:
+        print(f"{stage.name:32s} {statuses[stage.name]:8s} {format_seconds(stage.estimate):>10s}  "
+              f"{stage.estimate_source}")
+    pending = [s.estimate for s in stages if statuses[s.name] != "done" and s.estimate is not None]
+    if pending:
+        print(f"estimated time of what remains: {format_seconds(sum(pending))} (training steps and sampling; "
+              "data checks and evaluations come on top)", flush=True)
+
+
+def device_description(device: str) -> str:
+    resolved = resolve_device(device)
+    if resolved.type == "cuda":
+        return torch.cuda.get_device_name(resolved)
+    return f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+
+
+def collect(args, splits: list[int], ledger: Ledger) -> tuple[list[dict], dict[int, dict]]:
+    """results rows from each arm's metrics.json files, and each split's generator figures."""
+    rows, generators = [], {}
+    out = args.out_dir.resolve()
+    for i in splits:
+        for arm in args.arms:
+            run = json.loads((out / f"split{i}" / arm / "metrics.json").read_text())
+            val = json.loads((out / f"split{i}" / f"{arm}_val" / "metrics.json").read_text())
+            rows.append({"arm": arm, "split": i, **{m: val[m] for m in results.METRIC_NAMES},
+                         "selected_iteration": run["best_iteration"], "iterations": run["iterations"],
+                         "selection_set": run["selection_set"],
+                         "train_seconds": round(ledger.seconds(f"split{i}/{arm}") or 0, 1),
+                         "predict_seconds": round(ledger.seconds(f"split{i}/{arm}/predict") or 0, 1)})
+        if args.generator:
+            figures = {}
+            for path in (out / f"split{i}" / "ldm" / "vae_metrics.json", out / f"split{i}" / "samples" / "report.json"):
+                if path.is_file():
+                    figures.update(json.loads(path.read_text()))
+            generators[i] = figures
+    return rows, generators
+
+
+def write_results(args, splits: list[int], ledger: Ledger, device: str) -> Path:
+    rows, generators = collect(args, splits, ledger)
+    out = args.out_dir.resolve()
+    results.write_csv(rows, out / "results.csv")
+    protocol = (f"checkpoint selected on the last {args.holdout:g} of each training list (holdout); the val ids "
+                "evaluated once, by the selected checkpoint" if args.holdout else
+                "checkpoint selected on the val ids, which are also the ids reported (the official protocol: "
+                "optimistic)")
+    header = [f"# {dataset_name(args.data_dir)}: labeled fraction {args.labeled_fraction:g}, "
+              f"splits {', '.join(map(str, splits))}", "",
+              f"- Protocol: {protocol}. Metrics per image at the image's own size (predict.py), then averaged.",
+              f"- Stage 2 config: `{args.config.name}`{' + ' + shlex.join(args.train_args) if args.train_args else ''}"
+              + (f"; stage 1: `{args.ldm_config.name}`{' + ' + shlex.join(args.ldm_args) if args.ldm_args else ''}, "
+                 f"{args.num_samples} samples per split" if args.generator else "; no generator"),
+              f"- Device: {device_description(device)}; {date.today().isoformat()}",
+              f"- Command: `{args.command_line}`"]
+    (out / "results.md").write_text(results.markdown(rows, args.arms, generators, header))
+    results.plot(rows, args.arms, out / "results.png",
+                 f"{dataset_name(args.data_dir)}, labeled fraction {args.labeled_fraction:g}: one point per split")
+    return out
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if os.environ.get("LOCAL_RANK", "0") != "0":
+        return 0  # under torchrun, local rank 0 runs every stage with torchrun; the others have nothing to do
+    if os.environ.get("WORLD_SIZE", "1") != os.environ.get("LOCAL_WORLD_SIZE", "1"):
+        raise ConfigError("reproduce.py runs on one node: start it with torchrun --nnodes 1 (or with python and "
+                          "--nproc-per-node)")
+    args.nproc_per_node = args.nproc_per_node or int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    device = args.device
+    splits = find_splits(args.data_dir, args.splits)
+    stages = plan(args, splits, device)
+    ledger = Ledger(args.out_dir.resolve() / "stages.json")
+    statuses = check_plan(stages, ledger)
+    print(f"reproduce: {args.data_dir} -> {args.out_dir} | splits {', '.join(map(str, splits))} | arms "
+          f"{', '.join(args.arms)} | labeled fraction {args.labeled_fraction:g} | "
+          f"{'holdout ' + format(args.holdout, 'g') if args.holdout else 'selection on val (official)'}", flush=True)
+    if args.estimate and any(status != "done" for status in statuses.values()):
+        estimate(stages, statuses, ledger, device, args.nproc_per_node)
+    print_plan(stages, statuses)
+    code = execute(stages, ledger, statuses, ROOT)
+    if code != 0:
+        return code
+    out = write_results(args, splits, ledger, device)
+    print(f"\n{'stage':32s} {'estimate':>10s} {'measured':>10s}")
+    for stage in stages:
+        print(f"{stage.name:32s} {format_seconds(stage.estimate):>10s} {format_seconds(ledger.seconds(stage.name)):>10s}")
+    print(f"total measured: {format_seconds(sum(ledger.seconds(s.name) or 0 for s in stages))}")
+    print(f"\n{(out / 'results.md').read_text()}\nwrote {out / 'results.csv'}, {out / 'results.md'}, "
+          f"{out / 'results.png'}")
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,224 @@
+"""Resumable pipelines of script runs: which stages are done, which resume, which are stale.
+
+A stage is one run of a project script (a subprocess) that writes one folder. The ledger
+(``<out>/stages.json``) records for each stage the command that made it, whether it finished, its
+wall time and the stages it was made from. On a rerun of the same pipeline a stage is
+
+- ``done``   finished with the same command, from the same inputs: skipped;
+- ``resume`` started with the same command but not finished: continued (the script's --resume);
+- ``todo``   never started, or its folder was deleted: run from scratch;
+- ``stale``  finished or started with another command, or from inputs made again since: an error
+  that names the stage and what changed, never a silent reuse.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable, Sequence
+
+from .config import ConfigError
+
+# flags that change how a stage runs or shows progress, not what it makes
+PRESENTATION_FLAGS = {"--device": 1, "--progress": 0, "--no-progress": 0, "--overwrite": 0}
+# variables torchrun sets for its workers: a stage started from a worker must not inherit them
+TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "GROUP_WORLD_SIZE",
+                      "ROLE_RANK", "ROLE_WORLD_SIZE", "ROLE_NAME", "MASTER_ADDR", "MASTER_PORT",
+                      "TORCHELASTIC_RUN_ID", "TORCHELASTIC_RESTART_COUNT", "TORCHELASTIC_MAX_RESTARTS",
+                      "TORCHELASTIC_USE_AGENT_STORE", "TORCHELASTIC_ERROR_FILE", "TORCH_NCCL_ASYNC_ERROR_HANDLING")
+
+
+@dataclass
+class Stage:
+    """One script run. ``command`` is the fresh run's argv after the interpreter; ``resume`` (if the
+    script can continue an interrupted run in ``folder``) returns the argv that continues it, or None
+    when the folder holds nothing to continue from."""
+    name: str
+    command: list[str]
+    folder: Path
+    depends: list[str] = field(default_factory=list)
+    resume: Callable[[], list[str] | None] | None = None
+    launcher: list[str] = field(default_factory=list)  # e.g. torchrun's, before the script
+    overwrite_flag: str | None = "--overwrite"  # how the script is told to replace a leftover folder
+    estimate: float | None = None  # seconds, filled in by the planner
+    estimate_source: str = ""
+
+
+def experiment_args(command: Sequence[str]) -> list[str]:
+    """The command without the flags that do not change what a stage makes."""
+    kept, skip = [], 0
+    for token in command:
+        if skip:
+            skip -= 1
+        elif token in PRESENTATION_FLAGS:
+            skip = PRESENTATION_FLAGS[token]
+        else:
+            kept.append(token)
+    return kept
+
+
+def describe_change(old: Sequence[str], new: Sequence[str]) -> str:
+    """'--iterations 600 -> 800, --seed added' for two commands of one script."""
+    def flags(command):
+        out, key = {}, None
+        for token in command:
+            if token.startswith("--"):
+                key = token
+                out[key] = []
+            elif key is not None:
+                out[key].append(token)
+            else:
+                out.setdefault("", []).append(token)
+        return {k: " ".join(v) for k, v in out.items()}
+    a, b = flags(old), flags(new)
+    parts = []
+    for key in [k for k in a if k in b and a[k] != b[k]]:
+        parts.append(f"{key or 'script'} {a[key] or '(set)'} -> {b[key] or '(set)'}")
+    parts += [" ".join(filter(None, (k, b[k], "added"))) for k in b if k not in a]
+    parts += [" ".join(filter(None, (k, a[k], "removed"))) for k in a if k not in b]
+    return ", ".join(parts) or "the command"
+
+
+class Ledger:
+    """``stages.json``: what each stage was made with, written atomically after every change."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.stages: dict[str, dict] = {}
+        if path.is_file():
+            try:
+                self.stages = json.loads(path.read_text())["stages"]
+            except (ValueError, KeyError, TypeError) as error:
+                raise ConfigError(f"{path} is not a stage ledger ({error}); move it away to start over") from None
+
+    def save(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.")
+        with os.fdopen(fd, "w") as f:
+            json.dump({"stages": self.stages}, f, indent=1)
+        os.replace(tmp, self.path)
+
+    def status(self, stage: Stage, pending: set[str]) -> tuple[str, str]:
+        """(done | resume | todo | stale, why). ``pending``: stages of this pipeline that will run."""
+        entry = self.stages.get(stage.name)
+        if entry is None or not stage.folder.exists():
+            return "todo", ""
+        if experiment_args(entry["command"]) != experiment_args(stage.command):
+            return "stale", f"made with other options: {describe_change(entry['command'], stage.command)}"
+        for dep in stage.depends:
+            if dep in pending or self.stages.get(dep, {}).get("finished") != entry["inputs"].get(dep):
+                return "stale", f"made from an earlier {dep}, which has been made again or will be"
+        if entry["finished"]:
+            return "done", ""
+        return ("resume", "") if stage.resume and stage.resume() is not None else ("todo", "")
+
+    def start(self, stage: Stage) -> None:
+        self.stages[stage.name] = {
+            "command": stage.command, "finished": None, "seconds": 0.0,
+            "inputs": {dep: self.stages[dep]["finished"] for dep in stage.depends}}
+        self.save()
+
+    def add_time(self, stage: Stage, seconds: float, finished: bool) -> None:
+        entry = self.stages[stage.name]
+        entry["seconds"] += seconds
+        if finished:
+            entry["finished"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        self.save()
+
+    def seconds(self, name: str) -> float | None:
+        entry = self.stages.get(name)
+        return entry["seconds"] if entry and entry["finished"] else None
+
+
+def check_plan(stages: Sequence[Stage], ledger: Ledger) -> dict[str, str]:
+    """Each stage's status; every stale stage together in one ConfigError."""
+    statuses, stale, pending = {}, [], set()
+    for stage in stages:
+        status, why = ledger.status(stage, pending)
+        statuses[stage.name] = status
+        if status == "stale":
+            stale.append(f"{stage.name} ({stage.folder}): {why}")
+        if status != "done":
+            pending.add(stage.name)
+    if stale:
+        raise ConfigError("finished work would be stale with these options:\n  " + "\n  ".join(stale) +
+                          "\nUse another --out-dir, or delete the folders named to make them again "
+                          "(with the stages made from them).")
+    return statuses
+
+
+def child_environment() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in TORCHRUN_VARIABLES}
+    env.setdefault("HF_HUB_OFFLINE", "1")
+    return env
+
+
+def run_stage(stage: Stage, argv: list[str], cwd: Path) -> int:
+    """Run one stage in its own session, passing on the first SIGINT/SIGTERM this process gets.
+
+    In its own session the script sees a signal once, from here, whether the user pressed Ctrl-C,
+    killed this process, or its process group: it then finishes its step and checkpoints (a second
+    signal would stop it at once). Returns the script's exit status.
+    """
+    command = [sys.executable, *stage.launcher, *argv]
+    print(f"\n=== {stage.name}\n$ {shlex.join(['python', *stage.launcher, *argv])}", flush=True)
+    child = subprocess.Popen(command, cwd=cwd, env=child_environment(), start_new_session=True)
+    received: list[int] = []
+
+    def forward(signum, frame):
+        if not received:
+            received.append(signum)
+            print(f"\n{signal.Signals(signum).name} received: the running stage finishes its step and saves "
+                  "a checkpoint; rerun the same command to continue", file=sys.stderr, flush=True)
+            child.send_signal(signum)
+
+    previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        code = child.wait()
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    if received and code == 0:  # the stage had just finished when the signal came
+        return 0
+    return code if code >= 0 else 128 - code
+
+
+def format_seconds(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def execute(stages: Sequence[Stage], ledger: Ledger, statuses: dict[str, str], cwd: Path) -> int:
+    """Run every stage that is not done, in order; stop at the first that fails or is interrupted."""
+    for stage in stages:
+        if statuses[stage.name] == "done":
+            print(f"=== {stage.name}: done, skipped ({stage.folder})", flush=True)
+            continue
+        if statuses[stage.name] == "resume":
+            argv = stage.resume()
+        else:
+            leftover = stage.folder.exists() and stage.overwrite_flag
+            argv = stage.command + ([stage.overwrite_flag] if leftover else [])
+            ledger.start(stage)
+        started = time.monotonic()
+        code = run_stage(stage, argv, cwd)
+        ledger.add_time(stage, time.monotonic() - started, finished=code == 0)
+        if code != 0:
+            how = "was interrupted" if code > 128 else f"failed with exit status {code}"
+            print(f"\n{stage.name} {how}. Rerun the same command to continue from there.", file=sys.stderr)
+            return code
+        statuses[stage.name] = "done"
+    return 0
