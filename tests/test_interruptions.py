@@ -58,8 +58,8 @@ def test_kill_9_then_resume_equals_an_uninterrupted_run(tmp_path, dataset):
         pytest.skip("the run finished before the kill landed")
     assert load_checkpoint(out / "checkpoint_last.pt")["iteration"] in (2, 4, 6)  # a whole, readable checkpoint
     assert train.main(["--out-dir", str(out), "--resume", "--no-progress"]) == 0
-    a = torch.load(tmp_path / "straight" / "checkpoint_last.pt", weights_only=False)["model"]
-    b = torch.load(out / "checkpoint_last.pt", weights_only=False)["model"]
+    a = torch.load(tmp_path / "straight" / "checkpoint_last.pt", weights_only=True)["model"]
+    b = torch.load(out / "checkpoint_last.pt", weights_only=True)["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 

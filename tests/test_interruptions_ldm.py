@@ -124,7 +124,7 @@ def test_kill_9_then_resume_gives_the_weights_of_an_uninterrupted_run(data: Path
         a = load_file(straight / name / "diffusion_pytorch_model.safetensors")
         b = load_file(run / name / "diffusion_pytorch_model.safetensors")
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
-    a, b = (torch.load(r / "state_vae.pt", weights_only=False)["disc"] for r in (straight, run))
+    a, b = (torch.load(r / "state_vae.pt", weights_only=True)["disc"] for r in (straight, run))
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
