@@ -46,7 +46,7 @@ OPTIONS = [
     Option("split", 1, "split number i: uses <name>_train<i>.txt and <name>_val<i>.txt"),
     Option("labeled_fraction", 0.5, "fraction of the training list used with labels (its first ids, in file order)"),
     Option("unlabeled_dir", [], "folder of unlabeled images (<dir>/images/* or <dir>/*), e.g. sample_ldm.py's "
-           "output; repeat the flag for several", type=str, repeatable=True),
+           "output", type=str, repeatable=True),
     Option("unlabeled_from_train", True, "also use the training ids left unlabeled as unlabeled images"),
     Option("holdout", 0.0, "fraction of the training list (its last ids) held out for model selection; the val "
            "list is then evaluated once at the end. 0: select on the val list (official, optimistic)"),

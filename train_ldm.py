@@ -89,7 +89,7 @@ OPTIONS = [
     Option("class_conditioning", True, "condition the denoiser on the class when classes are given "
            "(class_names or class_csv); otherwise, or with --no-class-conditioning, unconditional"),
     Option("class_names", [], "class names; an id's class is the name it starts with (BUSI: benign, "
-           "malignant); repeat the flag for each", repeatable=True),
+           "malignant)", repeatable=True),
     Option("class_csv", None, "CSV of 'id,class' rows giving each training id's class (instead of the "
            "id prefix)", type=optional(str)),
     # autoencoder

@@ -27,7 +27,7 @@ class Option:
     help: str
     type: Callable[[str], Any] | None = None  # parser of a flag's text; inferred from default if None
     choices: Sequence[Any] | None = None
-    repeatable: bool = False  # a list, given as a repeated flag (--x a --x b) or a YAML list
+    repeatable: bool = False  # a list: --x a b c (or --x a --x b), or a YAML list
     in_file: bool = True  # False for options of one invocation (--resume, --device): not in YAML
 
     @property
@@ -64,14 +64,19 @@ def build_parser(options: Sequence[Option], description: str, epilog: str | None
                                  "Flags given on the command line override it.")
     for option in options:
         default_text = "none" if option.default is None else option.default
-        help_text = f"{option.help} (default: {default_text})"
+        if option.repeatable:  # lists as users type them: --vae-channels 16 32 32
+            default_text = " ".join(map(str, option.default)) or "none"
+            help_text = f"{option.help}; a list: {option.flag} A B ... (default: {default_text})"
+        else:
+            help_text = f"{option.help} (default: {default_text})"
         if isinstance(option.default, bool) and option.type is None:
             parser.add_argument(option.flag, action=argparse.BooleanOptionalAction,
                                 default=argparse.SUPPRESS, help=help_text)
         else:
             parser.add_argument(option.flag, dest=option.name, type=_parser_of(option),
                                 choices=option.choices, default=argparse.SUPPRESS,
-                                action="append" if option.repeatable else "store",
+                                action="extend" if option.repeatable else "store",
+                                nargs="+" if option.repeatable else None,
                                 metavar=option.name.upper(), help=help_text)
     return parser
 
