@@ -44,6 +44,8 @@ OPTIONS = [
     # data
     Option("data_dir", None, "dataset folder (images/, masks/0/, <name>_train<i>.txt, <name>_val<i>.txt)", type=str),
     Option("split", 1, "split number i: uses <name>_train<i>.txt and <name>_val<i>.txt"),
+    Option("split_name", None, "prefix of the split files (<name>_train<i>.txt); none: the data folder's name lower-cased, or "
+           "the prefix of the only *_train<i>.txt there", type=optional(str)),
     Option("labeled_fraction", 0.5, "fraction of the training list used with labels (its first ids, in file order)"),
     Option("unlabeled_dir", [], "folder of unlabeled images (<dir>/images/* or <dir>/*), e.g. sample_ldm.py's "
            "output", type=str, repeatable=True),
@@ -226,7 +228,7 @@ def train(cfg, ctx, device) -> int:
     semi = cfg.mode == "mgcc"
     run_data = load_run_data(cfg.data_dir, cfg.split, cfg.labeled_fraction, cfg.holdout, cfg.unlabeled_dir,
                              cfg.unlabeled_from_train, need_unlabeled=semi, progress=cfg.progress and ctx.is_main,
-                             mask_values=cfg.mask_values)
+                             mask_values=cfg.mask_values, split_name=cfg.split_name)
     check_config(cfg, run_data, ctx.world_size, device)
     # the baseline sees the labeled images only: the same number per step as MGCC
     unlabeled_batch_size = cfg.batch_size - cfg.labeled_batch_size if semi else 0

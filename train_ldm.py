@@ -75,6 +75,8 @@ OPTIONS = [
     Option("data_dir", None, "dataset folder (images/, masks/0/, <name>_train<i>.txt); only the ids of "
            "the training list of --split are used", type=optional(str)),
     Option("split", 1, "split index i: trains on <name>_train<i>.txt, refuses ids of <name>_val<i>.txt"),
+    Option("split_name", None, "prefix of the split files (<name>_train<i>.txt); none: the data folder's name lower-cased, or "
+           "the prefix of the only *_train<i>.txt there", type=optional(str)),
     Option("out_dir", None, "run folder; none: runs/ldm_<dataset>_<split>", type=optional(str), in_file=False),
     Option("stage", "all", "what to train: vae, diffusion (on a run whose autoencoder is trained) or all",
            choices=("vae", "diffusion", "all"), in_file=False),
@@ -234,7 +236,8 @@ def load_data(cfg: SimpleNamespace):
         raise ConfigError("give --data-dir (the dataset folder whose training images the model learns)")
     class_names = cfg.class_names if cfg.class_conditioning else []
     class_csv = cfg.class_csv if cfg.class_conditioning else None
-    return load_training_set(cfg.data_dir, cfg.split, class_names, class_csv, progress=cfg.progress)
+    return load_training_set(cfg.data_dir, cfg.split, class_names, class_csv, progress=cfg.progress,
+                             split_name=cfg.split_name)
 
 
 def new_run_info(cfg: SimpleNamespace, data) -> dict:

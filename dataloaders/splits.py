@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .io import (DataError, check_images, check_pairs, find_cases, read_id_list, select_cases, split_file,
+from .io import (DataError, check_images, check_pairs, find_cases, read_id_list, select_cases, split_files,
                  unlabeled_images)
 
 Item = tuple[str, Path, "Path | None"]
@@ -37,14 +37,14 @@ class RunData:
 def load_run_data(data_dir: str | Path, split: int, labeled_fraction: float = 0.5, holdout: float = 0.0,
                   unlabeled_dirs: list[str | Path] = (), unlabeled_from_train: bool = True,
                   need_unlabeled: bool = True, check_files: bool = True, progress: bool = False,
-                  mask_values: str = "binary") -> RunData:
+                  mask_values: str = "binary", split_name: str | None = None) -> RunData:
     """Resolve and check a run's data; every problem is a DataError raised before training starts."""
     if not 0 < labeled_fraction <= 1:
         raise DataError(f"labeled_fraction must be in (0, 1], got {labeled_fraction}")
     if not 0 <= holdout < 1:
         raise DataError(f"holdout must be in [0, 1), got {holdout}")
     cases = find_cases(data_dir)
-    train_file, val_file = split_file(data_dir, "train", split), split_file(data_dir, "val", split)
+    train_file, val_file = split_files(data_dir, split, split_name)
     train_ids, val_ids = read_id_list(train_file), read_id_list(val_file)
     leaked = sorted(set(train_ids) & set(val_ids))
     if leaked:

@@ -1,6 +1,7 @@
 """The data layer: reading and checking files, preprocessing, batch streams, run composition."""
 from __future__ import annotations
 
+import json
 
 import cv2
 import numpy as np
@@ -11,7 +12,11 @@ from conftest import write_dataset
 from dataloaders.datasets import SegmentationDataset, normalize
 from dataloaders.io import DataError, check_pairs, find_cases, read_image, read_mask, unlabeled_images
 from dataloaders.samplers import StreamBatchSampler
+from dataloaders.ldm_data import load_training_set
 from dataloaders.splits import load_run_data
+from utils.config import parse_config
+import train
+import train_ldm
 
 
 # ---- batch streams -------------------------------------------------------------------------------
@@ -159,6 +164,53 @@ def test_bad_split_files(dataset, change, message):
     change(dataset)
     with pytest.raises(DataError, match=message.replace("(", r"\(").replace(")", r"\)")):
         load_run_data(dataset, 1)
+
+
+def rename_split_files(data, old: str, new: str) -> None:
+    for path in data.glob(f"{old}_*.txt"):
+        path.rename(data / path.name.replace(f"{old}_", f"{new}_", 1))
+
+
+def test_split_files_of_another_prefix_are_found(tmp_path, capsys):
+    """The official layout under another folder name: BUSI_2020/busi_train1.txt."""
+    data = write_dataset(tmp_path / "BUSI_2020", n=9)
+    rename_split_files(data, "busi_2020", "busi")
+    expected = (data / "busi_train1.txt").read_text().splitlines()
+    for load in (lambda: [i for i, *_ in (lambda run: run.labeled + run.unlabeled)(load_run_data(data, 1))],
+                 lambda: load_training_set(data, 1).ids):
+        assert load() == expected
+        assert "note: split files: using busi_train1.txt" in capsys.readouterr().err
+    # named explicitly: no note, and another prefix beside it is then no ambiguity
+    (data / "other_train1.txt").write_text("benign (1)\n")
+    assert load_run_data(data, 1, split_name="busi").selection_name == "val"
+    assert load_training_set(data, 1, split_name="busi").ids == expected
+    assert "note" not in capsys.readouterr().err
+
+
+def test_ambiguous_split_files_are_an_error_naming_them(tmp_path):
+    data = write_dataset(tmp_path / "BUSI_2020", n=9)
+    rename_split_files(data, "busi_2020", "busi")
+    (data / "other_train1.txt").write_text("benign (1)\n")
+    for load in (load_run_data, load_training_set):
+        with pytest.raises(DataError, match=r"busi_2020_train1.txt; .*several names \(busi, other\).*--split-name"):
+            load(data, 1)
+    with pytest.raises(DataError, match="split file not found: .*nothing_train1.txt"):
+        load_run_data(data, 1, split_name="nothing")
+
+
+def test_split_name_is_a_flag_of_every_script_that_reads_split_files(tmp_path):
+    data = write_dataset(tmp_path / "BUSI_2020", n=9)
+    rename_split_files(data, "busi_2020", "a")
+    write_dataset(data, n=9)  # and busi_2020_train1.txt again: the default finds it, --split-name picks the other
+    (data / "a_train1.txt").write_text("\n".join(f"benign ({k})" for k in (1, 3, 5)) + "\n")
+    args = ["--data-dir", str(data), "--split-name", "a"]
+    assert parse_config(train.OPTIONS, "", args).split_name == "a"
+    assert train_ldm.load_data(parse_config(train_ldm.OPTIONS, "", args)).ids == ["benign (1)", "benign (3)", "benign (5)"]
+    assert train.main([*args, "--out-dir", str(tmp_path / "run"), "--mode", "supervised", "--labeled-fraction", "1",
+                       "--width", "4", "--image-size", "32", "--batch-size", "2", "--labeled-batch-size", "2",
+                       "--iterations", "1", "--num-workers", "0", "--no-progress"]) == 0
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["iterations"] == 1
+    assert parse_config(train.OPTIONS, "", ["--config", str(tmp_path / "run" / "config.yaml")]).split_name == "a"
 
 
 def test_mgcc_needs_unlabeled_images(dataset):
