@@ -27,13 +27,13 @@ from tqdm import tqdm
 
 from dataloaders.datasets import NORMALIZATIONS, SegmentationDataset
 from dataloaders.io import MASK_VALUES, DataError, dataset_name
-from dataloaders.samplers import LABELED_STREAM, UNLABELED_STREAM, StreamBatchSampler
+from dataloaders.samplers import LABELED_STREAM, UNLABELED_STREAM, StreamBatchSampler, batches_per_epoch
 from dataloaders.splits import load_run_data
 from networks.mgcc import MGCCNet, count_parameters
 from utils import distributed
 from utils.checkpoint import load_checkpoint
 from utils.cli import run_cli
-from utils.config import ConfigError, Option, file_values, optional, parse_config, save_yaml
+from utils.config import ConfigError, Option, count_or, file_values, optional, parse_config, save_yaml
 from utils.evaluation import evaluate
 from utils.losses import bce_dice_loss, consistency_loss, consistency_weight, poly_lr_factor, supervised_loss
 from utils.run import LossTracker, RunRecord, claim_run_folder
@@ -91,7 +91,9 @@ OPTIONS = [
     Option("compile", False, "torch.compile the model"),
     Option("sync_bn", False, "under torchrun: synchronise batch-norm statistics across GPUs (SyncBatchNorm)"),
     # evaluation and outputs
-    Option("eval_every", 200, "evaluate on the selection set every N iterations (and at the end)"),
+    Option("eval_every", 200, "evaluate on the selection set every N iterations (and at the end); epoch: after "
+           "every pass over the labeled images, labeled images // labeled_batch_size iterations (the official "
+           "protocol)", type=count_or("epoch")),
     Option("eval_batch_size", 16, "images per evaluation batch"),
     Option("checkpoint_every", None, "write checkpoint_last.pt every N iterations; none: at each evaluation",
            type=optional(int)),
@@ -233,11 +235,13 @@ def train(cfg, ctx, device) -> int:
     # the baseline sees the labeled images only: the same number per step as MGCC
     unlabeled_batch_size = cfg.batch_size - cfg.labeled_batch_size if semi else 0
     iterations = cfg.iterations or round(cfg.base_iterations * cfg.labeled_fraction)
+    eval_every = (batches_per_epoch(len(run_data.labeled), cfg.labeled_batch_size) if cfg.eval_every == "epoch"
+                  else cfg.eval_every)
     if ctx.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
         save_yaml(file_values(cfg, OPTIONS), out_dir / "config.yaml")
         print(f"run folder {out_dir} | {cfg.mode} on {device} x {ctx.world_size} | {run_data.summary()} | "
-              f"{iterations} iterations", flush=True)
+              f"{iterations} iterations, evaluated every {eval_every}", flush=True)
 
     seed_everything(cfg.seed)  # the same initial weights on every rank
     torch.backends.cudnn.benchmark = True  # fixed input size: let cuDNN pick its fastest kernels
@@ -289,7 +293,7 @@ def train(cfg, ctx, device) -> int:
         record.save("checkpoint_last.pt", state(iteration, full=True))
 
     losses = LossTracker(device, start)
-    checkpoint_every = cfg.checkpoint_every or cfg.eval_every
+    checkpoint_every = cfg.checkpoint_every or eval_every
     bar = tqdm(total=iterations, initial=start, desc=cfg.mode, disable=not (cfg.progress and ctx.is_main),
                dynamic_ncols=True)
     model.train()
@@ -315,7 +319,7 @@ def train(cfg, ctx, device) -> int:
             bar.update(1)
 
             done = it + 1
-            evaluate_now = done % cfg.eval_every == 0 or done == iterations
+            evaluate_now = done % eval_every == 0 or done == iterations
             read_now = evaluate_now or done % cfg.log_every == 0
             # a signal is acted on after this step; under torchrun all ranks agree at the next reading
             stopping = (bool(stop) if not ctx.enabled else read_now and distributed.any_rank(bool(stop), device))

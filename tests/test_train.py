@@ -95,8 +95,26 @@ def test_iterations_default_to_the_official_schedule(tmp_path, dataset):
     assert code == 0 and json.loads((out / "metrics.json").read_text())["iterations"] == 2  # 8 x 0.25
 
 
+def test_eval_every_epoch_evaluates_after_each_pass_over_the_labeled_images(tmp_path, dataset):
+    """8 training ids, half labeled: 4 labeled images in batches of 2 are an epoch of 2 iterations."""
+    config = tmp_path / "c.yaml"
+    config.write_text("eval_every: epoch\n")
+    out = tmp_path / "run"
+    tiny = [a for k, a in enumerate(TINY) if k not in (TINY.index("--eval-every"), TINY.index("--eval-every") + 1)]
+    assert train.main(["--config", str(config), "--data-dir", str(dataset), "--out-dir", str(out), *tiny,
+                       "--iterations", "5"]) == 0
+    assert [json.loads(line)["iteration"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [2, 4, 5]
+    assert yaml.safe_load((out / "config.yaml").read_text())["eval_every"] == "epoch"
+    code, out = run_train(tmp_path, dataset, "--iterations", "3", "--eval-every", "epoch", "--labeled-fraction", "1",
+                          "--mode", "supervised", out="all_labeled")  # 8 labeled: 4 iterations per epoch
+    assert code == 0
+    assert [json.loads(line)["iteration"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [3]
+
+
 @pytest.mark.parametrize("args,message", [
     (["--bogus-flag", "1"], "unrecognized arguments: --bogus-flag"),
+    (["--eval-every", "0"], "expected a positive whole number or 'epoch', got 0"),
+    (["--eval-every", "epochs"], "expected a positive whole number or 'epoch', got 'epochs'"),
     (["--iterations", "2", "--labeled-batch-size", "9", "--batch-size", "12"], "larger than the labeled set"),
     (["--iterations", "2", "--data-dir", "/nonexistent/data"], "data folder not found: /nonexistent/data"),
     (["--iterations", "2", "--unlabeled-dir", "/nonexistent/synth"], "unlabeled folder not found"),

@@ -43,6 +43,23 @@ def optional(parse: Callable[[str], Any]) -> Callable[[str], Any]:
     return parse_optional
 
 
+def count_or(word: str) -> Callable[[str], Any]:
+    """Parser of a positive whole number, or of ``word`` itself (e.g. --eval-every epoch)."""
+    def parse_count_or_word(text: str) -> int | str:
+        if text.strip().lower() == word:
+            return word
+        # ArgumentTypeError: argparse shows its message (a ValueError's it replaces with its own)
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a positive whole number or '{word}', got {text!r}") from None
+        if value < 1:
+            raise argparse.ArgumentTypeError(f"expected a positive whole number or '{word}', got {value}")
+        return value
+    parse_count_or_word.__name__ = f"number or '{word}'"
+    return parse_count_or_word
+
+
 def _parser_of(option: Option) -> Callable[[str], Any]:
     if option.type is not None:
         return option.type
@@ -101,7 +118,7 @@ def _coerce(option: Option, value: Any, source: str) -> Any:
         if parse is int and isinstance(value, float) and not value.is_integer():
             raise ValueError("not a whole number")
         value = parse(value) if parse in (int, float) and isinstance(value, (int, float)) else parse(str(value))
-    except (TypeError, ValueError) as error:
+    except (TypeError, ValueError, argparse.ArgumentTypeError) as error:
         raise ConfigError(f"{source}: {option.name} = {value!r} is not valid: {error}") from None
     if option.choices is not None and value not in option.choices:
         raise ConfigError(f"{source}: {option.name} = {value!r}; choose one of {list(option.choices)}")
