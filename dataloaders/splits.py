@@ -5,7 +5,8 @@ From a split's ``<name>_train<i>.txt`` (already shuffled by split.py, order kept
   split's val list is evaluated once, at the end, with the selected checkpoint;
 - labeled: the first int(labeled_fraction * m) of the remaining m ids (as the official code);
 - unlabeled: the remaining training ids (images only, when ``unlabeled_from_train``) and the images
-  of every ``unlabeled_dirs`` folder (stage 1's output).
+  of every ``unlabeled_dirs`` folder (stage 1's output), refused when their generator trained on
+  an evaluated id (see :mod:`dataloaders.provenance`).
 Without holdout the val list serves both for selection and for the report: the official protocol,
 which is optimistic, and said so in metrics.json.
 """
@@ -14,6 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .provenance import check_unlabeled_provenance
 from .io import (DataError, check_images, check_pairs, find_cases, read_id_list, select_cases, split_files,
                  unlabeled_images)
 
@@ -66,8 +68,11 @@ def load_run_data(data_dir: str | Path, split: int, labeled_fraction: float = 0.
     if need_unlabeled:
         if unlabeled_from_train:
             unlabeled += [(case_id, image, None) for case_id, image, _ in pool[n_labeled:]]
+        # the generator of a synthetic folder must not have seen an image this run evaluates
+        evaluated = {"val": (val_file, val_ids), **({"holdout": (train_file, [i for i, *_ in carved])} if carved else {})}
         for folder in unlabeled_dirs:
             images = unlabeled_images(folder)
+            check_unlabeled_provenance(folder, evaluated)
             folder_images += images
             unlabeled += [(f"{Path(folder).name}/{p.stem}", p, None) for p in images]
         if not unlabeled:
