@@ -37,7 +37,8 @@ from utils.config import ConfigError, Option, count_or, file_values, optional, p
 from utils.evaluation import evaluate
 from utils.losses import bce_dice_loss, consistency_loss, consistency_weight, poly_lr_factor, supervised_loss
 from utils.run import LossTracker, RunRecord, claim_run_folder
-from utils.runtime import StopRequest, autocast_dtype, resolve_device, rng_state, seed_everything, set_rng_state
+from utils.runtime import (StopRequest, autocast_dtype, ignore_stop_signals, resolve_device, rng_state,
+                           seed_everything, set_rng_state)
 
 CHECKPOINT_KIND = "mgcc-segmenter"
 OPTIONS = [
@@ -162,7 +163,8 @@ def make_loader(dataset, cfg, device, **kwargs) -> DataLoader:
     workers = cfg.num_workers
     # A private generator: creating loader iterators must not consume the global torch RNG (exact resume).
     return DataLoader(dataset, num_workers=workers, pin_memory=device.type == "cuda",
-                      persistent_workers=workers > 0, generator=torch.Generator().manual_seed(cfg.seed), **kwargs)
+                      persistent_workers=workers > 0, generator=torch.Generator().manual_seed(cfg.seed),
+                      worker_init_fn=ignore_stop_signals, **kwargs)
 
 
 def endless(loader: DataLoader):

@@ -60,7 +60,7 @@ from utils.checkpoint import atomic_save, CheckpointError, load_checkpoint
 from utils.cli import run_cli
 from utils.config import ConfigError, Option, file_values, optional, parse_config, read_yaml, save_yaml
 from utils.plots import image_grid, plot_curves, save_image
-from utils.runtime import autocast_dtype, resolve_device, rng_state, set_rng_state, StopRequest
+from utils.runtime import autocast_dtype, ignore_stop_signals, resolve_device, rng_state, set_rng_state, StopRequest
 
 EPILOG = """examples:
   python train_ldm.py --config configs/ldm_busi.yaml --data-dir inputs/BUSI --split 1 --out-dir runs/ldm_busi_1
@@ -617,7 +617,7 @@ def train_vae(cfg: SimpleNamespace, run_dir: Path, info: dict, data, device, ctx
                                ctx.rank, ctx.world_size)
     # The loader's own generator seeds its workers: it leaves the global RNG alone (exact resume).
     loader = DataLoader(dataset, batch_sampler=sampler, num_workers=cfg.num_workers,
-                        pin_memory=device.type == "cuda",
+                        pin_memory=device.type == "cuda", worker_init_fn=ignore_stop_signals,
                         generator=torch.Generator().manual_seed(derived_seed(cfg.seed, start, STREAM_VAE)))
     latent_shape = (cfg.vae_latent_channels, latent_size(cfg), latent_size(cfg))
     preview = None
