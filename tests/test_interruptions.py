@@ -49,11 +49,10 @@ def test_signal_finishes_the_step_saves_and_says_how_to_resume(tmp_path, dataset
 def test_sigterm_to_the_process_group_checkpoints_and_resumes_exactly(tmp_path, dataset):
     """scancel, preemption and timeout signal every process of the job, the data-loader workers
     included: the run must still finish its step, save, exit 143 without a traceback, and resume exactly."""
-    args = ["--iterations", "24", "--eval-every", "24", "--checkpoint-every", "1000", "--seed", "5"]
+    args = ["--iterations", "24", "--eval-every", "24", "--checkpoint-every", "1", "--seed", "5"]
     out = tmp_path / "killed"
     process = start_training(dataset, out, *args, "--num-workers", "2", new_session=True)  # its own group
-    wait_for(out / "config.yaml", process)
-    time.sleep(4)  # into the training loop, the workers serving batches
+    wait_for(out / "checkpoint_last.pt", process)  # in the training loop, the workers serving batches
     os.killpg(process.pid, signal.SIGTERM)
     try:
         stdout, stderr = process.communicate(timeout=300)
