@@ -34,7 +34,7 @@ from utils.checkpoint import CheckpointError, load_checkpoint
 from utils.cli import run_cli
 from utils.metrics import METRIC_NAMES, per_image_metrics
 from utils.plots import overlay, save_image
-from utils.runtime import autocast_dtype, resolve_device
+from utils.runtime import autocast_dtype, ignore_stop_signals, resolve_device
 
 SEGMENTER_KIND = "mgcc-segmenter"
 OFFICIAL_PREPROCESSING = {"image_size": 256, "in_channels": 3, "normalization": "official"}
@@ -127,7 +127,8 @@ def main(argv=None) -> int:
     image_paths = {p.stem: p for p in images}
     dataset = SegmentationDataset([(p.stem, p, None) for p in images], prep["image_size"], prep["in_channels"],
                                   prep["normalization"])
-    loader = DataLoader(dataset, batch_size=args.batch_size, num_workers=args.num_workers)
+    loader = DataLoader(dataset, batch_size=args.batch_size, num_workers=args.num_workers,
+                        worker_init_fn=ignore_stop_signals)
     print(f"{description}: {len(images)} images -> {args.output_dir}", flush=True)
 
     for sub in ("masks", "overlays") if args.overlays else ("masks",):

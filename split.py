@@ -135,8 +135,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--data-dir", type=Path, required=True,
                         help="dataset folder holding images/ and masks/0/; the split files are written "
                              "into it (required)")
-    parser.add_argument("--name", default=None,
-                        help="file name prefix: <name>_train<i>.txt (default: the folder's name, lower-case)")
+    parser.add_argument("--split-name", "--name", dest="name", default=None,
+                        help="file name prefix: <name>_train<i>.txt, the --split-name of train.py and "
+                             "train_ldm.py (default: the folder's name, lower-case)")
     parser.add_argument("--seeds", type=int, nargs="+", default=None, metavar="SEED",
                         help="random_state of each 70/30 split, one split per seed; with --folds, the one "
                              f"seed of the K-fold shuffle (default: {' '.join(map(str, DEFAULT_SEEDS))}; "
@@ -165,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
         data_dir = args.data_dir
         name = args.name if args.name is not None else dataset_name(data_dir)
         if not name.strip() or name != name.strip() or "/" in name or os.sep in name:
-            raise DataError(f"--name {name!r} is not a usable file name prefix")
+            raise DataError(f"--split-name {name!r} is not a usable file name prefix")
         cases = find_cases(data_dir)
         ids = list(cases)
         check_ids(ids, cases)

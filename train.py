@@ -27,26 +27,29 @@ from tqdm import tqdm
 
 from dataloaders.datasets import NORMALIZATIONS, SegmentationDataset
 from dataloaders.io import MASK_VALUES, DataError, dataset_name
-from dataloaders.samplers import LABELED_STREAM, UNLABELED_STREAM, StreamBatchSampler
+from dataloaders.samplers import LABELED_STREAM, UNLABELED_STREAM, StreamBatchSampler, batches_per_epoch
 from dataloaders.splits import load_run_data
 from networks.mgcc import MGCCNet, count_parameters
 from utils import distributed
 from utils.checkpoint import load_checkpoint
 from utils.cli import run_cli
-from utils.config import ConfigError, Option, file_values, optional, parse_config, save_yaml
+from utils.config import ConfigError, Option, count_or, file_values, optional, parse_config, save_yaml
 from utils.evaluation import evaluate
 from utils.losses import bce_dice_loss, consistency_loss, consistency_weight, poly_lr_factor, supervised_loss
 from utils.run import LossTracker, RunRecord, claim_run_folder
-from utils.runtime import StopRequest, autocast_dtype, resolve_device, rng_state, seed_everything, set_rng_state
+from utils.runtime import (StopRequest, autocast_dtype, ignore_stop_signals, resolve_device, rng_state,
+                           seed_everything, set_rng_state)
 
 CHECKPOINT_KIND = "mgcc-segmenter"
 OPTIONS = [
     # data
     Option("data_dir", None, "dataset folder (images/, masks/0/, <name>_train<i>.txt, <name>_val<i>.txt)", type=str),
     Option("split", 1, "split number i: uses <name>_train<i>.txt and <name>_val<i>.txt"),
+    Option("split_name", None, "prefix of the split files (<name>_train<i>.txt); none: the data folder's name lower-cased, or "
+           "the prefix of the only *_train<i>.txt there", type=optional(str)),
     Option("labeled_fraction", 0.5, "fraction of the training list used with labels (its first ids, in file order)"),
     Option("unlabeled_dir", [], "folder of unlabeled images (<dir>/images/* or <dir>/*), e.g. sample_ldm.py's "
-           "output; repeat the flag for several", type=str, repeatable=True),
+           "output", type=str, repeatable=True),
     Option("unlabeled_from_train", True, "also use the training ids left unlabeled as unlabeled images"),
     Option("holdout", 0.0, "fraction of the training list (its last ids) held out for model selection; the val "
            "list is then evaluated once at the end. 0: select on the val list (official, optimistic)"),
@@ -89,7 +92,9 @@ OPTIONS = [
     Option("compile", False, "torch.compile the model"),
     Option("sync_bn", False, "under torchrun: synchronise batch-norm statistics across GPUs (SyncBatchNorm)"),
     # evaluation and outputs
-    Option("eval_every", 200, "evaluate on the selection set every N iterations (and at the end)"),
+    Option("eval_every", 200, "evaluate on the selection set every N iterations (and at the end); epoch: after "
+           "every pass over the labeled images, labeled images // labeled_batch_size iterations (the official "
+           "protocol)", type=count_or("epoch")),
     Option("eval_batch_size", 16, "images per evaluation batch"),
     Option("checkpoint_every", None, "write checkpoint_last.pt every N iterations; none: at each evaluation",
            type=optional(int)),
@@ -158,7 +163,8 @@ def make_loader(dataset, cfg, device, **kwargs) -> DataLoader:
     workers = cfg.num_workers
     # A private generator: creating loader iterators must not consume the global torch RNG (exact resume).
     return DataLoader(dataset, num_workers=workers, pin_memory=device.type == "cuda",
-                      persistent_workers=workers > 0, generator=torch.Generator().manual_seed(cfg.seed), **kwargs)
+                      persistent_workers=workers > 0, generator=torch.Generator().manual_seed(cfg.seed),
+                      worker_init_fn=ignore_stop_signals, **kwargs)
 
 
 def endless(loader: DataLoader):
@@ -226,16 +232,18 @@ def train(cfg, ctx, device) -> int:
     semi = cfg.mode == "mgcc"
     run_data = load_run_data(cfg.data_dir, cfg.split, cfg.labeled_fraction, cfg.holdout, cfg.unlabeled_dir,
                              cfg.unlabeled_from_train, need_unlabeled=semi, progress=cfg.progress and ctx.is_main,
-                             mask_values=cfg.mask_values)
+                             mask_values=cfg.mask_values, split_name=cfg.split_name)
     check_config(cfg, run_data, ctx.world_size, device)
     # the baseline sees the labeled images only: the same number per step as MGCC
     unlabeled_batch_size = cfg.batch_size - cfg.labeled_batch_size if semi else 0
     iterations = cfg.iterations or round(cfg.base_iterations * cfg.labeled_fraction)
+    eval_every = (batches_per_epoch(len(run_data.labeled), cfg.labeled_batch_size) if cfg.eval_every == "epoch"
+                  else cfg.eval_every)
     if ctx.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
         save_yaml(file_values(cfg, OPTIONS), out_dir / "config.yaml")
         print(f"run folder {out_dir} | {cfg.mode} on {device} x {ctx.world_size} | {run_data.summary()} | "
-              f"{iterations} iterations", flush=True)
+              f"{iterations} iterations, evaluated every {eval_every}", flush=True)
 
     seed_everything(cfg.seed)  # the same initial weights on every rank
     torch.backends.cudnn.benchmark = True  # fixed input size: let cuDNN pick its fastest kernels
@@ -287,7 +295,7 @@ def train(cfg, ctx, device) -> int:
         record.save("checkpoint_last.pt", state(iteration, full=True))
 
     losses = LossTracker(device, start)
-    checkpoint_every = cfg.checkpoint_every or cfg.eval_every
+    checkpoint_every = cfg.checkpoint_every or eval_every
     bar = tqdm(total=iterations, initial=start, desc=cfg.mode, disable=not (cfg.progress and ctx.is_main),
                dynamic_ncols=True)
     model.train()
@@ -313,7 +321,7 @@ def train(cfg, ctx, device) -> int:
             bar.update(1)
 
             done = it + 1
-            evaluate_now = done % cfg.eval_every == 0 or done == iterations
+            evaluate_now = done % eval_every == 0 or done == iterations
             read_now = evaluate_now or done % cfg.log_every == 0
             # a signal is acted on after this step; under torchrun all ranks agree at the next reading
             stopping = (bool(stop) if not ctx.enabled else read_now and distributed.any_rank(bool(stop), device))

@@ -60,7 +60,7 @@ from utils.checkpoint import atomic_save, CheckpointError, load_checkpoint
 from utils.cli import run_cli
 from utils.config import ConfigError, Option, file_values, optional, parse_config, read_yaml, save_yaml
 from utils.plots import image_grid, plot_curves, save_image
-from utils.runtime import autocast_dtype, resolve_device, rng_state, set_rng_state, StopRequest
+from utils.runtime import autocast_dtype, ignore_stop_signals, resolve_device, rng_state, set_rng_state, StopRequest
 
 EPILOG = """examples:
   python train_ldm.py --config configs/ldm_busi.yaml --data-dir inputs/BUSI --split 1 --out-dir runs/ldm_busi_1
@@ -75,6 +75,8 @@ OPTIONS = [
     Option("data_dir", None, "dataset folder (images/, masks/0/, <name>_train<i>.txt); only the ids of "
            "the training list of --split are used", type=optional(str)),
     Option("split", 1, "split index i: trains on <name>_train<i>.txt, refuses ids of <name>_val<i>.txt"),
+    Option("split_name", None, "prefix of the split files (<name>_train<i>.txt); none: the data folder's name lower-cased, or "
+           "the prefix of the only *_train<i>.txt there", type=optional(str)),
     Option("out_dir", None, "run folder; none: runs/ldm_<dataset>_<split>", type=optional(str), in_file=False),
     Option("stage", "all", "what to train: vae, diffusion (on a run whose autoencoder is trained) or all",
            choices=("vae", "diffusion", "all"), in_file=False),
@@ -89,7 +91,7 @@ OPTIONS = [
     Option("class_conditioning", True, "condition the denoiser on the class when classes are given "
            "(class_names or class_csv); otherwise, or with --no-class-conditioning, unconditional"),
     Option("class_names", [], "class names; an id's class is the name it starts with (BUSI: benign, "
-           "malignant); repeat the flag for each", repeatable=True),
+           "malignant)", repeatable=True),
     Option("class_csv", None, "CSV of 'id,class' rows giving each training id's class (instead of the "
            "id prefix)", type=optional(str)),
     # autoencoder
@@ -234,7 +236,8 @@ def load_data(cfg: SimpleNamespace):
         raise ConfigError("give --data-dir (the dataset folder whose training images the model learns)")
     class_names = cfg.class_names if cfg.class_conditioning else []
     class_csv = cfg.class_csv if cfg.class_conditioning else None
-    return load_training_set(cfg.data_dir, cfg.split, class_names, class_csv, progress=cfg.progress)
+    return load_training_set(cfg.data_dir, cfg.split, class_names, class_csv, progress=cfg.progress,
+                             split_name=cfg.split_name)
 
 
 def new_run_info(cfg: SimpleNamespace, data) -> dict:
@@ -614,7 +617,7 @@ def train_vae(cfg: SimpleNamespace, run_dir: Path, info: dict, data, device, ctx
                                ctx.rank, ctx.world_size)
     # The loader's own generator seeds its workers: it leaves the global RNG alone (exact resume).
     loader = DataLoader(dataset, batch_sampler=sampler, num_workers=cfg.num_workers,
-                        pin_memory=device.type == "cuda",
+                        pin_memory=device.type == "cuda", worker_init_fn=ignore_stop_signals,
                         generator=torch.Generator().manual_seed(derived_seed(cfg.seed, start, STREAM_VAE)))
     latent_shape = (cfg.vae_latent_channels, latent_size(cfg), latent_size(cfg))
     preview = None

@@ -11,6 +11,7 @@ one :class:`DataError` whose message names the offending files.
 """
 from __future__ import annotations
 
+import sys
 import warnings
 from collections import defaultdict
 from pathlib import Path
@@ -163,6 +164,35 @@ def split_file(data_dir: str | Path, part: str, index: int, name: str | None = N
     data_dir = Path(data_dir)
     name = name or dataset_name(data_dir)
     return data_dir / f"{name}_{part}{index}.txt"
+
+
+def split_files(data_dir: str | Path, index: int, name: str | None = None) -> tuple[Path, Path]:
+    """The (train, val) split files of split ``index``: ``<name>_train<index>.txt``, ``<name>_val<index>.txt``.
+
+    ``name`` (option split_name) defaults to the folder's name lower-cased; when that split file is
+    not there and exactly one ``*_train<index>.txt`` is (``BUSI_2020/busi_train1.txt``), its prefix
+    is used, with a note. Several candidates are an error that lists them.
+    """
+    data_dir = Path(data_dir)
+    if name is None:
+        name = dataset_name(data_dir)
+        if not split_file(data_dir, "train", index, name).is_file():
+            suffix = f"_train{index}.txt"
+            found = sorted(p.name[:-len(suffix)] for p in data_dir.glob(f"*{suffix}") if p.is_file())
+            if len(found) > 1:
+                raise DataError(f"split file not found: {split_file(data_dir, 'train', index, name)}; the folder "
+                                f"holds the split files of several names ({', '.join(found)}): choose one with "
+                                "--split-name")
+            if found:
+                note(f"split files: using {found[0]}{suffix} ({name}{suffix}, after the folder's name, is not "
+                     f"there; --split-name {found[0]} says so explicitly)")
+                name = found[0]
+    return split_file(data_dir, "train", index, name), split_file(data_dir, "val", index, name)
+
+
+def note(message: str) -> None:
+    """One line of information for the user (not a warning: nothing is wrong)."""
+    print(f"note: {message}", file=sys.stderr, flush=True)
 
 
 def dataset_name(data_dir: str | Path) -> str:

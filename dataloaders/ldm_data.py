@@ -21,7 +21,7 @@ import torch
 from torch.utils.data import Dataset, Sampler
 
 from dataloaders.io import (DataError, listing, check_images, find_cases, read_id_list, read_image,
-                            select_cases, split_file)
+                            select_cases, split_files)
 
 
 @dataclass
@@ -35,14 +35,14 @@ class TrainingSet:
     val_file: Path | None  # the split's validation list, when it exists (checked for overlap)
 
 
-def training_ids(data_dir: str | Path, split: int) -> tuple[list[str], Path, Path | None]:
+def training_ids(data_dir: str | Path, split: int, split_name: str | None = None
+                 ) -> tuple[list[str], Path, Path | None]:
     """The ids of ``<name>_train<split>.txt``; a DataError when they overlap ``<name>_val<split>.txt``."""
-    train_file = split_file(data_dir, "train", split)
+    train_file, val_file = split_files(data_dir, split, split_name)
     if not train_file.is_file():
         raise DataError(f"split file not found: {train_file} (the training list of split {split}; "
                         "write the split files with split.py)")
     ids = read_id_list(train_file)
-    val_file = split_file(data_dir, "val", split)
     if not val_file.is_file():
         return ids, train_file, None
     shared = sorted(set(ids) & set(read_id_list(val_file)))
@@ -116,10 +116,11 @@ def class_labels(ids: Sequence[str], class_names: Sequence[str], class_csv: str 
 
 
 def load_training_set(data_dir: str | Path, split: int, class_names: Sequence[str] = (),
-                      class_csv: str | Path | None = None, progress: bool = False) -> TrainingSet:
+                      class_csv: str | Path | None = None, progress: bool = False,
+                      split_name: str | None = None) -> TrainingSet:
     """Resolve, check and open once every training image of the split (one DataError if any is bad)."""
     cases = find_cases(data_dir)  # first: a missing data folder is named as such
-    ids, train_file, val_file = training_ids(data_dir, split)
+    ids, train_file, val_file = training_ids(data_dir, split, split_name)
     paths = [image for _, image, _ in select_cases(cases, ids, str(train_file))]
     names, labels = class_labels(ids, class_names, class_csv)
     check_images(paths, progress=progress)

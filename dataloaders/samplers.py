@@ -23,6 +23,12 @@ from torch.utils.data import Sampler
 LABELED_STREAM, UNLABELED_STREAM = 0, 1
 
 
+def batches_per_epoch(num_items: int, batch_size: int) -> int:
+    """Whole batches in one pass over ``num_items`` (the incomplete tail is dropped): the iterations of
+    one epoch of the labeled stream, the official loop's epoch."""
+    return num_items // batch_size
+
+
 class StreamBatchSampler(Sampler[list[tuple[int, int]]]):
     """An endless, resumable stream of batches of ``batch_size`` indices out of ``num_items``.
 
@@ -46,7 +52,7 @@ class StreamBatchSampler(Sampler[list[tuple[int, int]]]):
 
     @property
     def batches_per_epoch(self) -> int:
-        return self.num_items // self.batch_size
+        return batches_per_epoch(self.num_items, self.batch_size)
 
     def _permutation(self, epoch: int) -> np.ndarray:
         if self._cache is None or self._cache[0] != epoch:

@@ -5,7 +5,8 @@ From a split's ``<name>_train<i>.txt`` (already shuffled by split.py, order kept
   split's val list is evaluated once, at the end, with the selected checkpoint;
 - labeled: the first int(labeled_fraction * m) of the remaining m ids (as the official code);
 - unlabeled: the remaining training ids (images only, when ``unlabeled_from_train``) and the images
-  of every ``unlabeled_dirs`` folder (stage 1's output).
+  of every ``unlabeled_dirs`` folder (stage 1's output), refused when their generator trained on
+  an evaluated id (see :mod:`dataloaders.provenance`).
 Without holdout the val list serves both for selection and for the report: the official protocol,
 which is optimistic, and said so in metrics.json.
 """
@@ -14,7 +15,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .io import (DataError, check_images, check_pairs, find_cases, read_id_list, select_cases, split_file,
+from .provenance import check_unlabeled_provenance
+from .io import (DataError, check_images, check_pairs, find_cases, read_id_list, select_cases, split_files,
                  unlabeled_images)
 
 Item = tuple[str, Path, "Path | None"]
@@ -37,14 +39,14 @@ class RunData:
 def load_run_data(data_dir: str | Path, split: int, labeled_fraction: float = 0.5, holdout: float = 0.0,
                   unlabeled_dirs: list[str | Path] = (), unlabeled_from_train: bool = True,
                   need_unlabeled: bool = True, check_files: bool = True, progress: bool = False,
-                  mask_values: str = "binary") -> RunData:
+                  mask_values: str = "binary", split_name: str | None = None) -> RunData:
     """Resolve and check a run's data; every problem is a DataError raised before training starts."""
     if not 0 < labeled_fraction <= 1:
         raise DataError(f"labeled_fraction must be in (0, 1], got {labeled_fraction}")
     if not 0 <= holdout < 1:
         raise DataError(f"holdout must be in [0, 1), got {holdout}")
     cases = find_cases(data_dir)
-    train_file, val_file = split_file(data_dir, "train", split), split_file(data_dir, "val", split)
+    train_file, val_file = split_files(data_dir, split, split_name)
     train_ids, val_ids = read_id_list(train_file), read_id_list(val_file)
     leaked = sorted(set(train_ids) & set(val_ids))
     if leaked:
@@ -66,8 +68,11 @@ def load_run_data(data_dir: str | Path, split: int, labeled_fraction: float = 0.
     if need_unlabeled:
         if unlabeled_from_train:
             unlabeled += [(case_id, image, None) for case_id, image, _ in pool[n_labeled:]]
+        # the generator of a synthetic folder must not have seen an image this run evaluates
+        evaluated = {"val": (val_file, val_ids), **({"holdout": (train_file, [i for i, *_ in carved])} if carved else {})}
         for folder in unlabeled_dirs:
             images = unlabeled_images(folder)
+            check_unlabeled_provenance(folder, evaluated)
             folder_images += images
             unlabeled += [(f"{Path(folder).name}/{p.stem}", p, None) for p in images]
         if not unlabeled:

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from utils.checkpoint import CheckpointError, load_checkpoint
+from utils.checkpoint import CheckpointError, UnsafeCheckpointError, load_checkpoint
 from utils.config import ConfigError
 
 KIND = "mgcc-ldm"
@@ -456,6 +456,8 @@ def open_run(path: str | Path, need_denoiser: bool = True) -> dict:
         try:
             found = load_checkpoint(path).get("kind")
             what = f"a {found!r} checkpoint file" if found else "a checkpoint file"
+        except UnsafeCheckpointError:
+            raise
         except (CheckpointError, AttributeError):
             what = "a file"
         if found == "mgcc-segmenter":

@@ -1,17 +1,23 @@
 """The data layer: reading and checking files, preprocessing, batch streams, run composition."""
 from __future__ import annotations
 
+import csv
+import json
 
 import cv2
 import numpy as np
 import pytest
 import torch
 
-from conftest import write_dataset
+from conftest import run_script, write_dataset
 from dataloaders.datasets import SegmentationDataset, normalize
 from dataloaders.io import DataError, check_pairs, find_cases, read_image, read_mask, unlabeled_images
 from dataloaders.samplers import StreamBatchSampler
+from dataloaders.ldm_data import load_training_set
 from dataloaders.splits import load_run_data
+from utils.config import parse_config
+import train
+import train_ldm
 
 
 # ---- batch streams -------------------------------------------------------------------------------
@@ -159,6 +165,112 @@ def test_bad_split_files(dataset, change, message):
     change(dataset)
     with pytest.raises(DataError, match=message.replace("(", r"\(").replace(")", r"\)")):
         load_run_data(dataset, 1)
+
+
+def rename_split_files(data, old: str, new: str) -> None:
+    for path in data.glob(f"{old}_*.txt"):
+        path.rename(data / path.name.replace(f"{old}_", f"{new}_", 1))
+
+
+def test_split_files_of_another_prefix_are_found(tmp_path, capsys):
+    """The official layout under another folder name: BUSI_2020/busi_train1.txt."""
+    data = write_dataset(tmp_path / "BUSI_2020", n=9)
+    rename_split_files(data, "busi_2020", "busi")
+    expected = (data / "busi_train1.txt").read_text().splitlines()
+    for load in (lambda: [i for i, *_ in (lambda run: run.labeled + run.unlabeled)(load_run_data(data, 1))],
+                 lambda: load_training_set(data, 1).ids):
+        assert load() == expected
+        assert "note: split files: using busi_train1.txt" in capsys.readouterr().err
+    # named explicitly: no note, and another prefix beside it is then no ambiguity
+    (data / "other_train1.txt").write_text("benign (1)\n")
+    assert load_run_data(data, 1, split_name="busi").selection_name == "val"
+    assert load_training_set(data, 1, split_name="busi").ids == expected
+    assert "note" not in capsys.readouterr().err
+
+
+def test_ambiguous_split_files_are_an_error_naming_them(tmp_path):
+    data = write_dataset(tmp_path / "BUSI_2020", n=9)
+    rename_split_files(data, "busi_2020", "busi")
+    (data / "other_train1.txt").write_text("benign (1)\n")
+    for load in (load_run_data, load_training_set):
+        with pytest.raises(DataError, match=r"busi_2020_train1.txt; .*several names \(busi, other\).*--split-name"):
+            load(data, 1)
+    with pytest.raises(DataError, match="split file not found: .*nothing_train1.txt"):
+        load_run_data(data, 1, split_name="nothing")
+
+
+def test_split_name_is_a_flag_of_every_script_that_reads_split_files(tmp_path):
+    data = write_dataset(tmp_path / "BUSI_2020", n=9)
+    rename_split_files(data, "busi_2020", "a")
+    write_dataset(data, n=9)  # and busi_2020_train1.txt again: the default finds it, --split-name picks the other
+    (data / "a_train1.txt").write_text("\n".join(f"benign ({k})" for k in (1, 3, 5)) + "\n")
+    args = ["--data-dir", str(data), "--split-name", "a"]
+    assert parse_config(train.OPTIONS, "", args).split_name == "a"
+    assert train_ldm.load_data(parse_config(train_ldm.OPTIONS, "", args)).ids == ["benign (1)", "benign (3)", "benign (5)"]
+    assert train.main([*args, "--out-dir", str(tmp_path / "run"), "--mode", "supervised", "--labeled-fraction", "1",
+                       "--width", "4", "--image-size", "32", "--batch-size", "2", "--labeled-batch-size", "2",
+                       "--iterations", "1", "--num-workers", "0", "--no-progress"]) == 0
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["iterations"] == 1
+    assert parse_config(train.OPTIONS, "", ["--config", str(tmp_path / "run" / "config.yaml")]).split_name == "a"
+
+
+def generated_folder(folder, generator_train_ids, data_root) -> None:
+    """A folder as sample_ldm.py leaves it (images/, manifest.csv naming the generator run), and that
+    generator's run folder with the ldm.json train_ldm.py writes (its training ids)."""
+    import sample_ldm
+
+    run = data_root / f"ldm_{folder.name}"
+    run.mkdir()
+    (run / "ldm.json").write_text(json.dumps({"kind": "mgcc-ldm", "train_ids": generator_train_ids}))
+    write_dataset(folder, n=3, splits=False, seed=5)
+    with (folder / "manifest.csv").open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(sample_ldm.MANIFEST_COLUMNS)
+        for image in sorted((folder / "images").iterdir()):
+            row = dict.fromkeys(sample_ldm.MANIFEST_COLUMNS, "")
+            writer.writerow({**row, "file": f"images/{image.name}", "checkpoint": str(run.resolve())}.values())
+
+
+def test_samples_of_a_generator_that_saw_evaluated_images_are_refused(dataset, tmp_path, capsys):
+    """Split 2's val ids are in split 1's training list: split 1's generator leaks them into split 2."""
+    train1 = (dataset / "toy_train1.txt").read_text().splitlines()
+    val1 = (dataset / "toy_val1.txt").read_text().splitlines()
+    (dataset / "toy_train2.txt").write_text("\n".join(train1[3:] + val1) + "\n")
+    (dataset / "toy_val2.txt").write_text("\n".join(train1[:3]) + "\n")
+    synth = tmp_path / "synth_split1"
+    generated_folder(synth, train1, tmp_path)
+    assert len(load_run_data(dataset, 1, unlabeled_dirs=[synth]).unlabeled) == 4 + 3  # its own split: fine
+    with pytest.raises(DataError) as error:
+        load_run_data(dataset, 2, unlabeled_dirs=[synth])
+    message = str(error.value)
+    assert f"unlabeled folder {synth} was generated by {(tmp_path / 'ldm_synth_split1').resolve()}" in message
+    assert "3 of the 3 val ids this run evaluates (toy_val2.txt)" in message
+    assert all(repr(i) in message for i in train1[:3])
+    # the holdout ids are evaluated too: carved from the training list the generator learned from
+    with pytest.raises(DataError, match=r"2 of the 2 holdout ids this run evaluates \(toy_train1.txt\)"):
+        load_run_data(dataset, 1, holdout=0.25, unlabeled_dirs=[synth])
+    # given as the images/ folder itself, its manifest beside it is found
+    with pytest.raises(DataError, match="toy_val2.txt"):
+        load_run_data(dataset, 2, unlabeled_dirs=[synth / "images"])
+    assert "note" not in capsys.readouterr().err
+
+
+def test_a_folder_without_manifest_is_accepted_with_a_note(dataset, tmp_path, capsys):
+    own = write_dataset(tmp_path / "own", n=3, splits=False)
+    assert len(load_run_data(dataset, 1, unlabeled_dirs=[own]).unlabeled) == 4 + 3
+    err = capsys.readouterr().err
+    assert f"note: unlabeled folder {own} has no manifest.csv: where its images come from cannot be checked" in err
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_train_py_refuses_a_leaking_folder(dataset, tmp_path):
+    synth = tmp_path / "synth"
+    generated_folder(synth, (dataset / "toy_val1.txt").read_text().splitlines()[:1], tmp_path)
+    result = run_script("train.py", "--data-dir", dataset, "--unlabeled-dir", synth, "--out-dir", tmp_path / "run",
+                        "--iterations", "1", "--num-workers", "0", check=False)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "error: unlabeled folder" in result.stderr and "1 of the 4 val ids" in result.stderr
+    assert not (tmp_path / "run").exists()
 
 
 def test_mgcc_needs_unlabeled_images(dataset):

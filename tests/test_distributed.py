@@ -4,8 +4,10 @@ from __future__ import annotations
 import json
 from itertools import islice
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -43,14 +45,14 @@ def test_two_process_training_resume_and_single_process_use(tmp_path, dataset):
     args = ["--data-dir", dataset, "--out-dir", out, *TINY, "--iterations", "6"]
     first = torchrun("train.py", *args, "--stop-after", "3")
     assert "x 2 |" in first.stdout and "continue with" in first.stdout.lower()
-    checkpoint = torch.load(out / "checkpoint_last.pt", weights_only=False)
+    checkpoint = torch.load(out / "checkpoint_last.pt", weights_only=True)
     assert checkpoint["iteration"] == 3 and len(checkpoint["rng"]) == 2
     torchrun("train.py", "--out-dir", out, "--resume", "--no-progress")
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["iteration"] for r in lines] == [3, 6]
 
     # the DDP checkpoint has the plain names: it loads in a single process ...
-    best = torch.load(out / "checkpoint_best.pt", weights_only=False)
+    best = torch.load(out / "checkpoint_best.pt", weights_only=True)
     model = MGCCNet(**best["model_args"])
     model.load_state_dict(best["model"])
     # ... where evaluating it gives what rank 0 logged under torchrun
@@ -70,3 +72,26 @@ def test_two_process_training_resume_and_single_process_use(tmp_path, dataset):
                "--stop-after", "2", "--mode", "supervised")
     torchrun("train.py", "--out-dir", single_out, "--resume", "--no-progress")
     assert json.loads((single_out / "metrics.json").read_text())["iterations"] == 4
+
+
+def test_sigterm_to_the_process_group_under_torchrun_checkpoints(tmp_path, dataset):
+    """The group's SIGTERM reaches each rank twice (directly, and forwarded by torchrun's agent) and
+    their data-loader workers: every rank must still finish the step and the checkpoint be written."""
+    out = tmp_path / "ddp"
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    process = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                                "--master_port", "0", "--rdzv_backend", "c10d", "--rdzv_endpoint", "localhost:0",
+                                str(ROOT / "train.py"), "--data-dir", str(dataset), "--out-dir", str(out), *TINY,
+                                "--iterations", "100000", "--eval-every", "100000", "--log-every", "1",
+                                "--checkpoint-every", "1", "--num-workers", "2"], cwd=ROOT, env=env, start_new_session=True,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while not (out / "checkpoint_last.pt").exists():  # in the training loop
+        assert process.poll() is None and time.time() < deadline, process.communicate()
+        time.sleep(0.1)
+    os.killpg(process.pid, signal.SIGTERM)
+    _, stderr = process.communicate(timeout=300)
+    assert stderr.count("SIGTERM received") == 2 and "stopped by SIGTERM" in stderr, stderr[-5000:]
+    assert "killed by signal" not in stderr and "Error" not in stderr.replace("SignalException", ""), stderr[-5000:]
+    checkpoint = torch.load(out / "checkpoint_last.pt", weights_only=True)
+    assert checkpoint["iteration"] > 0 and len(checkpoint["rng"]) == 2

@@ -30,7 +30,7 @@ def losses(run: Path, stage: str) -> list[dict]:
 
 
 def state(run: Path, stage: str) -> dict:
-    return torch.load(run / f"state_{stage}.pt", weights_only=False)
+    return torch.load(run / f"state_{stage}.pt", weights_only=True)
 
 
 def test_ranks_slice_each_global_batch_without_overlap():

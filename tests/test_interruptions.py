@@ -17,10 +17,10 @@ import train
 from utils.checkpoint import atomic_save, load_checkpoint
 
 
-def start_training(dataset, out_dir, *extra) -> subprocess.Popen:
+def start_training(dataset, out_dir, *extra, new_session=False) -> subprocess.Popen:
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     return subprocess.Popen([sys.executable, str(ROOT / "train.py"), "--data-dir", str(dataset), "--out-dir",
-                             str(out_dir), *TINY, *extra], cwd=ROOT, env=env,
+                             str(out_dir), *TINY, *extra], cwd=ROOT, env=env, start_new_session=new_session,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
@@ -46,6 +46,33 @@ def test_signal_finishes_the_step_saves_and_says_how_to_resume(tmp_path, dataset
     assert 0 < checkpoint["iteration"] < 100000
 
 
+def test_sigterm_to_the_process_group_checkpoints_and_resumes_exactly(tmp_path, dataset):
+    """scancel, preemption and timeout signal every process of the job, the data-loader workers
+    included: the run must still finish its step, save, exit 143 without a traceback, and resume exactly."""
+    args = ["--iterations", "24", "--eval-every", "24", "--checkpoint-every", "1", "--seed", "5"]
+    out = tmp_path / "killed"
+    process = start_training(dataset, out, *args, "--num-workers", "2", new_session=True)  # its own group
+    wait_for(out / "checkpoint_last.pt", process)  # in the training loop, the workers serving batches
+    os.killpg(process.pid, signal.SIGTERM)
+    try:
+        stdout, stderr = process.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        raise AssertionError(f"no exit after SIGTERM:\n{process.communicate()[1][-3000:]}") from None
+    if process.returncode == 0:
+        pytest.skip("the run finished before the signal landed")
+    assert process.returncode == 143 and "Traceback" not in stderr, stderr
+    assert "stopped by SIGTERM" in stderr and "--resume" in stderr
+    stopped_at = load_checkpoint(out / "checkpoint_last.pt", "mgcc-segmenter")["iteration"]
+    assert 0 < stopped_at < 24
+    assert train.main(["--out-dir", str(out), "--resume", "--no-progress"]) == 0
+    # the batches are a function of (seed, step) whatever the workers: the straight run loads in-process
+    assert train.main(["--data-dir", str(dataset), "--out-dir", str(tmp_path / "straight"), *TINY, *args]) == 0
+    a = load_checkpoint(tmp_path / "straight" / "checkpoint_last.pt")["model"]
+    b = load_checkpoint(out / "checkpoint_last.pt")["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_kill_9_then_resume_equals_an_uninterrupted_run(tmp_path, dataset):
     args = ["--iterations", "8", "--eval-every", "4", "--checkpoint-every", "2", "--seed", "3"]
     assert train.main(["--data-dir", str(dataset), "--out-dir", str(tmp_path / "straight"), *TINY, *args]) == 0
@@ -58,8 +85,8 @@ def test_kill_9_then_resume_equals_an_uninterrupted_run(tmp_path, dataset):
         pytest.skip("the run finished before the kill landed")
     assert load_checkpoint(out / "checkpoint_last.pt")["iteration"] in (2, 4, 6)  # a whole, readable checkpoint
     assert train.main(["--out-dir", str(out), "--resume", "--no-progress"]) == 0
-    a = torch.load(tmp_path / "straight" / "checkpoint_last.pt", weights_only=False)["model"]
-    b = torch.load(out / "checkpoint_last.pt", weights_only=False)["model"]
+    a = torch.load(tmp_path / "straight" / "checkpoint_last.pt", weights_only=True)["model"]
+    b = torch.load(out / "checkpoint_last.pt", weights_only=True)["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 

@@ -56,10 +56,10 @@ def straight(data: Path) -> Path:
     return run
 
 
-def start(script: str, *args) -> subprocess.Popen:
+def start(script: str, *args, new_session: bool = False) -> subprocess.Popen:
     env = dict(os.environ, PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1")
     return subprocess.Popen([sys.executable, str(ROOT / script), *map(str, args)], cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            start_new_session=new_session, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 def wait_for(found, process: subprocess.Popen, timeout: float = 180.0) -> None:
@@ -88,13 +88,19 @@ def fails(capsys, main, args: list, *expected: str) -> None:
 # train_ldm.py
 # ----------------------------------------------------------------------------------------------
 
-def test_sigterm_finishes_the_step_saves_and_the_run_resumes(data: Path, tmp_path: Path):
+@pytest.mark.parametrize("group", [False, True], ids=["process", "process-group"])
+def test_sigterm_finishes_the_step_saves_and_the_run_resumes(data: Path, tmp_path: Path, group: bool):
+    """SIGTERM to the process alone, or to its whole group (scancel, timeout), data-loader workers included."""
     run = tmp_path / "run"
     # no checkpoint before step 100000: the one found afterwards is written because of the signal
     process = start("train_ldm.py", "--data-dir", data, "--out-dir", run, *TINY, "--vae-steps", "100000",
-                    "--checkpoint-every", "100000", "--sample-every", "1")
+                    "--checkpoint-every", "100000", "--sample-every", "1", "--num-workers", "2" if group else "0",
+                    new_session=group)
     wait_for(lambda: (run / "previews").is_dir() and any((run / "previews").iterdir()), process)  # in the loop
-    process.send_signal(signal.SIGTERM)
+    if group:
+        os.killpg(process.pid, signal.SIGTERM)
+    else:
+        process.send_signal(signal.SIGTERM)
     stdout, stderr = process.communicate(timeout=120)
     assert process.returncode == 128 + signal.SIGTERM, stderr
     match = re.search(r"autoencoder: stopped by SIGTERM at step (\d+); checkpoint written", stderr)
@@ -124,7 +130,7 @@ def test_kill_9_then_resume_gives_the_weights_of_an_uninterrupted_run(data: Path
         a = load_file(straight / name / "diffusion_pytorch_model.safetensors")
         b = load_file(run / name / "diffusion_pytorch_model.safetensors")
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
-    a, b = (torch.load(r / "state_vae.pt", weights_only=False)["disc"] for r in (straight, run))
+    a, b = (torch.load(r / "state_vae.pt", weights_only=True)["disc"] for r in (straight, run))
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
@@ -236,7 +242,7 @@ def test_unusable_models_for_sampling_say_what_was_expected(straight: Path, tmp_
                  "train_ldm.py")
 
 
-def test_kill_9_or_sigint_while_sampling_leaves_no_output_folder(straight: Path, tmp_path: Path):
+def test_kill_9_sigint_or_group_sigterm_while_sampling_leaves_no_output_folder(straight: Path, tmp_path: Path):
     out = tmp_path / "synth"
     partial = tmp_path / ".synth.partial"
     many = ("--checkpoint", straight, "--out-dir", out, "--num-images", "1000", "--batch-size", "1", "--steps", "2",
@@ -251,6 +257,13 @@ def test_kill_9_or_sigint_while_sampling_leaves_no_output_folder(straight: Path,
     _, stderr = process.communicate(timeout=120)
     assert process.returncode == 128 + signal.SIGINT and "Traceback" not in stderr, stderr
     assert f"stopped by SIGINT: nothing was written to {out}" in stderr
+    assert not out.exists() and not partial.exists()
+
+    process = start("sample_ldm.py", *many, new_session=True)  # SIGTERM to its whole group: the same
+    sampling_started(process)
+    os.killpg(process.pid, signal.SIGTERM)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 128 + signal.SIGTERM and "Traceback" not in stderr, stderr
     assert not out.exists() and not partial.exists()
 
     process = start("sample_ldm.py", *many)

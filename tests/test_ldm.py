@@ -233,10 +233,10 @@ def test_resume_gives_the_weights_of_an_uninterrupted_run(trained_run: Path, dat
         resumed = load_file(run / folder / "diffusion_pytorch_model.safetensors")
         assert straight.keys() == resumed.keys()
         assert all(torch.equal(straight[k], resumed[k]) for k in straight), folder
-    a = torch.load(trained_run / "state_vae.pt", weights_only=False)
-    b = torch.load(run / "state_vae.pt", weights_only=False)
+    a = torch.load(trained_run / "state_vae.pt", weights_only=True)
+    b = torch.load(run / "state_vae.pt", weights_only=True)
     assert all(torch.equal(a["disc"][k], b["disc"][k]) for k in a["disc"])
-    c = torch.load(run / "state_diffusion.pt", weights_only=False)
+    c = torch.load(run / "state_diffusion.pt", weights_only=True)
     assert c["step"] == 4 and c["ema"]["optimization_step"] == 4
 
 

@@ -34,7 +34,7 @@ def test_mgcc_run_writes_everything(tmp_path, dataset):
     assert summary["best"]["iou"] == max(r["iou"] for r in lines) and "optimistic" in summary["note"]
     config = yaml.safe_load((out / "config.yaml").read_text())
     assert config["unlabeled_dir"] == [str(synth)] and config["mode"] == "mgcc" and "device" not in config
-    best = torch.load(out / "checkpoint_best.pt", weights_only=False)
+    best = torch.load(out / "checkpoint_best.pt", weights_only=True)
     assert best["kind"] == "mgcc-segmenter" and best["iteration"] == summary["best_iteration"]
 
 
@@ -71,11 +71,11 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path, dataset
     args = ["--iterations", "6", "--seed", "5"]
     assert run_train(tmp_path, dataset, *args, out="straight")[0] == 0
     assert run_train(tmp_path, dataset, *args, "--stop-after", "4", out="resumed")[0] == 0
-    paused = torch.load(tmp_path / "resumed" / "checkpoint_last.pt", weights_only=False)
+    paused = torch.load(tmp_path / "resumed" / "checkpoint_last.pt", weights_only=True)
     assert paused["iteration"] == 4
     assert train.main(["--out-dir", str(tmp_path / "resumed"), "--resume", "--no-progress"]) == 0
-    a = torch.load(tmp_path / "straight" / "checkpoint_last.pt", weights_only=False)
-    b = torch.load(tmp_path / "resumed" / "checkpoint_last.pt", weights_only=False)
+    a = torch.load(tmp_path / "straight" / "checkpoint_last.pt", weights_only=True)
+    b = torch.load(tmp_path / "resumed" / "checkpoint_last.pt", weights_only=True)
     assert a["iteration"] == b["iteration"] == 6
     for name, tensor in a["model"].items():
         assert torch.equal(tensor, b["model"][name]), name
@@ -90,13 +90,31 @@ def test_iterations_default_to_the_official_schedule(tmp_path, dataset):
     code, out = run_train(tmp_path, dataset, "--base-iterations", "8", "--labeled-fraction", "0.25",
                           "--stop-after", "1")
     assert code == 0
-    assert torch.load(out / "checkpoint_last.pt", weights_only=False)["config"]["iterations"] is None
+    assert torch.load(out / "checkpoint_last.pt", weights_only=True)["config"]["iterations"] is None
     code = train.main(["--out-dir", str(out), "--resume", "--no-progress"])
     assert code == 0 and json.loads((out / "metrics.json").read_text())["iterations"] == 2  # 8 x 0.25
 
 
+def test_eval_every_epoch_evaluates_after_each_pass_over_the_labeled_images(tmp_path, dataset):
+    """8 training ids, half labeled: 4 labeled images in batches of 2 are an epoch of 2 iterations."""
+    config = tmp_path / "c.yaml"
+    config.write_text("eval_every: epoch\n")
+    out = tmp_path / "run"
+    tiny = [a for k, a in enumerate(TINY) if k not in (TINY.index("--eval-every"), TINY.index("--eval-every") + 1)]
+    assert train.main(["--config", str(config), "--data-dir", str(dataset), "--out-dir", str(out), *tiny,
+                       "--iterations", "5"]) == 0
+    assert [json.loads(line)["iteration"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [2, 4, 5]
+    assert yaml.safe_load((out / "config.yaml").read_text())["eval_every"] == "epoch"
+    code, out = run_train(tmp_path, dataset, "--iterations", "3", "--eval-every", "epoch", "--labeled-fraction", "1",
+                          "--mode", "supervised", out="all_labeled")  # 8 labeled: 4 iterations per epoch
+    assert code == 0
+    assert [json.loads(line)["iteration"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [3]
+
+
 @pytest.mark.parametrize("args,message", [
     (["--bogus-flag", "1"], "unrecognized arguments: --bogus-flag"),
+    (["--eval-every", "0"], "expected a positive whole number or 'epoch', got 0"),
+    (["--eval-every", "epochs"], "expected a positive whole number or 'epoch', got 'epochs'"),
     (["--iterations", "2", "--labeled-batch-size", "9", "--batch-size", "12"], "larger than the labeled set"),
     (["--iterations", "2", "--data-dir", "/nonexistent/data"], "data folder not found: /nonexistent/data"),
     (["--iterations", "2", "--unlabeled-dir", "/nonexistent/synth"], "unlabeled folder not found"),

@@ -27,7 +27,7 @@ class Option:
     help: str
     type: Callable[[str], Any] | None = None  # parser of a flag's text; inferred from default if None
     choices: Sequence[Any] | None = None
-    repeatable: bool = False  # a list, given as a repeated flag (--x a --x b) or a YAML list
+    repeatable: bool = False  # a list: --x a b c (or --x a --x b), or a YAML list
     in_file: bool = True  # False for options of one invocation (--resume, --device): not in YAML
 
     @property
@@ -41,6 +41,23 @@ def optional(parse: Callable[[str], Any]) -> Callable[[str], Any]:
         return None if text.lower() in ("none", "null") else parse(text)
     parse_optional.__name__ = getattr(parse, "__name__", "value")
     return parse_optional
+
+
+def count_or(word: str) -> Callable[[str], Any]:
+    """Parser of a positive whole number, or of ``word`` itself (e.g. --eval-every epoch)."""
+    def parse_count_or_word(text: str) -> int | str:
+        if text.strip().lower() == word:
+            return word
+        # ArgumentTypeError: argparse shows its message (a ValueError's it replaces with its own)
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a positive whole number or '{word}', got {text!r}") from None
+        if value < 1:
+            raise argparse.ArgumentTypeError(f"expected a positive whole number or '{word}', got {value}")
+        return value
+    parse_count_or_word.__name__ = f"number or '{word}'"
+    return parse_count_or_word
 
 
 def _parser_of(option: Option) -> Callable[[str], Any]:
@@ -64,14 +81,19 @@ def build_parser(options: Sequence[Option], description: str, epilog: str | None
                                  "Flags given on the command line override it.")
     for option in options:
         default_text = "none" if option.default is None else option.default
-        help_text = f"{option.help} (default: {default_text})"
+        if option.repeatable:  # lists as users type them: --vae-channels 16 32 32
+            default_text = " ".join(map(str, option.default)) or "none"
+            help_text = f"{option.help}; a list: {option.flag} A B ... (default: {default_text})"
+        else:
+            help_text = f"{option.help} (default: {default_text})"
         if isinstance(option.default, bool) and option.type is None:
             parser.add_argument(option.flag, action=argparse.BooleanOptionalAction,
                                 default=argparse.SUPPRESS, help=help_text)
         else:
             parser.add_argument(option.flag, dest=option.name, type=_parser_of(option),
                                 choices=option.choices, default=argparse.SUPPRESS,
-                                action="append" if option.repeatable else "store",
+                                action="extend" if option.repeatable else "store",
+                                nargs="+" if option.repeatable else None,
                                 metavar=option.name.upper(), help=help_text)
     return parser
 
@@ -96,7 +118,7 @@ def _coerce(option: Option, value: Any, source: str) -> Any:
         if parse is int and isinstance(value, float) and not value.is_integer():
             raise ValueError("not a whole number")
         value = parse(value) if parse in (int, float) and isinstance(value, (int, float)) else parse(str(value))
-    except (TypeError, ValueError) as error:
+    except (TypeError, ValueError, argparse.ArgumentTypeError) as error:
         raise ConfigError(f"{source}: {option.name} = {value!r} is not valid: {error}") from None
     if option.choices is not None and value not in option.choices:
         raise ConfigError(f"{source}: {option.name} = {value!r}; choose one of {list(option.choices)}")

@@ -4,6 +4,7 @@ from __future__ import annotations
 import random
 import signal
 import sys
+import time
 
 import numpy as np
 import torch
@@ -53,15 +54,32 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def ignore_stop_signals(worker_id: int | None = None) -> None:
+    """``worker_init_fn`` of every DataLoader: its workers ignore SIGINT and SIGTERM.
+
+    Ctrl-C, ``timeout``, SLURM's scancel and preemption signal every process of the job, the
+    data-loader workers included. A worker killed by the signal makes the main process fail with
+    "DataLoader worker ... is killed by signal" before it can save; ignoring it, the workers go on
+    serving batches while the main process (:class:`StopRequest`) finishes its step and saves, and
+    they end with it.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 class StopRequest:
     """Turns SIGINT/SIGTERM into a flag the training loop checks after each step.
 
-    The loop then writes its checkpoint and exits cleanly; a second signal stops at once.
+    The loop then writes its checkpoint and exits cleanly; a second signal stops at once. A repeat
+    within REPEAT_SECONDS is the same request delivered twice, not a second one: a signal to the
+    process group under torchrun reaches each rank directly and again forwarded by torchrun's agent.
     """
+    REPEAT_SECONDS = 2.0
 
     def __init__(self):
         self.signal_name: str | None = None
         self.signal_number = 0
+        self._received_at = 0.0
 
     def __enter__(self):
         self._previous = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
@@ -73,9 +91,12 @@ class StopRequest:
 
     def _handle(self, signum, frame):
         if self.signal_name is not None:
+            if time.monotonic() - self._received_at < self.REPEAT_SECONDS:
+                return
             sys.exit(128 + signum)
         self.signal_name = signal.Signals(signum).name
         self.signal_number = signum
+        self._received_at = time.monotonic()
         print(f"\n{self.signal_name} received: finishing the current step, then saving a checkpoint "
               "(signal again to stop at once)", file=sys.stderr, flush=True)
 
