@@ -36,7 +36,7 @@ from pathlib import Path
 
 import torch
 
-from dataloaders.io import DataError, dataset_name, split_file
+from dataloaders.io import DataError, dataset_name, note, split_file
 from utils import results
 from utils.cli import run_cli
 from utils.config import ConfigError, file_values, parse_config, read_yaml, save_yaml
@@ -63,6 +63,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                              "config's: 0.5 in configs/busi.yaml, 0.25 in configs/demo.yaml)")
     parser.add_argument("--splits", type=int, nargs="+", default=None,
                         help="split numbers (default: every split whose train and val files are present)")
+    parser.add_argument("--split-name", default=None, metavar="NAME",
+                        help="prefix of the split files, NAME_train<i>.txt (default: the data folder's name "
+                             "lower-cased, or the only prefix there)")
     parser.add_argument("--arms", nargs="+", choices=ARMS, default=None,
                         help="arms to run (default: all three; without the generator, the first two)")
     parser.add_argument("--no-generator", dest="generator", action="store_false",
@@ -113,29 +116,41 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def find_splits(data_dir: Path, requested: list[int] | None) -> list[int]:
-    """The requested splits, or every split whose train and val files are both present."""
+def find_splits(data_dir: Path, requested: list[int] | None, name: str | None) -> tuple[str, list[int]]:
+    """(split-file prefix, split numbers): the requested splits, or every split whose train and val files
+    are both present. The prefix is --split-name, else the folder's name, else the only one there."""
+    pattern = re.compile(r"(.+)_train(\d+)\.txt")
+    found = {}  # prefix -> split numbers with both files
+    for path in data_dir.glob("*_train*.txt"):
+        if (m := pattern.fullmatch(path.name)) and split_file(data_dir, "val", int(m[2]), m[1]).is_file():
+            found.setdefault(m[1], []).append(int(m[2]))
+    if name is None:
+        name = dataset_name(data_dir)
+        if name not in found and len(found) == 1:
+            name = next(iter(found))
+            note(f"split files: using {name}_train<i>.txt (none is named after the folder; --split-name {name} "
+                 "says so explicitly)")
+        elif name not in found and found:
+            raise DataError(f"{data_dir} holds the split files of several names ({', '.join(sorted(found))}): "
+                            "choose one with --split-name")
     if requested:
         for i in requested:
             for part in ("train", "val"):
-                if not split_file(data_dir, part, i).is_file():
-                    raise DataError(f"split {i}: {split_file(data_dir, part, i)} not found")
-        return sorted(set(requested))
-    name = dataset_name(data_dir)
-    found = sorted(int(m.group(1)) for p in data_dir.glob(f"{name}_train*.txt")
-                   if (m := re.fullmatch(rf"{re.escape(name)}_train(\d+)\.txt", p.name))
-                   and split_file(data_dir, "val", int(m.group(1))).is_file())
-    if not found:
+                if not split_file(data_dir, part, i, name).is_file():
+                    raise DataError(f"split {i}: {split_file(data_dir, part, i, name)} not found")
+        return name, sorted(set(requested))
+    if not found.get(name):
         raise DataError(f"no split files {name}_train<i>.txt with {name}_val<i>.txt in {data_dir}: "
                         f"run python split.py --data-dir {data_dir}")
-    return found
+    return name, sorted(found[name])
 
 
-def plan(args, splits: list[int], device: str) -> list[Stage]:
+def plan(args, name: str, splits: list[int], device: str) -> list[Stage]:
     """Every stage of the protocol, in the order they run."""
     data, out = args.data_dir.resolve(), args.out_dir.resolve()
     shown = ["--device", device] + ([] if args.progress else ["--no-progress"])
     seed = ["--seed", str(args.seed)] if args.seed is not None else []
+    split_name = ["--split-name", name]
     torchrun = (["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc_per_node}"]
                 if args.nproc_per_node > 1 else [])
 
@@ -153,7 +168,7 @@ def plan(args, splits: list[int], device: str) -> list[Stage]:
         if args.generator:
             stages.append(Stage(
                 f"split{i}/ldm", ["train_ldm.py", "--config", str(args.ldm_config.resolve()), "--data-dir", str(data),
-                                  "--split", str(i), "--out-dir", str(ldm), *seed, *args.ldm_args, *shown],
+                                  "--split", str(i), *split_name, "--out-dir", str(ldm), *seed, *args.ldm_args, *shown],
                 ldm, resume=resumable("train_ldm.py", ldm, "state_vae.pt", "state_diffusion.pt"), launcher=torchrun))
             stages.append(Stage(
                 f"split{i}/samples", ["sample_ldm.py", "--checkpoint", str(ldm), "--num-images", str(args.num_samples),
@@ -166,14 +181,14 @@ def plan(args, splits: list[int], device: str) -> list[Stage]:
                          else ["--unlabeled-from-train"] if arm == "mgcc-real" else [])
             stages.append(Stage(
                 f"split{i}/{arm}", ["train.py", "--config", str(args.config.resolve()), "--data-dir", str(data),
-                                    "--split", str(i), "--labeled-fraction", f"{args.labeled_fraction:g}",
+                                    "--split", str(i), *split_name, "--labeled-fraction", f"{args.labeled_fraction:g}",
                                     "--holdout", f"{args.holdout:g}", *mode, *unlabeled, *seed, *args.train_args,
                                     "--out-dir", str(folder), *shown],
                 folder, depends=[f"split{i}/samples"] if arm == "mgcc-synthetic" else [],
                 resume=resumable("train.py", folder, "checkpoint_last.pt"), launcher=torchrun))
             stages.append(Stage(
                 f"split{i}/{arm}/predict", ["predict.py", "--checkpoint", str(folder / "checkpoint_best.pt"),
-                                            "--input-dir", str(data), "--ids", str(split_file(data, "val", i)),
+                                            "--input-dir", str(data), "--ids", str(split_file(data, "val", i, name)),
                                             "--masks-dir", str(data / "masks" / "0"),
                                             "--output-dir", str(run / f"{arm}_val"), *shown],
                 run / f"{arm}_val", depends=[f"split{i}/{arm}"], overwrite_flag=None))
@@ -325,8 +340,8 @@ def main(argv=None) -> int:
                           "--nproc-per-node)")
     args.nproc_per_node = args.nproc_per_node or int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     device = args.device
-    splits = find_splits(args.data_dir, args.splits)
-    stages = plan(args, splits, device)
+    name, splits = find_splits(args.data_dir, args.splits, args.split_name)
+    stages = plan(args, name, splits, device)
     ledger = Ledger(args.out_dir.resolve() / "stages.json")
     statuses = check_plan(stages, ledger)
     print(f"reproduce: {args.data_dir} -> {args.out_dir} | splits {', '.join(map(str, splits))} | arms "

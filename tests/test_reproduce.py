@@ -12,14 +12,18 @@ TINY = "--iterations 2 --eval-every 2 --width 4 --image-size 32 --num-workers 0"
 
 def test_holdout_protocol_under_torchrun(tmp_path):
     """--holdout: selection on the training list's tail, val evaluated once; --nproc-per-node 2: the
-    training stage runs under torchrun with two processes, and results.md says which protocol."""
-    data = write_dataset(tmp_path / "toy", n=15, size=(40, 48))
+    training stage runs under torchrun with two processes, and results.md says which protocol. The
+    split files are named after another folder (BUSI_2020/busi_train1.txt): their prefix is found."""
+    data = write_dataset(tmp_path / "BUSI_2020", n=15, size=(40, 48))
+    for part in ("train", "val"):
+        (data / f"busi_2020_{part}1.txt").rename(data / f"busi_{part}1.txt")
     out = tmp_path / "out"
     result = run_script("reproduce.py", "--data-dir", data, "--out-dir", out, "--preset", "demo", "--no-generator",
                         "--arms", "supervised", "--labeled-fraction", "0.5", "--holdout", "0.2",
                         "--nproc-per-node", "2", "--train-args", TINY, "--device", "cpu", "--no-progress",
                         "--no-estimate")
     assert "$ python -m torch.distributed.run --standalone --nproc_per_node=2 train.py" in result.stdout
+    assert "--split-name busi" in result.stdout and "using busi_train<i>.txt" in result.stderr
     assert "supervised on cpu x 2" in result.stdout
     run = json.loads((out / "split1" / "supervised" / "metrics.json").read_text())
     assert run["selection_set"] == "holdout"
