@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parent
 
 # sizes of the full demo and of --quick (a smoke test of every stage boundary)
 SETTINGS = {
-    "full": dict(images=160, size=64, ldm_vae_steps=400, ldm_diffusion_steps=800, samples=128,
+    "full": dict(images=160, size=64, ldm_vae_steps=600, ldm_diffusion_steps=1200, samples=128,
                  iterations=600, eval_every=100, width=16, labeled_fraction=0.25),
     "quick": dict(images=24, size=32, ldm_vae_steps=4, ldm_diffusion_steps=4, samples=8,
                   iterations=4, eval_every=2, width=4, labeled_fraction=0.5),
@@ -71,7 +71,7 @@ def main(argv=None) -> int:
     run("1/7 phantom data", "-m", "dataloaders.phantom", "--out-dir", data, "--num-images", s["images"],
         "--height", s["size"], "--width", s["size"], "--seed", args.seed)
     run("2/7 split files", "split.py", "--data-dir", data)
-    run("3/7 stage 1: latent diffusion model", "train_ldm.py", "--config", ROOT / "configs" / "ldm_tiny.yaml",
+    run("3/7 stage 1: latent diffusion model", "train_ldm.py", "--config", ROOT / "configs" / "ldm_demo.yaml",
         "--data-dir", data, "--split", 1, "--out-dir", ldm, "--image-size", s["size"], "--vae-steps",
         s["ldm_vae_steps"], "--diffusion-steps", s["ldm_diffusion_steps"], "--seed", args.seed, *common)
     run("4/7 stage 1: sampling", "sample_ldm.py", "--checkpoint", ldm, "--num-images", s["samples"],
@@ -93,6 +93,10 @@ def main(argv=None) -> int:
     print(f"\nMGCC demo on phantom data ({s['images']} images {s['size']}x{s['size']}, labeled fraction "
           f"{s['labeled_fraction']}, {s['samples']} synthetic unlabeled images, {s['iterations']} iterations): "
           f"{minutes:.1f} min")
+    report = json.loads((synth / "report.json").read_text())
+    if report["c2st_accuracy"] is not None:
+        print(f"synthetic images: C2ST accuracy {report['c2st_accuracy']:.3f} against the training images (0.5 = "
+              f"indistinguishable, 1.0 = trivially told apart); sample grid {synth / 'grid.png'}")
     print(f"{'model':24s} {'val IoU':>8s} {'val Dice':>9s}")
     for mode, name in (("mgcc", "MGCC (semi-supervised)"), ("supervised", "supervised baseline")):
         print(f"{name:24s} {results[mode]['iou']:8.4f} {results[mode]['dice']:9.4f}")
@@ -102,7 +106,8 @@ def main(argv=None) -> int:
     print("\nwritten:")
     for label, path in [("phantom preview", data / "preview.png"),
                         *[("VAE reconstructions", g) for g in previews["vae"]],
-                        *[("LDM sample grid", g) for g in previews["diffusion"]],
+                        *[("LDM preview grid", g) for g in previews["diffusion"]],
+                        ("LDM sample grid", synth / "grid.png"), ("LDM quality report", synth / "report.json"),
                         ("LDM loss curves", ldm / "losses_diffusion.png"),
                         ("synthetic images", synth / "images"), ("MGCC curves", out / "mgcc" / "curves.png"),
                         ("baseline curves", out / "supervised" / "curves.png"),

@@ -2,7 +2,8 @@
 
 Writes <out-dir>/images/<prefix>_<n>.png (gray, 8-bit, the training size) and <out-dir>/manifest.csv
 (file, seed, class, scheduler, steps, guidance, checkpoint, nearest training image and distance)
-and <out-dir>/report.json (the quality figures below, the settings and the checkpoint), a folder
+<out-dir>/report.json (the quality figures below, the settings and the checkpoint) and
+<out-dir>/grid.png (the first 64 images side by side), a folder
 that train.py takes unchanged as --unlabeled-dir. Image n is drawn from numbers derived from
 (--seed, n) alone: the same image whatever --batch-size and --num-images, and two different seeds
 share no image. The folder appears only when every image is written:
@@ -53,7 +54,7 @@ from utils.image_quality import c2st_accuracy, nearest_training_images, typical_
 from utils.ldm_run import load_sampling_models, open_run, write_json
 from utils.cli import run_cli
 from utils.config import ConfigError, Option, optional, parse_config
-from utils.plots import save_image
+from utils.plots import image_grid, save_image
 from utils.runtime import autocast_dtype, resolve_device, StopRequest
 
 EPILOG = """examples:
@@ -66,6 +67,7 @@ MANIFEST_COLUMNS = ["file", "seed", "class", "scheduler", "steps", "guidance", "
                     "nearest_train_id", "nearest_distance"]
 MEMORISATION_SIZE = 64  # the size at which samples and training images are compared (both checks)
 REPORT = "report.json"
+GRID, GRID_IMAGES = "grid.png", 64  # the first images side by side, for people to look at
 C2ST_FOLDS = 5
 
 OPTIONS = [
@@ -263,7 +265,8 @@ def sample(cfg: SimpleNamespace, ctx, device) -> int:
                 publish(partial, out_dir)
                 published = True
                 print(f"wrote {cfg.num_images} images to {out_dir / 'images'}, {out_dir / 'manifest.csv'} and "
-                      f"{out_dir / REPORT}")
+                      f"{out_dir / REPORT}; the first {min(GRID_IMAGES, cfg.num_images)} side by side in "
+                      f"{out_dir / GRID}")
             distributed.barrier()  # the folder is there when any rank returns
         finally:
             if ctx.is_main and not published:  # an error or a stop: no half-written folder stays behind
@@ -317,6 +320,8 @@ def write_outputs(cfg, info: dict, classes: list, names: list[str], run_dir: Pat
             writer.writerow([f"images/{names[n]}", cfg.seed, class_name, cfg.scheduler, cfg.steps,
                              cfg.guidance_scale, checkpoint, nearest_ids[n], distances[n]])
     write_json(folder / REPORT, report)
+    shown = [cv2.imread(str(folder / "images" / name), cv2.IMREAD_GRAYSCALE) for name in names[:GRID_IMAGES]]
+    save_image(folder / GRID, image_grid(shown, columns=8))
 
 
 def main(argv: list[str] | None = None) -> int:

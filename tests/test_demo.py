@@ -14,6 +14,7 @@ def test_quick_demo_runs_every_stage(tmp_path):
                  "6/7 stage 2: supervised baseline", "7/7 prediction"):
         assert step in result.stdout
     assert "MGCC (semi-supervised)" in result.stdout and "supervised baseline" in result.stdout
+    assert "C2ST accuracy" in result.stdout and (out / "synthetic" / "grid.png").is_file()
     synthetic = list((out / "synthetic" / "images").iterdir())
     assert len(synthetic) == 8
     config = (out / "mgcc" / "config.yaml").read_text()

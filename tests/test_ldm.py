@@ -282,6 +282,8 @@ def test_sampled_folder_is_train_py_unlabeled_data(trained_run: Path, data: Path
         "memorisation_typical_distance"] for r in rows) / 5
     assert 0 <= report["c2st_accuracy"] <= 1 and report["c2st"]["images_per_set"] == 5  # 5 samples, 8 training
     assert "memorisation: " in result.stdout and "C2ST accuracy" in result.stdout
+    grid = load_png(out / "grid.png")  # the 5 images in one row of 8 columns
+    assert grid.ndim == 2 and 64 <= grid.shape[0] < 128 and grid.shape[1] >= 5 * 64
 
     # image n comes from (seed, n) alone: the same bytes in batches of 4 as one at a time
     again = tmp_path / "again"
