@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parent
 
 # sizes of the full demo and of --quick (a smoke test of every stage boundary)
 SETTINGS = {
-    "full": dict(images=160, size=64, ldm_vae_steps=600, ldm_diffusion_steps=1200, samples=128,
+    "full": dict(images=160, size=64, ldm_vae_steps=500, ldm_diffusion_steps=600, samples=128,
                  iterations=600, eval_every=100, width=16, labeled_fraction=0.25),
     "quick": dict(images=24, size=32, ldm_vae_steps=4, ldm_diffusion_steps=4, samples=8,
                   iterations=4, eval_every=2, width=4, labeled_fraction=0.5),

@@ -245,7 +245,7 @@ def sample(cfg: SimpleNamespace, ctx, device) -> int:
                                       cfg.steps, info["latent_scaling_factor"], amp_dtype)
                     for n, image in zip(batch, images):
                         save_image(partial / "images" / names[n], image)
-                        if memorisation["training"] is not None:
+                        if cfg.check_memorisation or cfg.c2st:  # (the training thumbnails are on rank 0 only)
                             small[n] = cv2.resize(image, (MEMORISATION_SIZE,) * 2, interpolation=cv2.INTER_AREA)
                 progress.update(sum(len(b) for b in batches[round_ * ctx.world_size:(round_ + 1) * ctx.world_size]))
                 stopping = distributed.any_rank(bool(stop), device) if ctx.enabled else bool(stop)
