@@ -1,9 +1,12 @@
 """Sample synthetic ultrasound images from a latent diffusion model trained by train_ldm.py.
 
 Writes <out-dir>/images/<prefix>_<n>.png (gray, 8-bit, the training size) and <out-dir>/manifest.csv
-(file, seed, class, scheduler, steps, guidance, checkpoint, nearest training image and distance),
-a folder that train.py takes unchanged as --unlabeled-dir. Image n is drawn from seed --seed + n,
-so any image can be made again on its own. The folder appears only when every image is written:
+(file, seed, class, scheduler, steps, guidance, checkpoint, nearest training image and distance)
+<out-dir>/report.json (the quality figures below, the settings and the checkpoint) and
+<out-dir>/grid.png (the first 64 images side by side), a folder
+that train.py takes unchanged as --unlabeled-dir. Image n is drawn from numbers derived from
+(--seed, n) alone: the same image whatever --batch-size and --num-images, and two different seeds
+share no image. The folder appears only when every image is written:
 images go to a hidden <out-dir>/../.<name>.partial folder that is renamed at the end, so an
 interrupted run (a signal, kill -9, a crash) never leaves a half-written --out-dir; a signal exits
 with status 128 + its number, bad input or an unusable run folder with status 2.
@@ -15,10 +18,14 @@ memorisation report and publishes the folder. The output is byte for byte that o
 the same kind of device (each image is denoised in the same batch). --out-dir must be on a file
 system every process sees.
 
-The memorisation report (on by default) gives each sample's distance to its nearest training image
-(normalised L2 at 64x64, mirror images included) and the fraction of samples nearer to a training
-image than two training images typically are to each other: a generator that copies its training
-images shows up there.
+Two quality figures, both on by default, read the run's training images (never a validation image):
+- memorisation: each sample's distance to its nearest training image (normalised L2 at 64x64,
+  mirror images included) and the fraction of samples nearer to a training image than two training
+  images typically are to each other: a generator that copies its training images shows up there;
+- C2ST, a classifier two-sample test (Lopez-Paz & Oquab, 2017): a small CNN learns to tell the
+  samples from the training images (64x64, as many of each, 5 folds); its held-out accuracy is 0.5
+  when they cannot be told apart and 1.0 when they trivially can. About a minute on a CPU for a
+  few hundred images.
 """
 from __future__ import annotations
 
@@ -40,12 +47,14 @@ from tqdm import tqdm
 
 from dataloaders.io import DataError, find_cases, select_cases
 from dataloaders.ldm_data import thumbnails
-from networks.ldm import (class_for_sampling, generate, load_sampling_models, nearest_training_images, on_main_rank,
-                          open_run, sampling_scheduler, typical_training_distance)
+from networks.ldm import sampling_scheduler
+from networks.ldm_sampling import generate, image_class, image_noise
 from utils import distributed
+from utils.image_quality import c2st_accuracy, nearest_training_images, typical_training_distance
+from utils.ldm_run import load_sampling_models, open_run, write_json
 from utils.cli import run_cli
 from utils.config import ConfigError, Option, optional, parse_config
-from utils.plots import save_image
+from utils.plots import image_grid, save_image
 from utils.runtime import autocast_dtype, resolve_device, StopRequest
 
 EPILOG = """examples:
@@ -56,7 +65,10 @@ EPILOG = """examples:
 """
 MANIFEST_COLUMNS = ["file", "seed", "class", "scheduler", "steps", "guidance", "checkpoint",
                     "nearest_train_id", "nearest_distance"]
-MEMORISATION_SIZE = 64
+MEMORISATION_SIZE = 64  # the size at which samples and training images are compared (both checks)
+REPORT = "report.json"
+GRID, GRID_IMAGES = "grid.png", 64  # the first images side by side, for people to look at
+C2ST_FOLDS = 5
 
 OPTIONS = [
     Option("checkpoint", None, "run folder written by train_ldm.py (holding ldm.json, vae/, unet_ema/)",
@@ -69,10 +81,12 @@ OPTIONS = [
     Option("guidance_scale", 1.0, "classifier-free guidance scale (class-conditional models; 1 = none)"),
     Option("class", "all", "class of the images for a class-conditional model, or all (classes drawn "
            "with their training frequencies)"),
-    Option("seed", 0, "image n is drawn from seed + n"),
+    Option("seed", 0, "image n is drawn from numbers derived from (seed, n): another seed shares no image"),
     Option("prefix", "synth", "file names are <prefix>_<n>.png"),
     Option("check_memorisation", True, "report each sample's distance to its nearest training image "
            "(needs the run's training images)"),
+    Option("c2st", True, "classifier two-sample test of the samples against the run's training images "
+           "(needs them; about a minute on a CPU for a few hundred images)"),
     Option("overwrite", False, "replace --out-dir when it already holds images", in_file=False),
     Option("precision", "auto", "autocast precision: auto (bf16 on CUDA, fp32 on CPU), bf16 or fp32",
            choices=("auto", "bf16", "fp32")),
@@ -111,15 +125,27 @@ def check_out_dir(out_dir: Path, overwrite: bool) -> None:
                           "manifest.csv); choose another --out-dir")
 
 
+def class_for_sampling(requested: str, class_names: list[str]) -> int | None:
+    """Label index for ``--class NAME``; None for ``all``. Unknown names are a ConfigError."""
+    if requested == "all":
+        return None
+    if not class_names:
+        raise ConfigError(f"--class {requested}: this model is unconditional (trained without classes); "
+                          "use --class all")
+    if requested not in class_names:
+        raise ConfigError(f"--class {requested!r} unknown: the model knows {', '.join(class_names)} (or all)")
+    return list(class_names).index(requested)
+
+
 def training_thumbnails(info: dict):
-    """The run's training images at 64x64, for the memorisation report."""
+    """The run's training images at 64x64, for the memorisation report and the C2ST."""
     try:
         cases = find_cases(info["data_dir"])
         paths = [image for _, image, _ in select_cases(cases, info["train_ids"], "the run's ldm.json")]
         return thumbnails(paths, MEMORISATION_SIZE)
     except DataError as error:
-        raise DataError(f"{error}\n(the memorisation check reads the run's training images; give "
-                        "--no-check-memorisation to sample without it)") from None
+        raise DataError(f"{error}\n(the memorisation check and the C2ST read the run's training images; "
+                        "give --no-check-memorisation --no-c2st to sample without them)") from None
 
 
 def image_classes(cfg: SimpleNamespace, info: dict, label: int | None) -> list[int | None]:
@@ -132,8 +158,7 @@ def image_classes(cfg: SimpleNamespace, info: dict, label: int | None) -> list[i
         return [label] * cfg.num_images
     frequencies = np.asarray(info["class_counts"], float)
     frequencies /= frequencies.sum()
-    return [int(np.random.default_rng(cfg.seed + n).choice(len(frequencies), p=frequencies))
-            for n in range(cfg.num_images)]
+    return [image_class(cfg.seed, n, frequencies) for n in range(cfg.num_images)]
 
 
 def publish(partial: Path, out_dir: Path) -> None:
@@ -155,6 +180,8 @@ def sample(cfg: SimpleNamespace, ctx, device) -> int:
 
     diffusers_logging.set_verbosity_error()
     check_values(cfg)
+    if device.type == "cuda":  # the same command gives the same bytes: no autotuned, no nondeterministic kernels
+        torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = False, True
     # From here a signal only sets a flag, acted on after the current batch (every rank agrees).
     with StopRequest() as stop:
         run_dir, out_dir = Path(cfg.checkpoint), Path(cfg.out_dir)
@@ -169,10 +196,10 @@ def sample(cfg: SimpleNamespace, ctx, device) -> int:
                 raise ConfigError(f"--guidance-scale {cfg.guidance_scale}: the model in {run_dir} is unconditional "
                                   "(classifier-free guidance needs a class-conditional model); use 1")
             check_out_dir(out_dir, cfg.overwrite)
-            memorisation["training"] = training_thumbnails(info) if cfg.check_memorisation else None
+            memorisation["training"] = training_thumbnails(info) if cfg.check_memorisation or cfg.c2st else None
             return info, label
 
-        info, label = on_main_rank(prepare, ctx)
+        info, label = distributed.on_main_rank(prepare, ctx)
         amp_dtype = autocast_dtype(cfg.precision, device)
         vae, unet, training_schedule = load_sampling_models(run_dir, info)
         vae, unet = vae.to(device).eval(), unet.to(device).eval()
@@ -211,17 +238,14 @@ def sample(cfg: SimpleNamespace, ctx, device) -> int:
                 k = round_ * ctx.world_size + ctx.rank
                 if k < len(batches):
                     batch = batches[k]
-                    # Noise drawn on the CPU, one generator per image: the same image on any device.
-                    noise = torch.cat([torch.randn((1, *latent_shape),
-                                                   generator=torch.Generator().manual_seed(cfg.seed + n))
-                                       for n in batch]).to(device)
+                    noise = image_noise(cfg.seed, batch, latent_shape).to(device)
                     labels = (torch.tensor([classes[n] for n in batch], device=device)
                               if info["class_names"] else None)
                     images = generate(unet, vae, scheduler, noise, labels, null_label, cfg.guidance_scale,
                                       cfg.steps, info["latent_scaling_factor"], amp_dtype)
                     for n, image in zip(batch, images):
                         save_image(partial / "images" / names[n], image)
-                        if cfg.check_memorisation:
+                        if cfg.check_memorisation or cfg.c2st:  # (the training thumbnails are on rank 0 only)
                             small[n] = cv2.resize(image, (MEMORISATION_SIZE,) * 2, interpolation=cv2.INTER_AREA)
                 progress.update(sum(len(b) for b in batches[round_ * ctx.world_size:(round_ + 1) * ctx.world_size]))
                 stopping = distributed.any_rank(bool(stop), device) if ctx.enabled else bool(stop)
@@ -236,13 +260,13 @@ def sample(cfg: SimpleNamespace, ctx, device) -> int:
                 return 128 + number
             gathered = distributed.gather_objects(small)  # also: every rank has written its images
             if ctx.is_main:
-                summary = write_manifest(cfg, info, classes, names, run_dir, partial, memorisation["training"],
-                                         {n: t for part in gathered for n, t in part.items()})
+                small = {n: t for part in gathered for n, t in part.items()}
+                write_outputs(cfg, info, classes, names, run_dir, partial, memorisation["training"], small)
                 publish(partial, out_dir)
                 published = True
-                if summary:
-                    print(summary)
-                print(f"wrote {cfg.num_images} images to {out_dir / 'images'} and {out_dir / 'manifest.csv'}")
+                print(f"wrote {cfg.num_images} images to {out_dir / 'images'}, {out_dir / 'manifest.csv'} and "
+                      f"{out_dir / REPORT}; the first {min(GRID_IMAGES, cfg.num_images)} side by side in "
+                      f"{out_dir / GRID}")
             distributed.barrier()  # the folder is there when any rank returns
         finally:
             if ctx.is_main and not published:  # an error or a stop: no half-written folder stays behind
@@ -250,31 +274,54 @@ def sample(cfg: SimpleNamespace, ctx, device) -> int:
         return 0
 
 
-def write_manifest(cfg, info: dict, classes: list, names: list[str], run_dir: Path, folder: Path,
-                   training, small: dict) -> str | None:
-    """manifest.csv (and memorisation.txt) into ``folder``; the memorisation summary line or None."""
-    nearest_ids, distances, summary = [""] * cfg.num_images, [""] * cfg.num_images, None
-    if training is not None:
-        d, nearest = nearest_training_images(np.stack([small[n] for n in range(cfg.num_images)]), training)
+def write_outputs(cfg, info: dict, classes: list, names: list[str], run_dir: Path, folder: Path,
+                  training, small: dict) -> None:
+    """manifest.csv, memorisation.txt and report.json into ``folder``; prints the quality figures."""
+    report = {"num_images": cfg.num_images, "checkpoint": str(run_dir.resolve()),
+              "diffusion_step": info["diffusion_step"],
+              "settings": {key: getattr(cfg, key) for key in ("seed", "scheduler", "steps", "guidance_scale",
+                                                               "class", "batch_size", "precision", "prefix")},
+              "memorisation_fraction": None, "c2st_accuracy": None}
+    nearest_ids, distances = [""] * cfg.num_images, [""] * cfg.num_images
+    samples = np.stack([small[n] for n in range(cfg.num_images)]) if training is not None else None
+    if cfg.check_memorisation:
+        d, nearest = nearest_training_images(samples, training)
         typical = typical_training_distance(training)
         nearest_ids = [info["train_ids"][k] for k in nearest]
         distances = [f"{x:.4f}" for x in d]
         closest = int(d.argmin())
+        report.update(memorisation_fraction=float(np.mean(d < typical)), memorisation_typical_distance=typical,
+                      memorisation_median_distance=float(np.median(d)))
         summary = (f"memorisation: {int((d < typical).sum())} of {len(d)} samples ({np.mean(d < typical):.1%}) "
                    f"are nearer to a training image than the typical distance between two training "
                    f"images ({typical:.3f}, normalised L2 at {MEMORISATION_SIZE}x{MEMORISATION_SIZE}); "
                    f"median sample distance {np.median(d):.3f}; closest: {names[closest]} to "
                    f"'{nearest_ids[closest]}' at {d[closest]:.3f}")
         (folder / "memorisation.txt").write_text(summary + "\n")
+        print(summary)
+    if cfg.c2st:
+        count = min(len(samples), len(training))
+        if count < C2ST_FOLDS:
+            print(f"C2ST skipped: it needs at least {C2ST_FOLDS} samples and training images, got {count}")
+        else:
+            print(f"C2ST: training a CNN to tell {count} samples from {count} training images "
+                  f"({C2ST_FOLDS} folds)...", flush=True)
+            accuracy = c2st_accuracy(samples, training, folds=C2ST_FOLDS, seed=cfg.seed)
+            report.update(c2st_accuracy=accuracy, c2st={"images_per_set": count, "folds": C2ST_FOLDS,
+                                                        "image_size": MEMORISATION_SIZE, "seed": cfg.seed})
+            print(f"C2ST accuracy {accuracy:.3f} (held out; 0.5 = samples indistinguishable from training images, "
+                  "1.0 = trivially told apart)")
     checkpoint = str(run_dir.resolve())
     with (folder / "manifest.csv").open("w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(MANIFEST_COLUMNS)
         for n in range(cfg.num_images):
             class_name = info["class_names"][classes[n]] if classes[n] is not None else "none"
-            writer.writerow([f"images/{names[n]}", cfg.seed + n, class_name, cfg.scheduler, cfg.steps,
+            writer.writerow([f"images/{names[n]}", cfg.seed, class_name, cfg.scheduler, cfg.steps,
                              cfg.guidance_scale, checkpoint, nearest_ids[n], distances[n]])
-    return summary
+    write_json(folder / REPORT, report)
+    shown = [cv2.imread(str(folder / "images" / name), cv2.IMREAD_GRAYSCALE) for name in names[:GRID_IMAGES]]
+    save_image(folder / GRID, image_grid(shown, columns=8))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -27,6 +27,7 @@ input and unusable run folders or state files exit with status 2 and one error l
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import math
 import os
@@ -49,18 +50,21 @@ from tqdm import tqdm
 
 from dataloaders.io import dataset_name
 from dataloaders.ldm_data import load_training_set, StepBatchSampler, TrainingImages
-from networks.ldm import (DIFFUSION_STATE, EMA_DIR, IMAGE_CHANNELS, KIND, PREVIEW_DIR, RUN_INFO, SCHEDULER_DIR,
-                          STREAM_DIFFUSION, STREAM_PREVIEW, STREAM_VAE, UNET_DIR, VAE_DIR, VAE_STATE, autocast,
-                          AutoencoderPass, build_unet, build_vae, check_architecture, derived_seed, generate,
-                          latent_scaling_factor, latent_size, load_model, noise_scheduler, on_main_rank,
-                          parameter_counts, PatchDiscriminator, read_run_info, sampling_scheduler, save_model, ssim,
-                          step_generator, to_uint8, write_run_info)
+from networks.ldm import (IMAGE_CHANNELS, STREAM_DIFFUSION, STREAM_PREVIEW, STREAM_VAE, AutoencoderPass, build_unet,
+                          build_vae, check_architecture, latent_scaling_factor, latent_size, noise_scheduler,
+                          parameter_counts, PatchDiscriminator, sampling_scheduler)
+from networks.ldm_sampling import decode, generate, to_uint8
 from utils import distributed
 from utils.checkpoint import atomic_save, CheckpointError, load_checkpoint
 from utils.cli import run_cli
 from utils.config import ConfigError, Option, file_values, optional, parse_config, read_yaml, save_yaml
+from utils.image_quality import psnr, ssim
+from utils.ldm_run import (DIFFUSION_STATE, EMA_DIR, KIND, load_model, PREVIEW_DIR, read_run_info, RUN_INFO,
+                           save_model, SCHEDULER_DIR, UNET_DIR, VAE_DIR, VAE_METRICS, VAE_STATE, write_json,
+                           write_run_info)
 from utils.plots import image_grid, plot_curves, save_image
-from utils.runtime import autocast_dtype, ignore_stop_signals, resolve_device, rng_state, set_rng_state, StopRequest
+from utils.runtime import (autocast, autocast_dtype, derived_seed, ignore_stop_signals, resolve_device, rng_state,
+                           set_rng_state, step_generator, StopRequest)
 
 EPILOG = """examples:
   python train_ldm.py --config configs/ldm_busi.yaml --data-dir inputs/BUSI --split 1 --out-dir runs/ldm_busi_1
@@ -107,7 +111,9 @@ OPTIONS = [
     Option("vae_lr", 1e-4, "autoencoder learning rate (AdamW)"),
     Option("l1_weight", 1.0, "weight of the L1 reconstruction loss"),
     Option("ssim_weight", 1.0, "weight of the (1 - SSIM) reconstruction loss"),
-    Option("kl_weight", 1e-6, "weight of the KL term (summed over latent elements, averaged over images)"),
+    Option("kl_weight", 1e-6, "weight of the KL term; the KL is summed over the latent's elements and divided "
+           "by the image's pixels (C x H x W), so that against the per-pixel mean reconstruction losses it "
+           "weighs what kl_weight weighs in medfusion / Stable Diffusion (summed KL vs summed reconstruction)"),
     Option("disc_weight", 0.0, "weight of the patch-discriminator (hinge) term; 0 = no discriminator"),
     Option("disc_start", 10000, "autoencoder step at which the discriminator term starts"),
     Option("disc_channels", 64, "width of the discriminator's first layer"),
@@ -157,7 +163,8 @@ DIFFUSION_KEYS = {"unet_channels", "unet_layers_per_block", "unet_norm_groups", 
                   "batch_size", "lr", "train_timesteps", "beta_schedule", "beta_start", "beta_end",
                   "prediction_type", "diffusion_loss", "class_dropout", "ema_decay", "ema_power",
                   "class_conditioning"}
-VAE_STATE_KIND, DIFFUSION_STATE_KIND = "mgcc-ldm-vae-state", "mgcc-ldm-diffusion-state"
+# each stage's state file (for --resume) and the kind recorded in it
+STATE_FILES = {"vae": (VAE_STATE, "mgcc-ldm-vae-state"), "diffusion": (DIFFUSION_STATE, "mgcc-ldm-diffusion-state")}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -264,7 +271,7 @@ def prepare_run(cfg: SimpleNamespace, run_dir: Path, world_size: int = 1):
     """Decide what the command means for the run folder; return (cfg, ldm.json dict, training set).
 
     Nothing is written or deleted before the configuration and the data have been checked. Under
-    torchrun rank 0 alone calls this (see networks.ldm.on_main_rank).
+    torchrun rank 0 alone calls this (see utils.distributed.on_main_rank).
     """
 
     if run_dir.exists() and not run_dir.is_dir():
@@ -480,21 +487,86 @@ def report_speed(name: str, last_step: int, timer: tuple[int, float] | None) -> 
     print(f"{name}: {steps} steps in {seconds:.1f} s ({steps / seconds:.2f} it/s, after the first step)")
 
 
-class StageLoop:
-    """What each stage does after a training step: the progress bar, loss records, previews,
-    checkpoints, a stop on a signal, and at the end the speed report. ``after_step`` is True when
-    the loop must stop; ``finish`` gives the stage's exit status."""
+@contextlib.contextmanager
+def ema_weights(ema, model):
+    """``model`` holds the EMA weights inside the block, its own again after it."""
+    ema.store(model.parameters())
+    ema.copy_to(model.parameters())
+    try:
+        yield model
+    finally:
+        ema.restore(model.parameters())
 
-    def __init__(self, what: str, total: int, start: int, cfg: SimpleNamespace, ctx, device, stop, log: LossLog,
-                 state_path: Path, save_preview, save_checkpoint, postfix):
-        self.what, self.total, self.cfg, self.ctx, self.device, self.stop = what, total, cfg, ctx, device, stop
-        self.log, self.state_path, self.postfix = log, state_path, postfix
-        self.save_preview, self.save_checkpoint = save_preview, save_checkpoint
-        self.bar = tqdm(total=total, initial=start, desc=what, dynamic_ncols=True,
-                        disable=not (cfg.progress and ctx.is_main))
-        self.done, self.stopping, self.timer = start, False, None
+
+class Stage:
+    """The skeleton both stages share, so that a change to it is made once: the state file that
+    --resume continues from, the restored weights, optimizers and random state, and after each
+    training step the progress bar, loss records, previews, checkpoints (weights checked finite,
+    models and state written, ldm.json updated), a stop on a signal and at the end the speed report.
+
+    Use: ``stage = Stage(...)``; return when ``stage.finished()``; build the networks;
+    ``stage.restore(model=..., optimizer=..., ...)`` (the parts kept in the state file);
+    ``stage.begin(save_models, save_preview, panels, postfix)``; after each step
+    ``if stage.after_step(step): break``; ``return stage.finish()``.
+    """
+
+    def __init__(self, name: str, what: str, total: int, cfg: SimpleNamespace, run_dir: Path, info: dict,
+                 ctx, device, stop):
+        self.name, self.what, self.total, self.cfg = name, what, total, cfg  # name: "vae" or "diffusion"
+        self.run_dir, self.info, self.ctx, self.device, self.stop = run_dir, info, ctx, device, stop
+        state_file, self.kind = STATE_FILES[name]
+        self.state_path = run_dir / state_file
+        self.state = read_state(self.state_path, self.kind, what)
+        self.start = self.state["step"] if self.state else 0
+        self.log = LossLog(what, self.state["history"] if self.state else None)
+        self.parts: dict = {}
+
+    def finished(self) -> bool:
+        """True (and said) when the stage has already trained its steps."""
+        if self.start >= self.total and self.ctx.is_main:
+            print(f"{self.what}: already trained for {self.start} steps")
+        return self.start >= self.total
+
+    def restore(self, **parts) -> None:
+        """Keep ``parts`` (objects with state_dict / load_state_dict, or None) in the state file under
+        their names, and load them and the random state from it when the stage is continued."""
+        self.parts = parts
+        if not self.state:
+            return
+        for key, part in parts.items():
+            if part is not None:
+                part.load_state_dict(self.state[key])
+        set_rng_state(rank_rng_state(self.state["rng"], self.ctx))
+        if self.ctx.is_main:
+            print(f"{self.what}: resuming at step {self.start} of {self.total}")
+
+    def begin(self, save_models, save_preview, panels: dict[str, dict[str, str]], postfix) -> None:
+        """Start the loop. ``save_models()`` writes the networks into the run folder (rank 0),
+        ``save_preview(step)`` a preview grid (rank 0), ``panels`` are the loss plot's panels and
+        ``postfix(row)`` the progress bar's figures."""
+        self.save_models, self.save_preview, self.panels, self.postfix = save_models, save_preview, panels, postfix
+        if self.ctx.is_main:
+            (self.run_dir / PREVIEW_DIR).mkdir(exist_ok=True)
+        self.bar = tqdm(total=self.total, initial=self.start, desc=self.what, dynamic_ncols=True,
+                        disable=not (self.cfg.progress and self.ctx.is_main))
+        self.done, self.stopping, self.timer = self.start, False, None
+
+    def save_checkpoint(self, step: int) -> None:
+        modules = [p for p in self.parts.values() if isinstance(p, torch.nn.Module)]
+        check_finite_weights(modules, step, self.state_path, self.device)
+        rng = distributed.gather_objects(rng_state())  # one per rank
+        self.info[f"{self.name}_step"] = step
+        if not self.ctx.is_main:
+            return
+        self.save_models()
+        atomic_save({"kind": self.kind, "step": step,
+                     **{key: part.state_dict() if part is not None else None for key, part in self.parts.items()},
+                     "history": self.log.history, "rng": rng}, self.state_path)
+        write_run_info(self.run_dir, self.info)
+        self.log.write(self.run_dir, self.name, self.what, self.panels)
 
     def after_step(self, step: int) -> bool:
+        """The bookkeeping after training step ``step``; True when the loop must stop."""
         cfg, done = self.cfg, step + 1
         self.done = done
         self.stopping = stop_now(self.stop, self.ctx, self.device)  # read once, agreed by every rank
@@ -503,7 +575,7 @@ class StageLoop:
         # the losses are checked before any checkpoint: a non-finite one never overwrites a good state
         if due(done, cfg.log_every, self.total) or checkpoint:
             self.bar.set_postfix(self.postfix(self.log.flush(done, self.state_path)))
-        if due(done, cfg.sample_every, self.total):
+        if due(done, cfg.sample_every, self.total) and self.ctx.is_main:
             self.save_preview(done)
         if checkpoint:
             self.save_checkpoint(done)
@@ -511,19 +583,32 @@ class StageLoop:
             self.timer = (done, time.perf_counter())  # the speed report leaves the first step out
         return self.stopping
 
-    def finish(self, run_dir: Path, stage: str) -> int:
+    def finish(self) -> int:
         """0, or 128 + the signal number when a signal stopped the stage early."""
         self.bar.close()
         distributed.barrier()  # rank 0 has written this stage's models before any rank reads them
         if self.stopping and self.done < self.total:
-            return stopped(self.stop, self.what, self.done, run_dir, stage, self.ctx)
+            stage = self.name if self.cfg.stage == self.name else "all"
+            return stopped(self.stop, self.what, self.done, self.run_dir, stage, self.ctx)
         if self.ctx.is_main:
             report_speed(self.what, self.total, self.timer)
         return 0
 
 
+def kl_per_pixel(kl: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
+    """The KL term as the autoencoder's loss weighs it: the KL summed over the latent (per image)
+    divided by the pixels of one image, C x H x W.
+
+    medfusion and Stable Diffusion add kl_weight x (KL summed over the latent) to a reconstruction
+    loss *summed* over the pixels (both averaged over the batch). The reconstruction terms here are
+    means over the pixels, i.e. that sum divided by C x H x W; dividing the KL by the same number
+    keeps their ratio, so kl_weight = 1e-6 means here what it means there, at any image size.
+    (Without it the KL would weigh C x H x W times more: 65,536 x at 256x256.)"""
+    return kl / images[0].numel()
+
+
 def vae_losses(vae_pass, disc, images, noise, cfg: SimpleNamespace, device, amp_dtype, adversarial: bool):
-    """The autoencoder's loss of one step: L1 + (1 - SSIM) + KL (+ the generator's hinge term when
+    """The autoencoder's loss of one step: L1 + (1 - SSIM) + KL / pixels (+ the generator's hinge term when
     ``adversarial``). ``noise``: this process's unit posterior noise. Returns (loss, reconstruction,
     the logged terms). benchmarks/bench_ldm.py times it."""
     with autocast(device, amp_dtype):
@@ -531,8 +616,9 @@ def vae_losses(vae_pass, disc, images, noise, cfg: SimpleNamespace, device, amp_
     reconstruction = reconstruction.float()
     l1 = (reconstruction - images).abs().mean()
     one_minus_ssim = 1 - ssim(reconstruction, images)
-    kl = DiagonalGaussianDistribution(moments.float()).kl().mean()
-    loss = cfg.l1_weight * l1 + cfg.ssim_weight * one_minus_ssim + cfg.kl_weight * kl
+    kl = DiagonalGaussianDistribution(moments.float()).kl().mean()  # summed over the latent, mean over images
+    loss = (cfg.l1_weight * l1 + cfg.ssim_weight * one_minus_ssim
+            + cfg.kl_weight * kl_per_pixel(kl, images))
     terms = {"l1": l1, "one_minus_ssim": one_minus_ssim, "kl": kl}
     if adversarial:
         disc.requires_grad_(False)  # the generator term trains the autoencoder only
@@ -582,13 +668,14 @@ def diffusion_loss(denoiser, scheduler, means, stds, labels_of, batch, rng, scal
 # ----------------------------------------------------------------------------------------------
 
 def train_vae(cfg: SimpleNamespace, run_dir: Path, info: dict, data, device, ctx, stop) -> int:
-    """Train (or continue) the autoencoder; 0, or 128 + signal number when stopped by a signal."""
-    state_path = run_dir / VAE_STATE
-    state = read_state(state_path, VAE_STATE_KIND, "autoencoder")
-    start = state["step"] if state else 0
-    if start >= cfg.vae_steps:
-        if ctx.is_main:
-            print(f"autoencoder: already trained for {start} steps")
+    """Train (or continue) the autoencoder, then measure it on the validation images; 0, or
+    128 + signal number when stopped by a signal."""
+    stage = Stage("vae", "autoencoder", cfg.vae_steps, cfg, run_dir, info, ctx, device, stop)
+    if stage.finished():
+        if ctx.is_main and not (run_dir / VAE_METRICS).is_file():  # e.g. stopped before its evaluation
+            evaluate_vae(load_model("vae", run_dir / VAE_DIR, "autoencoder").to(device).eval(), data, cfg, run_dir,
+                         device)
+        distributed.barrier()
         return 0
     amp_dtype = autocast_dtype(cfg.precision, device)
     torch.manual_seed(cfg.seed)
@@ -598,65 +685,35 @@ def train_vae(cfg: SimpleNamespace, run_dir: Path, info: dict, data, device, ctx
     if cfg.disc_weight > 0:
         disc = PatchDiscriminator(cfg.disc_channels, cfg.disc_layers).to(device)
         disc_optimizer = torch.optim.AdamW(disc.parameters(), lr=cfg.disc_lr, betas=(0.5, 0.9), weight_decay=0.0)
-    log = LossLog("autoencoder", state["history"] if state else None)
-    if state:
-        vae.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        schedule.load_state_dict(state["schedule"])
-        if disc is not None:
-            disc.load_state_dict(state["disc"])
-            disc_optimizer.load_state_dict(state["disc_optimizer"])
-        set_rng_state(rank_rng_state(state["rng"], ctx))
-        if ctx.is_main:
-            print(f"autoencoder: resuming at step {start} of {cfg.vae_steps}")
+    stage.restore(model=vae, optimizer=optimizer, schedule=schedule, disc=disc, disc_optimizer=disc_optimizer)
     vae_pass = wrap_ddp(AutoencoderPass(vae), ctx, device)
     disc_pass = wrap_ddp(disc, ctx, device) if disc is not None else None
 
     dataset = TrainingImages(data.paths, data.labels, cfg.image_size)
-    sampler = StepBatchSampler(len(dataset), cfg.vae_batch_size, cfg.seed, start, cfg.vae_steps,
+    sampler = StepBatchSampler(len(dataset), cfg.vae_batch_size, cfg.seed, stage.start, cfg.vae_steps,
                                ctx.rank, ctx.world_size)
     # The loader's own generator seeds its workers: it leaves the global RNG alone (exact resume).
     loader = DataLoader(dataset, batch_sampler=sampler, num_workers=cfg.num_workers,
                         pin_memory=device.type == "cuda", worker_init_fn=ignore_stop_signals,
-                        generator=torch.Generator().manual_seed(derived_seed(cfg.seed, start, STREAM_VAE)))
+                        generator=torch.Generator().manual_seed(derived_seed(cfg.seed, stage.start, STREAM_VAE)))
     latent_shape = (cfg.vae_latent_channels, latent_size(cfg), latent_size(cfg))
-    preview = None
-    if ctx.is_main and cfg.preview_images > 0:
-        preview = torch.stack([dataset[(i, False)][0] for i in range(min(cfg.preview_images, len(dataset)))])
-        preview = preview.to(device)
-        (run_dir / PREVIEW_DIR).mkdir(exist_ok=True)
+    preview = torch.stack([dataset[(i, False)][0] for i in range(min(cfg.preview_images, len(dataset)))]) \
+        if cfg.preview_images > 0 and ctx.is_main else None
 
     def save_preview(step: int) -> None:
-        if preview is None:
-            return
-        with torch.no_grad(), autocast(device, amp_dtype):
-            reconstruction = vae.decode(vae.encode(preview).latent_dist.mode()).sample
-        grid = image_grid(list(to_uint8(preview)) + list(to_uint8(reconstruction)), columns=len(preview))
-        save_image(run_dir / PREVIEW_DIR / f"vae_step{step:07d}.png", grid)
-
-    def save_checkpoint(step: int) -> None:
-        check_finite_weights((vae, disc), step, state_path, device)
-        rng = distributed.gather_objects(rng_state())  # one per rank
-        info["vae_step"] = step
-        if not ctx.is_main:
-            return
-        save_model(vae, run_dir / VAE_DIR)
-        atomic_save({"kind": VAE_STATE_KIND, "step": step, "model": vae.state_dict(),
-                     "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
-                     "disc": disc.state_dict() if disc is not None else None,
-                     "disc_optimizer": disc_optimizer.state_dict() if disc is not None else None,
-                     "history": log.history, "rng": rng}, state_path)
-        write_run_info(run_dir, info)
-        log.write(run_dir, "vae", "autoencoder", {"total": {"loss": "loss"},
-                                   "reconstruction": {"L1": "l1", "1 - SSIM": "one_minus_ssim"},
-                                   "KL (per image)": {"KL": "kl"},
-                                   "adversarial": {"generator": "generator", "discriminator": "discriminator"}})
+        if preview is not None:
+            grid = image_grid(list(to_uint8(preview)) + list(to_uint8(reconstruct(vae, preview.to(device)))),
+                              columns=len(preview))
+            save_image(run_dir / PREVIEW_DIR / f"vae_step{step:07d}.png", grid)
 
     vae.train()
-    loop = StageLoop("autoencoder", cfg.vae_steps, start, cfg, ctx, device, stop, log, state_path, save_preview,
-                     save_checkpoint, postfix=lambda row: dict(loss=f"{row['loss']:.4f}", l1=f"{row['l1']:.4f}",
-                                                               ssim=f"{1 - row['one_minus_ssim']:.3f}"))
-    for step, (images, _) in zip(range(start, cfg.vae_steps), loader):
+    stage.begin(lambda: save_model(vae, run_dir / VAE_DIR), save_preview,
+                {"total": {"loss": "loss"}, "reconstruction": {"L1": "l1", "1 - SSIM": "one_minus_ssim"},
+                 "KL (summed over the latent, per image)": {"KL": "kl"},
+                 "adversarial": {"generator": "generator", "discriminator": "discriminator"}},
+                postfix=lambda row: dict(loss=f"{row['loss']:.4f}", l1=f"{row['l1']:.4f}",
+                                         ssim=f"{1 - row['one_minus_ssim']:.3f}"))
+    for step, (images, _) in zip(range(stage.start, cfg.vae_steps), loader):
         images = images.to(device, non_blocking=True)
         rng = step_generator(cfg.seed, step, STREAM_VAE, device)
         # the posterior noise of the whole batch, then this rank's slice: the same numbers for each
@@ -672,10 +729,47 @@ def train_vae(cfg: SimpleNamespace, run_dir: Path, info: dict, data, device, ctx
             disc_loss.backward()
             disc_optimizer.step()
             terms["discriminator"] = disc_loss
-        log.add(loss=loss, **terms)
-        if loop.after_step(step):
+        stage.log.add(loss=loss, **terms)
+        if stage.after_step(step):
             break
-    return loop.finish(run_dir, "vae" if cfg.stage == "vae" else "all")
+    code = stage.finish()
+    if code == 0 and ctx.is_main:
+        evaluate_vae(vae.eval(), data, cfg, run_dir, device)
+    distributed.barrier()  # the other ranks wait for the evaluation (rank 0) before the next stage
+    return code
+
+
+@torch.no_grad()
+def reconstruct(vae, images: torch.Tensor) -> torch.Tensor:
+    """The autoencoder's reconstruction of ``images`` from the posterior mean, in fp32."""
+    return decode(vae, vae.encode(images.float()).latent_dist.mode())
+
+
+def evaluate_vae(vae, data, cfg: SimpleNamespace, run_dir: Path, device, batch_size: int = 16) -> dict | None:
+    """PSNR and SSIM of the autoencoder's reconstructions of the split's validation images (never
+    trained on: this measures what it does on images it has not seen), means over the images,
+    written to <run>/vae_metrics.json and printed. None when the split has no validation images."""
+    if not data.val_paths:
+        print(f"autoencoder: no validation images (no {data.val_file or 'validation list'}): "
+              f"{VAE_METRICS} not written")
+        return None
+    images = TrainingImages(data.val_paths, None, cfg.image_size)
+    psnrs, ssims = [], []
+    for first in tqdm(range(0, len(images), batch_size), desc="autoencoder on the validation images", leave=False,
+                      disable=not cfg.progress):
+        batch = torch.stack([images[(i, False)][0]
+                             for i in range(first, min(first + batch_size, len(images)))]).to(device)
+        reconstruction = reconstruct(vae, batch).clamp(-1, 1)
+        psnrs.append(psnr(reconstruction, batch))
+        ssims.append(ssim(reconstruction, batch, reduction="none"))
+    metrics = {"psnr": float(torch.cat(psnrs).mean()), "ssim": float(torch.cat(ssims).mean()),
+               "images": len(images), "image_size": cfg.image_size, "val_file": str(data.val_file),
+               "vae_step": cfg.vae_steps, "data_range": "images in [-1, 1] (range 2), reconstruction clamped; "
+               "posterior mean decoded in fp32; SSIM with an 11x11 gaussian window (sigma 1.5)"}
+    write_json(run_dir / VAE_METRICS, metrics)
+    print(f"autoencoder on the {len(images)} validation images of {Path(data.val_file).name} (never trained on): "
+          f"PSNR {metrics['psnr']:.2f} dB, SSIM {metrics['ssim']:.4f} ({run_dir / VAE_METRICS})")
+    return metrics
 
 
 # ----------------------------------------------------------------------------------------------
@@ -706,12 +800,8 @@ def encode_training_set(vae, dataset, device, batch_size: int, progress: bool = 
 def train_diffusion(cfg: SimpleNamespace, run_dir: Path, info: dict, data, device, ctx, stop) -> int:
     """Train (or continue) the denoiser on the frozen autoencoder's latents; 0, or 128 + signal
     number when stopped by a signal."""
-    state_path = run_dir / DIFFUSION_STATE
-    state = read_state(state_path, DIFFUSION_STATE_KIND, "denoiser")
-    start = state["step"] if state else 0
-    if start >= cfg.diffusion_steps:
-        if ctx.is_main:
-            print(f"denoiser: already trained for {start} steps")
+    stage = Stage("diffusion", "denoiser", cfg.diffusion_steps, cfg, run_dir, info, ctx, device, stop)
+    if stage.finished():
         return 0
     amp_dtype = autocast_dtype(cfg.precision, device)
     vae = load_model("vae", run_dir / VAE_DIR, "autoencoder").to(device).eval().requires_grad_(False)
@@ -733,72 +823,48 @@ def train_diffusion(cfg: SimpleNamespace, run_dir: Path, info: dict, data, devic
     ema = EMAModel(unet.parameters(), decay=cfg.ema_decay, use_ema_warmup=True, power=cfg.ema_power, foreach=True)
     scheduler = noise_scheduler(cfg)
     optimizer, schedule = optimizer_and_schedule(unet.parameters(), cfg.lr, cfg)
-    log = LossLog("denoiser", state["history"] if state else None)
-    if state:
-        unet.load_state_dict(state["model"])
-        ema.load_state_dict(state["ema"])
-        ema.to(device)
-        optimizer.load_state_dict(state["optimizer"])
-        schedule.load_state_dict(state["schedule"])
-        set_rng_state(rank_rng_state(state["rng"], ctx))
-        if ctx.is_main:
-            print(f"denoiser: resuming at step {start} of {cfg.diffusion_steps}")
+    stage.restore(model=unet, ema=ema, optimizer=optimizer, schedule=schedule)
+    ema.to(device)
     denoiser = wrap_ddp(unet, ctx, device)
 
     labels_of = torch.tensor(data.labels, device=device) if data.labels is not None else None
     null_label = num_classes  # the extra embedding: "no class" (classifier-free guidance)
-    sampler = StepBatchSampler(len(dataset), cfg.batch_size, cfg.seed, start, cfg.diffusion_steps)
+    sampler = StepBatchSampler(len(dataset), cfg.batch_size, cfg.seed, stage.start, cfg.diffusion_steps)
     mine = slice(ctx.rank, None, ctx.world_size)  # this rank's items of each global batch
     latent_shape = means.shape[2:]
     preview_noise = torch.randn((cfg.preview_images, *latent_shape),
                                 generator=torch.Generator().manual_seed(derived_seed(cfg.seed, 0, STREAM_PREVIEW)))
     preview_labels = (torch.arange(cfg.preview_images, device=device) % num_classes) if num_classes else None
-    if ctx.is_main:
-        (run_dir / PREVIEW_DIR).mkdir(exist_ok=True)
 
     def save_preview(step: int) -> None:
-        if cfg.preview_images == 0 or not ctx.is_main:
+        if cfg.preview_images == 0:
             return
-        ema.store(unet.parameters())
-        ema.copy_to(unet.parameters())
         unet.eval()
-        images = generate(unet, vae, sampling_scheduler("ddim", scheduler.config), preview_noise.to(device),
-                          preview_labels, null_label, 1.0, cfg.preview_steps, scaling, amp_dtype)
+        with ema_weights(ema, unet):
+            images = generate(unet, vae, sampling_scheduler("ddim", scheduler.config), preview_noise.to(device),
+                              preview_labels, null_label, 1.0, cfg.preview_steps, scaling, amp_dtype)
         unet.train()
-        ema.restore(unet.parameters())
         save_image(run_dir / PREVIEW_DIR / f"diffusion_step{step:07d}.png", image_grid(list(images), columns=8))
 
-    def save_checkpoint(step: int) -> None:
-        check_finite_weights((unet,), step, state_path, device)
-        rng = distributed.gather_objects(rng_state())  # one per rank
-        info["diffusion_step"] = step
-        if not ctx.is_main:
-            return
+    def save_models() -> None:
         save_model(unet, run_dir / UNET_DIR)
-        ema.store(unet.parameters())
-        ema.copy_to(unet.parameters())
-        save_model(unet, run_dir / EMA_DIR)
-        ema.restore(unet.parameters())
+        with ema_weights(ema, unet):
+            save_model(unet, run_dir / EMA_DIR)
         save_model(scheduler, run_dir / SCHEDULER_DIR)
-        atomic_save({"kind": DIFFUSION_STATE_KIND, "step": step, "model": unet.state_dict(),
-                     "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
-                     "schedule": schedule.state_dict(), "history": log.history, "rng": rng}, state_path)
-        write_run_info(run_dir, info)
-        log.write(run_dir, "diffusion", "denoiser", {"denoising loss": {cfg.diffusion_loss: "loss"}})
 
     unet.train()
-    loop = StageLoop("denoiser", cfg.diffusion_steps, start, cfg, ctx, device, stop, log, state_path, save_preview,
-                     save_checkpoint, postfix=lambda row: dict(loss=f"{row['loss']:.4f}"))
-    for step in range(start, cfg.diffusion_steps):
+    stage.begin(save_models, save_preview, {"denoising loss": {cfg.diffusion_loss: "loss"}},
+                postfix=lambda row: dict(loss=f"{row['loss']:.4f}"))
+    for step in range(stage.start, cfg.diffusion_steps):
         rng = step_generator(cfg.seed, step, STREAM_DIFFUSION, device)
         loss = diffusion_loss(denoiser, scheduler, means, stds, labels_of, sampler.batch(step), rng, scaling, cfg,
                               device, amp_dtype, null_label, mine)
         optimizer_update(loss, unet.parameters(), optimizer, schedule, cfg.grad_clip)
         ema.step(unet.parameters())
-        log.add(loss=loss)
-        if loop.after_step(step):
+        stage.log.add(loss=loss)
+        if stage.after_step(step):
             break
-    return loop.finish(run_dir, cfg.stage)
+    return stage.finish()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -824,7 +890,7 @@ def train(cfg: SimpleNamespace, ctx, device) -> int:
     # training loops act on it after their current step.
     with StopRequest() as stop:
         # rank 0 checks the data and settles the run folder; the others get its outcome (or its error)
-        cfg, info, data = on_main_rank(lambda: prepare_run(cfg, run_dir, ctx.world_size), ctx)
+        cfg, info, data = distributed.on_main_rank(lambda: prepare_run(cfg, run_dir, ctx.world_size), ctx)
         if ctx.is_main:
             counts = parameter_counts(cfg, len(info["class_names"]))
             classes = (f"{len(info['class_names'])} classes ({', '.join(info['class_names'])})"

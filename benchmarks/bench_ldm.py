@@ -11,7 +11,7 @@ Benchmarks (--what):
   diffusion   the denoiser's training step on latents already encoded (as train_ldm.py does): batch
               indices and flips, posterior sample, noise, timesteps, class dropout, the UNet, L1/L2
               loss, AdamW, gradient clipping, the EMA update;
-  sampling    networks.ldm.generate (the code path of sample_ldm.py): DDIM with --ddim-steps (50)
+  sampling    networks.ldm_sampling.generate (the code path of sample_ldm.py): DDIM with --ddim-steps (50)
               and DPM-Solver++ with --dpmsolver-steps (20) denoising steps, then the decoder.
 The networks, schedulers and optimizers are built from the configuration exactly as train_ldm.py
 builds them, with random weights (speed does not depend on them). Inputs are made on the device,
@@ -43,11 +43,12 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from bench_train import BF16_PEAK_TFLOPS, VARIANTS, device_name, synchronize  # noqa: E402
 from networks.ldm import (STREAM_DIFFUSION, STREAM_VAE, AutoencoderPass, PatchDiscriminator,  # noqa: E402
-                          build_unet, build_vae, check_architecture, generate, latent_size, noise_scheduler,
-                          sampling_scheduler, step_generator)
+                          build_unet, build_vae, check_architecture, latent_size, noise_scheduler, sampling_scheduler)
+from networks.ldm_sampling import generate  # noqa: E402
 from train_ldm import (OPTIONS, diffusion_loss, discriminator_loss, optimizer_and_schedule,  # noqa: E402
                        optimizer_update, vae_losses)
 from utils.config import ConfigError, read_yaml  # noqa: E402
+from utils.runtime import step_generator  # noqa: E402
 
 WHAT = ("vae", "diffusion", "sampling")
 TITLES = {"vae": "autoencoder training", "diffusion": "denoiser training"}
@@ -221,7 +222,7 @@ def diffusion_benchmark(run, spec):
 
 
 def sampling_benchmark(run, spec, sampler: str, num_steps: int):
-    """(step, compile, batch) of one batch of networks.ldm.generate, the sampling loop of sample_ldm.py."""
+    """(step, compile, batch) of one batch of networks.ldm_sampling.generate, the sampling loop of sample_ldm.py."""
     cfg, device, dtype = run.cfg, run.device, spec["dtype"]
     fmt = memory_format(spec)
     torch.manual_seed(cfg.seed)

@@ -33,6 +33,7 @@ class TrainingSet:
     class_names: list[str]
     train_file: Path
     val_file: Path | None  # the split's validation list, when it exists (checked for overlap)
+    val_paths: list[Path]  # its images: the autoencoder is measured on them, never trained on them
 
 
 def training_ids(data_dir: str | Path, split: int, split_name: str | None = None
@@ -118,13 +119,16 @@ def class_labels(ids: Sequence[str], class_names: Sequence[str], class_csv: str 
 def load_training_set(data_dir: str | Path, split: int, class_names: Sequence[str] = (),
                       class_csv: str | Path | None = None, progress: bool = False,
                       split_name: str | None = None) -> TrainingSet:
-    """Resolve, check and open once every training image of the split (one DataError if any is bad)."""
+    """Resolve, check and open once every training image of the split (one DataError if any is bad),
+    and find the split's validation images (read later, only to measure the autoencoder)."""
     cases = find_cases(data_dir)  # first: a missing data folder is named as such
     ids, train_file, val_file = training_ids(data_dir, split, split_name)
     paths = [image for _, image, _ in select_cases(cases, ids, str(train_file))]
     names, labels = class_labels(ids, class_names, class_csv)
     check_images(paths, progress=progress)
-    return TrainingSet(ids, paths, labels, names, train_file, val_file)
+    val_paths = [image for _, image, _ in select_cases(cases, read_id_list(val_file), str(val_file))] \
+        if val_file is not None else []
+    return TrainingSet(ids, paths, labels, names, train_file, val_file, val_paths)
 
 
 def load_image(path: Path, size: int) -> np.ndarray:

@@ -91,8 +91,10 @@ def test_bench_ldm_steps_compute_train_ldm_losses(tmp_path):
     math. Replayed on the data and seeds of a real two-step run, they give the losses it logged."""
     import train_ldm
     from dataloaders.ldm_data import StepBatchSampler, TrainingImages, load_training_set
-    from networks.ldm import (STREAM_DIFFUSION, STREAM_VAE, VAE_DIR, AutoencoderPass, PatchDiscriminator,
-                              build_unet, build_vae, latent_size, load_model, noise_scheduler, step_generator)
+    from networks.ldm import (STREAM_DIFFUSION, STREAM_VAE, AutoencoderPass, PatchDiscriminator, build_unet, build_vae,
+                              latent_size, noise_scheduler)
+    from utils.ldm_run import VAE_DIR, load_model
+    from utils.runtime import step_generator
     from utils.config import parse_config
 
     bench = load_bench_ldm()

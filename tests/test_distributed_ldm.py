@@ -11,9 +11,10 @@ import torch
 
 from conftest import ROOT, run_script, write_dataset
 from dataloaders.ldm_data import StepBatchSampler, TrainingImages, load_training_set
-from networks.ldm import latent_scaling_factor, load_model
+from networks.ldm import latent_scaling_factor
 from test_distributed import torchrun
 from train_ldm import encode_training_set
+from utils.ldm_run import load_model
 
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")  # diffusers + numpy 2
 
@@ -92,7 +93,8 @@ def test_two_process_training_resumes_across_process_counts_and_samples_in_one(t
     files = {folder: sorted(p.relative_to(tmp_path / folder) for p in (tmp_path / folder).rglob("*") if p.is_file())
              for folder in ("one", "two")}
     assert files["one"] == files["two"] == sorted(
-        [Path("manifest.csv"), Path("memorisation.txt")] + [Path("images") / f"synth_{n:04d}.png" for n in range(5)])
+        [Path("grid.png"), Path("manifest.csv"), Path("memorisation.txt"), Path("report.json")]
+        + [Path("images") / f"synth_{n:04d}.png" for n in range(5)])
     for name in files["one"]:
         assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "two" / name).read_bytes(), name
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no .partial folder left behind

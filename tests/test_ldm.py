@@ -18,8 +18,8 @@ import sample_ldm
 import train_ldm
 from dataloaders.io import DataError, check_images, read_id_list, unlabeled_images
 from dataloaders.ldm_data import StepBatchSampler, TrainingImages, class_labels, load_training_set, thumbnails
-from networks.ldm import (build_unet, build_vae, count_parameters, nearest_training_images, parameter_counts, ssim,
-                          typical_training_distance)
+from networks.ldm import build_unet, build_vae, count_parameters, parameter_counts
+from utils.image_quality import nearest_training_images, ssim, typical_training_distance
 from utils.checkpoint import atomic_save
 from utils.cli import run_cli
 from utils.config import parse_config
@@ -189,20 +189,36 @@ def test_training_writes_a_complete_run_from_training_images_only(trained_run: P
 
 
 def test_validation_images_never_reach_the_generator(tmp_path: Path, monkeypatch, capsys):
-    """Every image the training process opens is a training image (an unconditional run, sampled too)."""
+    """Every image the training process opens to train is a training image (an unconditional run,
+    sampled too); the validation images are opened only to measure the trained autoencoder."""
+    import json
+
     import dataloaders.ldm_data as ldm_data
 
     root = write_dataset(tmp_path / "toy", n=9)
-    opened = []
-    real_read = ldm_data.read_image
+    opened, measured = [], []
+    real_read, real_evaluate = ldm_data.read_image, train_ldm.evaluate_vae
     monkeypatch.setattr(ldm_data, "read_image", lambda path, channels: opened.append(Path(path).stem)
                         or real_read(path, channels))
+
+    def evaluate_vae(*args, **kwargs):
+        before = len(opened)
+        metrics = real_evaluate(*args, **kwargs)
+        measured.extend(opened[before:])
+        del opened[before:]
+        return metrics
+
+    monkeypatch.setattr(train_ldm, "evaluate_vae", evaluate_vae)
     run = tmp_path / "run"
     assert train_ldm.main(tiny_args(root, run, "--vae-steps", "3", "--diffusion-steps", "2", "--num-workers", "0",
                                     "--sample-every", "0", "--no-class-conditioning")) == 0
-    train_ids = set(read_id_list(root / "toy_train1.txt"))
+    train_ids, val_ids = set(read_id_list(root / "toy_train1.txt")), read_id_list(root / "toy_val1.txt")
     assert set(opened) == train_ids  # every training image was used, and nothing else
-    assert not set(opened) & set(read_id_list(root / "toy_val1.txt"))
+    assert not set(opened) & set(val_ids)
+    assert measured == val_ids  # after training, each validation image once
+    metrics = json.loads((run / "vae_metrics.json").read_text())
+    assert metrics["images"] == 3 and metrics["image_size"] == 64 and metrics["vae_step"] == 3
+    assert 0 < metrics["psnr"] < 100 and -1 < metrics["ssim"] < 1
 
     out = tmp_path / "synth"
     assert sample_ldm.main(["--checkpoint", str(run), "--num-images", "2", "--steps", "2", "--out-dir", str(out),
@@ -241,9 +257,10 @@ def test_resume_gives_the_weights_of_an_uninterrupted_run(trained_run: Path, dat
 
 
 def test_sampled_folder_is_train_py_unlabeled_data(trained_run: Path, data: Path, tmp_path: Path, capsys):
+    import json
     out = tmp_path / "synth"
-    run_script("sample_ldm.py", "--checkpoint", trained_run, "--num-images", "5", "--batch-size", "2",
-               "--steps", "4", "--out-dir", out, "--device", "cpu")
+    result = run_script("sample_ldm.py", "--checkpoint", trained_run, "--num-images", "5", "--batch-size", "1",
+                        "--steps", "4", "--out-dir", out, "--device", "cpu")
     paths = unlabeled_images(out)  # what train.py --unlabeled-dir reads
     check_images(paths)
     assert [p.name for p in paths] == [f"synth_{n:04d}.png" for n in range(5)]
@@ -251,20 +268,36 @@ def test_sampled_folder_is_train_py_unlabeled_data(trained_run: Path, data: Path
     assert all(im.dtype == np.uint8 and im.shape == (64, 64) for im in images)  # gray 8-bit, training size
     rows = read_manifest(out)
     assert [r["file"] for r in rows] == [f"images/{p.name}" for p in paths]
-    assert [int(r["seed"]) for r in rows] == list(range(5))
+    assert [int(r["seed"]) for r in rows] == [0] * 5
+    assert all(r["checkpoint"] == str(trained_run.resolve()) for r in rows)
     train_ids = read_id_list(data / "toy_train1.txt")
     assert all(r["nearest_train_id"] in train_ids and 0 <= float(r["nearest_distance"]) <= 2 for r in rows)
     assert all(r["class"] in ("benign", "malignant") and r["scheduler"] == "ddim" and r["steps"] == "4"
                for r in rows)
     assert "memorisation:" in (out / "memorisation.txt").read_text()
+    report = json.loads((out / "report.json").read_text())
+    assert report["num_images"] == 5 and report["checkpoint"] == str(trained_run.resolve())
+    assert report["settings"]["seed"] == 0 and report["settings"]["steps"] == 4
+    assert report["memorisation_fraction"] == sum(float(r["nearest_distance"]) < report[
+        "memorisation_typical_distance"] for r in rows) / 5
+    assert 0 <= report["c2st_accuracy"] <= 1 and report["c2st"]["images_per_set"] == 5  # 5 samples, 8 training
+    assert "memorisation: " in result.stdout and "C2ST accuracy" in result.stdout
+    grid = load_png(out / "grid.png")  # the 5 images in one row of 8 columns
+    assert grid.ndim == 2 and 64 <= grid.shape[0] < 128 and grid.shape[1] >= 5 * 64
 
-    # image n comes from seed + n alone: the same whatever the batch and the number of images
+    # image n comes from (seed, n) alone: the same bytes in batches of 4 as one at a time
     again = tmp_path / "again"
-    assert sample_ldm.main(["--checkpoint", str(trained_run), "--num-images", "1", "--seed", "3", "--steps", "4",
-                            "--out-dir", str(again), "--device", "cpu", "--no-check-memorisation"]) == 0
-    alone = load_png(again / "images" / "synth_0000.png")
-    assert np.abs(alone.astype(int) - images[3]).max() <= 1
-    assert read_manifest(again)[0]["class"] == rows[3]["class"]
+    assert sample_ldm.main(["--checkpoint", str(trained_run), "--num-images", "4", "--batch-size", "4", "--steps",
+                            "4", "--out-dir", str(again), "--device", "cpu", "--no-check-memorisation",
+                            "--no-c2st"]) == 0
+    assert all(np.array_equal(load_png(again / "images" / f"synth_{n:04d}.png"), images[n]) for n in range(4))
+    assert [r["class"] for r in read_manifest(again)] == [r["class"] for r in rows[:4]]
+    assert json.loads((again / "report.json").read_text())["c2st_accuracy"] is None
+    # ... and another seed shares none of them (with seed + n, seed 4 would start with seed 0's image 4)
+    other = tmp_path / "seed4"
+    assert sample_ldm.main(["--checkpoint", str(trained_run), "--num-images", "5", "--seed", "4", "--steps", "4",
+                            "--out-dir", str(other), "--device", "cpu", "--no-check-memorisation", "--no-c2st"]) == 0
+    assert not any(np.array_equal(load_png(path), image) for path in unlabeled_images(other) for image in images)
 
     # an existing folder is replaced only with --overwrite
     capsys.readouterr()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
@@ -83,3 +84,30 @@ def broadcast_object(obj, src: int = 0):
     dist.broadcast_object_list(box, src=src)
     return box[0]
 
+
+def on_main_rank(work: Callable[[], Any], ctx: Context) -> Any:
+    """``work()`` on rank 0 alone (checks, then writes), its result given to every rank.
+
+    Bad input it raises (ConfigError, DataError, CheckpointError) is raised on every rank, so that
+    all processes stop with the same message instead of waiting for rank 0 in a collective. A plain
+    run (one process) just calls ``work``.
+    """
+    from utils.cli import USER_ERRORS  # late: utils.cli pulls in dataloaders, which need not load with this module
+
+    if not ctx.enabled:
+        return work()
+    outcome = None
+    if ctx.is_main:
+        try:
+            outcome = ("done", work())
+        except USER_ERRORS as error:
+            outcome = ("error", error)
+        except BaseException:
+            broadcast_object(("failed", None))
+            raise
+    status, value = broadcast_object(outcome)
+    if status == "error":
+        raise value
+    if status == "failed":
+        raise RuntimeError("rank 0 failed (its traceback says why)")
+    return value

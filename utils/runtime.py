@@ -1,6 +1,7 @@
 """Devices, precision, reproducibility and clean stops: what every training script needs."""
 from __future__ import annotations
 
+import contextlib
 import random
 import signal
 import sys
@@ -33,6 +34,25 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     if precision == "auto":
         precision = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
     return {"fp32": None, "bf16": torch.bfloat16}[precision]
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None):
+    """Autocast to ``dtype`` (bf16), or full precision for None (see :func:`autocast_dtype`)."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def derived_seed(*keys: int) -> int:
+    """A 63-bit seed mixed from integers (seed, step, stream...) with numpy's SeedSequence: seeds
+    made from different keys share nothing (unlike seed + n, where seeds 0 and 4 overlap)."""
+    low, high = np.random.SeedSequence([int(k) for k in keys]).generate_state(2)
+    return (int(high) << 31 ^ int(low)) & ((1 << 63) - 1)
+
+
+def step_generator(seed: int, step: int, stream: int, device: torch.device) -> torch.Generator:
+    """The generator of one training step's random stream: a pure function of (seed, step, stream)."""
+    return torch.Generator(device=device).manual_seed(derived_seed(seed, step, stream))
 
 
 def seed_everything(seed: int) -> None:

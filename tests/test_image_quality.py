@@ -1,0 +1,66 @@
+"""Image-quality measures of stage 1 (utils/image_quality.py) and the KL weighting of the
+autoencoder's loss, against hand-computed cases and sets whose answer is known."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
+from conftest import ROOT
+import train_ldm
+from networks.ldm import AutoencoderPass, build_vae
+from utils.config import parse_config
+from utils.image_quality import c2st_accuracy, psnr
+
+
+def test_psnr_matches_hand_computed_values():
+    x = torch.zeros(2, 1, 8, 8)
+    y = torch.stack([torch.full((1, 8, 8), 0.2), torch.full((1, 8, 8), -0.02)])
+    # range 2: 10 log10(4 / 0.04) = 20 dB and 10 log10(4 / 0.0004) = 40 dB
+    assert psnr(x, y).tolist() == pytest.approx([20.0, 40.0], rel=1e-5)
+    assert psnr(x, y, data_range=1.0)[0].item() == pytest.approx(10 * np.log10(1 / 0.04), rel=1e-5)
+
+
+def test_kl_is_summed_over_the_latent_and_divided_by_the_image_pixels():
+    # mean 1, log-variance 0 on a 4x2x2 latent: KL = 0.5 (1 + 1 - 1 - 0) = 0.5 per element, 8 in all
+    moments = torch.cat([torch.ones(1, 4, 2, 2), torch.zeros(1, 4, 2, 2)], dim=1)
+    kl = DiagonalGaussianDistribution(moments).kl().mean()
+    assert kl.item() == pytest.approx(8.0)
+    assert train_ldm.kl_per_pixel(kl, torch.zeros(1, 1, 8, 8)).item() == pytest.approx(8.0 / 64)
+
+    # in the loss: L1 + (1 - SSIM) + kl_weight x KL / (C x H x W), the KL logged as the per-image sum
+    cfg = parse_config(train_ldm.OPTIONS, "", ["--config", str(ROOT / "configs" / "ldm_tiny.yaml"),
+                                               "--kl-weight", "0.5"])
+    torch.manual_seed(0)
+    images = torch.rand(2, 1, 64, 64) * 2 - 1
+    noise = torch.randn(2, cfg.vae_latent_channels, 16, 16)
+    loss, _, terms = train_ldm.vae_losses(AutoencoderPass(build_vae(cfg)), None, images, noise, cfg,
+                                          torch.device("cpu"), None, False)
+    kl_share = (loss - terms["l1"] - terms["one_minus_ssim"]).item()
+    assert kl_share == pytest.approx(0.5 * terms["kl"].item() / (64 * 64), rel=1e-4)
+
+
+def blobs(count: int, seed: int, lesion: float = 50.0, size: int = 32) -> np.ndarray:
+    """Speckled tissue with one round lesion of gray level ``lesion``, at random places."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:size, :size]
+    images = np.empty((count, size, size), np.uint8)
+    for k in range(count):
+        image = 150 + 30 * rng.standard_normal((size, size))
+        cy, cx, radius = rng.integers(size // 4, 3 * size // 4, 2).tolist() + [int(rng.integers(4, size // 4))]
+        image[(yy - cy) ** 2 + (xx - cx) ** 2 < radius ** 2] = lesion + 20 * rng.standard_normal()
+        images[k] = image.clip(0, 255)
+    return images
+
+
+def test_c2st_is_chance_for_one_distribution_and_certain_for_two():
+    same = c2st_accuracy(blobs(60, seed=1), blobs(60, seed=2), epochs=10)
+    assert 0.3 <= same <= 0.7  # chance is 0.5 (120 held-out predictions: ±0.09 is two standard deviations)
+    different = c2st_accuracy(blobs(60, seed=1), blobs(60, seed=3, lesion=230), epochs=10)
+    assert different >= 0.9
+    # seeded: the same figure again; the larger set is cut to the smaller one's size
+    small = (blobs(12, seed=4), blobs(20, seed=5))
+    assert c2st_accuracy(*small, folds=2, epochs=2) == c2st_accuracy(*small, folds=2, epochs=2)
+    with pytest.raises(ValueError, match="at least 5 images"):
+        c2st_accuracy(blobs(4, seed=1), blobs(9, seed=2))

@@ -1,0 +1,166 @@
+"""Image-quality measures of stage 1, none of which needs downloaded weights.
+
+- :func:`ssim` (differentiable: the autoencoder's loss) and :func:`psnr`, of a reconstruction
+  against its original (the autoencoder's quality on the split's validation images);
+- :func:`nearest_training_images` / :func:`typical_training_distance`: how near each sample is to
+  a training image (a generator that copies its training images shows up there);
+- :func:`c2st_accuracy`: a classifier two-sample test (Lopez-Paz & Oquab, ICLR 2017) of samples
+  against the generator's training images, 0.5 when a small CNN cannot tell them apart.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+# ----------------------------------------------------------------------------------------------
+# reconstruction quality
+# ----------------------------------------------------------------------------------------------
+
+def _gaussian_window(size: int, sigma: float, channels: int, device, dtype) -> torch.Tensor:
+    coords = torch.arange(size, device=device, dtype=dtype) - (size - 1) / 2
+    g = torch.exp(-coords ** 2 / (2 * sigma ** 2))
+    g = g / g.sum()
+    return (g[:, None] * g[None, :]).expand(channels, 1, size, size).contiguous()
+
+
+def ssim(x: torch.Tensor, y: torch.Tensor, data_range: float = 2.0, window_size: int = 11,
+         sigma: float = 1.5, reduction: str = "mean") -> torch.Tensor:
+    """Structural similarity (Wang et al. 2004) of two NxCxHxW batches, gaussian 11x11 window.
+
+    Computed in float32 over the 'valid' part of the image (no padding). ``data_range`` is the
+    span of the values: 2 for images in [-1, 1]. reduction "none" gives one value per image.
+    """
+    x, y = x.float(), y.float()
+    channels = x.shape[1]
+    size = min(window_size, x.shape[-1], x.shape[-2])
+    window = _gaussian_window(size, sigma, channels, x.device, x.dtype)
+    c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
+
+    def blur(t):
+        return F.conv2d(t, window, groups=channels)
+
+    mu_x, mu_y = blur(x), blur(y)
+    var_x = blur(x * x) - mu_x ** 2
+    var_y = blur(y * y) - mu_y ** 2
+    cov = blur(x * y) - mu_x * mu_y
+    ssim_map = ((2 * mu_x * mu_y + c1) * (2 * cov + c2)) / ((mu_x ** 2 + mu_y ** 2 + c1) * (var_x + var_y + c2))
+    per_image = ssim_map.flatten(1).mean(1)
+    return per_image if reduction == "none" else per_image.mean()
+
+
+def psnr(x: torch.Tensor, y: torch.Tensor, data_range: float = 2.0) -> torch.Tensor:
+    """Peak signal-to-noise ratio in dB of each image of two NxCxHxW batches: 10 log10(range² / MSE).
+
+    Identical images would give infinity; the MSE is floored at 1e-10 (100 dB for range 1)."""
+    mse = (x.float() - y.float()).pow(2).flatten(1).mean(1).clamp_min(1e-10)
+    return 10 * torch.log10(data_range ** 2 / mse)
+
+
+# ----------------------------------------------------------------------------------------------
+# memorisation: distance of each sample to its nearest training image
+# ----------------------------------------------------------------------------------------------
+
+def _standardised(images: np.ndarray) -> np.ndarray:
+    flat = images.reshape(len(images), -1).astype(np.float64)
+    flat -= flat.mean(1, keepdims=True)
+    return flat / (flat.std(1, keepdims=True) + 1e-8)
+
+
+def _distances(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Normalised L2 between standardised rows: sqrt(mean((a - b)^2)) = sqrt(2 (1 - correlation)),
+    0 for the same image up to brightness and contrast, about 1.4 for unrelated ones."""
+    d2 = (a ** 2).sum(1)[:, None] + (b ** 2).sum(1)[None, :] - 2 * a @ b.T
+    return np.sqrt(np.maximum(d2, 0) / a.shape[1])
+
+
+def nearest_training_images(samples: np.ndarray, training: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """For each sample (uint8 NxHxW, same size as ``training`` MxHxW): the distance to the nearest
+    training image or its mirror image (training used horizontal flips) and that image's index."""
+    references = _standardised(np.concatenate([training, training[:, :, ::-1]]))
+    d = _distances(_standardised(samples), references)
+    nearest = d.argmin(1)
+    return d[np.arange(len(samples)), nearest], nearest % len(training)
+
+
+def typical_training_distance(training: np.ndarray) -> float:
+    """Median over training images of the distance to the nearest *other* training image (or its
+    mirror): how far apart two real images typically are. NaN with fewer than two images."""
+    m = len(training)
+    if m < 2:
+        return float("nan")
+    std = _standardised(training)
+    d = _distances(std, np.concatenate([std, _standardised(training[:, :, ::-1])]))
+    d[np.arange(m), np.arange(m)] = np.inf
+    d[np.arange(m), np.arange(m) + m] = np.inf
+    return float(np.median(d.min(1)))
+
+
+# ----------------------------------------------------------------------------------------------
+# classifier two-sample test
+# ----------------------------------------------------------------------------------------------
+
+class TwoSampleClassifier(nn.Module):
+    """A small CNN (three strided convolutions, global average pooling, one logit) of the C2ST.
+
+    Small on purpose: the test asks whether an ordinary classifier trained on a few hundred images
+    tells the two sets apart, not whether a large one could memorise them."""
+
+    def __init__(self, width: int = 16):
+        super().__init__()
+        layers, channels = [], 1
+        for out in (width, 2 * width, 4 * width):
+            layers += [nn.Conv2d(channels, out, 3, stride=2, padding=1), nn.GroupNorm(4, out), nn.SiLU()]
+            channels = out
+        self.features = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.head = nn.Linear(channels, 1)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(images))[:, 0]
+
+
+def c2st_accuracy(samples: np.ndarray, reference: np.ndarray, folds: int = 5, epochs: int = 15,
+                  batch_size: int = 32, lr: float = 2e-3, seed: int = 0) -> float:
+    """Classifier two-sample test: the held-out accuracy of a CNN trained to tell ``samples`` from
+    ``reference`` (uint8 NxHxW and MxHxW, the same HxW), pooled over ``folds`` stratified folds.
+
+    Both sets are first cut to the size of the smaller one (a seeded random subset), so that
+    chance is exactly 0.5: 0.5 means the classifier cannot tell them apart, 1.0 that it always can.
+    Seeded (``seed``) and deterministic on the CPU; the global random state is left untouched.
+    """
+    from sklearn.model_selection import StratifiedKFold
+
+    if samples.shape[1:] != reference.shape[1:] or samples.ndim != 3:
+        raise ValueError(f"c2st_accuracy needs two uint8 NxHxW sets of one size, got {samples.shape} "
+                         f"and {reference.shape}")
+    count = min(len(samples), len(reference))
+    if count < folds:
+        raise ValueError(f"c2st_accuracy needs at least {folds} images in each set, got {count}")
+    rng = np.random.default_rng(seed)
+    chosen = [s[np.sort(rng.choice(len(s), count, replace=False))] for s in (samples, reference)]
+    images = torch.from_numpy(np.concatenate(chosen)).float()[:, None] / 127.5 - 1
+    labels = torch.cat([torch.ones(count), torch.zeros(count)])
+    correct = 0
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        splits = StratifiedKFold(folds, shuffle=True, random_state=seed).split(np.zeros(2 * count), labels.numpy())
+        for train_index, test_index in splits:
+            classifier = TwoSampleClassifier()
+            optimizer = torch.optim.Adam(classifier.parameters(), lr=lr)
+            train_index = torch.from_numpy(train_index)
+            for _ in range(epochs):
+                order = train_index[torch.randperm(len(train_index))]
+                for first in range(0, len(order), batch_size):
+                    batch = order[first:first + batch_size]
+                    loss = F.binary_cross_entropy_with_logits(classifier(images[batch]), labels[batch])
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    optimizer.step()
+            classifier.eval()
+            with torch.no_grad():
+                test_index = torch.from_numpy(test_index)
+                predicted = classifier(images[test_index]) > 0
+                correct += int((predicted == labels[test_index].bool()).sum())
+    return correct / (2 * count)
