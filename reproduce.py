@@ -151,6 +151,8 @@ def plan(args, name: str, splits: list[int], device: str) -> list[Stage]:
     shown = ["--device", device] + ([] if args.progress else ["--no-progress"])
     seed = ["--seed", str(args.seed)] if args.seed is not None else []
     split_name = ["--split-name", name]
+    # the generator must not see the ids an arm selects on: its samples would carry them into training
+    holdout = ["--holdout", f"{args.holdout:g}"] if args.holdout else []
     torchrun = (["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc_per_node}"]
                 if args.nproc_per_node > 1 else [])
 
@@ -168,7 +170,7 @@ def plan(args, name: str, splits: list[int], device: str) -> list[Stage]:
         if args.generator:
             stages.append(Stage(
                 f"split{i}/ldm", ["train_ldm.py", "--config", str(args.ldm_config.resolve()), "--data-dir", str(data),
-                                  "--split", str(i), *split_name, "--out-dir", str(ldm), *seed, *args.ldm_args, *shown],
+                                  "--split", str(i), *split_name, *holdout, "--out-dir", str(ldm), *seed, *args.ldm_args, *shown],
                 ldm, resume=resumable("train_ldm.py", ldm, "state_vae.pt", "state_diffusion.pt"), launcher=torchrun))
             stages.append(Stage(
                 f"split{i}/samples", ["sample_ldm.py", "--checkpoint", str(ldm), "--num-images", str(args.num_samples),

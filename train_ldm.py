@@ -81,6 +81,8 @@ OPTIONS = [
     Option("split", 1, "split index i: trains on <name>_train<i>.txt, refuses ids of <name>_val<i>.txt"),
     Option("split_name", None, "prefix of the split files (<name>_train<i>.txt); none: the data folder's name lower-cased, or "
            "the prefix of the only *_train<i>.txt there", type=optional(str)),
+    Option("holdout", 0.0, "leave out the last F of the training list: the ids train.py --holdout F selects on, "
+           "which a generator whose samples serve that run must not see"),
     Option("out_dir", None, "run folder; none: runs/ldm_<dataset>_<split>", type=optional(str), in_file=False),
     Option("stage", "all", "what to train: vae, diffusion (on a run whose autoencoder is trained) or all",
            choices=("vae", "diffusion", "all"), in_file=False),
@@ -244,7 +246,7 @@ def load_data(cfg: SimpleNamespace):
     class_names = cfg.class_names if cfg.class_conditioning else []
     class_csv = cfg.class_csv if cfg.class_conditioning else None
     return load_training_set(cfg.data_dir, cfg.split, class_names, class_csv, progress=cfg.progress,
-                             split_name=cfg.split_name)
+                             split_name=cfg.split_name, holdout=cfg.holdout)
 
 
 def new_run_info(cfg: SimpleNamespace, data) -> dict:

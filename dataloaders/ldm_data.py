@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
+from dataloaders.splits import holdout_size
 from dataloaders.io import (DataError, listing, check_images, find_cases, read_id_list, read_image,
                             select_cases, split_files)
 
@@ -36,14 +37,17 @@ class TrainingSet:
     val_paths: list[Path]  # its images: the autoencoder is measured on them, never trained on them
 
 
-def training_ids(data_dir: str | Path, split: int, split_name: str | None = None
+def training_ids(data_dir: str | Path, split: int, split_name: str | None = None, holdout: float = 0.0
                  ) -> tuple[list[str], Path, Path | None]:
-    """The ids of ``<name>_train<split>.txt``; a DataError when they overlap ``<name>_val<split>.txt``."""
+    """The ids of ``<name>_train<split>.txt`` but the last ``holdout`` of them (those train.py --holdout
+    selects on: a generator that saw them would leak them through its samples); a DataError when they
+    overlap ``<name>_val<split>.txt``."""
     train_file, val_file = split_files(data_dir, split, split_name)
     if not train_file.is_file():
         raise DataError(f"split file not found: {train_file} (the training list of split {split}; "
                         "write the split files with split.py)")
     ids = read_id_list(train_file)
+    ids = ids[:len(ids) - holdout_size(len(ids), holdout)]
     if not val_file.is_file():
         return ids, train_file, None
     shared = sorted(set(ids) & set(read_id_list(val_file)))
@@ -118,11 +122,11 @@ def class_labels(ids: Sequence[str], class_names: Sequence[str], class_csv: str 
 
 def load_training_set(data_dir: str | Path, split: int, class_names: Sequence[str] = (),
                       class_csv: str | Path | None = None, progress: bool = False,
-                      split_name: str | None = None) -> TrainingSet:
+                      split_name: str | None = None, holdout: float = 0.0) -> TrainingSet:
     """Resolve, check and open once every training image of the split (one DataError if any is bad),
     and find the split's validation images (read later, only to measure the autoencoder)."""
     cases = find_cases(data_dir)  # first: a missing data folder is named as such
-    ids, train_file, val_file = training_ids(data_dir, split, split_name)
+    ids, train_file, val_file = training_ids(data_dir, split, split_name, holdout)
     paths = [image for _, image, _ in select_cases(cases, ids, str(train_file))]
     names, labels = class_labels(ids, class_names, class_csv)
     check_images(paths, progress=progress)

@@ -36,6 +36,16 @@ class RunData:
         return text + (f", {len(self.report)} val images reported at the end" if self.report else "")
 
 
+def holdout_size(n: int, holdout: float) -> int:
+    """How many ids at the end of a training list of ``n`` the holdout protocol sets aside for selection."""
+    if not 0 <= holdout < 1:
+        raise DataError(f"holdout must be in [0, 1), got {holdout}")
+    count = round(holdout * n)
+    if holdout and not 0 < count < n:
+        raise DataError(f"holdout {holdout} of {n} training ids leaves {count} for selection")
+    return count
+
+
 def load_run_data(data_dir: str | Path, split: int, labeled_fraction: float = 0.5, holdout: float = 0.0,
                   unlabeled_dirs: list[str | Path] = (), unlabeled_from_train: bool = True,
                   need_unlabeled: bool = True, check_files: bool = True, progress: bool = False,
@@ -43,8 +53,6 @@ def load_run_data(data_dir: str | Path, split: int, labeled_fraction: float = 0.
     """Resolve and check a run's data; every problem is a DataError raised before training starts."""
     if not 0 < labeled_fraction <= 1:
         raise DataError(f"labeled_fraction must be in (0, 1], got {labeled_fraction}")
-    if not 0 <= holdout < 1:
-        raise DataError(f"holdout must be in [0, 1), got {holdout}")
     cases = find_cases(data_dir)
     train_file, val_file = split_files(data_dir, split, split_name)
     train_ids, val_ids = read_id_list(train_file), read_id_list(val_file)
@@ -54,9 +62,7 @@ def load_run_data(data_dir: str | Path, split: int, labeled_fraction: float = 0.
     train = select_cases(cases, train_ids, str(train_file))
     val = select_cases(cases, val_ids, str(val_file))
 
-    n_holdout = round(holdout * len(train))
-    if holdout and not 0 < n_holdout < len(train):
-        raise DataError(f"holdout {holdout} of {len(train)} training ids leaves {n_holdout} for selection")
+    n_holdout = holdout_size(len(train), holdout)
     pool, carved = (train[:len(train) - n_holdout], train[len(train) - n_holdout:]) if n_holdout else (train, [])
     n_labeled = int(labeled_fraction * len(pool))
     if n_labeled == 0:

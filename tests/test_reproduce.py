@@ -35,6 +35,23 @@ def test_holdout_protocol_under_torchrun(tmp_path):
     assert "--holdout 0.2" in report  # the command that made it
 
 
+def test_holdout_ids_are_kept_from_the_generator_too(tmp_path):
+    """With --holdout, stage 1 trains without the holdout ids, so its samples pass train.py's
+    provenance check and mgcc-synthetic selects on ids no image of its training came from."""
+    data = write_dataset(tmp_path / "toy", n=15, size=(40, 48))
+    out = tmp_path / "out"
+    run_script("reproduce.py", "--data-dir", data, "--out-dir", out, "--preset", "demo", "--arms", "mgcc-synthetic",
+               "--labeled-fraction", "0.5", "--holdout", "0.2", "--ldm-config", "configs/ldm_tiny.yaml",
+               "--ldm-args", "--vae-steps 2 --diffusion-steps 2 --image-size 32", "--num-samples", "8",
+               "--sample-args", "--steps 5 --no-c2st", "--train-args", TINY, "--device", "cpu", "--no-progress",
+               "--no-estimate")
+    train_ids = [line for line in (data / "toy_train1.txt").read_text().splitlines() if line]
+    generator = json.loads((out / "split1" / "ldm" / "ldm.json").read_text())
+    assert generator["train_ids"] == train_ids[:8]  # 10 training ids, the last 2 held out
+    run = json.loads((out / "split1" / "mgcc-synthetic" / "metrics.json").read_text())
+    assert run["selection_set"] == "holdout"
+
+
 def test_missing_split_files_and_impossible_arms_are_one_clear_error(tmp_path):
     data = write_dataset(tmp_path / "toy", n=6, splits=False)
     result = run_script("reproduce.py", "--data-dir", data, "--no-estimate", check=False)
