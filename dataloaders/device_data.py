@@ -12,7 +12,8 @@ each training image is stored in the 8 orientations of the square (the dihedral 
 16 official draws (rot90 k in 0..3 or none, then flip -1/0/1 or none) produce, each resized from
 the transformed file-size image exactly as the loader path does: the stored variant of a draw *is*
 the loader's output for that draw. Memory: 8 x (C + 1) bytes per pixel for a labeled image, 8 x C
-for an unlabeled one (BUSI split, 256², 3 channels: about 0.9 GiB); evaluation images once.
+for an unlabeled one (BUSI split 1 at half the labels, 256², 3 channels: 0.82 GiB); evaluation
+images once.
 
 Randomness: batch composition comes from samplers.StreamBatchSampler (a pure function of seed and
 step, as on the loader path); the draws of each step's augmentation come from a torch generator on
