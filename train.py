@@ -310,9 +310,12 @@ def train(cfg, ctx, device) -> int:
 
     labeled_sampler = sampler(run_data.labeled, cfg.labeled_batch_size, LABELED_STREAM, whole_epochs=True)
     unlabeled_sampler = sampler(run_data.unlabeled, unlabeled_batch_size, UNLABELED_STREAM, False) if semi else None
-    on_device = keep_on_device(cfg.data_on_device, data_bytes(
-        len(run_data.labeled), len(run_data.unlabeled) if semi else 0, len(run_data.selection),
-        cfg.image_size, cfg.in_channels))
+    resident_bytes = data_bytes(len(run_data.labeled), len(run_data.unlabeled) if semi else 0,
+                                len(run_data.selection), cfg.image_size, cfg.in_channels)
+    on_device = keep_on_device(cfg.data_on_device, resident_bytes)
+    if ctx.is_main:
+        print(f"data: {f'on {device}, {resident_bytes / 2 ** 30:.2f} GiB' if on_device else 'DataLoader'} "
+              f"(--data-on-device {cfg.data_on_device})", flush=True)
     if on_device:
         selection_set = resident(run_data.selection, False, f"loading the {run_data.selection_name} images")
         next_batch = DeviceBatches(
