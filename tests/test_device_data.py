@@ -169,3 +169,28 @@ def test_the_step_with_resident_data_never_reads_back(items, tmp_path, mode):
     assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))  # it did train
     with pytest.raises(AssertionError, match="read a tensor back"), ReadBack():
         float(loss)  # the check itself catches a read-back
+
+
+def test_the_whole_step_compiles_once_while_lr_and_consistency_change(monkeypatch):
+    """--compile-scope step: the learning rate and the consistency weight are tensors filled in place,
+    so changing them never recompiles the step (inductor's code generation is left out here: the
+    "eager" backend keeps the graph capture and its guards, in seconds instead of minutes)."""
+    import torch._dynamo
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = MGCCNet(in_channels=3, width=4)
+    cfg = train.parse_config(train.OPTIONS, "", ["--compile", "--compile-scope", "step"])
+    optimizer = train.make_optimizer(model, cfg, CPU)
+    assert isinstance(optimizer.param_groups[0]["lr"], torch.Tensor)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: train.poly_lr_factor(it, 10))
+    step = torch.compile(train.make_train_step(model, optimizer, True, None, CPU), backend="eager")
+    images, masks, consistency = torch.randn(4, 3, 32, 32), (torch.rand(2, 1, 32, 32) > 0.5).float(), torch.zeros(())
+    lrs = []
+    for it in range(4):
+        # the optimizer's first step creates its momentum buffers: one recompile of its update, then none
+        monkeypatch.setattr(torch._dynamo.config, "error_on_recompile", it >= 2)
+        consistency.fill_(train.consistency_weight(it * 1000))
+        step(images, masks, consistency)
+        scheduler.step()
+        lrs.append(float(optimizer.param_groups[0]["lr"]))
+    assert lrs == pytest.approx([0.01 * train.poly_lr_factor(it + 1, 10) for it in range(4)])
