@@ -26,6 +26,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from dataloaders.datasets import NORMALIZATIONS, SegmentationDataset
+from dataloaders.device_data import DEVICE_DATA_BUDGET_GIB, DeviceBatches, DeviceImageSet, data_bytes, keep_on_device
 from dataloaders.io import MASK_VALUES, DataError, dataset_name
 from dataloaders.samplers import LABELED_STREAM, UNLABELED_STREAM, StreamBatchSampler, batches_per_epoch
 from dataloaders.splits import load_run_data
@@ -60,7 +61,12 @@ OPTIONS = [
     Option("in_channels", 3, "network input channels: 3 (BGR, as the official code) or 1 (grayscale)", choices=(1, 3)),
     Option("normalization", "official", "input normalisation: official (ImageNet stats, /255 again) or unit "
            "([-1, 1])", choices=NORMALIZATIONS),
-    Option("num_workers", 4, "data-loader worker processes (0: load in the main process)"),
+    Option("num_workers", 4, "data-loader worker processes (0: load in the main process); with the data on the "
+           "device they only decode the images once, at the start"),
+    Option("data_on_device", "auto", "keep the training and selection images on the training device, decoded and "
+           "resized once (8 orientations of each training image), augmented and normalised there: on, off (a "
+           f"DataLoader with num_workers processes), or auto (on when they take at most {DEVICE_DATA_BUDGET_GIB:g} GiB)",
+           choices=("auto", "on", "off")),
     # model
     Option("mode", "mgcc", "mgcc: semi-supervised MGCC; supervised: the baseline on the labeled images alone",
            choices=("mgcc", "supervised")),
@@ -89,7 +95,12 @@ OPTIONS = [
            choices=("auto", "bf16", "fp32")),
     Option("channels_last", "auto", "channels_last memory format: on, off, or auto (on with CUDA)",
            choices=("auto", "on", "off")),
-    Option("compile", False, "torch.compile the model"),
+    Option("compile", False, "torch.compile the training (see compile_scope, compile_mode)"),
+    Option("compile_scope", "model", "with --compile: model (the network's forward and backward) or step (the "
+           "whole step: forward, loss, backward and the optimizer update)", choices=("model", "step")),
+    Option("compile_mode", "default", "with --compile: the torch.compile mode; reduce-overhead replays the "
+           "compiled step as CUDA graphs on a GPU", choices=("default", "reduce-overhead", "max-autotune",
+                                                             "max-autotune-no-cudagraphs")),
     Option("sync_bn", False, "under torchrun: synchronise batch-norm statistics across GPUs (SyncBatchNorm)"),
     # evaluation and outputs
     Option("eval_every", 200, "evaluate on the selection set every N iterations (and at the end); epoch: after "
@@ -121,7 +132,7 @@ def model_args(cfg) -> dict:
             "mixer_kernel": cfg.mixer_kernel}
 
 
-def mgcc_losses(forward, images: torch.Tensor, masks: torch.Tensor, consistency: float):
+def mgcc_losses(forward, images: torch.Tensor, masks: torch.Tensor, consistency: float | torch.Tensor):
     """The MGCC objective of one batch whose first len(masks) images are labeled: (loss, sup, cons)."""
     n = len(masks)
     main_logits, aux_logits = forward(images, with_aux=True)
@@ -139,8 +150,35 @@ def supervised_losses(forward, images: torch.Tensor, masks: torch.Tensor):
 
 def make_optimizer(model, cfg, device) -> torch.optim.SGD:
     # the fused CUDA kernel computes the same update in one launch instead of one per tensor
-    return torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
-                           fused=device.type == "cuda" or None)
+    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+                                fused=device.type == "cuda" or None)
+    lr_on_device(optimizer, cfg, device)
+    return optimizer
+
+
+def lr_on_device(optimizer, cfg, device) -> None:
+    """The learning rate as a device tensor where the step must not read it from the host: on CUDA (the
+    scheduler then fills it in place, no wait) and in a compiled step (a changing float would recompile it).
+    The CPU's eager step keeps the float: its foreach update would read a tensor back."""
+    if device.type == "cuda" or (cfg.compile and cfg.compile_scope == "step"):
+        for group in optimizer.param_groups:
+            group["lr"] = torch.as_tensor(group["lr"], dtype=torch.float32).to(device)
+
+
+def make_train_step(forward, optimizer, semi: bool, amp_dtype, device):
+    """One optimisation step on a batch whose first len(masks) images are labeled; returns the detached
+    (loss, sup, cons). ``consistency`` is a device tensor: the step never waits for the host or reads back."""
+    def train_step(images: torch.Tensor, masks: torch.Tensor, consistency: torch.Tensor):
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            if semi:
+                loss, sup, cons = mgcc_losses(forward, images, masks, consistency)
+            else:
+                loss, sup, cons = supervised_losses(forward, images, masks)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        return loss.detach(), sup.detach(), cons.detach()
+    return train_step
 
 
 def use_channels_last(cfg, device) -> bool:
@@ -156,7 +194,7 @@ def wrap_for_training(model, cfg, ctx, device, semi: bool):
         # the baseline never runs the auxiliary decoders: DDP must not wait for their gradients
         forward = torch.nn.parallel.DistributedDataParallel(
             forward, device_ids=[device] if device.type == "cuda" else None, find_unused_parameters=not semi)
-    return torch.compile(forward) if cfg.compile else forward
+    return torch.compile(forward, mode=cfg.compile_mode) if cfg.compile and cfg.compile_scope == "model" else forward
 
 
 def make_loader(dataset, cfg, device, **kwargs) -> DataLoader:
@@ -259,6 +297,7 @@ def train(cfg, ctx, device) -> int:
         model.load_state_dict(checkpoint["model"])
         optimizer.load_state_dict(checkpoint["optimizer"])
         scheduler.load_state_dict(checkpoint["scheduler"])
+        lr_on_device(optimizer, cfg, device)  # the checkpoint was read onto the CPU
         start = checkpoint["iteration"]
         states = checkpoint["rng"]
         set_rng_state(states[ctx.rank] if len(states) == ctx.world_size else states[0])
@@ -270,13 +309,49 @@ def train(cfg, ctx, device) -> int:
     def make(items, augment: bool) -> SegmentationDataset:
         return SegmentationDataset(items, cfg.image_size, cfg.in_channels, cfg.normalization, augment, cfg.mask_values)
 
-    def stream(items, batch_size, kind, whole_epochs):
-        sampler = StreamBatchSampler(len(items), batch_size, cfg.seed, kind, whole_epochs, start, ctx.rank, ctx.world_size)
-        return endless(make_loader(make(items, augment=True), cfg, device, batch_sampler=sampler))
+    def sampler(items, batch_size, kind, whole_epochs):
+        return StreamBatchSampler(len(items), batch_size, cfg.seed, kind, whole_epochs, start, ctx.rank, ctx.world_size)
 
-    labeled_batches = stream(run_data.labeled, cfg.labeled_batch_size, LABELED_STREAM, whole_epochs=True)
-    unlabeled_batches = stream(run_data.unlabeled, unlabeled_batch_size, UNLABELED_STREAM, False) if semi else None
-    selection_loader = make_loader(make(run_data.selection, False), cfg, device, batch_size=cfg.eval_batch_size)
+    def resident(items, augment: bool, desc: str) -> DeviceImageSet:
+        return DeviceImageSet(items, cfg.image_size, cfg.in_channels, cfg.normalization, cfg.mask_values, device,
+                              augment, cfg.num_workers, cfg.progress and ctx.is_main, desc)
+
+    labeled_sampler = sampler(run_data.labeled, cfg.labeled_batch_size, LABELED_STREAM, whole_epochs=True)
+    unlabeled_sampler = sampler(run_data.unlabeled, unlabeled_batch_size, UNLABELED_STREAM, False) if semi else None
+    resident_bytes = data_bytes(len(run_data.labeled), len(run_data.unlabeled) if semi else 0,
+                                len(run_data.selection), cfg.image_size, cfg.in_channels)
+    on_device = keep_on_device(cfg.data_on_device, resident_bytes)
+    if ctx.is_main:
+        print(f"data: {f'on {device}, {resident_bytes / 2 ** 30:.2f} GiB' if on_device else 'DataLoader'} "
+              f"(--data-on-device {cfg.data_on_device})", flush=True)
+    if on_device:
+        selection_set = resident(run_data.selection, False, f"loading the {run_data.selection_name} images")
+        next_batch = DeviceBatches(
+            (resident(run_data.labeled, True, "loading the labeled images"), labeled_sampler),
+            (resident(run_data.unlabeled, True, "loading the unlabeled images"), unlabeled_sampler) if semi else None,
+            cfg.seed)
+    else:
+        loaders = [endless(make_loader(make(items, augment=True), cfg, device, batch_sampler=s))
+                   for items, s in ((run_data.labeled, labeled_sampler), (run_data.unlabeled, unlabeled_sampler)) if s]
+        selection_set = make_loader(make(run_data.selection, False), cfg, device, batch_size=cfg.eval_batch_size)
+
+        def next_batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
+            labeled = next(loaders[0])
+            images = [labeled["image"]] + [next(loader)["image"] for loader in loaders[1:]]
+            return (torch.cat(images).to(device, non_blocking=True), labeled["mask"].to(device, non_blocking=True))
+
+    def selection_batches():
+        return selection_set.batches(cfg.eval_batch_size) if on_device else selection_set
+
+    def report_batches():  # the val list, evaluated once at the end after selection on --holdout ids
+        if on_device:
+            return resident(run_data.report, False, "loading the val images").batches(cfg.eval_batch_size)
+        return make_loader(make(run_data.report, False), cfg, device, batch_size=cfg.eval_batch_size)
+
+    train_step = make_train_step(forward, optimizer, semi, amp_dtype, device)
+    if cfg.compile and cfg.compile_scope == "step":
+        train_step = torch.compile(train_step, mode=cfg.compile_mode)
+    consistency = torch.zeros((), device=device)  # lambda(it), filled in place: no recompile, no wait
     last_path = out_dir / "checkpoint_last.pt"
 
     def state(iteration: int, full: bool) -> dict:
@@ -301,21 +376,11 @@ def train(cfg, ctx, device) -> int:
     model.train()
     with StopRequest() as stop:
         for it in range(start, iterations):
-            labeled = next(labeled_batches)
-            images, masks = labeled["image"].to(device, non_blocking=True), labeled["mask"].to(device, non_blocking=True)
-            if semi:
-                images = torch.cat([images, next(unlabeled_batches)["image"].to(device, non_blocking=True)])
+            images, masks = next_batch(it)
             if channels_last:
                 images = images.contiguous(memory_format=torch.channels_last)
-            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                if semi:
-                    weight = consistency_weight(it, cfg.consistency, cfg.consistency_rampup, cfg.consistency_ramp_every)
-                    loss, sup, cons = mgcc_losses(forward, images, masks, weight)
-                else:
-                    loss, sup, cons = supervised_losses(forward, images, masks)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            consistency.fill_(consistency_weight(it, cfg.consistency, cfg.consistency_rampup, cfg.consistency_ramp_every))
+            loss, sup, cons = train_step(images, masks, consistency)
             scheduler.step()
             losses.add(it, loss, sup, cons)
             bar.update(1)
@@ -328,13 +393,14 @@ def train(cfg, ctx, device) -> int:
             if read_now or stopping:
                 mean = losses.read(done, last_path)
                 bar.set_postfix(loss=f"{mean[0]:.4f}", best_iou=f"{record.best['iou']:.4f}",
-                                lr=f"{scheduler.get_last_lr()[0]:.2e}")
+                                lr=f"{float(scheduler.get_last_lr()[0]):.2e}")
             if evaluate_now:
                 train_means = losses.eval_means(done)
                 if ctx.is_main:
                     # in fp32 whatever the training precision: metrics comparable across runs and with predict.py
-                    metrics = evaluate(model, selection_loader, device)
-                    if record.add(done, metrics, train_means, scheduler.get_last_lr()[0]):
+                    # HD95 needs every mask on the CPU: only the final evaluation of the selected checkpoint has it
+                    metrics = evaluate(model, selection_batches(), device, hd95=False)
+                    if record.add(done, metrics, train_means, float(scheduler.get_last_lr()[0])):
                         record.save("checkpoint_best.pt", {**state(done, full=False), "metrics": metrics})
                     bar.write(record.describe_last())
             pausing = cfg.stop_after is not None and done - start >= cfg.stop_after and done < iterations
@@ -349,23 +415,23 @@ def train(cfg, ctx, device) -> int:
                 return 128 + stop.signal_number if stopping else 0
     bar.close()
     if ctx.is_main:
-        finish(cfg, model, record, run_data, out_dir, iterations, device, make)
+        finish(cfg, model, record, run_data, out_dir, iterations, device,
+               report_batches() if run_data.report else selection_batches())
     return 0
 
 
-def finish(cfg, model, record, run_data, out_dir, iterations, device, make) -> None:
-    """metrics.json; with --holdout, the single evaluation of the val list by the selected checkpoint."""
+def finish(cfg, model, record, run_data, out_dir, iterations, device, val_batches) -> None:
+    """metrics.json: 'val' holds every metric (HD95 too) of the selected checkpoint on the val list,
+    with --holdout its single evaluation there."""
     best = record.best
     summary = {"mode": cfg.mode, "iterations": iterations, "parameters": count_parameters(model),
                "selection_set": run_data.selection_name, "best_iteration": best["iteration"],
                "best": {k: v for k, v in best.items() if k != "iteration"}, "last": record.history[-1]}
+    model.load_state_dict(load_checkpoint(out_dir / "checkpoint_best.pt", CHECKPOINT_KIND)["model"])
+    summary["val"] = evaluate(model, val_batches, device)
     if run_data.report:
-        model.load_state_dict(load_checkpoint(out_dir / "checkpoint_best.pt", CHECKPOINT_KIND)["model"])
-        loader = make_loader(make(run_data.report, False), cfg, device, batch_size=cfg.eval_batch_size)
-        summary["val"] = evaluate(model, loader, device)
         summary["note"] = "checkpoint_best selected on the holdout ids; 'val' is its single evaluation on the val list."
-    else:
-        summary["val"] = summary["best"]
+    else:  # 'best' again, with HD95: the periodic evaluations leave it out
         summary["note"] = OPTIMISTIC_NOTE
     (out_dir / "metrics.json").write_text(json.dumps(summary, indent=2))
     print(f"done: val IoU {summary['val']['iou']:.4f} Dice {summary['val']['dice']:.4f} "

@@ -1,19 +1,30 @@
-"""Time train.py's MGCC training step: steady-state iterations per second, memory, FLOP rate.
+"""Time train.py's MGCC training: its step alone (synthetic inputs), or its whole loop (--loop).
 
-    python benchmarks/bench_train.py                         # published size on CUDA, small on CPU
+    python benchmarks/bench_train.py                         # the step; published size on CUDA, small on CPU
     python benchmarks/bench_train.py --device cpu --width 16 --image-size 128 --steps 5
     python benchmarks/bench_train.py --json                  # one JSON line per variant
+    python benchmarks/bench_train.py --loop --data-dir inputs/BUSI   # train.py's loop on real data
 
-Each variant runs the step of train.py (same model, loss, SGD update; inputs already on the device,
-so the data loader is not timed) for --warmup steps, then --steps timed steps with device
+The step: each variant runs train.make_train_step (same model, loss, SGD update; inputs already on
+the device, so no data is loaded) for --warmup steps, then --steps timed steps with device
 synchronisation, and prints one table at the end. FLOPs of one step are counted with
 torch.utils.flop_counter (forward and backward).
+
+The loop (--loop): each variant runs train.py itself (in this process, or --train-py another
+checkout's train.py in a subprocess) on --data-dir for --warmup + --steps iterations, evaluating every
+--eval-every, and times the iterations after the warm-up from the times train.py logs at its
+evaluations (metrics.jsonl): data, step, loss read-backs, periodic evaluation and checkpoints, all
+of it. Compilation and the first evaluations fall in the warm-up. --warmup and --steps must be
+multiples of --eval-every. Peak memory is CUDA's, over the whole run (in-process runs only).
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -21,19 +32,34 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import train  # noqa: E402
 from networks.mgcc import MGCCNet  # noqa: E402
-from train import mgcc_losses, supervised_losses  # noqa: E402
+from train import make_train_step, mgcc_losses, supervised_losses  # noqa: E402
 from utils.runtime import autocast_dtype  # noqa: E402
 
 # dense bf16 peak (TFLOP/s) of devices this project is measured on, for the fraction column
 BF16_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
 # the official training loop as published, on an H100 at the published size (../shared/reference)
 OFFICIAL_H100_IT_PER_S = 3.55
+# compile: None, or train.py's (compile_scope, compile_mode); --compile-mode replaces "default"
 VARIANTS = {
-    "fp32 eager": dict(dtype=None, channels_last=False, compile=False),
-    "bf16 + channels_last": dict(dtype=torch.bfloat16, channels_last=True, compile=False),
-    "bf16 + channels_last + compile": dict(dtype=torch.bfloat16, channels_last=True, compile=True),
+    "fp32 eager": dict(dtype=None, channels_last=False, compile=None),
+    "bf16 + channels_last": dict(dtype=torch.bfloat16, channels_last=True, compile=None),
+    "bf16 + channels_last + compile": dict(dtype=torch.bfloat16, channels_last=True, compile=("model", "default")),
+    "bf16 + channels_last + compiled step + CUDA graphs": dict(dtype=torch.bfloat16, channels_last=True,
+                                                               compile=("step", "reduce-overhead")),
 }
+DEFAULT_VARIANTS = list(VARIANTS)[:3]  # CUDA graphs: ask for them by name (a CUDA feature)
+
+
+def train_flags(spec: dict, compile_mode: str) -> list[str]:
+    """train.py's flags for a variant."""
+    flags = ["--precision", "bf16" if spec["dtype"] is not None else "fp32",
+             "--channels-last", "on" if spec["channels_last"] else "off"]
+    if spec["compile"] is not None:
+        scope, mode = spec["compile"]
+        flags += ["--compile", "--compile-scope", scope, "--compile-mode", compile_mode if mode == "default" else mode]
+    return flags
 
 
 def parse_args(argv=None):
@@ -46,21 +72,45 @@ def parse_args(argv=None):
                              "main decoder only) (default: mgcc)")
     parser.add_argument("--batch-size", type=int, default=8, help="images per step (default: 8)")
     parser.add_argument("--labeled-batch-size", type=int, default=4, help="labeled images per step (default: 4)")
-    parser.add_argument("--steps", type=int, default=None, help="timed steps (default: 50 on CUDA, 5 on CPU)")
-    parser.add_argument("--warmup", type=int, default=None, help="untimed steps first (default: 10 on CUDA, 2 on CPU)")
+    parser.add_argument("--steps", type=int, default=None, help="timed steps (default: 50 on CUDA, 5 on CPU; "
+                        "--loop: 400 on CUDA, 100 on CPU)")
+    parser.add_argument("--warmup", type=int, default=None, help="untimed steps first (default: 10 on CUDA, 2 on CPU; "
+                        "--loop: one --eval-every)")
     parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=None,
-                        help="variants to run (default: all on CUDA; the eager ones on CPU)")
-    parser.add_argument("--compile-mode", default="default", help="torch.compile mode (default, max-autotune-no-cudagraphs, ...)")
+                        help="variants to run (default: the first three on CUDA; the eager ones on CPU, "
+                             "--loop: fp32 eager on CPU)")
+    parser.add_argument("--compile-mode", default="default", help="torch.compile mode of the 'compile' variant "
+                        "(default, max-autotune-no-cudagraphs, ...)")
     parser.add_argument("--json", action="store_true", help="print one JSON line per variant instead of a table")
+    loop = parser.add_argument_group("the real loop (--loop)")
+    loop.add_argument("--loop", action="store_true", help="time train.py's own loop instead of the synthetic step")
+    loop.add_argument("--data-dir", default=None, help="dataset folder for --loop (train.py's --data-dir)")
+    loop.add_argument("--eval-every", type=int, default=None, help="train.py's --eval-every (default: 200 on "
+                      "CUDA, train.py's default; 50 on CPU)")
+    loop.add_argument("--train-py", type=Path, default=None, help="run this train.py (another checkout, e.g. "
+                      "an earlier commit) in a subprocess instead of this checkout's in-process; no peak memory then")
+    loop.add_argument("--train-args", default="", help="further train.py flags, one string, e.g. "
+                      "'--data-on-device off --num-workers 4'")
     args = parser.parse_args(argv)
     device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
     cuda = device.type == "cuda"
     args.device = device
     args.width = args.width or (64 if cuda else 16)
     args.image_size = args.image_size or (256 if cuda else 128)
+    if args.loop:
+        if args.data_dir is None:
+            parser.error("--loop needs --data-dir")
+        args.eval_every = args.eval_every or (200 if cuda else 50)
+        args.steps = args.steps or (400 if cuda else 100)
+        args.warmup = args.warmup if args.warmup is not None else args.eval_every
+        if args.warmup % args.eval_every or args.steps % args.eval_every or not args.warmup:
+            parser.error(f"--loop times from one evaluation to another: --warmup ({args.warmup}, > 0) and --steps "
+                         f"({args.steps}) must be multiples of --eval-every ({args.eval_every})")
+        args.variants = args.variants or (DEFAULT_VARIANTS if cuda else DEFAULT_VARIANTS[:1])
+        return args
     args.steps = args.steps or (50 if cuda else 5)
     args.warmup = args.warmup if args.warmup is not None else (10 if cuda else 2)
-    args.variants = args.variants or (list(VARIANTS) if cuda else list(VARIANTS)[:2])
+    args.variants = args.variants or (DEFAULT_VARIANTS if cuda else DEFAULT_VARIANTS[:2])
     return args
 
 
@@ -77,24 +127,25 @@ def run_variant(name: str, args) -> dict:
     model = MGCCNet(in_channels=3, width=args.width).to(device).train()
     fmt = torch.channels_last if spec["channels_last"] else torch.contiguous_format
     model = model.to(memory_format=fmt)
-    forward = torch.compile(model, mode=args.compile_mode) if spec["compile"] else model
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4,
-                                fused=device.type == "cuda" or None)
+    cfg = train.parse_config(train.OPTIONS, "", train_flags(spec, args.compile_mode))
+    scope = cfg.compile_scope if cfg.compile else None
+    forward = torch.compile(model, mode=cfg.compile_mode) if scope == "model" else model
+    optimizer = train.make_optimizer(model, cfg, device)  # the official SGD, its learning rate as train.py holds it
     # the baseline's batch is the labeled part alone, as in train.py
-    batch_size = args.batch_size if args.mode == "mgcc" else args.labeled_batch_size
+    semi = args.mode == "mgcc"
+    batch_size = args.batch_size if semi else args.labeled_batch_size
     images = torch.randn(batch_size, 3, args.image_size, args.image_size, device=device).contiguous(memory_format=fmt)
     masks = (torch.rand(args.labeled_batch_size, 1, args.image_size, args.image_size, device=device) > 0.5).float()
+    train_step = make_train_step(forward, optimizer, semi, spec["dtype"], device)
+    if scope == "step":
+        train_step = torch.compile(train_step, mode=cfg.compile_mode)
+    consistency = torch.full((), 7.0, device=device)
 
     def losses(net):
-        return mgcc_losses(net, images, masks, 7.0) if args.mode == "mgcc" else supervised_losses(net, images, masks)
+        return mgcc_losses(net, images, masks, 7.0) if semi else supervised_losses(net, images, masks)
 
     def step():
-        with torch.autocast(device.type, dtype=spec["dtype"], enabled=spec["dtype"] is not None):
-            loss, _, _ = losses(forward)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        return loss
+        return train_step(images, masks, consistency)[0]
 
     for _ in range(args.warmup):
         step()
@@ -118,6 +169,38 @@ def run_variant(name: str, args) -> dict:
             "tflops": flops / seconds / 1e12, "tflop_per_step": flops / 1e12}
 
 
+def run_loop(name: str, args) -> dict:
+    """train.py's loop for --warmup + --steps iterations; it/s over the iterations after the warm-up."""
+    device = args.device
+    with tempfile.TemporaryDirectory(prefix="bench_loop_") as tmp:
+        out = Path(tmp) / "run"
+        argv = ["--data-dir", str(args.data_dir), "--out-dir", str(out), "--width", str(args.width),
+                "--image-size", str(args.image_size), "--batch-size", str(args.batch_size),
+                "--labeled-batch-size", str(args.labeled_batch_size), "--mode", args.mode,
+                "--iterations", str(args.warmup + args.steps),
+                "--eval-every", str(args.eval_every), "--device", str(device), "--no-progress",
+                *train_flags(VARIANTS[name], args.compile_mode), *args.train_args.split()]
+        peak, started = float("nan"), time.time()
+        if args.train_py is None:
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            with contextlib.redirect_stdout(sys.stderr):  # train.py's messages: not in the table or the JSON
+                code = train.main(argv)
+            if device.type == "cuda":
+                peak = torch.cuda.max_memory_allocated(device) / 2 ** 30
+        else:
+            script = args.train_py.resolve()
+            code = subprocess.run([sys.executable, str(script), *argv], cwd=script.parent, stdout=sys.stderr).returncode
+        if code != 0:
+            raise SystemExit(f"error: train.py exited {code} for variant {name!r}")
+        times = {r["iteration"]: r["time"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())}
+    seconds = (times[args.warmup + args.steps] - times[args.warmup]) / args.steps
+    # start-up (data, compilation) and the warm-up iterations: decides whether compiling pays on a run
+    warmup_s = times[args.warmup] - started
+    return {"variant": name, "it_per_s": 1 / seconds, "ms_per_step": 1000 * seconds, "peak_mem_gib": peak,
+            "warmup_s": warmup_s}
+
+
 def device_name(device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
@@ -125,9 +208,39 @@ def device_name(device) -> str:
     return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
 
 
+def published_size(args) -> bool:
+    return (args.width, args.image_size, args.batch_size, args.labeled_batch_size) == (64, 256, 8, 4)
+
+
+def print_loop_table(rows: list[dict], args, name: str) -> None:
+    source = args.train_py or "train.py (this checkout)"
+    print(f"\n{source}'s training loop on {name}: {args.data_dir}, width {args.width}, batch {args.batch_size} "
+          f"({args.labeled_batch_size} labeled), {args.image_size}x{args.image_size}, evaluation every "
+          f"{args.eval_every}; {args.steps} timed iterations after {args.warmup}; {args.train_args or 'no other flags'}; "
+          f"torch {torch.__version__}")
+    print(f"{'variant':52s} {'it/s':>8s} {'ms/it':>9s} {'peak GiB':>9s} {'x official':>11s} {'start-up s':>11s}")
+    for r in rows:
+        print(f"{r['variant']:52s} {r['it_per_s']:8.2f} {r['ms_per_step']:9.1f} {r['peak_mem_gib']:9.2f} "
+              f"{r['it_per_s'] / OFFICIAL_H100_IT_PER_S:11.2f} {r['warmup_s']:11.1f}")
+    print("start-up s: from the start of train.py to the end of the warm-up iterations (data, compilation, warm-up)")
+    if not ("H100" in name and published_size(args)):
+        print(f"x official: against the official loop's {OFFICIAL_H100_IT_PER_S} it/s on an H100 at the published size "
+              "(width 64, batch 4 + 4, 256x256); this run is not that setting")
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     name = device_name(args.device)
+    if args.loop:
+        rows = []
+        for variant in args.variants:
+            rows.append(run_loop(variant, args))
+            rows[-1]["ratio_to_official"] = rows[-1]["it_per_s"] / OFFICIAL_H100_IT_PER_S
+            if args.json:
+                print(json.dumps(rows[-1]), flush=True)
+        if not args.json:
+            print_loop_table(rows, args, name)
+        return 0
     peak = next((v for k, v in BF16_PEAK_TFLOPS.items() if k in name), None)
     rows = []
     for variant in args.variants:
@@ -137,19 +250,19 @@ def main(argv=None) -> int:
         if args.json:
             print(json.dumps(row), flush=True)
     if not args.json:
-        print(f"\n{'MGCC' if args.mode == 'mgcc' else 'supervised baseline'} training step on {name}: width {args.width}, batch {args.batch_size} "
+        print(f"\n{'MGCC' if args.mode == 'mgcc' else 'supervised baseline'} training step on {name}: width {args.width}, batch {args.batch_size if args.mode == 'mgcc' else args.labeled_batch_size} "
               f"({args.labeled_batch_size} labeled), {args.image_size}x{args.image_size}, "
               f"{args.steps} timed steps after {args.warmup} warm-up; torch {torch.__version__}")
-        print(f"{'variant':34s} {'it/s':>8s} {'ms/step':>9s} {'peak GiB':>9s} {'TFLOP/s':>8s} {'of bf16 peak':>13s}")
+        print(f"{'variant':52s} {'it/s':>8s} {'ms/step':>9s} {'peak GiB':>9s} {'TFLOP/s':>8s} {'of bf16 peak':>13s}")
         for r in rows:
             frac = f"{100 * r['fraction_of_bf16_peak']:.1f}%" if r["fraction_of_bf16_peak"] else "n/a"
-            print(f"{r['variant']:34s} {r['it_per_s']:8.2f} {r['ms_per_step']:9.1f} {r['peak_mem_gib']:9.2f} "
+            print(f"{r['variant']:52s} {r['it_per_s']:8.2f} {r['ms_per_step']:9.1f} {r['peak_mem_gib']:9.2f} "
                   f"{r['tflops']:8.3f} {frac:>13s}")
         print(f"FLOPs per step (forward + backward): {rows[0]['tflop_per_step']:.3f} TFLOP")
         # auto: bf16 and channels_last on a CUDA GPU with bf16, fp32 and the plain layout on CPU
         default = "bf16 + channels_last" if autocast_dtype("auto", args.device) is not None else "fp32 eager"
         print(f"train.py's default here (--precision auto, --channels-last auto, no --compile): {default}")
-        if "H100" in name and (args.width, args.image_size, args.batch_size) == (64, 256, 8):
+        if "H100" in name and published_size(args):
             print("against the official loop on an H100 (3.55 it/s): " + ", ".join(
                 f"{r['variant']} {r['it_per_s'] / OFFICIAL_H100_IT_PER_S:.2f}x" for r in rows))
     return 0

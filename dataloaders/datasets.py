@@ -27,31 +27,45 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 NORMALIZATIONS = ("official", "unit")
 
 
+def normalization_constants(channels: int, mode: str = "official") -> tuple[np.ndarray, np.ndarray]:
+    """(offset, scale) float32 per channel: the network input is (x - offset) / scale, x the uint8 value.
+
+    official: offset = mean x 255, scale = std x 255 (then / 255 once more, see normalize); unit:
+    offset 127.5, scale 127.5 (x / 127.5 - 1 is computed as written, see normalize).
+    """
+    if mode == "official":
+        mean = np.array(IMAGENET_MEAN if channels == 3 else [np.mean(IMAGENET_MEAN)], np.float32) * 255
+        std = np.array(IMAGENET_STD if channels == 3 else [np.mean(IMAGENET_STD)], np.float32) * 255
+        return mean, std
+    if mode == "unit":
+        return np.full(channels, 127.5, np.float32), np.full(channels, 127.5, np.float32)
+    raise ValueError(f"normalization must be one of {NORMALIZATIONS}, got {mode!r}")
+
+
 def normalize(image: np.ndarray, mode: str = "official") -> np.ndarray:
     """uint8 HxWxC -> float32 CxHxW network input."""
     x = image.astype(np.float32)
+    mean, std = normalization_constants(image.shape[2], mode)
     if mode == "official":
-        channels = image.shape[2]
-        mean = np.array(IMAGENET_MEAN if channels == 3 else [np.mean(IMAGENET_MEAN)], np.float32) * 255
-        std = np.array(IMAGENET_STD if channels == 3 else [np.mean(IMAGENET_STD)], np.float32) * 255
         x = (x - mean) / std / 255  # the official loader divides by 255 after Normalize as well
-    elif mode == "unit":
-        x = x / 127.5 - 1
     else:
-        raise ValueError(f"normalization must be one of {NORMALIZATIONS}, got {mode!r}")
+        x = x / 127.5 - 1
     return np.ascontiguousarray(x.transpose(2, 0, 1))
+
+
+def rot90_flip(array: np.ndarray, k: int, flip_code: int | None) -> np.ndarray:
+    """Rotate by k * 90 degrees (np.rot90), then flip with cv2.flip(flip_code) unless it is None."""
+    array = np.rot90(array, k)
+    if flip_code is not None:
+        array = cv2.flip(np.ascontiguousarray(array), flip_code)
+    return np.ascontiguousarray(array)
 
 
 def random_rot90_flip(rng: np.random.Generator, *arrays: np.ndarray) -> list[np.ndarray]:
     """The official RandomRotate90 + Flip (each p = 0.5), the same draw applied to every array."""
-    arrays = list(arrays)
-    if rng.random() < 0.5:
-        k = int(rng.integers(0, 4))
-        arrays = [np.rot90(a, k) for a in arrays]
-    if rng.random() < 0.5:
-        code = int(rng.integers(-1, 2))  # cv2.flip: 0 vertical, 1 horizontal, -1 both
-        arrays = [cv2.flip(np.ascontiguousarray(a), code) for a in arrays]
-    return [np.ascontiguousarray(a) for a in arrays]
+    k = int(rng.integers(0, 4)) if rng.random() < 0.5 else 0
+    flip_code = int(rng.integers(-1, 2)) if rng.random() < 0.5 else None  # 0 vertical, 1 horizontal, -1 both
+    return [rot90_flip(a, k, flip_code) for a in arrays]
 
 
 def resize_image(image: np.ndarray, size: int) -> np.ndarray:

@@ -40,6 +40,23 @@ def test_bench_train_json_rows():
     assert rows[0]["tflop_per_step"] == rows[1]["tflop_per_step"]  # the same math in both variants
 
 
+def test_bench_train_loop_times_train_py(tmp_path):
+    data = write_dataset(tmp_path / "toy", n=12)
+    result = run_script("benchmarks/bench_train.py", "--loop", "--data-dir", data, "--device", "cpu", "--width", "4",
+                        "--image-size", "32", "--batch-size", "4", "--labeled-batch-size", "2", "--eval-every", "1",
+                        "--warmup", "1", "--steps", "2", "--train-args", "--num-workers 0 --eval-batch-size 8", "--json")
+    rows = json_rows(result.stdout)
+    assert [r["variant"] for r in rows] == ["fp32 eager"]  # the CPU default
+    row = rows[0]
+    assert math.isfinite(row["it_per_s"]) and row["it_per_s"] > 0 and math.isnan(row["peak_mem_gib"])
+    assert math.isclose(row["it_per_s"] * row["ms_per_step"], 1000, rel_tol=1e-6)
+    assert math.isclose(row["ratio_to_official"], row["it_per_s"] / 3.55, rel_tol=1e-9)
+    assert "done: val IoU" in result.stderr  # train.py itself ran, its messages kept out of the JSON
+    bad = run_script("benchmarks/bench_train.py", "--loop", "--data-dir", data, "--eval-every", "2", "--steps", "3",
+                     check=False)
+    assert bad.returncode == 2 and "must be multiples of --eval-every (2)" in bad.stderr
+
+
 def test_bench_ldm_json_rows():
     result = run_script("benchmarks/bench_ldm.py", "--device", "cpu", "--config", "configs/ldm_tiny.yaml",
                         "--image-size", "32", "--batch-size", "2", "--sampling-batch-size", "3",

@@ -67,8 +67,9 @@ def test_bf16_training_is_evaluated_in_fp32(tmp_path, dataset, monkeypatch):
     assert yaml.safe_load((out / "config.yaml").read_text())["precision"] == "bf16"
 
 
-def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path, dataset):
-    args = ["--iterations", "6", "--seed", "5"]
+@pytest.mark.parametrize("data_on_device", ["on", "off"])
+def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path, dataset, data_on_device):
+    args = ["--iterations", "6", "--seed", "5", "--data-on-device", data_on_device]
     assert run_train(tmp_path, dataset, *args, out="straight")[0] == 0
     assert run_train(tmp_path, dataset, *args, "--stop-after", "4", out="resumed")[0] == 0
     paused = torch.load(tmp_path / "resumed" / "checkpoint_last.pt", weights_only=True)

@@ -1,24 +1,31 @@
 """Evaluation of a segmenter on a labeled set, batched, shared by train.py and predict.py."""
 from __future__ import annotations
 
+from typing import Iterable
+
 import torch
-from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from .metrics import MetricAverager
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, loader: DataLoader, device: torch.device, autocast_dtype: torch.dtype | None = None,
-             progress: bool = False, desc: str = "evaluating") -> dict[str, float]:
-    """Mean per-image metrics of the main decoder at threshold 0.5, at the loader's image size."""
+def evaluate(model: torch.nn.Module, batches: Iterable[dict], device: torch.device,
+             autocast_dtype: torch.dtype | None = None, progress: bool = False, desc: str = "evaluating",
+             hd95: bool = True) -> dict[str, float]:
+    """Mean per-image metrics of the main decoder at threshold 0.5, at the batches' image size.
+
+    ``batches``: dicts with ``image`` and ``mask`` (a DataLoader, or DeviceImageSet.batches already
+    on the device). The overlap metrics are computed on the device and read back once at the end;
+    ``hd95=False`` leaves out HD95, which needs every mask on the CPU.
+    """
     was_training = model.training
     model.eval()
-    averager = MetricAverager()
-    for batch in tqdm(loader, desc=desc, disable=not progress, leave=False):
+    averager = MetricAverager(hd95=hd95)
+    for batch in tqdm(batches, desc=desc, disable=not progress, leave=False):
         images = batch["image"].to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
             logits = model(images)
-        averager.update(logits, batch["mask"].to(device))
+        averager.update(logits, batch["mask"].to(device, non_blocking=True))
     model.train(was_training)
     return averager.summary()

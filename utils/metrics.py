@@ -71,29 +71,44 @@ def hd95(pred: np.ndarray, target: np.ndarray) -> float:
     return float(np.percentile(np.concatenate(distances), 95))
 
 
+def hd95_per_image(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """HD95 (N,) float64 on the CPU for bool masks of shape (N, H, W) or (N, 1, H, W)."""
+    p = pred.reshape(pred.shape[0], *pred.shape[-2:]).cpu().numpy()
+    t = target.reshape(target.shape[0], *target.shape[-2:]).cpu().numpy()
+    return torch.tensor([hd95(a, b) for a, b in zip(p, t)], dtype=torch.float64)
+
+
 def per_image_metrics(pred: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
     """All metrics per image for bool masks of shape (N, H, W) or (N, 1, H, W); HD95 on the CPU."""
     values = overlap_metrics(confusion_counts(pred, target))
-    p = pred.reshape(pred.shape[0], *pred.shape[-2:]).cpu().numpy()
-    t = target.reshape(target.shape[0], *target.shape[-2:]).cpu().numpy()
-    values["hd95"] = torch.tensor([hd95(a, b) for a, b in zip(p, t)], dtype=torch.float64)
+    values["hd95"] = hd95_per_image(pred, target)
     return {k: v.cpu() for k, v in values.items()}
 
 
 class MetricAverager:
-    """Collects per-image metrics over batches; ``summary()`` gives the mean of each over images."""
+    """Collects per-image metrics over batches; ``summary()`` gives the mean of each over images.
 
-    def __init__(self):
-        self.values: dict[str, list[torch.Tensor]] = {name: [] for name in METRIC_NAMES}
+    The overlap metrics stay on the logits' device until ``summary()``, which reads them back once.
+    ``hd95=False`` leaves out HD95, the one metric computed on the CPU (a copy and a wait per batch).
+    """
+
+    def __init__(self, hd95: bool = True):
+        self.names = METRIC_NAMES if hd95 else tuple(n for n in METRIC_NAMES if n != "hd95")
+        self.values: dict[str, list[torch.Tensor]] = {name: [] for name in self.names}
 
     def update(self, logits: torch.Tensor, target: torch.Tensor, threshold: float = 0.5) -> None:
-        pred = torch.sigmoid(logits.float()) > threshold
-        for name, value in per_image_metrics(pred, target.bool()).items():
-            self.values[name].append(value)
+        pred, target = torch.sigmoid(logits.float()) > threshold, target.bool()
+        values = overlap_metrics(confusion_counts(pred, target))
+        if "hd95" in self.names:
+            values["hd95"] = hd95_per_image(pred, target)
+        for name in self.names:
+            self.values[name].append(values[name])
 
     @property
     def count(self) -> int:
         return sum(len(v) for v in self.values["iou"])
 
     def summary(self) -> dict[str, float]:
-        return {name: float(torch.cat(v).mean()) for name, v in self.values.items() if v}
+        names = [name for name in self.names if self.values[name]]
+        means = [torch.cat(self.values[name]).mean().cpu() for name in names]
+        return dict(zip(names, torch.stack(means).tolist())) if names else {}
