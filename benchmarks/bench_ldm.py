@@ -392,11 +392,14 @@ def schedule(run) -> list[dict]:
     return rows
 
 
+def sizes(cfg) -> str:
+    size = latent_size(cfg)
+    return f"images {cfg.image_size}x{cfg.image_size}, latents {cfg.vae_latent_channels}x{size}x{size}"
+
+
 def print_schedule(run, rows: list[dict]) -> None:
-    cfg = run.cfg
-    print(f"\nstage 1 ({run.config.name}): images {cfg.image_size}x{cfg.image_size}, latents "
-          f"{cfg.vae_latent_channels}x{latent_size(cfg)}x{latent_size(cfg)}; FLOPs counted (forward + backward "
-          f"for training), times predicted at {100 * run.utilization:g} % of {run.peak_tflops:g} TFLOP/s = "
+    print(f"\nstage 1 ({run.config.name}): {sizes(run.cfg)}; FLOPs counted (forward + backward for training), "
+          f"times predicted at {100 * run.utilization:g} % of {run.peak_tflops:g} TFLOP/s = "
           f"{run.peak_tflops * run.utilization:g} TFLOP/s, not measured")
     print(f"{'part':28s} {'parameters':>12s} {'batch':>6s} {'TFLOP each':>11s} {'count':>14s} {'PFLOP':>9s} "
           f"{'minutes':>8s}")
@@ -482,8 +485,7 @@ def benchmark(run) -> list[dict]:
 
 def print_table(run, rows: list[dict]) -> None:
     cfg = run.cfg
-    print(f"\nstage 1 ({run.config.name}) on {device_name(run.device)}: images {cfg.image_size}x{cfg.image_size}, "
-          f"latents {cfg.vae_latent_channels}x{latent_size(cfg)}x{latent_size(cfg)}; training batches: "
+    print(f"\nstage 1 ({run.config.name}) on {device_name(run.device)}: {sizes(cfg)}; training batches: "
           f"autoencoder {cfg.vae_batch_size}, denoiser {cfg.batch_size}; sampling batch {run.sampling_batch_size}, "
           f"guidance {run.guidance_scale}; timed {run.train_steps} training steps after {run.train_warmup} "
           f"warm-up, {run.sampling_steps} sampling batches after {run.sampling_warmup}"
