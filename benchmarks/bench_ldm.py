@@ -1,6 +1,8 @@
-"""Time stage 1 (train_ldm.py, sample_ldm.py): both training steps and sampling, per variant.
+"""Stage 1 (train_ldm.py, sample_ldm.py): FLOPs and predicted time of each configuration's whole
+schedule, and measured speed of both training steps and of sampling, per variant.
 
-    python benchmarks/bench_ldm.py                  # configs/ldm_busi.yaml on CUDA, configs/ldm_tiny.yaml on CPU
+    python benchmarks/bench_ldm.py --what schedule  # FLOPs, predicted times: ldm_busi.yaml, ldm_medfusion.yaml
+    python benchmarks/bench_ldm.py                  # time configs/ldm_busi.yaml on CUDA, configs/ldm_tiny.yaml on CPU
     python benchmarks/bench_ldm.py --what sampling --variants "bf16 + channels_last + compile"
     python benchmarks/bench_ldm.py --config configs/ldm_busi.yaml --device cpu --steps 1 --warmup 0
     python benchmarks/bench_ldm.py --json           # one JSON line per benchmark and variant
@@ -12,14 +14,22 @@ Benchmarks (--what):
               indices and flips, posterior sample, noise, timesteps, class dropout, the UNet, L1/L2
               loss, AdamW, gradient clipping, the EMA update;
   sampling    networks.ldm_sampling.generate (the code path of sample_ldm.py): DDIM with --ddim-steps (50)
-              and DPM-Solver++ with --dpmsolver-steps (20) denoising steps, then the decoder.
+              and DPM-Solver++ with --dpmsolver-steps (20) denoising steps, then the decoder;
+  schedule    nothing is timed: for each --config, the parameters, the FLOPs of one training step of
+              each stage and of one sampled image, and the time train_ldm.py's whole schedule
+              (vae_steps autoencoder steps, encoding the training images and their mirror images,
+              diffusion_steps denoiser steps) and sampling --num-images images with DDIM
+              --ddim-steps would take at --utilization of --peak-tflops. A prediction, not a
+              measurement; preview grids are left out (under 1 % of the FLOPs of both GPU configs).
 The networks, schedulers and optimizers are built from the configuration exactly as train_ldm.py
 builds them, with random weights (speed does not depend on them). Inputs are made on the device,
 so the data loader is not timed. Each variant runs --warmup untimed steps, then --steps timed ones
 between device synchronisations; a sampling "step" is one batch of images. Training rows give
 iterations/s, sampling rows images/s (the it_per_s key in --json; see its "unit"). FLOPs of one
 step are counted with torch.utils.flop_counter on the eager networks (forward and backward). Peak
-memory is measured on CUDA only (NaN on CPU).
+memory is measured on CUDA only (NaN on CPU). The schedule's FLOPs are counted the same way on the
+meta device (shapes only: exact, no memory, under a second at 256x256); they equal the counts of
+the timed steps.
 """
 from __future__ import annotations
 
@@ -43,7 +53,8 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from bench_train import BF16_PEAK_TFLOPS, VARIANTS, device_name, synchronize  # noqa: E402
 from networks.ldm import (STREAM_DIFFUSION, STREAM_VAE, AutoencoderPass, PatchDiscriminator,  # noqa: E402
-                          build_unet, build_vae, check_architecture, latent_size, noise_scheduler, sampling_scheduler)
+                          build_unet, build_vae, check_architecture, count_parameters, latent_size, noise_scheduler,
+                          sampling_scheduler)
 from networks.ldm_sampling import generate  # noqa: E402
 from train_ldm import (OPTIONS, diffusion_loss, discriminator_loss, optimizer_and_schedule,  # noqa: E402
                        optimizer_update, vae_losses)
@@ -51,6 +62,8 @@ from utils.config import ConfigError, read_yaml  # noqa: E402
 from utils.runtime import step_generator  # noqa: E402
 
 WHAT = ("vae", "diffusion", "sampling")
+SCHEDULE_CONFIGS = ("ldm_busi.yaml", "ldm_medfusion.yaml")  # the two GPU configurations
+META = torch.device("meta")
 TITLES = {"vae": "autoencoder training", "diffusion": "denoiser training"}
 SAMPLER_TITLES = {"ddim": "DDIM", "dpmsolver": "DPM-Solver++"}
 # Images of a split's training list (BUSI split 1 has 452): the size of the latent table the
@@ -60,12 +73,22 @@ TRAINING_IMAGES = 452
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default=None,
-                        help="train_ldm.py configuration (default: configs/ldm_busi.yaml on CUDA, "
-                             "configs/ldm_tiny.yaml on CPU)")
+    parser.add_argument("--config", nargs="+", default=None,
+                        help="train_ldm.py configurations, one table each (default: with --what schedule, "
+                             "configs/ldm_busi.yaml and configs/ldm_medfusion.yaml; otherwise "
+                             "configs/ldm_busi.yaml on CUDA, configs/ldm_tiny.yaml on CPU)")
     parser.add_argument("--device", default="auto", help="auto (CUDA if present, else CPU), cpu or cuda[:N]")
-    parser.add_argument("--what", choices=(*WHAT, "all"), default="all",
-                        help="what to time: vae, diffusion, sampling or all (default: all)")
+    parser.add_argument("--what", choices=(*WHAT, "all", "schedule"), default="all",
+                        help="what to time: vae, diffusion, sampling or all; or schedule: FLOPs and "
+                             "predicted time of the whole schedule, nothing timed (default: all)")
+    parser.add_argument("--num-images", type=int, default=1000,
+                        help="--what schedule: images sampled after training (default: 1000, as the README's "
+                             "sample_ldm.py command)")
+    parser.add_argument("--peak-tflops", type=float, default=790.0,
+                        help="--what schedule: the GPU's peak TFLOP/s in bf16 (default: 790, the H100 figure "
+                             "of the stage-1 issue)")
+    parser.add_argument("--utilization", type=float, default=0.4,
+                        help="--what schedule: fraction of --peak-tflops assumed reached (default: 0.4)")
     parser.add_argument("--image-size", type=int, default=None,
                         help="square image size (default: the configuration's image_size)")
     parser.add_argument("--batch-size", type=int, default=None,
@@ -98,20 +121,36 @@ def parse_args(argv=None):
         value = getattr(args, name)
         if value is not None and value < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1, got {value}")
-    for name in ("warmup", "ddim_steps", "dpmsolver_steps"):
+    for name in ("warmup", "ddim_steps", "dpmsolver_steps", "num_images"):
         value = getattr(args, name)
         if value is not None and value < 0:
             parser.error(f"--{name.replace('_', '-')} must not be negative, got {value}")
+    if not args.peak_tflops > 0:
+        parser.error(f"--peak-tflops must be positive, got {args.peak_tflops}")
+    if not 0 < args.utilization <= 1:
+        parser.error(f"--utilization must be in (0, 1], got {args.utilization}")
     return args
 
 
-def resolve(args) -> SimpleNamespace:
-    """Device, configuration and step counts; a bad value is a ConfigError naming it."""
+def resolve(args) -> list[SimpleNamespace]:
+    """One run description per configuration, all checked before anything runs; a bad value is a
+    ConfigError naming it."""
     from utils.runtime import resolve_device
 
     device = resolve_device(args.device)
     cuda = device.type == "cuda"
-    config = Path(args.config) if args.config else ROOT / "configs" / ("ldm_busi.yaml" if cuda else "ldm_tiny.yaml")
+    if args.config:
+        configs = [Path(c) for c in args.config]
+    elif args.what == "schedule":
+        configs = [ROOT / "configs" / name for name in SCHEDULE_CONFIGS]
+    else:
+        configs = [ROOT / "configs" / ("ldm_busi.yaml" if cuda else "ldm_tiny.yaml")]
+    return [resolve_config(args, device, config) for config in configs]
+
+
+def resolve_config(args, device: torch.device, config: Path) -> SimpleNamespace:
+    """Configuration and step counts of one table."""
+    cuda = device.type == "cuda"
     values = {o.name: (list(o.default) if o.repeatable else o.default) for o in OPTIONS}
     values.update(read_yaml(config, OPTIONS))
     cfg = SimpleNamespace(**values)
@@ -125,7 +164,7 @@ def resolve(args) -> SimpleNamespace:
     for name, steps in samplers:
         if steps > cfg.train_timesteps:
             raise ConfigError(f"--{name}-steps {steps} exceeds train_timesteps {cfg.train_timesteps} of {config}")
-    what = list(WHAT) if args.what == "all" else [args.what]
+    what = {"all": list(WHAT), "schedule": []}.get(args.what, [args.what])
     if what == ["sampling"] and not samplers:
         raise ConfigError("--what sampling with --ddim-steps 0 and --dpmsolver-steps 0: nothing to time")
     return SimpleNamespace(
@@ -141,7 +180,8 @@ def resolve(args) -> SimpleNamespace:
         # first call too: timing after one warm-up step measured compilation on CPU
         compile_warmup=0 if args.warmup is not None else 2,
         sampling_batch_size=args.sampling_batch_size, guidance_scale=args.guidance_scale,
-        compile_mode=args.compile_mode, json=args.json, progress=args.progress)
+        compile_mode=args.compile_mode, json=args.json, progress=args.progress,
+        num_images=args.num_images, peak_tflops=args.peak_tflops, utilization=args.utilization)
 
 
 def memory_format(spec: dict) -> torch.memory_format:
@@ -245,6 +285,136 @@ def sampling_benchmark(run, spec, sampler: str, num_steps: int):
 
 
 # ----------------------------------------------------------------------------------------------
+# the whole schedule: FLOPs counted on the meta device, time predicted from them
+# ----------------------------------------------------------------------------------------------
+
+def counted_flops(work) -> int:
+    """FLOPs of ``work()`` as torch.utils.flop_counter counts them: 2 per multiply-add of every
+    matrix product and convolution, forward and (when ``work`` runs one) backward; elementwise
+    operations, normalisations and optimizer updates count 0."""
+    with FlopCounterMode(display=False) as counter:
+        work()
+    return counter.get_total_flops()
+
+
+def vae_step_flops(cfg, adversarial: bool) -> int:
+    """One autoencoder training step, forward and backward, with the discriminator's terms when
+    ``adversarial`` (the steps from disc_start on), as train_ldm.py runs it."""
+    size = latent_size(cfg)
+    with META:
+        vae_pass = AutoencoderPass(build_vae(cfg))
+        disc = PatchDiscriminator(cfg.disc_channels, cfg.disc_layers) if adversarial else None
+        images = torch.empty(cfg.vae_batch_size, 1, cfg.image_size, cfg.image_size)
+        noise = torch.empty(cfg.vae_batch_size, cfg.vae_latent_channels, size, size)
+
+    def step():
+        loss, reconstruction, _ = vae_losses(vae_pass, disc, images, noise, cfg, META, None, adversarial)
+        loss.backward()
+        if adversarial:
+            discriminator_loss(disc, images, reconstruction, META, None).backward()
+
+    return counted_flops(step)
+
+
+def diffusion_step_flops(cfg, num_classes: int) -> int:
+    """One denoiser training step on encoded latents, forward and backward, as train_ldm.py runs it
+    (``rng`` None: the meta device has no generator, and random values do not change FLOPs)."""
+    from dataloaders.ldm_data import StepBatchSampler
+
+    size = latent_size(cfg)
+    with META:
+        unet = build_unet(cfg, num_classes)
+        means = stds = torch.empty(TRAINING_IMAGES, 2, cfg.vae_latent_channels, size, size)
+        labels_of = torch.zeros(TRAINING_IMAGES, dtype=torch.long) if num_classes else None
+    batch = StepBatchSampler(TRAINING_IMAGES, cfg.batch_size, cfg.seed, 0, 1).batch(0)
+    return counted_flops(lambda: diffusion_loss(unet, noise_scheduler(cfg), means, stds, labels_of, batch, None, 1.0,
+                                                cfg, META, None, num_classes).backward())
+
+
+@torch.no_grad()
+def sampling_flops(cfg, num_classes: int, num_steps: int, guidance_scale: float, batch: int) -> int:
+    """One batch of networks.ldm.generate: ``num_steps`` denoiser calls (on twice the batch with
+    classifier-free guidance), then the decoder. Scheduler updates are elementwise: 0 FLOPs."""
+    size = latent_size(cfg)
+    guided = num_classes > 0 and guidance_scale != 1.0
+    with META:
+        unet, vae = build_unet(cfg, num_classes), build_vae(cfg)
+        latents = torch.empty(batch, cfg.vae_latent_channels, size, size)
+        labels = torch.zeros(batch * (2 if guided else 1), dtype=torch.long) if num_classes else None
+        timestep = torch.zeros((), dtype=torch.long)
+    unet_input = torch.cat([latents, latents]) if guided else latents
+    return (num_steps * counted_flops(lambda: unet(unet_input, timestep, class_labels=labels))
+            + counted_flops(lambda: vae.decode(latents)))
+
+
+@torch.no_grad()
+def encoding_flops(cfg, images: int) -> int:
+    """train_ldm.py's encoding of the training set before the denoiser's stage (each image and its
+    mirror image, once)."""
+    with META:
+        vae = build_vae(cfg)
+        batch = torch.empty(images, 1, cfg.image_size, cfg.image_size)
+    return counted_flops(lambda: vae.encode(batch))
+
+
+def schedule(run) -> list[dict]:
+    """Rows of the schedule table: each part's FLOPs per step (or per image), its count, its total
+    and the time it would take at run.utilization of run.peak_tflops; then the total."""
+    cfg = run.cfg
+    with META:
+        vae_parameters = count_parameters(build_vae(cfg))
+        unet_parameters = count_parameters(build_unet(cfg, run.num_classes))
+    # (part, parameters, batch, FLOPs per step or image, count, unit)
+    parts = []
+    plain_steps = min(cfg.vae_steps, cfg.disc_start) if cfg.disc_weight > 0 else cfg.vae_steps
+    if plain_steps:
+        parts.append(("autoencoder training", vae_parameters, cfg.vae_batch_size, vae_step_flops(cfg, False),
+                      plain_steps, "steps"))
+    if cfg.vae_steps > plain_steps:
+        parts.append(("autoencoder + discriminator", vae_parameters, cfg.vae_batch_size,
+                      vae_step_flops(cfg, True), cfg.vae_steps - plain_steps, "steps"))
+    parts.append((f"encoding {TRAINING_IMAGES} x 2 images", vae_parameters, None,
+                  encoding_flops(cfg, 1), 2 * TRAINING_IMAGES, "images"))
+    parts.append(("denoiser training", unet_parameters, cfg.batch_size, diffusion_step_flops(cfg, run.num_classes),
+                  cfg.diffusion_steps, "steps"))
+    for sampler, num_steps in run.samplers[:1] if run.num_images else []:
+        batch = run.sampling_batch_size
+        per_batch = sampling_flops(cfg, run.num_classes, num_steps, run.guidance_scale, batch)
+        parts.append((f"sampling {SAMPLER_TITLES[sampler]} {num_steps}", unet_parameters + vae_parameters, None,
+                      per_batch / batch, run.num_images, "images"))
+    rate = run.peak_tflops * 1e12 * run.utilization  # FLOP/s
+    rows = [{"config": run.config.name, "part": part, "parameters": parameters, "batch_size": batch,
+             "tflop_per_step": flops / 1e12, "count": count, "unit": unit, "pflop": flops * count / 1e15,
+             "minutes": flops * count / rate / 60, "image_size": cfg.image_size}
+            for part, parameters, batch, flops, count, unit in parts]
+    rows.append({"config": run.config.name, "part": "total", "parameters": vae_parameters + unet_parameters,
+                 "batch_size": None, "tflop_per_step": None, "count": None, "unit": None,
+                 "pflop": sum(r["pflop"] for r in rows), "minutes": sum(r["minutes"] for r in rows),
+                 "image_size": cfg.image_size})
+    return rows
+
+
+def sizes(cfg) -> str:
+    size = latent_size(cfg)
+    return f"images {cfg.image_size}x{cfg.image_size}, latents {cfg.vae_latent_channels}x{size}x{size}"
+
+
+def print_schedule(run, rows: list[dict]) -> None:
+    print(f"\nstage 1 ({run.config.name}): {sizes(run.cfg)}; FLOPs counted (forward + backward for training), "
+          f"times predicted at {100 * run.utilization:g} % of {run.peak_tflops:g} TFLOP/s = "
+          f"{run.peak_tflops * run.utilization:g} TFLOP/s, not measured")
+    print(f"{'part':28s} {'parameters':>12s} {'batch':>6s} {'TFLOP each':>11s} {'count':>14s} {'PFLOP':>9s} "
+          f"{'minutes':>8s}")
+    for r in rows:
+        each = "" if r["tflop_per_step"] is None else f"{r['tflop_per_step']:.4f}"
+        count = "" if r["count"] is None else f"{r['count']} {r['unit']}"
+        batch = "" if r["batch_size"] is None else str(r["batch_size"])
+        print(f"{r['part']:28s} {r['parameters']:12,d} {batch:>6s} {each:>11s} {count:>14s} {r['pflop']:9.2f} "
+              f"{r['minutes']:8.2f}")
+    print("TFLOP each: per training step (its batch) or per image; previews and evaluation left out")
+
+
+# ----------------------------------------------------------------------------------------------
 
 def measure(run, build, spec, warmup: int, steps: int) -> dict:
     """FLOPs of one step (eager), then warm-up and timed steps of the variant; one result row."""
@@ -317,8 +487,7 @@ def benchmark(run) -> list[dict]:
 
 def print_table(run, rows: list[dict]) -> None:
     cfg = run.cfg
-    print(f"\nstage 1 ({run.config.name}) on {device_name(run.device)}: images {cfg.image_size}x{cfg.image_size}, "
-          f"latents {cfg.vae_latent_channels}x{latent_size(cfg)}x{latent_size(cfg)}; training batches: "
+    print(f"\nstage 1 ({run.config.name}) on {device_name(run.device)}: {sizes(cfg)}; training batches: "
           f"autoencoder {cfg.vae_batch_size}, denoiser {cfg.batch_size}; sampling batch {run.sampling_batch_size}, "
           f"guidance {run.guidance_scale}; timed {run.train_steps} training steps after {run.train_warmup} "
           f"warm-up, {run.sampling_steps} sampling batches after {run.sampling_warmup}"
@@ -343,13 +512,20 @@ def main(argv=None) -> int:
     diffusers_logging.set_verbosity_error()
     args = parse_args(argv)
     try:
-        run = resolve(args)
+        runs = resolve(args)
     except (ConfigError, DataError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    rows = benchmark(run)
-    if not run.json:
-        print_table(run, rows)
+    for run in runs:
+        rows = schedule(run) if args.what == "schedule" else benchmark(run)
+        if run.json:
+            if args.what == "schedule":  # timing rows are printed as they are measured
+                for row in rows:
+                    print(json.dumps(row), flush=True)
+        elif args.what == "schedule":
+            print_schedule(run, rows)
+        else:
+            print_table(run, rows)
     return 0
 
 

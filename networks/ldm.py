@@ -51,7 +51,7 @@ def unet_config(cfg: SimpleNamespace, num_classes: int) -> dict[str, Any]:
                 down_block_types=("DownBlock2D",) * blocks, up_block_types=("UpBlock2D",) * blocks,
                 block_out_channels=tuple(cfg.unet_channels), layers_per_block=cfg.unet_layers_per_block,
                 norm_num_groups=cfg.unet_norm_groups, add_attention=cfg.unet_mid_attention,
-                num_class_embeds=num_classes + 1 if num_classes else None)
+                dropout=cfg.unet_dropout, num_class_embeds=num_classes + 1 if num_classes else None)
 
 
 def build_vae(cfg: SimpleNamespace):

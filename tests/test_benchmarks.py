@@ -58,10 +58,9 @@ def test_bench_train_loop_times_train_py(tmp_path):
 
 
 def test_bench_ldm_json_rows():
-    result = run_script("benchmarks/bench_ldm.py", "--device", "cpu", "--config", "configs/ldm_tiny.yaml",
-                        "--image-size", "32", "--batch-size", "2", "--sampling-batch-size", "3",
-                        "--ddim-steps", "2", "--dpmsolver-steps", "2", "--steps", "1", "--warmup", "0",
-                        "--json", "--no-progress")
+    common = ("--device", "cpu", "--config", "configs/ldm_tiny.yaml", "--image-size", "32", "--batch-size", "2",
+              "--sampling-batch-size", "3", "--ddim-steps", "2", "--dpmsolver-steps", "2", "--json")
+    result = run_script("benchmarks/bench_ldm.py", *common, "--steps", "1", "--warmup", "0", "--no-progress")
     rows = json_rows(result.stdout)
     benchmarks = ["autoencoder training", "denoiser training", "sampling DDIM 2", "sampling DPM-Solver++ 2"]
     assert [(r["benchmark"], r["variant"]) for r in rows] == [(b, v) for b in benchmarks for v in EAGER_VARIANTS]
@@ -81,6 +80,13 @@ def test_bench_ldm_json_rows():
     assert flops["sampling DDIM 2"] == flops["sampling DPM-Solver++ 2"]
     assert flops["denoiser training"] != flops["autoencoder training"]
 
+    # --what schedule counts on the meta device exactly what the timed steps ran
+    schedule = json_rows(run_script("benchmarks/bench_ldm.py", *common, "--what", "schedule").stdout)
+    each = {r["part"]: r["tflop_per_step"] for r in schedule}
+    assert each["autoencoder training"] == flops["autoencoder training"].pop()
+    assert each["denoiser training"] == flops["denoiser training"].pop()
+    assert math.isclose(3 * each["sampling DDIM 2"], flops["sampling DDIM 2"].pop(), rel_tol=1e-12)  # batch 3
+
 
 def test_bench_ldm_bad_size_is_one_clear_error():
     # ldm_tiny's autoencoder halves the image twice: 30 is not a multiple of 4
@@ -96,6 +102,69 @@ def load_bench_ldm():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def test_flop_count_of_a_convolution_by_hand():
+    """The convention every FLOP figure of bench_ldm.py rests on: 2 FLOPs per multiply-add; the
+    backward pass computes the input's and the weight's gradients, each as costly as the forward."""
+    bench = load_bench_ldm()
+    conv = torch.nn.Conv2d(3, 5, kernel_size=3, padding=1)  # the bias add is elementwise: 0 FLOPs
+    image = torch.rand(2, 3, 8, 8)
+    forward = 2 * (2 * 5 * 8 * 8) * (3 * 3 * 3)  # 2 x output elements x multiply-adds per output = 34,560
+    assert bench.counted_flops(lambda: conv(image)) == forward
+    assert bench.counted_flops(lambda: conv(image).sum().backward()) == 2 * forward  # + weight gradient
+    image.requires_grad_(True)
+    assert bench.counted_flops(lambda: conv(image).sum().backward()) == 3 * forward  # + input gradient
+
+
+def test_bench_ldm_schedule_table(tmp_path, capsys):
+    """The schedule of a tiny config with a discriminator from step 3 of 5: each part's FLOPs, the
+    totals and the predicted minutes add up; the printed table names every part."""
+    import yaml
+
+    bench = load_bench_ldm()
+    config = yaml.safe_load((ROOT / "configs" / "ldm_tiny.yaml").read_text())
+    config.update(vae_steps=5, disc_weight=0.5, disc_start=3, diffusion_steps=7)
+    path = tmp_path / "disc.yaml"
+    path.write_text(yaml.safe_dump(config))
+    args = ["--config", str(path), "--image-size", "32", "--num-images", "10", "--ddim-steps", "4",
+            "--peak-tflops", "100", "--utilization", "0.5"]
+    assert bench.main([*args, "--what", "schedule", "--json"]) == 0
+    rows = json_rows(capsys.readouterr().out)
+    assert [(r["part"], r["count"]) for r in rows] == [
+        ("autoencoder training", 3), ("autoencoder + discriminator", 2), ("encoding 452 x 2 images", 904),
+        ("denoiser training", 7), ("sampling DDIM 4", 10), ("total", None)]
+    parts, total = rows[:-1], rows[-1]
+    assert parts[1]["tflop_per_step"] > parts[0]["tflop_per_step"]  # the discriminator's forward and backward
+    for row in parts:
+        assert math.isclose(row["pflop"], row["tflop_per_step"] * row["count"] / 1000, rel_tol=1e-12)
+        assert math.isclose(row["minutes"], row["pflop"] * 1e15 / 50e12 / 60, rel_tol=1e-12)  # 50 % of 100
+    assert math.isclose(total["pflop"], sum(r["pflop"] for r in parts), rel_tol=1e-12)
+    assert math.isclose(total["minutes"], sum(r["minutes"] for r in parts), rel_tol=1e-12)
+    assert total["parameters"] == parts[0]["parameters"] + parts[3]["parameters"]
+
+    assert bench.main([*args, "--what", "schedule", "--config", str(path), str(path)]) == 0  # two tables
+    out = capsys.readouterr().out
+    assert out.count("stage 1 (disc.yaml): images 32x32") == 2 and out.count("\ntotal ") == 2
+    assert "at 50 % of 100 TFLOP/s = 50 TFLOP/s, not measured" in out
+    for part in ("autoencoder + discriminator", "sampling DDIM 4", "10 images", "7 steps"):
+        assert part in out
+
+
+def test_bench_ldm_schedule_of_the_gpu_configs(capsys):
+    """The figures the README and the configs' comments give (default: both GPU configs, 40 % of
+    790 TFLOP/s): ldm_busi.yaml's schedule fits 15 minutes with room to spare, medfusion's does not."""
+    bench = load_bench_ldm()
+    assert bench.main(["--what", "schedule", "--json"]) == 0
+    rows = json_rows(capsys.readouterr().out)
+    figures = {(r["config"], r["part"]): (r["parameters"], round(r["tflop_per_step"] or 0, 2), round(r["minutes"], 1))
+               for r in rows}
+    assert figures[("ldm_busi.yaml", "autoencoder training")] == (13_491_337, 1.83, 1.9)
+    assert figures[("ldm_busi.yaml", "denoiser training")] == (34_177_288, 1.10, 2.9)
+    assert figures[("ldm_busi.yaml", "total")][2] == 4.9
+    assert figures[("ldm_medfusion.yaml", "autoencoder training")] == (53_807_017, 7.32, 7.7)
+    assert figures[("ldm_medfusion.yaml", "denoiser training")] == (236_538_376, 3.30, 8.7)
+    assert figures[("ldm_medfusion.yaml", "total")][2] == 16.5
 
 
 def logged_losses(path: Path) -> list[dict]:

@@ -28,8 +28,10 @@ pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:Depreca
 
 TINY = str(ROOT / "configs" / "ldm_tiny.yaml")
 BUSI = str(ROOT / "configs" / "ldm_busi.yaml")
+MEDFUSION = str(ROOT / "configs" / "ldm_medfusion.yaml")
 SHORT = ("--vae-steps", "4", "--diffusion-steps", "4", "--sample-every", "2", "--checkpoint-every", "2",
-         "--log-every", "1", "--disc-weight", "0.1", "--disc-start", "1", "--num-workers", "2")
+         "--log-every", "1", "--disc-weight", "0.1", "--disc-start", "1", "--num-workers", "2",
+         "--unet-dropout", "0.1")  # dropout draws from the global generator: resume must restore it
 
 
 def tiny_args(data: Path, out: Path, *extra: str) -> list[str]:
@@ -150,16 +152,20 @@ def test_classes_from_id_prefix_or_csv(tmp_path: Path):
         class_labels(ids, [], table)
 
 
-def test_networks_of_both_configs():
-    busi = parse_config(train_ldm.OPTIONS, "", ["--config", BUSI])
-    counts = parameter_counts(busi, 2)
-    assert counts == {"vae": 53_807_017, "unet": 236_538_376}  # the figures the README gives
-    with torch.device("meta"):
-        vae, unet = build_vae(busi), build_unet(busi, 2)
-        latents = vae.encode(torch.empty(2, 1, 256, 256)).latent_dist.mean
-        assert latents.shape == (2, 8, 32, 32)  # 256^2 -> 32^2 x 8, as the reference system
-        out = unet(latents, torch.zeros(2, dtype=torch.long), class_labels=torch.tensor([0, 2])).sample
-        assert out.shape == latents.shape
+def test_networks_of_the_configs():
+    # the figures the README gives; both GPU configs make the reference system's 8x32x32 latents
+    for config, counts, dropout in ((BUSI, {"vae": 13_491_337, "unet": 34_177_288}, 0.1),
+                                    (MEDFUSION, {"vae": 53_807_017, "unet": 236_538_376}, 0.0)):
+        cfg = parse_config(train_ldm.OPTIONS, "", ["--config", config])
+        assert parameter_counts(cfg, 2) == counts, config
+        with torch.device("meta"):
+            vae, unet = build_vae(cfg), build_unet(cfg, 2)
+            latents = vae.encode(torch.empty(2, 1, 256, 256)).latent_dist.mean
+            assert latents.shape == (2, 8, 32, 32)  # 256^2 -> 32^2 x 8, as the reference system
+            out = unet(latents, torch.zeros(2, dtype=torch.long), class_labels=torch.tensor([0, 2])).sample
+            assert out.shape == latents.shape
+        rates = {m.p for m in unet.modules() if isinstance(m, torch.nn.Dropout)}
+        assert rates == {dropout}, config  # --unet-dropout reaches every resnet of the denoiser
     tiny = parse_config(train_ldm.OPTIONS, "", ["--config", TINY])
     assert parameter_counts(tiny, 2) == {"vae": count_parameters(build_vae(tiny)),
                                          "unet": count_parameters(build_unet(tiny, 2))}
@@ -177,6 +183,7 @@ def test_training_writes_a_complete_run_from_training_images_only(trained_run: P
     assert info["train_ids"] == read_id_list(data / "toy_train1.txt")
     assert info["class_names"] == ["benign", "malignant"] and info["latent_size"] == 16
     assert info["latent_scaling_factor"] > 0
+    assert json.loads((trained_run / "unet" / "config.json").read_text())["dropout"] == 0.1  # --unet-dropout
     for name in ("config.yaml", "vae/config.json", "unet/config.json", "unet_ema/config.json",
                  "scheduler/scheduler_config.json", "state_vae.pt", "state_diffusion.pt",
                  "losses_vae.png", "losses_diffusion.png", "previews/vae_step0000004.png",
@@ -237,7 +244,7 @@ def test_resume_gives_the_weights_of_an_uninterrupted_run(trained_run: Path, dat
     from safetensors.torch import load_file
 
     run = data.parent / "resumed"
-    same = ("--disc-weight", "0.1", "--disc-start", "1", "--num-workers", "2")
+    same = ("--disc-weight", "0.1", "--disc-start", "1", "--num-workers", "2", "--unet-dropout", "0.1")
     for extra in (("--stage", "vae", "--vae-steps", "2"),
                   ("--stage", "vae", "--vae-steps", "4", "--resume"),
                   # the diffusion stage of a run whose autoencoder is trained needs no --resume
