@@ -225,7 +225,7 @@ def estimate(stages: list[Stage], statuses: dict[str, str], ledger: Ledger, devi
     out-dir when there is one (its measured wall time), else from a short benchmark of its step."""
     cuda = resolve_device(device).type == "cuda"
     variant = "bf16 + channels_last" if cuda else "fp32 eager"  # train.py's and train_ldm.py's defaults there
-    short = [] if cuda else ["--steps", "3", "--warmup", "1"]
+    short = [] if cuda else ["--steps", "3", "--warmup", "1"]  # bench_ldm.py's own CPU counts are as short
     measured, cache = {}, {}
     for stage in stages:
         kind = stage.name.split("/", 1)[1]
@@ -251,7 +251,7 @@ def estimate(stages: list[Stage], statuses: dict[str, str], ledger: Ledger, devi
                     save_yaml(file_values(ldm_cfg, train_ldm.OPTIONS), Path(tmp) / "ldm.yaml")
                     steps = 50 if kind == "ldm" else cfg.steps
                     flags = ["--config", str(Path(tmp) / "ldm.yaml"), "--device", device, "--variants", variant,
-                             "--ddim-steps", str(steps), "--dpmsolver-steps", "0", "--no-progress", *short]
+                             "--ddim-steps", str(steps), "--dpmsolver-steps", "0", "--no-progress"]
                     cache[key] = {row["benchmark"].split()[0]: row["it_per_s"] for row in benchmark("bench_ldm.py", flags)}
             rates = cache[key]
             if kind == "ldm":
