@@ -1,6 +1,6 @@
-"""The whole method in one command, on phantom data, on a laptop CPU, in minutes.
+"""The whole method in one command, on phantom data, on a laptop CPU.
 
-    python demo.py                 # split 1 at 64x64 on 2 CPU cores, about 10 minutes
+    python demo.py                 # split 1 at 64x64 on a CPU: stage 1, then three arms
     python demo.py --quick         # every stage at a tiny size on 2 splits (CI's end-to-end test)
 
 Two stages make the data, then reproduce.py runs the paper's protocol with its demo preset
