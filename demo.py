@@ -18,7 +18,6 @@ only: numbers on them say nothing about ultrasound.
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import reproduce

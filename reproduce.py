@@ -206,7 +206,7 @@ def stage_config(stage: Stage):
         import train_ldm as module
     else:
         import sample_ldm as module
-    return module, parse_config(module.OPTIONS, "", argv)
+    return parse_config(module.OPTIONS, "", argv)
 
 
 def benchmark(script: str, flags: list[str]) -> list[dict]:
@@ -241,9 +241,9 @@ def estimate(stages: list[Stage], statuses: dict[str, str], ledger: Ledger, devi
             continue
         if kind.endswith("predict"):
             continue
-        module, cfg = stage_config(stage)
+        cfg = stage_config(stage)
         if kind == "ldm" or kind == "samples":
-            ldm_cfg = stage_config(next(s for s in stages if s.name == stage.name.replace(kind, "ldm")))[1]
+            ldm_cfg = stage_config(next(s for s in stages if s.name == stage.name.replace(kind, "ldm")))
             key = ("ldm",)
             if key not in cache:
                 import train_ldm
