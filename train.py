@@ -18,18 +18,16 @@ metrics.json (final), curves.png, checkpoint_last.pt (for --resume) and checkpoi
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader
-from tqdm import tqdm
 
-from dataloaders.datasets import NORMALIZATIONS, SegmentationDataset
-from dataloaders.device_data import DEVICE_DATA_BUDGET_GIB, DeviceBatches, DeviceImageSet, data_bytes, keep_on_device
+from dataloaders.datasets import NORMALIZATIONS
+from dataloaders.device_data import DEVICE_DATA_BUDGET_GIB
 from dataloaders.io import MASK_VALUES, DataError, dataset_name
-from dataloaders.samplers import LABELED_STREAM, UNLABELED_STREAM, StreamBatchSampler, batches_per_epoch
+from dataloaders.samplers import batches_per_epoch
 from dataloaders.splits import load_run_data
+from dataloaders.training_batches import TrainingBatches
 from networks.mgcc import MGCCNet, count_parameters
 from utils import distributed
 from utils.checkpoint import load_checkpoint
@@ -37,9 +35,9 @@ from utils.cli import run_cli
 from utils.config import ConfigError, Option, count_or, file_values, optional, parse_config, save_yaml
 from utils.evaluation import evaluate
 from utils.losses import bce_dice_loss, consistency_loss, consistency_weight, poly_lr_factor, supervised_loss
-from utils.run import LossTracker, RunRecord, claim_run_folder
-from utils.runtime import (StopRequest, autocast_dtype, ignore_stop_signals, resolve_device, rng_state,
-                           seed_everything, set_rng_state)
+from utils.run import RunRecord, claim_run_folder
+from utils.runtime import StopRequest, autocast_dtype, resolve_device, seed_everything
+from utils.training import Trainer, TrainingState, restore
 
 CHECKPOINT_KIND = "mgcc-segmenter"
 OPTIONS = [
@@ -189,25 +187,9 @@ def wrap_for_training(model, cfg, ctx, device, semi: bool):
     """The callable the loop trains through: channels_last, DDP under torchrun, torch.compile."""
     if use_channels_last(cfg, device):
         model = model.to(memory_format=torch.channels_last)
-    forward = model
-    if ctx.enabled:
-        # the baseline never runs the auxiliary decoders: DDP must not wait for their gradients
-        forward = torch.nn.parallel.DistributedDataParallel(
-            forward, device_ids=[device] if device.type == "cuda" else None, find_unused_parameters=not semi)
+    # the baseline never runs the auxiliary decoders: DDP must not wait for their gradients
+    forward = distributed.wrap_ddp(model, ctx, device, find_unused_parameters=not semi)
     return torch.compile(forward, mode=cfg.compile_mode) if cfg.compile and cfg.compile_scope == "model" else forward
-
-
-def make_loader(dataset, cfg, device, **kwargs) -> DataLoader:
-    workers = cfg.num_workers
-    # A private generator: creating loader iterators must not consume the global torch RNG (exact resume).
-    return DataLoader(dataset, num_workers=workers, pin_memory=device.type == "cuda",
-                      persistent_workers=workers > 0, generator=torch.Generator().manual_seed(cfg.seed),
-                      worker_init_fn=ignore_stop_signals, **kwargs)
-
-
-def endless(loader: DataLoader):
-    while True:
-        yield from loader
 
 
 def prepare_run(cfg, ctx) -> tuple[object, Path, dict | None]:
@@ -264,16 +246,106 @@ def main(argv=None) -> int:
         distributed.teardown()
 
 
+class Method:
+    """A training method as train.py's loop sees it: mgcc and its supervised baseline here.
+
+    A method supplies its networks and what a checkpoint holds (``state``: name -> module,
+    optimizer, scheduler; saved and restored in one call), the network that is evaluated and kept as
+    checkpoint_best's "model" (``evaluated``), and ``train_step(images, masks, it)``: one update on a
+    batch whose first len(masks) images are labeled, returning its named losses ("loss" their
+    total), detached and on the device (the step never waits for the host). A method with a
+    per-step update of its own (an EMA teacher) does it there too.
+    """
+    loss_names = ("loss", "sup", "cons")
+
+    def __init__(self, cfg, ctx, device, iterations: int):
+        self.cfg, self.ctx, self.device = cfg, ctx, device
+        self.semi = cfg.mode == "mgcc"  # the labeled images alone in supervised mode: no unlabeled batch
+        self.model = build_model(cfg).to(device)
+        if ctx.enabled and cfg.sync_bn:  # same parameter and buffer names: checkpoints stay plain
+            self.model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
+        self.optimizer = make_optimizer(self.model, cfg, device)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda it: poly_lr_factor(it, iterations))
+        self.state = TrainingState(model=self.model, optimizer=self.optimizer, scheduler=self.scheduler)
+        self.evaluated = self.model
+
+    def unlabeled_batch_size(self) -> int:
+        # the baseline sees the labeled images only: the same number per step as MGCC
+        return self.cfg.batch_size - self.cfg.labeled_batch_size if self.semi else 0
+
+    def begin(self) -> None:
+        """Ready to train, after the state was restored: the step, wrapped for DDP and compiled as asked."""
+        cfg, device = self.cfg, self.device
+        lr_on_device(self.optimizer, cfg, device)  # a restored checkpoint was read onto the CPU
+        forward = wrap_for_training(self.model, cfg, self.ctx, device, self.semi)
+        self.step = make_train_step(forward, self.optimizer, self.semi, autocast_dtype(cfg.precision, device), device)
+        if cfg.compile and cfg.compile_scope == "step":
+            self.step = torch.compile(self.step, mode=cfg.compile_mode)
+        self.consistency = torch.zeros((), device=device)  # lambda(it), filled in place: no recompile, no wait
+        self.model.train()
+
+    def train_step(self, images: torch.Tensor, masks: torch.Tensor, it: int) -> dict[str, torch.Tensor]:
+        cfg = self.cfg
+        self.consistency.fill_(consistency_weight(it, cfg.consistency, cfg.consistency_rampup,
+                                                  cfg.consistency_ramp_every))
+        losses = self.step(images, masks, self.consistency)
+        self.scheduler.step()
+        return dict(zip(self.loss_names, losses))
+
+    def lr(self) -> float:
+        return float(self.scheduler.get_last_lr()[0])
+
+
+class SegmenterTraining(Trainer):
+    """train.py's loop (utils.training.Trainer's hooks): batches from TrainingBatches, the method's
+    step, periodic evaluation on the selection set with checkpoint_best, checkpoint_last for --resume."""
+    unit = "iteration"
+    agree_every_step = False  # the step never waits for the device: under torchrun the ranks agree at readings
+
+    def __init__(self, cfg, method: Method, data: TrainingBatches, record: RunRecord, iterations: int,
+                 eval_every: int, start: int, ctx, device, stop, out_dir: Path):
+        super().__init__(iterations, start, ctx, device, stop, method.state, CHECKPOINT_KIND,
+                         out_dir / "checkpoint_last.pt", log_every=cfg.log_every,
+                         checkpoint_every=cfg.checkpoint_every or eval_every, eval_every=eval_every,
+                         progress=cfg.progress, stop_after=cfg.stop_after)
+        self.cfg, self.method, self.data, self.record = cfg, method, data, record
+        self.channels_last = use_channels_last(cfg, device)
+
+    def train_step(self, step: int) -> dict[str, torch.Tensor]:
+        images, masks = self.data.batch(step)
+        if self.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        return self.method.train_step(images, masks, step)
+
+    def on_read(self, done: int, means: dict[str, float]) -> None:
+        self.bar.set_postfix(loss=f"{means['loss']:.4f}", best_iou=f"{self.record.best['iou']:.4f}",
+                             lr=f"{self.method.lr():.2e}")
+
+    def on_eval(self, done: int) -> None:
+        train_means = self.losses.mark()
+        if self.ctx.is_main:
+            # in fp32 whatever the training precision: metrics comparable across runs and with predict.py
+            # HD95 needs every mask on the CPU: only the final evaluation of the selected checkpoint has it
+            metrics = evaluate(self.method.evaluated, self.data.selection_batches(), self.device, hd95=False)
+            if self.record.add(done, metrics, train_means, self.method.lr()):
+                self.record.save("checkpoint_best.pt", {"kind": CHECKPOINT_KIND, **self.described(done),
+                                                        "model": self.method.evaluated.state_dict(), "metrics": metrics})
+            self.bar.write(self.record.describe_last())
+
+    def described(self, done: int) -> dict:
+        return {"config": file_values(self.cfg, OPTIONS), "model_args": model_args(self.cfg), "iteration": done}
+
+    def checkpoint_extra(self, done: int) -> dict:  # with the method's state and the RNG: what --resume needs
+        return {**self.described(done), "history": self.record.history, "best": self.record.best}
+
+
 def train(cfg, ctx, device) -> int:
     cfg, out_dir, checkpoint = prepare_run(cfg, ctx)
-    amp_dtype = autocast_dtype(cfg.precision, device)
     semi = cfg.mode == "mgcc"
     run_data = load_run_data(cfg.data_dir, cfg.split, cfg.labeled_fraction, cfg.holdout, cfg.unlabeled_dir,
                              cfg.unlabeled_from_train, need_unlabeled=semi, progress=cfg.progress and ctx.is_main,
                              mask_values=cfg.mask_values, split_name=cfg.split_name)
     check_config(cfg, run_data, ctx.world_size, device)
-    # the baseline sees the labeled images only: the same number per step as MGCC
-    unlabeled_batch_size = cfg.batch_size - cfg.labeled_batch_size if semi else 0
     iterations = cfg.iterations or round(cfg.base_iterations * cfg.labeled_fraction)
     eval_every = (batches_per_epoch(len(run_data.labeled), cfg.labeled_batch_size) if cfg.eval_every == "epoch"
                   else cfg.eval_every)
@@ -283,140 +355,28 @@ def train(cfg, ctx, device) -> int:
         print(f"run folder {out_dir} | {cfg.mode} on {device} x {ctx.world_size} | {run_data.summary()} | "
               f"{iterations} iterations, evaluated every {eval_every}", flush=True)
 
-    seed_everything(cfg.seed)  # the same initial weights on every rank
+    # setup: the method's networks (the same initial weights on every rank), then its restored state
+    seed_everything(cfg.seed)
     torch.backends.cudnn.benchmark = True  # fixed input size: let cuDNN pick its fastest kernels
-    model = build_model(cfg).to(device)
-    if ctx.enabled and cfg.sync_bn:  # same parameter and buffer names: checkpoints stay plain
-        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    optimizer = make_optimizer(model, cfg, device)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: poly_lr_factor(it, iterations))
-    start = 0
+    method = Method(cfg, ctx, device, iterations)
     if ctx.enabled:
         torch.manual_seed(cfg.seed + ctx.rank)  # each rank its own perturbation noise
-    if checkpoint is not None:
-        model.load_state_dict(checkpoint["model"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        scheduler.load_state_dict(checkpoint["scheduler"])
-        lr_on_device(optimizer, cfg, device)  # the checkpoint was read onto the CPU
-        start = checkpoint["iteration"]
-        states = checkpoint["rng"]
-        set_rng_state(states[ctx.rank] if len(states) == ctx.world_size else states[0])
+    restore(method.state, checkpoint, ctx)
+    method.begin()
+    start = checkpoint["iteration"] if checkpoint else 0
+    data = TrainingBatches(cfg, run_data, device, ctx, start, method.unlabeled_batch_size())
+    if ctx.is_main:
+        print(f"data: {data.describe()}", flush=True)
     record = RunRecord(out_dir, run_data.selection_name, ctx.is_main, *(
         (checkpoint["history"], checkpoint["best"]) if checkpoint else ()))
-    forward = wrap_for_training(model, cfg, ctx, device, semi)
-    channels_last = use_channels_last(cfg, device)
 
-    def make(items, augment: bool) -> SegmentationDataset:
-        return SegmentationDataset(items, cfg.image_size, cfg.in_channels, cfg.normalization, augment, cfg.mask_values)
-
-    def sampler(items, batch_size, kind, whole_epochs):
-        return StreamBatchSampler(len(items), batch_size, cfg.seed, kind, whole_epochs, start, ctx.rank, ctx.world_size)
-
-    def resident(items, augment: bool, desc: str) -> DeviceImageSet:
-        return DeviceImageSet(items, cfg.image_size, cfg.in_channels, cfg.normalization, cfg.mask_values, device,
-                              augment, cfg.num_workers, cfg.progress and ctx.is_main, desc)
-
-    labeled_sampler = sampler(run_data.labeled, cfg.labeled_batch_size, LABELED_STREAM, whole_epochs=True)
-    unlabeled_sampler = sampler(run_data.unlabeled, unlabeled_batch_size, UNLABELED_STREAM, False) if semi else None
-    resident_bytes = data_bytes(len(run_data.labeled), len(run_data.unlabeled) if semi else 0,
-                                len(run_data.selection), cfg.image_size, cfg.in_channels)
-    on_device = keep_on_device(cfg.data_on_device, resident_bytes)
-    if ctx.is_main:
-        print(f"data: {f'on {device}, {resident_bytes / 2 ** 30:.2f} GiB' if on_device else 'DataLoader'} "
-              f"(--data-on-device {cfg.data_on_device})", flush=True)
-    if on_device:
-        selection_set = resident(run_data.selection, False, f"loading the {run_data.selection_name} images")
-        next_batch = DeviceBatches(
-            (resident(run_data.labeled, True, "loading the labeled images"), labeled_sampler),
-            (resident(run_data.unlabeled, True, "loading the unlabeled images"), unlabeled_sampler) if semi else None,
-            cfg.seed)
-    else:
-        loaders = [endless(make_loader(make(items, augment=True), cfg, device, batch_sampler=s))
-                   for items, s in ((run_data.labeled, labeled_sampler), (run_data.unlabeled, unlabeled_sampler)) if s]
-        selection_set = make_loader(make(run_data.selection, False), cfg, device, batch_size=cfg.eval_batch_size)
-
-        def next_batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
-            labeled = next(loaders[0])
-            images = [labeled["image"]] + [next(loader)["image"] for loader in loaders[1:]]
-            return (torch.cat(images).to(device, non_blocking=True), labeled["mask"].to(device, non_blocking=True))
-
-    def selection_batches():
-        return selection_set.batches(cfg.eval_batch_size) if on_device else selection_set
-
-    def report_batches():  # the val list, evaluated once at the end after selection on --holdout ids
-        if on_device:
-            return resident(run_data.report, False, "loading the val images").batches(cfg.eval_batch_size)
-        return make_loader(make(run_data.report, False), cfg, device, batch_size=cfg.eval_batch_size)
-
-    train_step = make_train_step(forward, optimizer, semi, amp_dtype, device)
-    if cfg.compile and cfg.compile_scope == "step":
-        train_step = torch.compile(train_step, mode=cfg.compile_mode)
-    consistency = torch.zeros((), device=device)  # lambda(it), filled in place: no recompile, no wait
-    last_path = out_dir / "checkpoint_last.pt"
-
-    def state(iteration: int, full: bool) -> dict:
-        checkpoint = {"kind": CHECKPOINT_KIND, "config": file_values(cfg, OPTIONS), "model_args": model_args(cfg),
-                      "model": model.state_dict(), "iteration": iteration}
-        if full:  # what --resume needs
-            checkpoint.update(optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
-                              history=record.history, best=record.best, rng=distributed.gather_objects(rng_state()))
-        return checkpoint
-
-    def save_last(iteration: int) -> None:
-        # a checkpoint with non-finite weights would poison --resume: keep the last good one instead
-        if not all(torch.isfinite(t).all() for t in model.state_dict().values() if t.is_floating_point()):
-            raise FloatingPointError(f"non-finite weights at iteration {iteration}: stopped; the last good "
-                                     f"checkpoint ({last_path}) is untouched")
-        record.save("checkpoint_last.pt", state(iteration, full=True))
-
-    losses = LossTracker(device, start)
-    checkpoint_every = cfg.checkpoint_every or eval_every
-    bar = tqdm(total=iterations, initial=start, desc=cfg.mode, disable=not (cfg.progress and ctx.is_main),
-               dynamic_ncols=True)
-    model.train()
+    # the loop, then the final evaluation of the selected checkpoint
     with StopRequest() as stop:
-        for it in range(start, iterations):
-            images, masks = next_batch(it)
-            if channels_last:
-                images = images.contiguous(memory_format=torch.channels_last)
-            consistency.fill_(consistency_weight(it, cfg.consistency, cfg.consistency_rampup, cfg.consistency_ramp_every))
-            loss, sup, cons = train_step(images, masks, consistency)
-            scheduler.step()
-            losses.add(it, loss, sup, cons)
-            bar.update(1)
-
-            done = it + 1
-            evaluate_now = done % eval_every == 0 or done == iterations
-            read_now = evaluate_now or done % cfg.log_every == 0
-            # a signal is acted on after this step; under torchrun all ranks agree at the next reading
-            stopping = (bool(stop) if not ctx.enabled else read_now and distributed.any_rank(bool(stop), device))
-            if read_now or stopping:
-                mean = losses.read(done, last_path)
-                bar.set_postfix(loss=f"{mean[0]:.4f}", best_iou=f"{record.best['iou']:.4f}",
-                                lr=f"{float(scheduler.get_last_lr()[0]):.2e}")
-            if evaluate_now:
-                train_means = losses.eval_means(done)
-                if ctx.is_main:
-                    # in fp32 whatever the training precision: metrics comparable across runs and with predict.py
-                    # HD95 needs every mask on the CPU: only the final evaluation of the selected checkpoint has it
-                    metrics = evaluate(model, selection_batches(), device, hd95=False)
-                    if record.add(done, metrics, train_means, float(scheduler.get_last_lr()[0])):
-                        record.save("checkpoint_best.pt", {**state(done, full=False), "metrics": metrics})
-                    bar.write(record.describe_last())
-            pausing = cfg.stop_after is not None and done - start >= cfg.stop_after and done < iterations
-            if done % checkpoint_every == 0 or done == iterations or stopping or pausing:
-                save_last(done)
-            if (stopping or pausing) and done < iterations:
-                bar.close()
-                how = f"by {stop.signal_name}" if stopping else f"after {cfg.stop_after} iterations (--stop-after)"
-                if ctx.is_main:
-                    print(f"stopped {how} at iteration {done}; checkpoint written. Continue with:\n"
-                          f"  python train.py --out-dir {out_dir} --resume", file=sys.stderr if stopping else sys.stdout)
-                return 128 + stop.signal_number if stopping else 0
-    bar.close()
+        loop = SegmenterTraining(cfg, method, data, record, iterations, eval_every, start, ctx, device, stop, out_dir)
+        if not loop.run(cfg.mode):
+            return loop.stopped("train.py", "--out-dir", str(out_dir))
     if ctx.is_main:
-        finish(cfg, model, record, run_data, out_dir, iterations, device,
-               report_batches() if run_data.report else selection_batches())
+        finish(cfg, method.evaluated, record, run_data, out_dir, iterations, device, data.report_batches())
     return 0
 
 

@@ -83,6 +83,16 @@ def sampling_scheduler(name: str, training_config: dict):
     raise ConfigError(f"scheduler {name!r} unknown; choose ddim or dpmsolver")
 
 
+def optimizer_and_schedule(parameters, lr: float, cfg: SimpleNamespace, betas=(0.9, 0.999), weight_decay=None):
+    """AdamW and its learning-rate schedule (linear warm-up over cfg.warmup_steps, then constant), as
+    both stages of train_ldm.py train."""
+    from diffusers.optimization import get_constant_schedule_with_warmup
+
+    optimizer = torch.optim.AdamW(parameters, lr=lr, betas=betas,
+                                  weight_decay=cfg.weight_decay if weight_decay is None else weight_decay)
+    return optimizer, get_constant_schedule_with_warmup(optimizer, cfg.warmup_steps)
+
+
 def count_parameters(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 

@@ -18,7 +18,7 @@ from dataloaders.samplers import StreamBatchSampler
 from dataloaders.splits import load_run_data
 from networks.mgcc import MGCCNet
 from utils.evaluation import evaluate
-from utils.run import LossTracker
+from utils.training import LossLog
 
 CPU = torch.device("cpu")
 
@@ -156,7 +156,7 @@ def test_the_step_with_resident_data_never_reads_back(items, tmp_path, mode):
     optimizer = train.make_optimizer(model, cfg, CPU)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: train.poly_lr_factor(it, 10))
     step = train.make_train_step(model, optimizer, semi, None, CPU)
-    consistency, losses = torch.zeros(()), LossTracker(CPU, 0)
+    consistency, losses = torch.zeros(()), LossLog(CPU, 0)
     before = [p.detach().clone() for p in model.parameters()]
     with ReadBack():
         for it in range(3):
@@ -164,7 +164,7 @@ def test_the_step_with_resident_data_never_reads_back(items, tmp_path, mode):
             consistency.fill_(train.consistency_weight(it))
             loss, sup, cons = step(images, masks, consistency)
             scheduler.step()
-            losses.add(it, loss, sup, cons)
+            losses.add(it, loss=loss, sup=sup, cons=cons)
     assert images.shape == (4 if semi else 2, 3, 32, 32) and masks.shape == (2, 1, 32, 32)
     assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))  # it did train
     with pytest.raises(AssertionError, match="read a tensor back"), ReadBack():

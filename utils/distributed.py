@@ -85,6 +85,14 @@ def broadcast_object(obj, src: int = 0):
     return box[0]
 
 
+def wrap_ddp(module, ctx: Context, device: torch.device, find_unused_parameters: bool = False):
+    """DistributedDataParallel under torchrun (gradients averaged over the processes), else the module."""
+    if not ctx.enabled:
+        return module
+    return torch.nn.parallel.DistributedDataParallel(module, device_ids=[device] if device.type == "cuda" else None,
+                                                     find_unused_parameters=find_unused_parameters)
+
+
 def on_main_rank(work: Callable[[], Any], ctx: Context) -> Any:
     """``work()`` on rank 0 alone (checks, then writes), its result given to every rank.
 

@@ -5,7 +5,9 @@
 - :func:`nearest_training_images` / :func:`typical_training_distance`: how near each sample is to
   a training image (a generator that copies its training images shows up there);
 - :func:`c2st_accuracy`: a classifier two-sample test (Lopez-Paz & Oquab, ICLR 2017) of samples
-  against the generator's training images, 0.5 when a small CNN cannot tell them apart.
+  against the generator's training images, 0.5 when a small CNN cannot tell them apart;
+- :func:`evaluate_vae`: PSNR and SSIM of the trained autoencoder on the split's validation images
+  (train_ldm.py's vae_metrics.json).
 """
 from __future__ import annotations
 
@@ -164,3 +166,49 @@ def c2st_accuracy(samples: np.ndarray, reference: np.ndarray, folds: int = 5, ep
                 predicted = classifier(images[test_index]) > 0
                 correct += int((predicted == labels[test_index].bool()).sum())
     return correct / (2 * count)
+
+
+# ----------------------------------------------------------------------------------------------
+# the trained autoencoder on the split's validation images
+# ----------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def reconstruct(vae, images: torch.Tensor) -> torch.Tensor:
+    """The autoencoder's reconstruction of ``images`` from the posterior mean, in fp32."""
+    from networks.ldm_sampling import decode
+
+    return decode(vae, vae.encode(images.float()).latent_dist.mode())
+
+
+def evaluate_vae(vae, data, cfg, run_dir, device, batch_size: int = 16) -> dict | None:
+    """PSNR and SSIM of the autoencoder's reconstructions of the split's validation images (never
+    trained on: this measures what it does on images it has not seen), means over the images,
+    written to <run>/vae_metrics.json and printed. None when the split has no validation images."""
+    from pathlib import Path
+
+    from tqdm import tqdm
+
+    from dataloaders.ldm_data import TrainingImages
+    from utils.ldm_run import VAE_METRICS, write_json
+
+    if not data.val_paths:
+        print(f"autoencoder: no validation images (no {data.val_file or 'validation list'}): "
+              f"{VAE_METRICS} not written")
+        return None
+    images = TrainingImages(data.val_paths, None, cfg.image_size)
+    psnrs, ssims = [], []
+    for first in tqdm(range(0, len(images), batch_size), desc="autoencoder on the validation images", leave=False,
+                      disable=not cfg.progress):
+        batch = torch.stack([images[(i, False)][0]
+                             for i in range(first, min(first + batch_size, len(images)))]).to(device)
+        reconstruction = reconstruct(vae, batch).clamp(-1, 1)
+        psnrs.append(psnr(reconstruction, batch))
+        ssims.append(ssim(reconstruction, batch, reduction="none"))
+    metrics = {"psnr": float(torch.cat(psnrs).mean()), "ssim": float(torch.cat(ssims).mean()),
+               "images": len(images), "image_size": cfg.image_size, "val_file": str(data.val_file),
+               "vae_step": cfg.vae_steps, "data_range": "images in [-1, 1] (range 2), reconstruction clamped; "
+               "posterior mean decoded in fp32; SSIM with an 11x11 gaussian window (sigma 1.5)"}
+    write_json(Path(run_dir) / VAE_METRICS, metrics)
+    print(f"autoencoder on the {len(images)} validation images of {Path(data.val_file).name} (never trained on): "
+          f"PSNR {metrics['psnr']:.2f} dB, SSIM {metrics['ssim']:.4f} ({Path(run_dir) / VAE_METRICS})")
+    return metrics

@@ -18,8 +18,12 @@ import json
 import os
 import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
+from dataloaders.ldm_data import load_training_set
+from networks.ldm import IMAGE_CHANNELS, check_architecture, latent_size
 from utils.checkpoint import CheckpointError, UnsafeCheckpointError, load_checkpoint
+from utils.config import ConfigError, file_values, read_yaml, save_yaml
 
 KIND = "mgcc-ldm"
 RUN_INFO = "ldm.json"
@@ -27,6 +31,18 @@ VAE_DIR, UNET_DIR, EMA_DIR, SCHEDULER_DIR = "vae", "unet", "unet_ema", "schedule
 VAE_STATE, DIFFUSION_STATE = "state_vae.pt", "state_diffusion.pt"
 VAE_METRICS = "vae_metrics.json"
 PREVIEW_DIR = "previews"
+# May differ on --resume: they change how long or how visibly the run goes, not what it learns.
+FREE_KEYS = {"vae_steps", "diffusion_steps", "precision", "num_workers", "log_every", "sample_every",
+             "checkpoint_every", "preview_images", "preview_steps",
+             "data_dir", "class_csv"}  # moved files: the ids and classes are checked against ldm.json
+# May differ from the run's config.yaml when the diffusion stage starts fresh on a trained autoencoder.
+DIFFUSION_KEYS = {"unet_channels", "unet_layers_per_block", "unet_norm_groups", "unet_mid_attention",
+                  "unet_dropout", "batch_size", "lr", "train_timesteps", "beta_schedule", "beta_start", "beta_end",
+                  "prediction_type", "diffusion_loss", "class_dropout", "ema_decay", "ema_power",
+                  "class_conditioning"}
+# each stage's state file (for --resume) and the kind recorded in it
+STATE_FILES = {"vae": (VAE_STATE, "mgcc-ldm-vae-state"), "diffusion": (DIFFUSION_STATE, "mgcc-ldm-diffusion-state")}
+
 
 
 WEIGHTS_FILE = "diffusion_pytorch_model.safetensors"  # what diffusers' save_pretrained writes
@@ -176,3 +192,190 @@ def load_sampling_models(run_dir: Path, info: dict):
         raise CheckpointError(f"cannot read the noise schedule in {run_dir / SCHEDULER_DIR}: {error}; expected "
                               "the scheduler_config.json that train_ldm.py saves there") from None
     return vae, unet, schedule
+
+
+# ----------------------------------------------------------------------------------------------
+# what a command means for the run folder: new, continued, its diffusion stage started over
+# ----------------------------------------------------------------------------------------------
+
+def check_values(cfg: SimpleNamespace, world_size: int = 1) -> None:
+    def require(condition: bool, message: str) -> None:
+        if not condition:
+            raise ConfigError(message)
+
+    for name in ("image_size", "vae_layers_per_block", "vae_latent_channels", "vae_batch_size",
+                 "unet_layers_per_block", "batch_size", "log_every", "checkpoint_every",
+                 "disc_channels", "disc_layers", "preview_steps"):
+        require(getattr(cfg, name) >= 1, f"{name} must be at least 1, got {getattr(cfg, name)}")
+    for name in ("vae_steps", "diffusion_steps", "disc_start", "num_workers", "sample_every",
+                 "preview_images", "warmup_steps", "l1_weight", "ssim_weight", "kl_weight",
+                 "disc_weight", "weight_decay", "grad_clip"):
+        require(getattr(cfg, name) >= 0, f"{name} must not be negative, got {getattr(cfg, name)}")
+    for name in ("vae_lr", "lr", "disc_lr"):
+        require(getattr(cfg, name) > 0, f"{name} must be positive, got {getattr(cfg, name)}")
+    if cfg.stage in ("vae", "all"):
+        require(cfg.vae_steps >= 1, f"vae_steps must be at least 1 to train the autoencoder, got {cfg.vae_steps}")
+    if cfg.stage in ("diffusion", "all"):
+        require(cfg.diffusion_steps >= 1, f"diffusion_steps must be at least 1, got {cfg.diffusion_steps}")
+    require(cfg.train_timesteps >= 2, f"train_timesteps must be at least 2, got {cfg.train_timesteps}")
+    require(cfg.preview_steps <= cfg.train_timesteps,
+            f"preview_steps {cfg.preview_steps} exceeds train_timesteps {cfg.train_timesteps}")
+    require(0 < cfg.beta_start < cfg.beta_end < 1,
+            f"need 0 < beta_start < beta_end < 1, got {cfg.beta_start}, {cfg.beta_end}")
+    require(0 <= cfg.class_dropout < 1, f"class_dropout must be in [0, 1), got {cfg.class_dropout}")
+    require(0 <= cfg.unet_dropout < 1, f"unet_dropout must be in [0, 1), got {cfg.unet_dropout}")
+    require(0 <= cfg.ema_decay <= 1, f"ema_decay must be in [0, 1], got {cfg.ema_decay}")
+    require(cfg.ema_power > 0, f"ema_power must be positive, got {cfg.ema_power}")
+    require(not (cfg.resume and cfg.overwrite), "give --resume or --overwrite, not both")
+    for name in ("vae_batch_size", "batch_size"):
+        require(getattr(cfg, name) % world_size == 0,
+                f"{name} {getattr(cfg, name)} is the global batch under torchrun and must split evenly over "
+                f"the {world_size} processes")
+    check_architecture(cfg)
+
+
+def absolute_paths(values: dict) -> dict:
+    """Paths are kept absolute, so that a run compares and resumes from any working folder."""
+    for key in ("data_dir", "class_csv"):
+        if values.get(key) is not None:
+            values[key] = str(Path(values[key]).expanduser().resolve())
+    return values
+
+
+def merged_config(cfg: SimpleNamespace, run_dir: Path, may_change: set[str], options) -> SimpleNamespace:
+    """The configuration of a run that is continued: its config.yaml, then the values given now.
+
+    A value given now that differs from the run's is an error unless it only changes the length or
+    the output of the run (FREE_KEYS) or belongs to a stage that starts afresh (``may_change``).
+    """
+    saved = absolute_paths(read_yaml(run_dir / "config.yaml", options))
+    given = {}
+    if cfg.config is not None:
+        given.update(read_yaml(Path(cfg.config), options))
+    given.update({name: getattr(cfg, name) for name in cfg.explicit if name in {o.name for o in options if o.in_file}})
+    given = absolute_paths(given)
+    changed = [f"  {key}: {saved[key]!r} in the run, {value!r} now" for key, value in sorted(given.items())
+               if key in saved and value != saved[key] and key not in FREE_KEYS | may_change]
+    if changed:
+        raise ConfigError(f"the run in {run_dir} was made with other settings (its config.yaml); a "
+                          "continued run keeps them:\n" + "\n".join(changed)
+                          + "\n(use another --out-dir, or --overwrite to start over)")
+    values = {o.name: getattr(cfg, o.name) for o in options}
+    values.update(saved)
+    values.update(given)
+    return SimpleNamespace(**values, config=cfg.config, explicit=cfg.explicit)
+
+
+def load_data(cfg: SimpleNamespace):
+    if cfg.data_dir is None:
+        raise ConfigError("give --data-dir (the dataset folder whose training images the model learns)")
+    class_names = cfg.class_names if cfg.class_conditioning else []
+    class_csv = cfg.class_csv if cfg.class_conditioning else None
+    return load_training_set(cfg.data_dir, cfg.split, class_names, class_csv, progress=cfg.progress,
+                             split_name=cfg.split_name, holdout=cfg.holdout)
+
+
+def new_run_info(cfg: SimpleNamespace, data) -> dict:
+    counts = [data.labels.count(k) for k in range(len(data.class_names))] if data.labels is not None else []
+    return {"kind": KIND, "version": 1, "image_size": cfg.image_size, "channels": IMAGE_CHANNELS,
+            "latent_channels": cfg.vae_latent_channels, "latent_size": latent_size(cfg),
+            "latent_scaling_factor": None, "class_names": data.class_names, "class_counts": counts,
+            "data_dir": str(Path(cfg.data_dir).resolve()), "split": cfg.split,
+            "train_file": str(data.train_file), "val_file": str(data.val_file) if data.val_file else None,
+            "train_ids": data.ids, "vae_step": 0, "diffusion_step": 0}
+
+
+def remove_diffusion_outputs(run_dir: Path, info: dict) -> None:
+    for name in (UNET_DIR, EMA_DIR, SCHEDULER_DIR):
+        shutil.rmtree(run_dir / name, ignore_errors=True)
+    for path in [run_dir / DIFFUSION_STATE, run_dir / "losses_diffusion.csv", run_dir / "losses_diffusion.png",
+                 *(run_dir / PREVIEW_DIR).glob("diffusion_*.png")]:
+        path.unlink(missing_ok=True)
+    info.update(diffusion_step=0, latent_scaling_factor=None)
+    write_run_info(run_dir, info)
+
+
+def prepare_run(cfg: SimpleNamespace, run_dir: Path, options, world_size: int = 1):
+    """Decide what the command means for the run folder; return (cfg, ldm.json dict, training set).
+    ``options``: train_ldm.py's Option list (config.yaml holds its in-file values).
+
+    Nothing is written or deleted before the configuration and the data have been checked. Under
+    torchrun rank 0 alone calls this (see utils.distributed.on_main_rank).
+    """
+
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError(f"--out-dir {run_dir} is a file, not a folder")
+    is_run = (run_dir / RUN_INFO).is_file()
+    if run_dir.is_dir() and any(run_dir.iterdir()) and not is_run:
+        segmenter = " (it holds checkpoint_last.pt: a segmenter run of train.py?)" \
+            if (run_dir / "checkpoint_last.pt").exists() else ""
+        raise ConfigError(f"--out-dir {run_dir} exists and is not a train_ldm.py run folder (no {RUN_INFO})"
+                          f"{segmenter}; " + ("--resume continues a run folder of train_ldm.py" if cfg.resume
+                                             else "choose another folder (nothing was changed)"))
+    wants_diffusion = cfg.stage in ("diffusion", "all")
+    if is_run:
+        info = read_run_info(run_dir)
+        has_diffusion = (run_dir / DIFFUSION_STATE).is_file()
+        if cfg.overwrite and cfg.stage != "diffusion":
+            is_run = False  # started over below, once the data are checked
+        elif not cfg.resume and not cfg.overwrite and not (cfg.stage == "diffusion" and not has_diffusion):
+            raise ConfigError(f"{run_dir} already holds a run; give --resume to continue it or "
+                              "--overwrite to start it over")
+    if not is_run:
+        if cfg.resume:
+            raise ConfigError(f"--resume: there is no run to continue in {run_dir}")
+        if cfg.stage == "diffusion":
+            raise ConfigError(f"--stage diffusion needs a run folder with a trained autoencoder and "
+                              f"{run_dir} holds none: train it with --stage vae first, or use --stage all")
+        data = load_data(cfg)
+        if run_dir.exists():
+            shutil.rmtree(run_dir)
+        run_dir.mkdir(parents=True)
+        info = new_run_info(cfg, data)
+        save_yaml(file_values(cfg, options), run_dir / "config.yaml")
+        write_run_info(run_dir, info)
+        return cfg, info, data
+
+    fresh_diffusion = wants_diffusion and (cfg.overwrite or not has_diffusion)
+    cfg = merged_config(cfg, run_dir, DIFFUSION_KEYS if fresh_diffusion else set(), options)
+    check_values(cfg, world_size)
+    vae_step, diffusion_step = info["vae_step"], 0 if fresh_diffusion else info["diffusion_step"]
+    if cfg.vae_steps < vae_step:
+        raise ConfigError(f"the run's autoencoder has trained {vae_step} steps, more than --vae-steps {cfg.vae_steps}")
+    if cfg.diffusion_steps < diffusion_step:
+        raise ConfigError(f"the run's denoiser has trained {diffusion_step} steps, more than "
+                          f"--diffusion-steps {cfg.diffusion_steps}")
+    if cfg.stage == "diffusion" and vae_step < cfg.vae_steps:
+        raise ConfigError(f"the run's autoencoder has trained {vae_step} of {cfg.vae_steps} steps: "
+                          "finish it first with --stage vae --resume (or --stage all --resume)")
+    if cfg.stage != "diffusion" and vae_step < cfg.vae_steps and has_diffusion:
+        raise ConfigError(f"the run's denoiser was trained on the latents of its autoencoder at step {vae_step}; "
+                          "training the autoencoder further would invalidate it (use --overwrite to start over)")
+    data = load_data(cfg)
+    if data.ids != info["train_ids"]:
+        raise ConfigError(f"the training list {data.train_file} changed since the run in {run_dir} started; "
+                          "a continued run must learn from the same images")
+    info["data_dir"] = cfg.data_dir  # where the memorisation check of sample_ldm.py finds the images
+    if fresh_diffusion:  # classes matter to the denoiser only, which starts afresh here
+        fresh = new_run_info(cfg, data)
+        info.update(class_names=fresh["class_names"], class_counts=fresh["class_counts"])
+    elif data.class_names != info["class_names"]:
+        raise ConfigError(f"the classes of the training images changed since the run in {run_dir} started "
+                          f"({info['class_names']} then, {data.class_names} now)")
+    if cfg.overwrite:
+        remove_diffusion_outputs(run_dir, info)
+    save_yaml(file_values(cfg, options), run_dir / "config.yaml")
+    write_run_info(run_dir, info)
+    return cfg, info, data
+
+
+def read_state(path: Path, kind: str, what: str):
+    """The state file --resume continues from, or None before the stage's first checkpoint."""
+    if not path.is_file():
+        return None
+    try:
+        return load_checkpoint(path, kind)
+    except CheckpointError as error:
+        raise CheckpointError(f"{error}; expected the {what} training state that train_ldm.py writes there "
+                              f"(kind {kind!r}). The run cannot continue from it: start the stage over with "
+                              "--overwrite, or use another --out-dir") from None
