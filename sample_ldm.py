@@ -56,6 +56,7 @@ from utils.cli import run_cli
 from utils.config import ConfigError, Option, optional, parse_config
 from utils.plots import image_grid, save_image
 from utils.runtime import autocast_dtype, resolve_device, StopRequest
+from utils.training import stop_requested, stop_status
 
 EPILOG = """examples:
   python sample_ldm.py --checkpoint runs/ldm_busi_1 --num-images 1000 --out-dir inputs/BUSI_synth_1
@@ -176,8 +177,6 @@ def publish(partial: Path, out_dir: Path) -> None:
 def sample(cfg: SimpleNamespace, ctx, device) -> int:
     """Sample the images this process is dealt; rank 0 publishes the folder. The exit status."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # models are read from the run folder, never downloaded
-
-
     diffusers_logging.set_verbosity_error()
     check_values(cfg)
     if device.type == "cuda":  # the same command gives the same bytes: no autotuned, no nondeterministic kernels
@@ -248,16 +247,16 @@ def sample(cfg: SimpleNamespace, ctx, device) -> int:
                         if cfg.check_memorisation or cfg.c2st:  # (the training thumbnails are on rank 0 only)
                             small[n] = cv2.resize(image, (MEMORISATION_SIZE,) * 2, interpolation=cv2.INTER_AREA)
                 progress.update(sum(len(b) for b in batches[round_ * ctx.world_size:(round_ + 1) * ctx.world_size]))
-                stopping = distributed.any_rank(bool(stop), device) if ctx.enabled else bool(stop)
+                stopping = stop_requested(stop, ctx, device)
                 if stopping:
                     break
             progress.close()
             if stopping:
-                number = max(distributed.gather_objects(stop.signal_number))
+                code = stop_status(stop)
                 if ctx.is_main:
-                    print(f"stopped by {signal.Signals(number).name}: nothing was written to {out_dir} (the images "
-                          "made so far are discarded); run the same command again to sample", file=sys.stderr)
-                return 128 + number
+                    print(f"stopped by {signal.Signals(code - 128).name}: nothing was written to {out_dir} (the "
+                          "images made so far are discarded); run the same command again to sample", file=sys.stderr)
+                return code
             gathered = distributed.gather_objects(small)  # also: every rank has written its images
             if ctx.is_main:
                 small = {n: t for part in gathered for n, t in part.items()}

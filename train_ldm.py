@@ -35,26 +35,23 @@ import torch
 from diffusers.training_utils import EMAModel
 from diffusers.utils import logging as diffusers_logging
 from torch.utils.data import DataLoader
-from tqdm import tqdm
 
-from dataloaders.io import dataset_name
 from dataloaders.ldm_data import StepBatchSampler, TrainingImages
 from networks.ldm import (STREAM_DIFFUSION, STREAM_PREVIEW, STREAM_VAE, AutoencoderPass, PatchDiscriminator,
-                          build_unet, build_vae, latent_scaling_factor, latent_size, noise_scheduler,
-                          optimizer_and_schedule, parameter_counts, sampling_scheduler)
+                          build_unet, build_vae, encode_training_set, latent_scaling_factor, latent_size,
+                          noise_scheduler, optimizer_and_schedule, parameter_counts, sampling_scheduler)
 from networks.ldm_losses import LatentDiffusionLoss, discriminator_loss, vae_losses
 from networks.ldm_sampling import generate, to_uint8
 from utils import distributed
 from utils.cli import run_cli
-from utils.config import ConfigError, Option, optional, parse_config
+from utils.config import Option, optional, parse_config
 from utils.distributed import wrap_ddp
 from utils.image_quality import evaluate_vae, reconstruct
-from utils.ldm_run import (EMA_DIR, PREVIEW_DIR, SCHEDULER_DIR, STATE_FILES, UNET_DIR, VAE_DIR, VAE_METRICS,
-                           absolute_paths, check_values, load_model, prepare_run, read_state, save_model,
-                           write_run_info)
+from utils.ldm_run import (EMA_DIR, PREVIEW_DIR, SCHEDULER_DIR, UNET_DIR, VAE_DIR, VAE_METRICS, LdmStage,
+                           check_values, load_model, prepare_run, run_folder, save_model, write_run_info)
 from utils.plots import image_grid, save_image
-from utils.runtime import autocast_dtype, derived_seed, ignore_stop_signals, resolve_device, step_generator, StopRequest
-from utils.training import Trainer, TrainingState, ema_weights, optimizer_update
+from utils.runtime import derived_seed, ignore_stop_signals, resolve_device, step_generator, StopRequest
+from utils.training import ema_weights, optimizer_update
 
 EPILOG = """examples:
   python train_ldm.py --config configs/ldm_busi.yaml --data-dir inputs/BUSI --split 1 --out-dir runs/ldm_busi_1
@@ -149,68 +146,6 @@ OPTIONS = [
 ]
 
 
-class LdmStage(Trainer):
-    """The skeleton both stages share (utils.training.Trainer): the state file --resume continues
-    from, the loss records (losses_<stage>.csv and .png), previews every sample_every steps, and at
-    each checkpoint the stage's networks (diffusers save_pretrained) and ldm.json. A stage is
-    ``stage = Stage(...)``; nothing to do when ``stage.finished()``; else ``stage.setup(data)``
-    (builds the networks, then ``register`` restores what the state file holds) and ``stage.train()``.
-    """
-    name = ""  # "vae" or "diffusion"
-    panels: dict[str, dict[str, str]] = {}  # the loss plot: {panel title: {curve label: loss name}}
-    advice = ". A lower learning rate or --grad-clip needs a new run (--overwrite)"
-    eval_reads_losses = False  # a preview is no evaluation of the losses: losses are read every log_every
-
-    def __init__(self, total: int, cfg: SimpleNamespace, run_dir: Path, info: dict, ctx, device, stop):
-        state_file, kind = STATE_FILES[self.name]
-        self.saved = read_state(run_dir / state_file, kind, self.what)
-        super().__init__(total, self.saved["step"] if self.saved else 0, ctx, device, stop, TrainingState(), kind,
-                         run_dir / state_file, log_every=cfg.log_every, checkpoint_every=cfg.checkpoint_every,
-                         eval_every=cfg.sample_every, progress=cfg.progress,
-                         history=self.saved["history"] if self.saved else None)
-        self.cfg, self.run_dir, self.info = cfg, run_dir, info
-        self.amp_dtype = autocast_dtype(cfg.precision, device)
-
-    def finished(self) -> bool:
-        """True (and said) when the stage has already trained its steps."""
-        if self.start >= self.total and self.ctx.is_main:
-            print(f"{self.what}: already trained for {self.start} steps")
-        return self.start >= self.total
-
-    def register(self, **parts) -> None:
-        """What the state file holds, under these names; restored (with the RNG) when the stage is continued."""
-        self.state = TrainingState(**parts)
-        self.restore(self.saved)
-        if self.saved and self.ctx.is_main:
-            print(f"{self.what}: resuming at step {self.start} of {self.total}")
-
-    def checkpoint_extra(self, done: int) -> dict:
-        self.info[f"{self.name}_step"] = done
-        return {"step": done, "history": self.losses.history}
-
-    def on_checkpoint(self, done: int) -> None:
-        self.save_models()
-        write_run_info(self.run_dir, self.info)
-        self.losses.write(self.run_dir / f"losses_{self.name}.csv", self.run_dir / f"losses_{self.name}.png",
-                          f"{self.what} training losses", self.panels)
-
-    def on_eval(self, done: int) -> None:
-        if self.ctx.is_main and self.cfg.preview_images > 0:
-            self.save_preview(done)
-
-    def train(self) -> int:
-        """Train the remaining steps; 0, or 128 + the signal number when a signal stopped the stage."""
-        if self.ctx.is_main:
-            (self.run_dir / PREVIEW_DIR).mkdir(exist_ok=True)
-        finished = self.run(self.what)
-        distributed.barrier()  # rank 0 has written this stage's models before any rank reads them
-        if not finished:
-            stage = self.name if self.cfg.stage == self.name else "all"
-            return self.stopped("train_ldm.py", "--out-dir", str(self.run_dir), "--stage", stage, who=self.what)
-        self.report_speed(self.what)
-        return 0
-
-
 # ----------------------------------------------------------------------------------------------
 # stage 1a: the autoencoder
 # ----------------------------------------------------------------------------------------------
@@ -300,26 +235,6 @@ def train_vae(cfg: SimpleNamespace, run_dir: Path, info: dict, data, device, ctx
 # stage 1b: the denoiser on the frozen autoencoder's latents
 # ----------------------------------------------------------------------------------------------
 
-def encode_training_set(vae, dataset, device, batch_size: int, progress: bool = True):
-    """Posterior mean and std of every training image and of its mirror image: (N, 2, C, h, w) each.
-
-    The autoencoder is frozen, so each image is encoded once (fp32) instead of at every step.
-    Under torchrun every process encodes all images in the same batches as a single process: the
-    latents, and the latent scaling factor, are those of a single-process run.
-    """
-    items = [(i, flip) for i in range(len(dataset)) for flip in (False, True)]
-    means, stds = [], []
-    with torch.no_grad():
-        for first in tqdm(range(0, len(items), batch_size), desc="encoding training images", leave=False,
-                          disable=not progress):
-            images = torch.stack([dataset[item][0] for item in items[first:first + batch_size]]).to(device)
-            posterior = vae.encode(images).latent_dist
-            means.append(posterior.mean.float())
-            stds.append(posterior.std.float())
-    shape = (len(dataset), 2, *means[0].shape[1:])
-    return torch.cat(means).reshape(shape), torch.cat(stds).reshape(shape)
-
-
 class DenoiserStage(LdmStage):
     name, what = "diffusion", "denoiser"
 
@@ -401,15 +316,9 @@ def train(cfg: SimpleNamespace, ctx, device) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # models are built from config, never downloaded
     diffusers_logging.set_verbosity_error()
     check_values(cfg, ctx.world_size)
-    cfg.data_dir = absolute_paths({"data_dir": cfg.data_dir})["data_dir"]
-    cfg.class_csv = absolute_paths({"class_csv": cfg.class_csv})["class_csv"]
-    if cfg.out_dir is None:
-        if cfg.data_dir is None:
-            raise ConfigError("give --out-dir (the run folder) or --data-dir (to name it runs/ldm_<dataset>_<split>)")
-        cfg.out_dir = f"runs/ldm_{dataset_name(cfg.data_dir)}_{cfg.split}"
+    run_dir = run_folder(cfg)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed input sizes: let cuDNN pick its fastest kernels
-    run_dir = Path(cfg.out_dir)
     # From here a signal only sets a flag: the run folder is never left half-prepared, and the
     # training loops act on it after their current step.
     with StopRequest() as stop:

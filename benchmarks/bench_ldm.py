@@ -54,10 +54,11 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from bench_train import BF16_PEAK_TFLOPS, VARIANTS, device_name, synchronize  # noqa: E402
 from networks.ldm import (STREAM_DIFFUSION, STREAM_VAE, AutoencoderPass, PatchDiscriminator,  # noqa: E402
                           build_unet, build_vae, check_architecture, count_parameters, latent_size, noise_scheduler,
-                          sampling_scheduler)
+                          optimizer_and_schedule, sampling_scheduler)
+from networks.ldm_losses import LatentDiffusionLoss, discriminator_loss, vae_losses  # noqa: E402
 from networks.ldm_sampling import generate  # noqa: E402
-from train_ldm import (OPTIONS, diffusion_loss, discriminator_loss, optimizer_and_schedule,  # noqa: E402
-                       optimizer_update, vae_losses)
+from train_ldm import OPTIONS  # noqa: E402
+from utils.training import optimizer_update  # noqa: E402
 from utils.config import ConfigError, read_yaml  # noqa: E402
 from utils.runtime import step_generator  # noqa: E402
 
@@ -245,13 +246,13 @@ def diffusion_benchmark(run, spec):
     optimizer, schedule = optimizer_and_schedule(unet.parameters(), cfg.lr, cfg)
     labels_of = (torch.arange(TRAINING_IMAGES, device=device) % run.num_classes) if run.num_classes else None
     sampler = StepBatchSampler(TRAINING_IMAGES, cfg.batch_size, cfg.seed, 0, 1 << 62)
+    diffusion_loss = LatentDiffusionLoss(scheduler, means, stds, labels_of, 1.0, cfg, run.num_classes)
     counter = iter(range(1 << 62))
 
     def step():
         number = next(counter)
         rng = step_generator(cfg.seed, number, STREAM_DIFFUSION, device)
-        loss = diffusion_loss(unet, scheduler, means, stds, labels_of, sampler.batch(number), rng, 1.0, cfg,
-                              device, dtype, run.num_classes)
+        loss = diffusion_loss(unet, sampler.batch(number), rng, dtype)
         optimizer_update(loss, unet.parameters(), optimizer, schedule, cfg.grad_clip)
         ema.step(unet.parameters())
 
@@ -327,8 +328,8 @@ def diffusion_step_flops(cfg, num_classes: int) -> int:
         means = stds = torch.empty(TRAINING_IMAGES, 2, cfg.vae_latent_channels, size, size)
         labels_of = torch.zeros(TRAINING_IMAGES, dtype=torch.long) if num_classes else None
     batch = StepBatchSampler(TRAINING_IMAGES, cfg.batch_size, cfg.seed, 0, 1).batch(0)
-    return counted_flops(lambda: diffusion_loss(unet, noise_scheduler(cfg), means, stds, labels_of, batch, None, 1.0,
-                                                cfg, META, None, num_classes).backward())
+    loss = LatentDiffusionLoss(noise_scheduler(cfg), means, stds, labels_of, 1.0, cfg, num_classes)
+    return counted_flops(lambda: loss(unet, batch, None).backward())
 
 
 @torch.no_grad()

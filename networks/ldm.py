@@ -1,9 +1,11 @@
 """Stage 1 of MGCC: the networks of the latent diffusion model, built from the configuration.
 
 diffusers' AutoencoderKL and UNet2DModel (no hub download), the noise schedulers, the optional
-patch discriminator of the autoencoder loss, and the checks of the sizes. The other concerns of
-stage 1 have their own homes: networks/ldm_sampling.py (the denoising loop and the seeds of the
-images), utils/image_quality.py (SSIM, PSNR, memorisation, C2ST), utils/ldm_run.py (the run folder).
+patch discriminator of the autoencoder loss, the optimizer, the encoded training set, and the
+checks of the sizes. The other concerns of stage 1 have their own homes: networks/ldm_losses.py
+(the losses of both stages), networks/ldm_sampling.py (the denoising loop and the seeds of the
+images), utils/image_quality.py (SSIM, PSNR, memorisation, C2ST, the autoencoder's evaluation),
+utils/ldm_run.py (the run folder and the stages' skeleton).
 """
 from __future__ import annotations
 
@@ -170,3 +172,25 @@ def latent_scaling_factor(latents: torch.Tensor) -> float:
     if not np.isfinite(std) or std <= 0:
         raise ValueError(f"training latents have std {std}: the autoencoder is degenerate")
     return 1.0 / std
+
+
+def encode_training_set(vae, dataset, device, batch_size: int, progress: bool = True):
+    """Posterior mean and std of every training image and of its mirror image: (N, 2, C, h, w) each.
+
+    The autoencoder is frozen, so each image is encoded once (fp32) instead of at every step.
+    Under torchrun every process encodes all images in the same batches as a single process: the
+    latents, and the latent scaling factor, are those of a single-process run.
+    """
+    from tqdm import tqdm
+
+    items = [(i, flip) for i in range(len(dataset)) for flip in (False, True)]
+    means, stds = [], []
+    with torch.no_grad():
+        for first in tqdm(range(0, len(items), batch_size), desc="encoding training images", leave=False,
+                          disable=not progress):
+            images = torch.stack([dataset[item][0] for item in items[first:first + batch_size]]).to(device)
+            posterior = vae.encode(images).latent_dist
+            means.append(posterior.mean.float())
+            stds.append(posterior.std.float())
+    shape = (len(dataset), 2, *means[0].shape[1:])
+    return torch.cat(means).reshape(shape), torch.cat(stds).reshape(shape)

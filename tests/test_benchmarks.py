@@ -179,6 +179,7 @@ def test_bench_ldm_steps_compute_train_ldm_losses(tmp_path):
     from dataloaders.ldm_data import StepBatchSampler, TrainingImages, load_training_set
     from networks.ldm import (STREAM_DIFFUSION, STREAM_VAE, AutoencoderPass, PatchDiscriminator, build_unet, build_vae,
                               latent_size, noise_scheduler)
+    from networks.ldm_losses import LatentDiffusionLoss
     from utils.ldm_run import VAE_DIR, load_model
     from utils.runtime import step_generator
     from utils.config import parse_config
@@ -230,9 +231,9 @@ def test_bench_ldm_steps_compute_train_ldm_losses(tmp_path):
     torch.manual_seed(cfg.seed)
     unet = build_unet(cfg, len(training.class_names)).train()
     sampler = StepBatchSampler(len(dataset), cfg.batch_size, cfg.seed, 0, cfg.diffusion_steps)
-    loss = bench.diffusion_loss(unet, noise_scheduler(cfg), means, stds, torch.tensor(training.labels),
-                                sampler.batch(0), step_generator(cfg.seed, 0, STREAM_DIFFUSION, cpu), scaling, cfg,
-                                cpu, None, len(training.class_names))
+    diffusion_loss = LatentDiffusionLoss(noise_scheduler(cfg), means, stds, torch.tensor(training.labels), scaling, cfg,
+                                         len(training.class_names))
+    loss = diffusion_loss(unet, sampler.batch(0), step_generator(cfg.seed, 0, STREAM_DIFFUSION, cpu))
     first = logged_losses(tmp_path / "run" / "losses_diffusion.csv")[0]
     assert first["step"] == 1 and math.isclose(float(loss.detach()), first["loss"], rel_tol=1e-4, abs_tol=1e-6)
 

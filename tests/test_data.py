@@ -16,6 +16,7 @@ from dataloaders.samplers import StreamBatchSampler
 from dataloaders.ldm_data import load_training_set
 from dataloaders.splits import load_run_data
 from utils.config import parse_config
+from utils.ldm_run import load_data
 import train
 import train_ldm
 
@@ -206,7 +207,7 @@ def test_split_name_is_a_flag_of_every_script_that_reads_split_files(tmp_path):
     (data / "a_train1.txt").write_text("\n".join(f"benign ({k})" for k in (1, 3, 5)) + "\n")
     args = ["--data-dir", str(data), "--split-name", "a"]
     assert parse_config(train.OPTIONS, "", args).split_name == "a"
-    assert train_ldm.load_data(parse_config(train_ldm.OPTIONS, "", args)).ids == ["benign (1)", "benign (3)", "benign (5)"]
+    assert load_data(parse_config(train_ldm.OPTIONS, "", args)).ids == ["benign (1)", "benign (3)", "benign (5)"]
     assert train.main([*args, "--out-dir", str(tmp_path / "run"), "--mode", "supervised", "--labeled-fraction", "1",
                        "--width", "4", "--image-size", "32", "--batch-size", "2", "--labeled-batch-size", "2",
                        "--iterations", "1", "--num-workers", "0", "--no-progress"]) == 0

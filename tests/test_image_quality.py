@@ -10,6 +10,7 @@ from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from conftest import ROOT
 import train_ldm
 from networks.ldm import AutoencoderPass, build_vae
+from networks.ldm_losses import kl_per_pixel
 from utils.config import parse_config
 from utils.image_quality import c2st_accuracy, psnr
 
@@ -27,7 +28,7 @@ def test_kl_is_summed_over_the_latent_and_divided_by_the_image_pixels():
     moments = torch.cat([torch.ones(1, 4, 2, 2), torch.zeros(1, 4, 2, 2)], dim=1)
     kl = DiagonalGaussianDistribution(moments).kl().mean()
     assert kl.item() == pytest.approx(8.0)
-    assert train_ldm.kl_per_pixel(kl, torch.zeros(1, 1, 8, 8)).item() == pytest.approx(8.0 / 64)
+    assert kl_per_pixel(kl, torch.zeros(1, 1, 8, 8)).item() == pytest.approx(8.0 / 64)
 
     # in the loss: L1 + (1 - SSIM) + kl_weight x KL / (C x H x W), the KL logged as the per-image sum
     cfg = parse_config(train_ldm.OPTIONS, "", ["--config", str(ROOT / "configs" / "ldm_tiny.yaml"),

@@ -1,5 +1,8 @@
-"""The run folder of stage 1: its layout, its description file ``ldm.json``, and the networks
-saved in it, written atomically and read back with every weight checked.
+"""The run folder of stage 1: its layout, its description file ``ldm.json``, the networks saved in
+it (written atomically, read back with every weight checked), what a command means for it
+(:func:`prepare_run`: a new run, a continued one, a diffusion stage started over; nothing written
+before the settings and the data are checked) and :class:`LdmStage`, the training skeleton both
+stages of train_ldm.py share (utils.training.Trainer with the run folder's state files).
 
 A run folder written by train_ldm.py::
 
@@ -20,10 +23,14 @@ import shutil
 from pathlib import Path
 from types import SimpleNamespace
 
+from dataloaders.io import dataset_name
 from dataloaders.ldm_data import load_training_set
 from networks.ldm import IMAGE_CHANNELS, check_architecture, latent_size
 from utils.checkpoint import CheckpointError, UnsafeCheckpointError, load_checkpoint
+from utils import distributed
 from utils.config import ConfigError, file_values, read_yaml, save_yaml
+from utils.runtime import autocast_dtype
+from utils.training import Trainer, TrainingState
 
 KIND = "mgcc-ldm"
 RUN_INFO = "ldm.json"
@@ -242,6 +249,17 @@ def absolute_paths(values: dict) -> dict:
     return values
 
 
+def run_folder(cfg: SimpleNamespace) -> Path:
+    """The run folder (--out-dir, else runs/ldm_<dataset>_<split>); the data paths made absolute in ``cfg``."""
+    cfg.data_dir = absolute_paths({"data_dir": cfg.data_dir})["data_dir"]
+    cfg.class_csv = absolute_paths({"class_csv": cfg.class_csv})["class_csv"]
+    if cfg.out_dir is None:
+        if cfg.data_dir is None:
+            raise ConfigError("give --out-dir (the run folder) or --data-dir (to name it runs/ldm_<dataset>_<split>)")
+        cfg.out_dir = f"runs/ldm_{dataset_name(cfg.data_dir)}_{cfg.split}"
+    return Path(cfg.out_dir)
+
+
 def merged_config(cfg: SimpleNamespace, run_dir: Path, may_change: set[str], options) -> SimpleNamespace:
     """The configuration of a run that is continued: its config.yaml, then the values given now.
 
@@ -379,3 +397,69 @@ def read_state(path: Path, kind: str, what: str):
         raise CheckpointError(f"{error}; expected the {what} training state that train_ldm.py writes there "
                               f"(kind {kind!r}). The run cannot continue from it: start the stage over with "
                               "--overwrite, or use another --out-dir") from None
+
+
+# ----------------------------------------------------------------------------------------------
+# the training skeleton of both stages
+# ----------------------------------------------------------------------------------------------
+
+class LdmStage(Trainer):
+    """The skeleton both stages share (utils.training.Trainer): the state file --resume continues
+    from, the loss records (losses_<stage>.csv and .png), previews every sample_every steps, and at
+    each checkpoint the stage's networks (diffusers save_pretrained) and ldm.json. A stage is
+    ``stage = Stage(...)``; nothing to do when ``stage.finished()``; else ``stage.setup(data)``
+    (builds the networks, then ``register`` restores what the state file holds) and ``stage.train()``.
+    """
+    name = ""  # "vae" or "diffusion"
+    panels: dict[str, dict[str, str]] = {}  # the loss plot: {panel title: {curve label: loss name}}
+    advice = ". A lower learning rate or --grad-clip needs a new run (--overwrite)"
+    eval_reads_losses = False  # a preview is no evaluation of the losses: losses are read every log_every
+
+    def __init__(self, total: int, cfg: SimpleNamespace, run_dir: Path, info: dict, ctx, device, stop):
+        state_file, kind = STATE_FILES[self.name]
+        self.saved = read_state(run_dir / state_file, kind, self.what)
+        super().__init__(total, self.saved["step"] if self.saved else 0, ctx, device, stop, TrainingState(), kind,
+                         run_dir / state_file, log_every=cfg.log_every, checkpoint_every=cfg.checkpoint_every,
+                         eval_every=cfg.sample_every, progress=cfg.progress,
+                         history=self.saved["history"] if self.saved else None)
+        self.cfg, self.run_dir, self.info = cfg, run_dir, info
+        self.amp_dtype = autocast_dtype(cfg.precision, device)
+
+    def finished(self) -> bool:
+        """True (and said) when the stage has already trained its steps."""
+        if self.start >= self.total and self.ctx.is_main:
+            print(f"{self.what}: already trained for {self.start} steps")
+        return self.start >= self.total
+
+    def register(self, **parts) -> None:
+        """What the state file holds, under these names; restored (with the RNG) when the stage is continued."""
+        self.state = TrainingState(**parts)
+        self.restore(self.saved)
+        if self.saved and self.ctx.is_main:
+            print(f"{self.what}: resuming at step {self.start} of {self.total}")
+
+    def checkpoint_extra(self, done: int) -> dict:
+        self.info[f"{self.name}_step"] = done
+        return {"step": done, "history": self.losses.history}
+
+    def on_checkpoint(self, done: int) -> None:
+        self.save_models()
+        write_run_info(self.run_dir, self.info)
+        self.losses.write(self.run_dir / f"losses_{self.name}.csv", self.run_dir / f"losses_{self.name}.png",
+                          f"{self.what} training losses", self.panels)
+
+    def on_eval(self, done: int) -> None:
+        if self.ctx.is_main and self.cfg.preview_images > 0:
+            self.save_preview(done)
+
+    def train(self) -> int:
+        """Train the remaining steps; 0, or 128 + the signal number when a signal stopped the stage."""
+        if self.ctx.is_main:
+            (self.run_dir / PREVIEW_DIR).mkdir(exist_ok=True)
+        finished = self.run(self.what)
+        distributed.barrier()  # rank 0 has written this stage's models before any rank reads them
+        if not finished:
+            stage = self.name if self.cfg.stage == self.name else "all"
+            return self.stopped("train_ldm.py", "--out-dir", str(self.run_dir), "--stage", stage, who=self.what)
+        self.report_speed(self.what)
+        return 0

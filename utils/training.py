@@ -108,6 +108,11 @@ def restore(state: TrainingState, saved: dict | None, ctx) -> None:
         set_rng_state(rank_rng_state(saved["rng"], ctx))
 
 
+def stop_requested(stop, ctx, device) -> bool:
+    """A signal reached this process or, under torchrun, any: every rank gets the same answer."""
+    return distributed.any_rank(bool(stop), device) if ctx.enabled else bool(stop)
+
+
 def stop_status(stop) -> int:
     """128 + the number of the signal that stopped the run (the same on every rank)."""
     return 128 + max(distributed.gather_objects(stop.signal_number))
@@ -240,10 +245,9 @@ class Trainer:
         restore(self.state, saved, self.ctx)
 
     def stop_requested(self, read_now: bool) -> bool:
-        """A signal reached this process or, under torchrun, any (agreed by every rank)."""
-        if not self.ctx.enabled:
-            return bool(self.stop)
-        return (self.agree_every_step or read_now) and distributed.any_rank(bool(self.stop), self.device)
+        if self.ctx.enabled and not (self.agree_every_step or read_now):
+            return False  # the ranks agree at the next reading
+        return stop_requested(self.stop, self.ctx, self.device)
 
     def save_checkpoint(self, done: int) -> None:
         """Check the weights, gather every rank's RNG state, write the state file (rank 0), then on_checkpoint."""
