@@ -11,11 +11,17 @@ image) and <out>/metrics.json (means), computed at each image's own size.
 by the official MGCC code (a plain state_dict): the latter is detected, renamed, and run with the
 official preprocessing (3-channel BGR, 256 x 256, official normalisation), so it gives the official
 code's masks.
+
+Outputs never replace inputs: an --output-dir that is, or holds, the input or mask folder is refused,
+as is a masks/ or overlays/ folder that is a link to elsewhere. Every file is written atomically
+(temporary file, fsync, size and read-back checked, rename), so a full disk is one error, not
+empty masks, and a link at an output's name is replaced, never written through.
 """
 from __future__ import annotations
 
 import argparse
 import csv
+import io
 import json
 from pathlib import Path
 
@@ -26,12 +32,14 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from dataloaders.datasets import SegmentationDataset
-from dataloaders.io import (MASK_VALUES, DataError, check_images, check_pairs, image_folder, list_images, read_id_list,
-                            read_image, read_mask, select_cases)
+from dataloaders.io import (MASK_VALUES, DataError, add_pixel_limit_flag, check_images, check_pairs, image_folder,
+                            list_images, read_id_list, read_image, read_mask, select_cases, set_max_image_pixels)
 from networks.mgcc import MGCCNet
 from networks.official import convert_official_state_dict, infer_official_architecture, is_official_state_dict
-from utils.checkpoint import CheckpointError, load_checkpoint
+from utils.checkpoint import CheckpointError, check_finite, load_checkpoint, require_fields
 from utils.cli import run_cli
+from utils.config import NON_NEGATIVE, POSITIVE, between, checked
+from utils.files import atomic_write_text, write_error
 from utils.metrics import METRIC_NAMES, per_image_metrics
 from utils.plots import overlay, save_image
 from utils.runtime import autocast_dtype, ignore_stop_signals, resolve_device
@@ -56,13 +64,15 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="write overlay PNGs (default: on)")
     parser.add_argument("--mask-values", choices=MASK_VALUES, default="binary",
                         help="ground-truth mask values: binary (0/255), threshold (> 127) or nonzero (> 0) (default: binary)")
-    parser.add_argument("--threshold", type=float, default=0.5, help="foreground where sigmoid(logit) > this (default: 0.5)")
-    parser.add_argument("--batch-size", type=int, default=8, help="images per forward pass (default: 8)")
-    parser.add_argument("--num-workers", type=int, default=2, help="data-loader workers (default: 2)")
+    parser.add_argument("--threshold", type=checked(float, between(0, 1)), default=0.5,
+                        help="foreground where sigmoid(logit) > this (default: 0.5)")
+    parser.add_argument("--batch-size", type=checked(int, POSITIVE), default=8, help="images per forward pass (default: 8)")
+    parser.add_argument("--num-workers", type=checked(int, NON_NEGATIVE), default=2, help="data-loader workers (default: 2)")
     parser.add_argument("--precision", choices=("fp32", "bf16", "auto"), default="fp32",
                         help="autocast precision (default: fp32)")
     parser.add_argument("--device", default="auto", help="auto (CUDA if present, else CPU), cpu, cuda or cuda:N")
     parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="progress bar")
+    add_pixel_limit_flag(parser)
     return parser.parse_args(argv)
 
 
@@ -74,6 +84,7 @@ def load_segmenter(path: Path) -> tuple[MGCCNet, dict, str]:
                               "(e.g. runs/<run>/checkpoint_best.pt) or an official MGCC state_dict")
     checkpoint = load_checkpoint(path)
     if is_official_state_dict(checkpoint):
+        check_finite(checkpoint, path)
         model = MGCCNet(**infer_official_architecture(checkpoint))
         model.load_state_dict(convert_official_state_dict(checkpoint))
         return model.eval(), dict(OFFICIAL_PREPROCESSING), "official MGCC checkpoint"
@@ -82,7 +93,16 @@ def load_segmenter(path: Path) -> tuple[MGCCNet, dict, str]:
         raise CheckpointError(f"{path} is not a segmenter checkpoint: expected one written by train.py "
                               f"(kind {SEGMENTER_KIND!r}) or an official MGCC state_dict, found "
                               f"{'kind ' + repr(kind) if kind else type(checkpoint).__name__}")
-    model = MGCCNet(**checkpoint["model_args"])
+    require_fields(checkpoint, path, {"model": dict, "model_args": dict, "config": dict, "iteration": int})
+    missing = [k for k in (*OFFICIAL_PREPROCESSING, "mode") if k not in checkpoint["config"]]
+    if missing:
+        raise CheckpointError(f"{path}: its config lacks {', '.join(missing)} (not written by train.py?)")
+    check_finite(checkpoint["model"], path)
+    try:
+        model = MGCCNet(**checkpoint["model_args"])
+    except (TypeError, ValueError) as error:
+        raise CheckpointError(f"{path}: its model_args {checkpoint['model_args']} do not describe the network: "
+                              f"{error}") from None
     try:
         model.load_state_dict(checkpoint["model"])
     except RuntimeError as error:
@@ -93,6 +113,29 @@ def load_segmenter(path: Path) -> tuple[MGCCNet, dict, str]:
     config = checkpoint["config"]
     preprocessing = {k: config[k] for k in OFFICIAL_PREPROCESSING}
     return model.eval(), preprocessing, f"train.py checkpoint ({config['mode']}, iteration {checkpoint['iteration']})"
+
+
+def check_output_dir(output_dir: Path, inputs: dict[str, Path]) -> None:
+    """Refuse an output folder whose writes could replace an input: the folder, or its masks/ or
+    overlays/, equal to or holding an input folder (e.g. --output-dir <gt> with --masks-dir <gt>/masks),
+    or a masks/ / overlays/ that is a link out of the output folder."""
+    out = output_dir.resolve()
+    problems = []
+    for sub in ("masks", "overlays"):
+        target = output_dir / sub
+        if target.is_symlink() or (target.exists() and target.resolve().parent != out):
+            problems.append(f"{target} is a link to {target.resolve()}: outputs are never written through links "
+                            "out of the output folder; remove the link or choose another --output-dir")
+    for where in (out, *(out / sub for sub in ("masks", "overlays"))):
+        where = where.resolve()
+        for what, folder in inputs.items():
+            folder = folder.resolve()
+            if where == folder or where in folder.parents:
+                problems.append(f"--output-dir {output_dir} would write into {where}, which "
+                                f"{'is' if where == folder else 'holds'} the {what} {folder}: the predictions would "
+                                "replace inputs; choose an output folder outside the inputs")
+    if problems:
+        raise DataError(problems[0] if len(problems) == 1 else "; ".join(problems))
 
 
 def match_masks(images: list[Path], masks_dir: Path) -> dict[str, Path]:
@@ -109,6 +152,7 @@ def match_masks(images: list[Path], masks_dir: Path) -> dict[str, Path]:
 @torch.no_grad()
 def main(argv=None) -> int:
     args = parse_args(argv)
+    set_max_image_pixels(args.max_image_pixels)
     device = resolve_device(args.device)
     amp_dtype = autocast_dtype(args.precision, device)
     model, prep, description = load_segmenter(args.checkpoint)
@@ -119,6 +163,8 @@ def main(argv=None) -> int:
         images = [item[1] for item in select_cases({i: (p,) for i, p in by_id.items()}, read_id_list(args.ids),
                                                    str(args.ids))]
     masks = match_masks(images, args.masks_dir) if args.masks_dir else {}
+    check_output_dir(args.output_dir, {"input folder": images[0].parent, **({"mask folder": args.masks_dir}
+                                                                            if args.masks_dir else {})})
     # every file is opened once (and each mask's size checked) before anything is written
     if masks:
         check_pairs([(p.stem, p, masks[p.stem]) for p in images], mask_values=args.mask_values)
@@ -132,7 +178,10 @@ def main(argv=None) -> int:
     print(f"{description}: {len(images)} images -> {args.output_dir}", flush=True)
 
     for sub in ("masks", "overlays") if args.overlays else ("masks",):
-        (args.output_dir / sub).mkdir(parents=True, exist_ok=True)
+        try:
+            (args.output_dir / sub).mkdir(parents=True, exist_ok=True)
+        except OSError as error:  # a file in the way, a read-only folder
+            raise write_error(args.output_dir / sub, error) from None
     rows = []
     for batch in tqdm(loader, desc="predicting", disable=not args.progress):
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
@@ -150,12 +199,13 @@ def main(argv=None) -> int:
                 original = read_image(image_paths[case_id], 3)
                 save_image(args.output_dir / "overlays" / f"{case_id}.png", overlay(original, pred, truth))
     if rows:
-        with open(args.output_dir / "metrics.csv", "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=["id", *METRIC_NAMES])
-            writer.writeheader()
-            writer.writerows(rows)
+        table = io.StringIO(newline="")
+        writer = csv.DictWriter(table, fieldnames=["id", *METRIC_NAMES])
+        writer.writeheader()
+        writer.writerows(rows)
+        atomic_write_text(args.output_dir / "metrics.csv", table.getvalue())
         means = {k: float(np.mean([r[k] for r in rows])) for k in METRIC_NAMES}
-        (args.output_dir / "metrics.json").write_text(json.dumps(
+        atomic_write_text(args.output_dir / "metrics.json", json.dumps(
             {"checkpoint": str(args.checkpoint), "images": len(rows), "evaluated_at": "each image's own size",
              "threshold": args.threshold, **means}, indent=2))
         print("  ".join(f"{k} {v:.4f}" for k, v in means.items()))

@@ -23,7 +23,7 @@ import tempfile
 from collections import Counter
 from pathlib import Path
 
-from dataloaders.io import DataError, check_pairs, dataset_name, find_cases
+from dataloaders.io import DataError, add_pixel_limit_flag, check_pairs, dataset_name, find_cases, set_max_image_pixels
 
 DEFAULT_SEEDS = (41, 64, 1337)
 DEFAULT_VAL_FRACTION = 0.3
@@ -151,11 +151,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--overwrite", action="store_true",
                         help="replace existing <name>_train*/_val* files (default: refuse); stale ones "
                              "beyond the new count are removed")
+    add_pixel_limit_flag(parser)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    set_max_image_pixels(args.max_image_pixels)
     try:
         if args.folds is not None and args.val_fraction is not None:
             raise DataError("--val-fraction cannot be used with --folds (each validation fold is 1/K)")

@@ -11,6 +11,8 @@ one :class:`DataError` whose message names the offending files.
 """
 from __future__ import annotations
 
+import io
+import os
 import sys
 import warnings
 from collections import defaultdict
@@ -18,6 +20,8 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+
+from utils.config import Option, between, checked
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 MASK_SUBDIR = Path("masks") / "0"
@@ -29,6 +33,18 @@ MASK_THRESHOLD = 127  # foreground where the mask value is > 127 (masks are 0/25
 #   nonzero:   foreground where > 0 (label maps with several lesion labels, 0/1 masks)
 MASK_VALUES = ("binary", "threshold", "nonzero")
 _MAX_LISTED = 20  # offenders named in one message before "... and N more"
+# Largest image (width x height) a script decodes (option max_image_pixels); ultrasound images are
+# below 2 megapixels, and one 20000 x 20000 PNG of 15 MB takes a training run to 4 GB. The limit is
+# checked on the file's header, before anything is decoded. It travels in the environment so that
+# data-loader workers started by spawn see the value the script was given.
+MAX_IMAGE_PIXELS = 25_000_000
+OPENCV_MAX_IMAGE_PIXELS = 1 << 30  # OpenCV's own CV_IO_MAX_IMAGE_PIXELS: a higher limit could not be met
+_PIXEL_LIMIT_ENV = "MGCC_MAX_IMAGE_PIXELS"
+# 16-bit files: 12-bit scanners store 0..4095 in them; a file whose largest value is at most 4095 is
+# read as 12-bit (scaled by 255 / 4095), any other as 16-bit (255 / 65535), both to the 0..255 the
+# networks' normalisation expects. OpenCV's own 16 -> 8 bit conversion keeps the high byte, which
+# turns 12-bit images into 0..15.
+_TWELVE_BIT_MAX = 4095
 
 
 class DataError(ValueError):
@@ -100,8 +116,52 @@ def find_cases(data_dir: str | Path) -> dict[str, tuple[Path, Path]]:
     return {i: (images[i], masks[i]) for i in sorted(images)}
 
 
-def _decode(path: Path, flags: int) -> np.ndarray:
-    """Decode an image file, raising DataError for a missing, corrupt or truncated file."""
+_PIXEL_LIMIT_HELP = ("largest image, width x height, a file may have (checked on its header, before it is decoded; "
+                     f"at most {OPENCV_MAX_IMAGE_PIXELS}, OpenCV's own limit)")
+PIXEL_LIMIT_CHECK = between(1, OPENCV_MAX_IMAGE_PIXELS)
+# the option of every script that reads images (schema scripts); argparse scripts: add_pixel_limit_flag
+MAX_IMAGE_PIXELS_OPTION = Option("max_image_pixels", MAX_IMAGE_PIXELS, _PIXEL_LIMIT_HELP, check=PIXEL_LIMIT_CHECK,
+                                 in_file=False)
+
+
+def add_pixel_limit_flag(parser) -> None:
+    parser.add_argument("--max-image-pixels", type=checked(int, PIXEL_LIMIT_CHECK), default=MAX_IMAGE_PIXELS,
+                        help=f"{_PIXEL_LIMIT_HELP} (default: {MAX_IMAGE_PIXELS})")
+
+
+def set_max_image_pixels(limit: int) -> None:
+    """The largest width x height any image may have in this process and its workers."""
+    if not 1 <= int(limit) <= OPENCV_MAX_IMAGE_PIXELS:
+        raise DataError(f"max_image_pixels must be between 1 and {OPENCV_MAX_IMAGE_PIXELS} (OpenCV's own limit), "
+                        f"got {limit}")
+    os.environ[_PIXEL_LIMIT_ENV] = str(int(limit))
+
+
+def max_image_pixels() -> int:
+    return int(os.environ.get(_PIXEL_LIMIT_ENV, MAX_IMAGE_PIXELS))
+
+
+def _header(data: np.ndarray) -> tuple[tuple[int, int], str] | None:
+    """((width, height), PIL mode) from the file's header, nothing decoded; None if PIL cannot tell."""
+    from PIL import Image
+
+    limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None  # we check the size ourselves, below
+    try:
+        with Image.open(io.BytesIO(data.tobytes())) as image:
+            mode = image.mode + ("A" if image.mode == "P" and "transparency" in image.info else "")
+            return image.size, mode
+    except Exception:  # noqa: BLE001 - a format PIL does not know: OpenCV decides below
+        return None
+    finally:
+        Image.MAX_IMAGE_PIXELS = limit
+
+
+def _decode(path: Path, flags: int, alpha: bool = False) -> np.ndarray:
+    """Decode an image file, raising DataError for a missing, corrupt, truncated or too large file.
+
+    With ``alpha`` an image with an alpha channel is decoded unchanged (colour and alpha, for
+    :func:`read_mask`); any other image with ``flags``. 16-bit files keep their 16 bits.
+    """
     try:
         data = np.fromfile(path, dtype=np.uint8)
     except OSError as error:
@@ -109,38 +169,93 @@ def _decode(path: Path, flags: int) -> np.ndarray:
     # libjpeg decodes a truncated JPEG with a grey tail and only a warning: check the end marker.
     if path.suffix.lower() in (".jpg", ".jpeg") and not bytes(data[-16:]).rstrip(b"\0\r\n ").endswith(b"\xff\xd9"):
         raise DataError(f"cannot read {path}: truncated JPEG (no end-of-image marker)")
-    image = cv2.imdecode(data, flags) if data.size else None
+    header = _header(data) if data.size else None
+    if header is not None:
+        (width, height), mode = header
+        limit = max_image_pixels()
+        if width * height > limit:
+            raise DataError(f"{path} is {width}x{height} = {width * height} pixels, more than the limit of {limit} "
+                            "(option max_image_pixels: raise it if the image is meant to be this large, or resize "
+                            "it; it would be decoded to memory in full)")
+        if alpha and mode.endswith(("A", "a")):
+            flags = cv2.IMREAD_UNCHANGED
+    try:
+        image = cv2.imdecode(data, flags | cv2.IMREAD_ANYDEPTH) if data.size else None
+    except cv2.error as error:  # e.g. a header claiming more than OpenCV's own pixel limit
+        raise DataError(f"cannot read {path}: OpenCV refused it: {str(error).strip().splitlines()[-1]}") from None
     if image is None:
         raise DataError(f"cannot read {path}: not a readable image (corrupt, truncated or empty)")
+    if image.dtype not in (np.uint8, np.uint16):
+        raise DataError(f"cannot read {path}: {image.dtype} pixels; expected 8- or 16-bit images")
     return image
+
+
+def _to_8bit(image: np.ndarray) -> np.ndarray:
+    """A 16-bit image on the 0..255 scale by its real bit depth (12 or 16, see _TWELVE_BIT_MAX)."""
+    if image.dtype == np.uint8:
+        return image
+    full = _TWELVE_BIT_MAX if image.max() <= _TWELVE_BIT_MAX else 65535
+    return np.round(image.astype(np.float32) * (255.0 / full)).astype(np.uint8)
 
 
 def read_image(path: str | Path, channels: int = 3) -> np.ndarray:
     """Read an image as uint8 HxWxC with C = channels (1: grayscale, 3: BGR as OpenCV reads it).
 
-    Grayscale and colour files may be mixed in one folder: each is converted to ``channels``.
+    Grayscale and colour files may be mixed in one folder: each is converted to ``channels``; an
+    alpha channel is dropped; 16-bit files are scaled to 0..255 by their bit depth (12 or 16).
     """
     if channels not in (1, 3):
         raise DataError(f"channels must be 1 or 3, got {channels}")
     flags = cv2.IMREAD_GRAYSCALE if channels == 1 else cv2.IMREAD_COLOR
-    image = _decode(Path(path), flags)
+    image = _to_8bit(_decode(Path(path), flags))
     return image[..., None] if image.ndim == 2 else image
 
 
+def read_mask_values(path: str | Path) -> np.ndarray:
+    """A mask's grey values (uint8 or uint16, HxW). A mask drawn in the alpha channel (an RGBA or
+    grey+alpha file whose colour is one flat value) is read from its alpha channel; a file with both a
+    drawn colour and a drawn alpha is refused, since which of them is the mask cannot be told."""
+    path = Path(path)
+    image = _decode(path, cv2.IMREAD_GRAYSCALE, alpha=True)
+    if image.ndim == 2:
+        return image
+    colour, alpha = image[..., :-1], image[..., -1]
+    full = np.iinfo(image.dtype).max
+    gray = cv2.cvtColor(colour, cv2.COLOR_BGR2GRAY) if colour.shape[-1] == 3 else colour[..., 0]
+    if alpha.min() == full:  # opaque everywhere: the alpha channel says nothing
+        return gray
+    if colour.min() == colour.max():
+        return alpha
+    raise DataError(f"{path}: mask has both a drawn colour and a drawn alpha channel: which one is the mask "
+                    "cannot be told; save the mask as a grey image (0/255)")
+
+
+def _mask_scale(gray: np.ndarray) -> int:
+    """Largest value of the mask's type: 255 (8-bit) or 65535 (16-bit)."""
+    return int(np.iinfo(gray.dtype).max)
+
+
 def read_mask(path: str | Path, mask_values: str = "binary") -> np.ndarray:
-    """Read a mask as a bool HxW array: foreground where the grey value is > 127 (> 0 for 'nonzero')."""
-    gray = _decode(Path(path), cv2.IMREAD_GRAYSCALE)
-    return gray > 0 if mask_values == "nonzero" else gray > MASK_THRESHOLD
+    """Read a mask as a bool HxW array: foreground where the grey value is > 127 (> 0 for 'nonzero').
+
+    16-bit masks keep their values: 'nonzero' is > 0, the 127 of 'binary'/'threshold' is scaled to
+    the 16-bit range (> 127 x 257), so a 0/65535 mask reads as a 0/255 one does.
+    """
+    gray = read_mask_values(path)
+    return gray > 0 if mask_values == "nonzero" else gray > MASK_THRESHOLD * (_mask_scale(gray) // 255)
 
 
 def classify_mask(gray: np.ndarray) -> str:
-    """'binary' (only 0 and 255), 'noisy' (0/255 with JPEG-like noise: many grey levels, few pixels
-    between 31 and 224) or 'labels' (anything else: 0/1 masks, label maps, grey-level masks)."""
+    """'binary' (only 0 and 255; 0 and 65535 for 16-bit), 'noisy' (0/255 with JPEG-like noise: many
+    grey levels, few pixels between 31 and 224) or 'labels' (anything else: 0/1 masks, label maps,
+    grey-level masks)."""
+    full = _mask_scale(gray)
     values = np.unique(gray)
-    if np.isin(values, (0, 255)).all():
+    if np.isin(values, (0, full)).all():
         return "binary"
-    middle = np.count_nonzero((gray > 30) & (gray < 225)) / gray.size
-    if len(values) > 8 and middle < 0.05 and gray.max() > 224:
+    step = full // 255
+    middle = np.count_nonzero((gray > 30 * step) & (gray < 225 * step)) / gray.size
+    if len(values) > 8 and middle < 0.05 and gray.max() > 224 * step:
         return "noisy"
     return "labels"
 
@@ -150,7 +265,14 @@ def read_id_list(path: str | Path) -> list[str]:
     path = Path(path)
     if not path.is_file():
         raise DataError(f"split file not found: {path}")
-    ids = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise DataError(f"split file {path} is not UTF-8 text (byte {error.start}: {error.object[error.start:error.start + 4]!r}): "
+                        "write it as UTF-8, one id per line (split.py writes such files)") from None
+    except OSError as error:
+        raise DataError(f"cannot read split file {path}: {error.strerror}") from None
+    ids = [line.strip() for line in text.splitlines() if line.strip()]
     if not ids:
         raise DataError(f"split file is empty: {path}")
     duplicates = sorted({i for i in ids if ids.count(i) > 1}) if len(set(ids)) != len(ids) else []
@@ -220,9 +342,9 @@ def check_pairs(pairs: list[tuple[str, Path, Path]], progress: bool = False, mas
     problems, noisy, labels = [], [], []
     for _, image_path, mask_path in tqdm(pairs, desc="checking data", disable=not progress, leave=False):
         arrays = []
-        for path in (image_path, mask_path):
+        for path, read in ((image_path, lambda p: _decode(p, cv2.IMREAD_GRAYSCALE)), (mask_path, read_mask_values)):
             try:
-                arrays.append(_decode(path, cv2.IMREAD_GRAYSCALE))
+                arrays.append(read(path))
             except DataError as error:
                 problems.append(str(error))
         if len(arrays) < 2:
@@ -237,7 +359,8 @@ def check_pairs(pairs: list[tuple[str, Path, Path]], progress: bool = False, mas
                 noisy.append(str(mask_path))
             elif kind == "labels":
                 values = np.unique(mask)
-                labels.append(f"{mask_path}: values {values[:6].tolist()}{' ...' if len(values) > 6 else ''}")
+                depth = "" if mask.dtype == np.uint8 else f" ({mask.dtype.itemsize * 8}-bit)"
+                labels.append(f"{mask_path}: values {values[:6].tolist()}{' ...' if len(values) > 6 else ''}{depth}")
     if labels:
         problems.append(listing("masks that are not 0/255 (use mask_values 'nonzero' for label maps and 0/1 "
                                  "masks, or 'threshold' for foreground above 127)", labels))

@@ -42,6 +42,7 @@ if __package__ in (None, ""):  # run as a file (python dataloaders/phantom.py): 
 
 from dataloaders.io import MASK_SUBDIR, DataError  # noqa: E402
 from utils.config import ConfigError  # noqa: E402
+from utils.files import WriteError  # noqa: E402
 
 MIN_SIDE = 32  # smaller images leave no room for tissue layers around a lesion
 CLASSES = ("benign", "malignant")
@@ -557,7 +558,7 @@ def main(argv: list[str] | None = None) -> int:
         ids = make_phantom_dataset(cfg.out_dir, cfg.num_images, (cfg.height, cfg.width), cfg.seed,
                                    cfg.malignant_fraction, cfg.sector, cfg.overwrite, cfg.preview_count,
                                    progress=True)
-    except (DataError, ConfigError, OSError) as error:
+    except (DataError, ConfigError, OSError, WriteError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     n_malignant = sum(i.startswith("malignant") for i in ids)

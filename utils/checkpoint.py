@@ -7,14 +7,15 @@ dicts, configs, RNG states as tensors, histories of floats) is made of those typ
 """
 from __future__ import annotations
 
-import os
+import math
 import pickle
 import re
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from .files import atomic_write
 
 
 class CheckpointError(ValueError):
@@ -26,22 +27,13 @@ class UnsafeCheckpointError(CheckpointError):
 
 
 def atomic_save(obj: Any, path: str | Path) -> None:
-    """torch.save to a temporary file beside ``path``, then rename it over ``path``.
+    """torch.save to a temporary file beside ``path``, then rename it over ``path`` (utils.files).
 
-    A crash while writing leaves the previous file intact: the rename is atomic on POSIX.
+    A crash or a full disk while writing leaves the previous file intact: the rename is atomic on
+    POSIX. torch.save reports a full disk as a RuntimeError ("unexpected pos"); it becomes one
+    WriteError naming the file.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, lambda f: torch.save(obj, f), catch=(OSError, RuntimeError))
 
 
 def load_checkpoint(path: str | Path, kind: str | None = None, map_location: str | torch.device = "cpu") -> dict:
@@ -69,3 +61,36 @@ def load_checkpoint(path: str | Path, kind: str | None = None, map_location: str
         if found != kind:
             raise CheckpointError(f"{path} is not a {kind} checkpoint (found kind={found!r})")
     return checkpoint
+
+
+def require_fields(checkpoint: dict, path: str | Path, fields: dict[str, type | tuple[type, ...]]) -> None:
+    """Refuse a checkpoint that lacks a field or holds another type there (a crafted or foreign file):
+    one CheckpointError naming the file and every such field, instead of a KeyError later."""
+    def name(types):
+        return " or ".join(t.__name__ for t in (types if isinstance(types, tuple) else (types,)))
+    problems = [f"{key} is missing" if key not in checkpoint else
+                f"{key} is a {type(checkpoint[key]).__name__}, expected a {name(types)}"
+                for key, types in fields.items()
+                if key not in checkpoint or not isinstance(checkpoint[key], types)
+                or (isinstance(checkpoint[key], bool) and bool not in (types if isinstance(types, tuple) else (types,)))]
+    if problems:
+        raise CheckpointError(f"{path} is not a complete checkpoint of this project: {'; '.join(problems)} "
+                              "(a file written by another program, or edited?)")
+
+
+def non_finite_tensors(state: Any, prefix: str = "") -> list[str]:
+    """Names of the floating-point tensors holding NaN or infinity in nested dicts/lists of tensors."""
+    if isinstance(state, torch.Tensor):
+        return [prefix or "tensor"] if state.is_floating_point() and not bool(torch.isfinite(state).all()) else []
+    items = state.items() if isinstance(state, dict) else enumerate(state) if isinstance(state, (list, tuple)) else ()
+    return [name for key, value in items for name in non_finite_tensors(value, f"{prefix}.{key}" if prefix else str(key))]
+
+
+def check_finite(state: Any, path: str | Path, what: str = "weights") -> None:
+    """Refuse weights holding NaN or infinity (a run that diverged, or a damaged file): predictions from
+    them are empty masks or black images scored as if they meant something."""
+    bad = non_finite_tensors(state)
+    if bad:
+        raise CheckpointError(f"{path}: its {what} hold NaN or infinite values in {len(bad)} tensor(s), e.g. "
+                              f"{', '.join(bad[:3])}: the run that wrote it diverged or the file is damaged; use an "
+                              "earlier checkpoint")

@@ -7,8 +7,9 @@ from typing import Callable
 from dataloaders.io import DataError
 from .checkpoint import CheckpointError
 from .config import ConfigError
+from .files import WriteError
 
-USER_ERRORS = (ConfigError, DataError, CheckpointError)
+USER_ERRORS = (ConfigError, DataError, CheckpointError, WriteError)
 
 
 def run_cli(main: Callable[[], int | None]) -> None:

@@ -3,7 +3,9 @@
 Each script declares its options once (name, default, type, help). From that schema come the
 command-line flags (``batch_size`` -> ``--batch-size``), the ``--help`` text and the check of YAML
 files. Precedence: schema default < ``--config`` YAML file < command-line flag. An unknown YAML key
-or flag is an error, never silently ignored.
+or flag is an error, never silently ignored. An option's ``check`` (e.g. :func:`at_least`,
+:func:`multiple_of`) is applied to its resolved value, from whichever source, before the script
+does any work: ``--image-size 33`` is one error naming the flag, not a traceback from the network.
 """
 from __future__ import annotations
 
@@ -29,6 +31,7 @@ class Option:
     choices: Sequence[Any] | None = None
     repeatable: bool = False  # a list: --x a b c (or --x a --x b), or a YAML list
     in_file: bool = True  # False for options of one invocation (--resume, --device): not in YAML
+    check: Callable[[Any], str | None] | None = None  # problem with a (non-None) value, or None if valid
 
     @property
     def flag(self) -> str:
@@ -58,6 +61,74 @@ def count_or(word: str) -> Callable[[str], Any]:
         return value
     parse_count_or_word.__name__ = f"number or '{word}'"
     return parse_count_or_word
+
+
+Check = Callable[[Any], "str | None"]
+
+
+def at_least(minimum: float, why: str = "") -> Check:
+    """A value >= minimum (for a list: each element)."""
+    def check(value: Any) -> str | None:
+        return None if value >= minimum else f"must be at least {minimum:g}{why}"
+    return check
+
+
+def greater_than(minimum: float, why: str = "") -> Check:
+    def check(value: Any) -> str | None:
+        return None if value > minimum else f"must be greater than {minimum:g}{why}"
+    return check
+
+
+def between(low: float, high: float, why: str = "") -> Check:
+    """low <= value <= high."""
+    def check(value: Any) -> str | None:
+        return None if low <= value <= high else f"must be between {low:g} and {high:g}{why}"
+    return check
+
+
+def multiple_of(step: int, why: str = "") -> Check:
+    """A positive multiple of ``step``."""
+    def check(value: Any) -> str | None:
+        return None if value >= step and value % step == 0 else f"must be a positive multiple of {step}{why}"
+    return check
+
+
+def odd_positive(why: str = "") -> Check:
+    def check(value: Any) -> str | None:
+        return None if value >= 1 and value % 2 == 1 else f"must be an odd number >= 1{why}"
+    return check
+
+
+def if_number(check: Check) -> Check:
+    """``check`` for numbers only (an option such as eval_every that also takes a word)."""
+    return lambda value: check(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+POSITIVE = at_least(1)
+NON_NEGATIVE = at_least(0)
+
+
+def problem_of(option: Option, value: Any) -> str | None:
+    """What is wrong with ``value`` by the option's check, or None."""
+    if option.check is None or value is None:
+        return None
+    for item in (value if option.repeatable else [value]):
+        found = option.check(item)
+        if found:
+            return found
+    return None
+
+
+def checked(parse: Callable[[str], Any], check: Check) -> Callable[[str], Any]:
+    """An argparse type: ``parse`` then ``check`` (for scripts with plain argparse flags)."""
+    def parse_checked(text: str) -> Any:
+        value = parse(text)
+        found = check(value)
+        if found:
+            raise argparse.ArgumentTypeError(f"{value!r} {found}")
+        return value
+    parse_checked.__name__ = getattr(parse, "__name__", "value")
+    return parse_checked
 
 
 def _parser_of(option: Option) -> Callable[[str], Any]:
@@ -153,13 +224,19 @@ def parse_config(options: Sequence[Option], description: str, argv: Sequence[str
     args = parser.parse_args(argv)
     values = {o.name: (list(o.default) if o.repeatable else o.default) for o in options}
     config_path = getattr(args, "config", None)
-    if config_path is not None:
-        values.update(read_yaml(config_path, options))
+    from_file = read_yaml(config_path, options) if config_path is not None else {}
+    values.update(from_file)
     explicit = set()
     for option in options:
         if hasattr(args, option.name):
             values[option.name] = getattr(args, option.name)
             explicit.add(option.name)
+    for option in options:
+        found = problem_of(option, values[option.name])
+        if found:
+            where = (option.flag if option.name in explicit else
+                     f"{config_path}: {option.name} =" if option.name in from_file else f"default {option.name} =")
+            raise ConfigError(f"{where} {values[option.name]!r} {found}")
     return SimpleNamespace(**values, config=config_path, explicit=explicit)
 
 

@@ -7,6 +7,8 @@ from typing import Sequence
 import cv2
 import numpy as np
 
+from .files import WriteError, atomic_write_bytes
+
 
 def plot_curves(path: str | Path, panels: dict[str, dict[str, tuple[Sequence[float], Sequence[float]]]],
                 xlabel: str = "iteration", title: str | None = None) -> None:
@@ -47,9 +49,13 @@ def image_grid(images: Sequence[np.ndarray], columns: int = 8, pad: int = 2) -> 
 
 
 def save_image(path: str | Path, image: np.ndarray) -> None:
-    """Write a PNG, raising if OpenCV could not (it only returns False)."""
-    if not cv2.imwrite(str(path), image):
-        raise OSError(f"could not write {path}")
+    """Write an image (PNG by the name's extension) atomically and read back (see utils.files): OpenCV's
+    imwrite reports success for files a full disk left empty, so the image is encoded in memory."""
+    path = Path(path)
+    ok, data = cv2.imencode(path.suffix or ".png", image)
+    if not ok:
+        raise WriteError(f"could not encode the image for {path}")
+    atomic_write_bytes(path, data.tobytes(), verify=True)
 
 
 def overlay(image: np.ndarray, mask: np.ndarray, truth: np.ndarray | None = None) -> np.ndarray:
