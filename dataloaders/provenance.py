@@ -6,14 +6,20 @@ the three published BUSI splits overlap, so split 1's generator has seen most of
 images. sample_ldm.py writes ``<folder>/manifest.csv``, whose ``checkpoint`` column names the
 generator's run folder; that folder's ``ldm.json`` lists the generator's ``train_ids``. Ids are
 compared by name, whatever the dataset folder: two copies of BUSI share their ids.
+
+The check fails closed: a manifest, a generator folder or an ``ldm.json`` it cannot read in full
+is an error, never a pass. Whatever a manifest says, every image of every unlabeled folder is also
+compared by content (a digest of its decoded grey pixels) with the evaluated images, so an
+evaluated image copied into an unlabeled folder (in any lossless format) is refused too.
 """
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 from pathlib import Path
 
-from .io import DataError, note
+from .io import DataError, note, read_image
 
 MANIFEST = "manifest.csv"  # written by sample_ldm.py beside images/
 RUN_INFO = "ldm.json"  # written by train_ldm.py in its run folder (networks.ldm.RUN_INFO)
@@ -29,44 +35,108 @@ def find_manifest(folder: Path) -> Path | None:
 
 
 def generator_runs(manifest: Path) -> list[Path]:
-    """The generator run folders a manifest names (its ``checkpoint`` column), in order of first use."""
+    """The generator run folders a manifest names (its ``checkpoint`` column), in order of first use.
+
+    Relative paths are resolved against the manifest's folder (never the working folder). A manifest
+    that is empty, lists no image, has a row without a checkpoint or is not well-formed CSV is an error.
+    """
     try:
-        with manifest.open(newline="") as f:
-            rows = list(csv.DictReader(f))
+        with manifest.open(newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f, strict=True)
+            rows = list(reader)
+            columns = reader.fieldnames
     except (OSError, UnicodeDecodeError, csv.Error) as error:
-        raise DataError(f"cannot read {manifest}: {error}") from None
-    if rows and "checkpoint" not in rows[0]:
-        raise DataError(f"{manifest} has no 'checkpoint' column: not the manifest sample_ldm.py writes, so the "
-                        "generator of these images cannot be checked (move the file away if it is not one)")
-    return [Path(run) for run in dict.fromkeys(row["checkpoint"] for row in rows if row["checkpoint"])]
+        raise DataError(f"cannot read {manifest}: {error} (not the manifest sample_ldm.py writes, or damaged): "
+                        "the generator of these images cannot be checked") from None
+    if not columns or "checkpoint" not in columns:
+        raise DataError(f"{manifest} has no 'checkpoint' column{' (it is empty)' if not columns else ''}: not the "
+                        "manifest sample_ldm.py writes, so the generator of these images cannot be checked (move "
+                        "the file away if it is not one)")
+    if not rows:
+        raise DataError(f"{manifest} lists no image (a header only): the generator of the folder's images cannot be "
+                        "checked; rewrite it with sample_ldm.py or move it away")
+    blank = [n for n, row in enumerate(rows, start=2) if not (row.get("checkpoint") or "").strip()]
+    if blank:
+        raise DataError(f"{manifest}: line(s) {', '.join(map(str, blank[:_SHOWN]))} name no checkpoint: the generator "
+                        "of those images cannot be checked")
+    runs = dict.fromkeys(Path(row["checkpoint"].strip()) for row in rows)
+    return [run if run.is_absolute() else (manifest.parent / run) for run in runs]
 
 
-def check_unlabeled_provenance(folder: str | Path, evaluated: dict[str, tuple[Path, list[str]]]) -> None:
-    """Refuse an unlabeled folder whose generator trained on an id this run evaluates.
+def generator_train_ids(run: Path, manifest: Path) -> set[str]:
+    """The ids a generator run folder trained on (its ldm.json's ``train_ids``); anything else is an error."""
+    info_path = run / RUN_INFO
+    where = f"the generator {run} named in {manifest}"
+    if not info_path.is_file():
+        raise DataError(f"{where} has no {RUN_INFO}{'' if run.is_dir() else ' (no such folder)'}: not a run folder "
+                        "of train_ldm.py, so the ids it trained on cannot be checked; put the generator's run folder "
+                        "there or move the manifest away")
+    try:
+        info = json.loads(info_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as error:
+        raise DataError(f"cannot read {info_path} ({where}): {error}") from None
+    train_ids = info.get("train_ids") if isinstance(info, dict) else None
+    if not isinstance(train_ids, list) or not train_ids or not all(isinstance(i, str) for i in train_ids):
+        found = "no train_ids" if not isinstance(info, dict) or "train_ids" not in info else \
+            f"train_ids of type {type(train_ids).__name__}" if not isinstance(train_ids, list) else \
+            "an empty train_ids" if not train_ids else "train_ids that are not all strings"
+        raise DataError(f"{info_path} ({where}) has {found}, where train_ldm.py writes the list of ids it trained on: "
+                        "the generator's training ids cannot be checked")
+    return set(train_ids)
+
+
+def pixel_digest(path: Path) -> str:
+    """A digest of an image's decoded grey pixels and size: one for every lossless copy of an image."""
+    gray = read_image(path, channels=1)
+    return hashlib.blake2b(f"{gray.shape}".encode() + gray.tobytes(), digest_size=16).hexdigest()
+
+
+def check_unlabeled_provenance(folder: str | Path, evaluated: dict[str, tuple[Path, list[tuple[str, Path]]]],
+                               images: list[Path] | None = None, data_dir: str | Path | None = None,
+                               evaluated_digests: dict[str, str] | None = None) -> None:
+    """Refuse an unlabeled folder whose generator trained on an id this run evaluates, or that holds an
+    evaluated image.
 
     ``evaluated`` maps the name of each evaluated list ("val", "holdout") to (its split file, its
-    ids). A folder without a manifest (a user's own images) is accepted with a note.
+    (id, image path) pairs). ``images``: the folder's images, compared by content with the evaluated
+    ones (``evaluated_digests``, digest -> id, may be passed to reuse across folders). A folder
+    without a manifest (a user's own images) is accepted with a note once its content is checked.
+    ``data_dir``: the dataset folder, which is never an unlabeled folder.
     """
     folder = Path(folder)
+    if data_dir is not None:
+        data = Path(data_dir).resolve()
+        if folder.resolve() in (data, data / "images"):
+            raise DataError(f"unlabeled folder {folder} is the data folder {data_dir} itself: it holds the val images "
+                            "this run evaluates; give a folder of other images (e.g. sample_ldm.py's output)")
     manifest = find_manifest(folder)
+    if manifest is not None:
+        for run in generator_runs(manifest):
+            trained = generator_train_ids(run, manifest)
+            for part, (split_file, pairs) in evaluated.items():
+                ids = [i for i, _ in pairs]
+                shared = [i for i in ids if i in trained]
+                if shared:
+                    raise DataError(
+                        f"unlabeled folder {folder} was generated by {run} (see {manifest}), a generator trained on "
+                        f"{len(shared)} of the {len(ids)} {part} ids this run evaluates ({split_file.name}), e.g. "
+                        f"{', '.join(map(repr, shared[:_SHOWN]))}: its images would carry them into training and "
+                        "inflate the scores. Use the samples of a generator that never saw them (train_ldm.py on a "
+                        "training list without these ids)")
+    if images:
+        digests = evaluated_digests if evaluated_digests is not None else evaluated_pixel_digests(evaluated)
+        copies = [f"{p.name} = {part} image {case_id!r}" for p in images
+                  for part, case_id in [digests.get(pixel_digest(p), (None, None))] if case_id is not None]
+        if copies:
+            raise DataError(f"unlabeled folder {folder} holds {len(copies)} of the images this run evaluates (same "
+                            f"pixels), e.g. {'; '.join(copies[:_SHOWN])}: training on them would inflate the scores; "
+                            "remove them from the folder")
     if manifest is None:
         note(f"unlabeled folder {folder} has no {MANIFEST}: where its images come from cannot be checked "
-             "(images generated from evaluated images would inflate the scores)")
-        return
-    for run in generator_runs(manifest):
-        try:
-            train_ids = json.loads((run / RUN_INFO).read_text())["train_ids"]
-        except (OSError, ValueError, KeyError, TypeError):
-            note(f"unlabeled folder {folder}: its generator {run} (named in {manifest}) has no readable "
-                 f"{RUN_INFO} with train_ids here, so the ids it trained on cannot be checked")
-            continue
-        trained = set(train_ids)
-        for part, (split_file, ids) in evaluated.items():
-            shared = [i for i in ids if i in trained]
-            if shared:
-                raise DataError(
-                    f"unlabeled folder {folder} was generated by {run} (see {manifest}), a generator trained on "
-                    f"{len(shared)} of the {len(ids)} {part} ids this run evaluates ({split_file.name}), e.g. "
-                    f"{', '.join(map(repr, shared[:_SHOWN]))}: its images would carry them into training and "
-                    "inflate the scores. Use the samples of a generator that never saw them (train_ldm.py on a "
-                    "training list without these ids)")
+             "(images generated from evaluated images would inflate the scores); none of them is a copy of an "
+             "evaluated image")
+
+
+def evaluated_pixel_digests(evaluated: dict[str, tuple[Path, list[tuple[str, Path]]]]) -> dict[str, tuple[str, str]]:
+    """digest -> (part, id) of every evaluated image (see :func:`pixel_digest`)."""
+    return {pixel_digest(path): (part, case_id) for part, (_, pairs) in evaluated.items() for case_id, path in pairs}

@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .provenance import check_unlabeled_provenance
+from .provenance import check_unlabeled_provenance, evaluated_pixel_digests
 from .io import (DataError, check_images, check_pairs, find_cases, read_id_list, select_cases, split_files,
                  unlabeled_images)
 
@@ -75,10 +75,8 @@ def load_run_data(data_dir: str | Path, split: int, labeled_fraction: float = 0.
         if unlabeled_from_train:
             unlabeled += [(case_id, image, None) for case_id, image, _ in pool[n_labeled:]]
         # the generator of a synthetic folder must not have seen an image this run evaluates
-        evaluated = {"val": (val_file, val_ids), **({"holdout": (train_file, [i for i, *_ in carved])} if carved else {})}
-        for folder in unlabeled_dirs:
-            images = unlabeled_images(folder)
-            check_unlabeled_provenance(folder, evaluated)
+        folders = [(folder, unlabeled_images(folder)) for folder in unlabeled_dirs]
+        for folder, images in folders:
             folder_images += images
             unlabeled += [(f"{Path(folder).name}/{p.stem}", p, None) for p in images]
         if not unlabeled:
@@ -88,6 +86,12 @@ def load_run_data(data_dir: str | Path, split: int, labeled_fraction: float = 0.
     if check_files:
         check_pairs(train + val, progress=progress, mask_values=mask_values)
         check_images(folder_images, progress=progress)
+    if need_unlabeled and unlabeled_dirs:
+        evaluated = {"val": (val_file, [(i, image) for i, image, _ in val]),
+                     **({"holdout": (train_file, [(i, image) for i, image, _ in carved])} if carved else {})}
+        digests = evaluated_pixel_digests(evaluated)
+        for folder, images in folders:
+            check_unlabeled_provenance(folder, evaluated, images, data_dir, digests)
     if n_holdout:
         return RunData(labeled, unlabeled, carved, "holdout", report=val)
     return RunData(labeled, unlabeled, val, "val")
