@@ -112,7 +112,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     if "mgcc-synthetic" in args.arms and not args.generator:
         raise ConfigError("--arms mgcc-synthetic needs the generator: drop --no-generator")
     for name in ("train_args", "ldm_args", "sample_args"):
-        setattr(args, name, shlex.split(getattr(args, name)))
+        try:
+            setattr(args, name, shlex.split(getattr(args, name)))
+        except ValueError as error:  # an unclosed quote: shlex says "No closing quotation"
+            raise ConfigError(f"--{name.replace('_', '-')} {getattr(args, name)!r} cannot be split into flags as a "
+                              f"shell would: {error}; close the quote (or quote the whole value once)") from None
     return args
 
 

@@ -63,26 +63,26 @@ def count_or(word: str) -> Callable[[str], Any]:
     return parse_count_or_word
 
 
-Check = Callable[[Any], "str | None"]
+Check = Callable[[Any], "str | None"]  # the problem with a value, or None
 
 
 def at_least(minimum: float, why: str = "") -> Check:
     """A value >= minimum (for a list: each element)."""
     def check(value: Any) -> str | None:
-        return None if value >= minimum else f"must be at least {minimum:g}{why}"
+        return None if value >= minimum else f"must be at least {minimum}{why}"
     return check
 
 
 def greater_than(minimum: float, why: str = "") -> Check:
     def check(value: Any) -> str | None:
-        return None if value > minimum else f"must be greater than {minimum:g}{why}"
+        return None if value > minimum else f"must be greater than {minimum}{why}"
     return check
 
 
 def between(low: float, high: float, why: str = "") -> Check:
     """low <= value <= high."""
     def check(value: Any) -> str | None:
-        return None if low <= value <= high else f"must be between {low:g} and {high:g}{why}"
+        return None if low <= value <= high else f"must be between {low} and {high}{why}"
     return check
 
 
