@@ -203,8 +203,8 @@ def test_a_checkpoint_column_naming_an_unrelated_folder_is_refused(leaking, tmp_
 def test_a_relative_checkpoint_is_found_from_the_manifest_not_the_working_folder(leaking, tmp_path, monkeypatch):
     dataset, synth, run = leaking
     rewrite_manifest(synth, lambda rows: as_csv([rows[0], *[[*r[:6], f"../{run.name}", *r[7:]] for r in rows[1:]]]))
-    elsewhere = tmp_path / "elsewhere"
-    elsewhere.mkdir()
+    elsewhere = tmp_path / "elsewhere" / "deeper"  # where ../ldm_synth_split1 is no folder
+    elsewhere.mkdir(parents=True)
     monkeypatch.chdir(elsewhere)
     with pytest.raises(DataError, match="a generator trained on 3 of the 3 val ids"):
         load_run_data(dataset, 2, unlabeled_dirs=[synth])
