@@ -173,3 +173,22 @@ def test_predict_checks_its_flags(case, tmp_path, capsys, flag, value):
     with pytest.raises(SystemExit) as exit_:
         run_predict(data, checkpoint, tmp_path / "out", flag, value)
     assert exit_.value.code == 2 and f"argument {flag}: " in capsys.readouterr().err
+
+
+def test_a_nan_denoiser_is_refused_where_it_is_loaded(tmp_path):
+    """sample_ldm.py loads its networks through load_model: a NaN denoiser sampled black images, exit 0."""
+    from diffusers import UNet2DModel
+
+    from utils.ldm_run import load_model, save_model
+
+    unet = UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(4, 4), layers_per_block=1,
+                       norm_num_groups=2, down_block_types=("DownBlock2D", "DownBlock2D"),
+                       up_block_types=("UpBlock2D", "UpBlock2D"))
+    save_model(unet, tmp_path / "unet_ema")
+    assert load_model("unet", tmp_path / "unet_ema", "EMA denoiser") is not None
+    with torch.no_grad():
+        next(unet.parameters()).fill_(float("nan"))
+    save_model(unet, tmp_path / "unet_ema")
+    with pytest.raises(CheckpointError, match=r"diffusion_pytorch_model.safetensors: its EMA denoiser weights hold "
+                                              r"NaN or infinite values in 1 tensor\(s\)"):
+        load_model("unet", tmp_path / "unet_ema", "EMA denoiser")

@@ -26,9 +26,10 @@ from types import SimpleNamespace
 from dataloaders.io import dataset_name
 from dataloaders.ldm_data import load_training_set
 from networks.ldm import IMAGE_CHANNELS, check_architecture, latent_size
-from utils.checkpoint import CheckpointError, UnsafeCheckpointError, load_checkpoint
+from utils.checkpoint import CheckpointError, UnsafeCheckpointError, check_finite, load_checkpoint
 from utils import distributed
 from utils.config import ConfigError, file_values, read_yaml, save_yaml
+from utils.files import atomic_write_text, write_error
 from utils.runtime import autocast_dtype
 from utils.training import Trainer, TrainingState
 
@@ -72,6 +73,8 @@ def save_model(model, folder: Path) -> None:
             with path.open("rb") as f:
                 os.fsync(f.fileno())
             os.replace(path, folder / path.name)
+    except (OSError, RuntimeError) as error:  # a full disk, a read-only folder: the old weights stay
+        raise write_error(folder, error) from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -109,19 +112,14 @@ def load_model(kind: str, folder: Path, what: str):
                            ("weights of another shape", resized)) if names)
         raise CheckpointError(f"{folder / WEIGHTS_FILE} does not fit the network of {folder / 'config.json'} "
                               f"({found}): another architecture or width; {expected}")
+    check_finite(weights, folder / WEIGHTS_FILE, f"{what} weights")  # NaN weights sample black images
     model.load_state_dict(weights)
     return model
 
 
 def write_json(path: Path, data: dict) -> None:
-    """Write a JSON file through a temporary file and a rename: a crash never leaves half a file."""
-    tmp = path.parent / f".{path.name}.tmp"
-    try:
-        tmp.write_text(json.dumps(data, indent=1) + "\n")
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    """Write a JSON file atomically (utils.files): a crash or a full disk never leaves half a file."""
+    atomic_write_text(path, json.dumps(data, indent=1) + "\n")
 
 
 def write_run_info(run_dir: Path, info: dict) -> None:

@@ -112,6 +112,8 @@ class Ledger:
         if entry is None or not stage.folder.exists():
             return "todo", ""
         if experiment_args(entry["command"]) != experiment_args(stage.command):
+            if not entry["finished"] and not (stage.resume and stage.resume() is not None):
+                return "todo", ""  # it failed before its first checkpoint: nothing made, nothing to lose
             return "stale", f"made with other options: {describe_change(entry['command'], stage.command)}"
         for dep in stage.depends:
             if dep in pending or self.stages.get(dep, {}).get("finished") != entry["inputs"].get(dep):
@@ -161,16 +163,43 @@ def child_environment() -> dict[str, str]:
     return env
 
 
+def _parent_death_signal() -> Callable[[], None] | None:
+    """A preexec_fn that has the kernel send the child SIGTERM when this process dies (Linux's
+    PR_SET_PDEATHSIG), or None where there is no prctl.
+
+    Why this and not only the run folder's lock: a ``kill -9`` of this process cannot be caught, and
+    the stage, in its own session, would go on writing its folder with nobody watching; with the death
+    signal it gets the SIGTERM it would get from here, finishes its step and checkpoints, and the rerun
+    resumes from there. (The lock still refuses a second writer should one be alive, e.g. elsewhere.)
+    """
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        import ctypes
+        prctl = ctypes.CDLL(None, use_errno=True).prctl  # looked up before the fork, called after it
+    except (OSError, AttributeError):
+        return None
+    parent, pr_set_pdeathsig = os.getpid(), 1
+
+    def end_with_parent() -> None:
+        prctl(pr_set_pdeathsig, int(signal.SIGTERM))
+        if os.getppid() != parent:  # the parent died before prctl: no signal will come
+            os.kill(os.getpid(), signal.SIGTERM)
+    return end_with_parent
+
+
 def run_stage(stage: Stage, argv: list[str], cwd: Path) -> int:
     """Run one stage in its own session, passing on the first SIGINT/SIGTERM this process gets.
 
     In its own session the script sees a signal once, from here, whether the user pressed Ctrl-C,
     killed this process, or its process group: it then finishes its step and checkpoints (a second
-    signal would stop it at once). Returns the script's exit status.
+    signal would stop it at once). If this process is killed outright (``kill -9``), the stage gets
+    SIGTERM from the kernel (see :func:`_parent_death_signal`). Returns the script's exit status.
     """
     command = [sys.executable, *stage.launcher, *argv]
     print(f"\n=== {stage.name}\n$ {shlex.join(['python', *stage.launcher, *argv])}", flush=True)
-    child = subprocess.Popen(command, cwd=cwd, env=child_environment(), start_new_session=True)
+    child = subprocess.Popen(command, cwd=cwd, env=child_environment(), start_new_session=True,
+                             preexec_fn=_parent_death_signal())
     received: list[int] = []
 
     def forward(signum, frame):
