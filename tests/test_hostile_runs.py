@@ -86,3 +86,33 @@ def test_a_stage_that_crashed_before_its_first_checkpoint_runs_again_with_other_
     (tmp_path / "a" / "last.pt").write_text("x")
     with pytest.raises(ConfigError, match="--width 0 -> 4"):
         check_plan([stage(4)], Ledger(tmp_path / "stages.json"))
+
+
+# --- 4. one writer per folder: a lock that a killed writer does not leave held ---------------------------
+
+def hold_lock(folder, marks):
+    """A process that takes the folder's lock and sleeps (the first writer)."""
+    code = ("import sys, time\n"
+            f"sys.path.insert(0, {ROOT!r})\n"
+            "from utils.locks import FolderLock\n"
+            f"FolderLock({str(folder)!r}, 'run folder').acquire()\n"
+            f"open({str(marks)!r}, 'w').write('locked')\n"
+            "time.sleep(120)\n")
+    process = subprocess.Popen([sys.executable, "-c", code])
+    wait_for(lambda: marks.exists(), "the first writer to lock the folder")
+    return process
+
+
+def test_a_second_writer_is_refused_and_a_killed_one_leaves_no_lock(tmp_path):
+    from utils.locks import FolderInUseError, FolderLock
+
+    process = hold_lock(tmp_path / "run", tmp_path / "marks")
+    with pytest.raises(FolderInUseError, match=rf"run folder {tmp_path / 'run'} is being written by another process "
+                                               rf"\(pid {process.pid} on .*, since .*-c\): one writer per folder"):
+        FolderLock(tmp_path / "run", "run folder").acquire()
+    process.kill()
+    process.wait(timeout=60)
+    with FolderLock(tmp_path / "run", "run folder"):  # the kernel released the killed writer's lock
+        with pytest.raises(FolderInUseError):  # and this process's own lock holds against a second taker
+            FolderLock(tmp_path / "run").acquire()
+    FolderLock(tmp_path / "run").acquire().release()

@@ -1,0 +1,83 @@
+"""One writer per run or sample folder.
+
+Two train.py runs started with one --out-dir interleaved their metrics and mixed their checkpoints;
+two sample_ldm.py runs into one folder replaced each other's images. A writer now holds
+``<folder>/.writer.lock`` for its whole life: an exclusive ``fcntl.flock`` on an open descriptor of
+that file. The kernel releases such a lock when the descriptor is closed, however the process ends
+(an exception, ``kill -9``, a power cut of a network file system's client aside), so a crashed or
+killed writer never leaves the folder locked and there is no stale-lock clean-up to get wrong. The file
+holds the holder's pid, host, start time and command, for the message the second writer gets.
+The file itself stays (removing it while another process opens it would let two writers lock two
+different files); it is a few bytes, and only the lock on it means anything.
+"""
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import socket
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+
+from .config import ConfigError
+
+LOCK_FILE = ".writer.lock"
+
+
+class FolderInUseError(ConfigError):
+    """Another live process writes the folder; the message names it."""
+
+
+class FolderLock:
+    """``with FolderLock(folder, "run folder"):`` or ``lock = FolderLock(...).acquire()`` held until
+    :meth:`release` or the process's end."""
+
+    def __init__(self, folder: str | Path, what: str = "folder"):
+        self.folder, self.what = Path(folder), what
+        self.path = self.folder / LOCK_FILE
+        self._fd: int | None = None
+
+    def acquire(self) -> "FolderLock":
+        from .files import write_error
+
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as error:
+            raise write_error(self.path, error) from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:  # BlockingIOError: held by a live process
+            holder = _read_holder(fd)
+            os.close(fd)
+            raise FolderInUseError(
+                f"{self.what} {self.folder} is being written by another process ({holder}): one writer per folder. "
+                "Wait for it to finish, stop it, or choose another --out-dir") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                                 "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                                 "command": sys.argv}).encode())
+        os.fsync(fd)
+        self._fd = fd
+        return self
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing the descriptor releases the lock
+            self._fd = None
+
+    def __enter__(self) -> "FolderLock":
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+def _read_holder(fd: int) -> str:
+    try:
+        info = json.loads(os.pread(fd, 65536, 0) or b"{}")
+        command = " ".join(Path(info["command"][0]).name if i == 0 else a for i, a in enumerate(info["command"]))
+        return f"pid {info['pid']} on {info['host']}, since {info['started']}: {command}"
+    except (OSError, ValueError, KeyError, TypeError, IndexError):
+        return "its details are not written yet"
