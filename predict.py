@@ -66,7 +66,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="ground-truth mask values: binary (0/255), threshold (> 127) or nonzero (> 0) (default: binary)")
     parser.add_argument("--threshold", type=checked(float, between(0, 1)), default=0.5,
                         help="foreground where sigmoid(logit) > this (default: 0.5)")
-    parser.add_argument("--batch-size", type=checked(int, POSITIVE), default=8, help="images per forward pass (default: 8)")
+    parser.add_argument("--batch-size", type=checked(int, POSITIVE), default=8,
+                        help="images per forward pass (default: 8)")
     parser.add_argument("--num-workers", type=checked(int, NON_NEGATIVE), default=2, help="data-loader workers (default: 2)")
     parser.add_argument("--precision", choices=("fp32", "bf16", "auto"), default="fp32",
                         help="autocast precision (default: fp32)")

@@ -32,7 +32,8 @@ from networks.mgcc import MGCCNet, count_parameters
 from utils import distributed
 from utils.checkpoint import load_checkpoint
 from utils.cli import run_cli
-from utils.config import ConfigError, Option, count_or, file_values, optional, parse_config, save_yaml
+from utils.config import (NON_NEGATIVE, POSITIVE, ConfigError, Option, between, count_or, file_values, greater_than,
+                          if_number, multiple_of, odd_positive, optional, parse_config, save_yaml)
 from utils.evaluation import evaluate
 from utils.losses import bce_dice_loss, consistency_loss, consistency_weight, poly_lr_factor, supervised_loss
 from utils.run import RunRecord, claim_run_folder
@@ -43,10 +44,11 @@ CHECKPOINT_KIND = "mgcc-segmenter"
 OPTIONS = [
     # data
     Option("data_dir", None, "dataset folder (images/, masks/0/, <name>_train<i>.txt, <name>_val<i>.txt)", type=str),
-    Option("split", 1, "split number i: uses <name>_train<i>.txt and <name>_val<i>.txt"),
+    Option("split", 1, "split number i: uses <name>_train<i>.txt and <name>_val<i>.txt", check=POSITIVE),
     Option("split_name", None, "prefix of the split files (<name>_train<i>.txt); none: the data folder's name lower-cased, or "
            "the prefix of the only *_train<i>.txt there", type=optional(str)),
-    Option("labeled_fraction", 0.5, "fraction of the training list used with labels (its first ids, in file order)"),
+    Option("labeled_fraction", 0.5, "fraction of the training list used with labels (its first ids, in file order)",
+           check=between(0, 1, above_low=True)),
     Option("unlabeled_dir", [], "folder of unlabeled images (<dir>/images/* or <dir>/*), e.g. sample_ldm.py's "
            "output", type=str, repeatable=True),
     Option("unlabeled_from_train", True, "also use the training ids left unlabeled as unlabeled images"),
@@ -55,12 +57,13 @@ OPTIONS = [
     Option("mask_values", "binary", "mask values: binary (0/255; JPEG noise thresholded with a warning, anything "
            "else an error), threshold (foreground > 127) or nonzero (foreground > 0: label maps, 0/1 masks)",
            choices=MASK_VALUES),
-    Option("image_size", 256, "images are resized to image_size x image_size"),
+    Option("image_size", 256, "images are resized to image_size x image_size",
+           check=multiple_of(16, " (the network halves the image four times)")),
     Option("in_channels", 3, "network input channels: 3 (BGR, as the official code) or 1 (grayscale)", choices=(1, 3)),
     Option("normalization", "official", "input normalisation: official (ImageNet stats, /255 again) or unit "
            "([-1, 1])", choices=NORMALIZATIONS),
     Option("num_workers", 4, "data-loader worker processes (0: load in the main process); with the data on the "
-           "device they only decode the images once, at the start"),
+           "device they only decode the images once, at the start", check=NON_NEGATIVE),
     Option("data_on_device", "auto", "keep the training and selection images on the training device, decoded and "
            "resized once (8 orientations of each training image), augmented and normalised there: on, off (a "
            f"DataLoader with num_workers processes), or auto (on when they take at most {DEVICE_DATA_BUDGET_GIB:g} GiB)",
@@ -68,24 +71,28 @@ OPTIONS = [
     # model
     Option("mode", "mgcc", "mgcc: semi-supervised MGCC; supervised: the baseline on the labeled images alone",
            choices=("mgcc", "supervised")),
-    Option("width", 64, "channels of the first encoder stage (published: 64); stages are w, 2w, 4w, 8w, 16w"),
-    Option("mixer_depth", 3, "ConvMixer blocks in each of the three bottleneck stages"),
-    Option("mixer_kernel", 7, "kernel size of the ConvMixer depthwise convolutions"),
+    Option("width", 64, "channels of the first encoder stage (published: 64); stages are w, 2w, 4w, 8w, 16w",
+           check=POSITIVE),
+    Option("mixer_depth", 3, "ConvMixer blocks in each of the three bottleneck stages", check=POSITIVE),
+    Option("mixer_kernel", 7, "kernel size of the ConvMixer depthwise convolutions",
+           check=odd_positive(" (a depthwise convolution padded to keep the size)")),
     # optimisation (official defaults)
     Option("iterations", None, "training iterations; none: base_iterations x labeled_fraction (official)",
-           type=optional(int)),
-    Option("base_iterations", 40000, "iterations at labeled_fraction 1, used when iterations is none"),
+           type=optional(int), check=POSITIVE),
+    Option("base_iterations", 40000, "iterations at labeled_fraction 1, used when iterations is none", check=POSITIVE),
     Option("batch_size", 8, "images per iteration, labeled and unlabeled together; under torchrun the global "
-           "batch, split evenly over the processes"),
+           "batch, split evenly over the processes", check=POSITIVE),
     Option("labeled_batch_size", 4, "labeled images per iteration (global under torchrun); in supervised mode "
-           "the whole batch"),
-    Option("lr", 0.01, "SGD base learning rate, decayed as (1 - it/iterations)^0.9"),
-    Option("momentum", 0.9, "SGD momentum"),
-    Option("weight_decay", 1e-4, "SGD weight decay"),
-    Option("consistency", 7.0, "final weight lambda of the consistency loss"),
-    Option("consistency_rampup", 200.0, "lambda ramps up over this many ramp steps (sigmoid ramp-up)"),
-    Option("consistency_ramp_every", 150, "iterations per ramp step (official: t = iteration // 150)"),
-    Option("seed", 1337, "random seed of weights, data order, augmentation and perturbations"),
+           "the whole batch", check=POSITIVE),
+    Option("lr", 0.01, "SGD base learning rate, decayed as (1 - it/iterations)^0.9", check=greater_than(0)),
+    Option("momentum", 0.9, "SGD momentum", check=between(0, 1)),
+    Option("weight_decay", 1e-4, "SGD weight decay", check=NON_NEGATIVE),
+    Option("consistency", 7.0, "final weight lambda of the consistency loss", check=NON_NEGATIVE),
+    Option("consistency_rampup", 200.0, "lambda ramps up over this many ramp steps (sigmoid ramp-up)",
+           check=NON_NEGATIVE),
+    Option("consistency_ramp_every", 150, "iterations per ramp step (official: t = iteration // 150)", check=POSITIVE),
+    Option("seed", 1337, "random seed of weights, data order, augmentation and perturbations",
+           check=between(0, 2**32 - 1)),
     # speed options. bf16 on CUDA is the default: with the image's convolution in fp32 it trains as fp32
     # does (benchmarks/RESULTS.md); evaluation is always fp32.
     Option("precision", "auto", "autocast precision of the training step: auto (bf16 on a CUDA GPU with bf16, "
@@ -103,17 +110,19 @@ OPTIONS = [
     # evaluation and outputs
     Option("eval_every", 200, "evaluate on the selection set every N iterations (and at the end); epoch: after "
            "every pass over the labeled images, labeled images // labeled_batch_size iterations (the official "
-           "protocol)", type=count_or("epoch")),
-    Option("eval_batch_size", 16, "images per evaluation batch"),
+           "protocol)", type=count_or("epoch"), check=if_number(POSITIVE)),
+    Option("eval_batch_size", 16, "images per evaluation batch", check=POSITIVE),
     Option("checkpoint_every", None, "write checkpoint_last.pt every N iterations; none: at each evaluation",
-           type=optional(int)),
-    Option("log_every", 10, "read the losses back from the device every N iterations (progress bar, NaN check)"),
+           type=optional(int), check=POSITIVE),
+    Option("log_every", 10, "read the losses back from the device every N iterations (progress bar, NaN check)",
+           check=POSITIVE),
     Option("out_dir", None, "run folder; none: runs/<dataset>_split<i>_<mode>_l<fraction>", type=optional(str)),
     # one invocation only (not saved in config.yaml)
     Option("device", "auto", "auto (CUDA if present, else CPU), cpu, cuda or cuda:N", in_file=False),
     Option("resume", False, "continue the run in --out-dir from its checkpoint_last.pt", in_file=False),
     Option("stop_after", None, "leave after this many iterations of this invocation, with checkpoint_last.pt "
-           "written (for time-limited job slots); continue with --resume", type=optional(int), in_file=False),
+           "written (for time-limited job slots); continue with --resume", type=optional(int), in_file=False,
+           check=POSITIVE),
     Option("overwrite", False, "start afresh in an --out-dir that holds an earlier run", in_file=False),
     Option("progress", True, "show progress bars", in_file=False),
 ]

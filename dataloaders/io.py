@@ -268,8 +268,9 @@ def read_id_list(path: str | Path) -> list[str]:
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as error:
-        raise DataError(f"split file {path} is not UTF-8 text (byte {error.start}: {error.object[error.start:error.start + 4]!r}): "
-                        "write it as UTF-8, one id per line (split.py writes such files)") from None
+        found = error.object[error.start:error.start + 4]
+        raise DataError(f"split file {path} is not UTF-8 text (byte {error.start}: {found!r}): write it as UTF-8, "
+                        "one id per line (split.py writes such files)") from None
     except OSError as error:
         raise DataError(f"cannot read split file {path}: {error.strerror}") from None
     ids = [line.strip() for line in text.splitlines() if line.strip()]

@@ -113,7 +113,7 @@ def test_the_pixel_limit_is_an_option(tmp_path, capsys):
     assert split.main(["--data-dir", str(data), "--max-image-pixels", "5120", "--val-fraction", "0.5"]) == 0
     with pytest.raises(SystemExit) as exit_:
         split.main(["--data-dir", str(data), "--max-image-pixels", "0"])
-    assert exit_.value.code == 2 and "must be between 1 and 1073741824" in capsys.readouterr().err
+    assert exit_.value.code == 2 and "must be in [1, 1073741824]" in capsys.readouterr().err
 
 
 # --- 8. a split file that is not UTF-8 -----------------------------------------------------------------
@@ -268,3 +268,34 @@ def test_reproduce_names_an_unclosed_quote_in_train_args():
     with pytest.raises(ConfigError, match=r"--train-args '--iterations \"4' cannot be split into flags .* "
                                           "No closing quotation"):
         reproduce.parse_args(["--data-dir", "x", "--train-args", '--iterations "4'])
+
+
+@pytest.mark.parametrize("flag, value, message", [
+    ("--image-size", "0", "must be a positive multiple of 16 (the network halves the image four times)"),
+    ("--image-size", "-32", "must be a positive multiple of 16"),
+    ("--image-size", "1", "must be a positive multiple of 16"),
+    ("--image-size", "33", "must be a positive multiple of 16"),
+    ("--width", "0", "must be at least 1"),
+    ("--mixer-kernel", "0", "must be an odd number >= 1"),
+    ("--mixer-kernel", "4", "must be an odd number >= 1"),
+    ("--mixer-depth", "0", "must be at least 1"),
+    ("--log-every", "0", "must be at least 1"),
+    ("--eval-batch-size", "0", "must be at least 1"),
+    ("--consistency-ramp-every", "0", "must be at least 1"),
+    ("--seed", "-1", "must be in [0, 4294967295]"),
+    ("--num-workers", "-1", "must be at least 0"),
+    ("--lr", "-1", "must be greater than 0"),
+    ("--labeled-batch-size", "0", "must be at least 1"),
+    ("--checkpoint-every", "0", "must be at least 1"),
+    ("--checkpoint-every", "-3", "must be at least 1"),
+    ("--labeled-fraction", "0", "must be in (0, 1]"),
+])
+def test_train_py_checks_its_flags_before_any_work(tmp_path, flag, value, message):
+    """Each was a traceback (exit 1) or, for --checkpoint-every and --mixer-depth, accepted silently. The
+    data folder does not exist: the flag's error comes first, before anything is read or written."""
+    import train
+
+    argv = ["--data-dir", str(tmp_path / "missing"), "--out-dir", str(tmp_path / "run"), flag, value, "--no-progress"]
+    with pytest.raises(ConfigError, match=f"^{re.escape(flag)} {re.escape(value)}(.0)? {re.escape(message)}"):
+        train.main(argv)
+    assert not (tmp_path / "run").exists()

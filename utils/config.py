@@ -79,10 +79,12 @@ def greater_than(minimum: float, why: str = "") -> Check:
     return check
 
 
-def between(low: float, high: float, why: str = "") -> Check:
-    """low <= value <= high."""
+def between(low: float, high: float, why: str = "", above_low: bool = False) -> Check:
+    """low <= value <= high (low < value with ``above_low``)."""
     def check(value: Any) -> str | None:
-        return None if low <= value <= high else f"must be between {low} and {high}{why}"
+        if (low < value if above_low else low <= value) and value <= high:
+            return None
+        return f"must be in {'(' if above_low else '['}{low}, {high}]{why}"
     return check
 
 
