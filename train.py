@@ -30,8 +30,9 @@ from dataloaders.splits import load_run_data
 from dataloaders.training_batches import TrainingBatches
 from networks.mgcc import MGCCNet, count_parameters
 from utils import distributed
-from utils.checkpoint import load_checkpoint
+from utils.checkpoint import CheckpointError, check_finite, load_checkpoint, require_fields, weights_misfit
 from utils.cli import run_cli
+from utils.files import check_writable
 from utils.config import (NON_NEGATIVE, POSITIVE, ConfigError, Option, between, count_or, file_values, greater_than,
                           if_number, multiple_of, odd_positive, optional, parse_config, save_yaml)
 from utils.evaluation import evaluate
@@ -41,6 +42,9 @@ from utils.runtime import StopRequest, autocast_dtype, resolve_device, seed_ever
 from utils.training import Trainer, TrainingState, restore
 
 CHECKPOINT_KIND = "mgcc-segmenter"
+# what checkpoint_last.pt holds for --resume (a crafted or foreign file lacking one is one error)
+RESUME_FIELDS = {"config": dict, "model_args": dict, "model": dict, "iteration": int, "optimizer": dict,
+                 "scheduler": dict, "history": list, "best": dict, "rng": (list, dict)}
 OPTIONS = [
     # data
     Option("data_dir", None, "dataset folder (images/, masks/0/, <name>_train<i>.txt, <name>_val<i>.txt)", type=str),
@@ -208,12 +212,17 @@ def prepare_run(cfg, ctx) -> tuple[object, Path, dict | None]:
     if cfg.out_dir is None:
         raise ConfigError("give --data-dir (and --out-dir, or it is derived from the data folder)")
     out_dir = Path(cfg.out_dir)
+    if ctx.is_main:  # a file or a read-only file system in the way: before the data checks
+        check_writable(out_dir)
     if not cfg.resume:
         if cfg.data_dir is None:
             raise ConfigError("--data-dir is required")
         claim_run_folder(out_dir, cfg.overwrite, writer=ctx.is_main)
         return cfg, out_dir, None
-    checkpoint = load_checkpoint(out_dir / "checkpoint_last.pt", CHECKPOINT_KIND)
+    path = out_dir / "checkpoint_last.pt"
+    checkpoint = load_checkpoint(path, CHECKPOINT_KIND)
+    require_fields(checkpoint, path, RESUME_FIELDS)
+    check_finite(checkpoint["model"], path)  # else the run would diverge again and call this file the last good one
     saved = checkpoint["config"]
     for name in sorted(cfg.explicit & set(saved) - {"out_dir"}):
         if getattr(cfg, name) != saved[name]:
@@ -222,6 +231,12 @@ def prepare_run(cfg, ctx) -> tuple[object, Path, dict | None]:
     for name, value in saved.items():
         setattr(cfg, name, value)
     cfg.out_dir = str(out_dir)
+    with torch.device("meta"):  # the shapes only, nothing allocated
+        misfit = weights_misfit(build_model(cfg).state_dict(), checkpoint["model"])
+    if misfit:
+        raise CheckpointError(f"{path}: its weights do not fit the network its config describes ({model_args(cfg)}): "
+                              f"{len(misfit)} tensor(s), e.g. {'; '.join(misfit[:2])}; the file was written by "
+                              "another run or edited")
     return cfg, out_dir, checkpoint
 
 

@@ -4,6 +4,7 @@ run can be rerun into its folder."""
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -116,3 +117,105 @@ def test_a_second_writer_is_refused_and_a_killed_one_leaves_no_lock(tmp_path):
         with pytest.raises(FolderInUseError):  # and this process's own lock holds against a second taker
             FolderLock(tmp_path / "run").acquire()
     FolderLock(tmp_path / "run").acquire().release()
+
+
+# --- train.py: crafted and non-finite checkpoints under --resume, folders in the way, a rerun after a crash
+
+TINY = ["--width", "4", "--mixer-depth", "1", "--image-size", "32", "--batch-size", "4", "--labeled-batch-size", "2",
+        "--iterations", "2", "--eval-every", "2", "--num-workers", "0", "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def stopped_run(tmp_path_factory):
+    """A train.py run stopped after 1 of 2 iterations: its checkpoint_last.pt is what --resume reads."""
+    import train
+    from conftest import write_dataset
+
+    tmp = tmp_path_factory.mktemp("resume")
+    data = write_dataset(tmp / "toy", n=9)
+    assert train.main(["--data-dir", str(data), "--out-dir", str(tmp / "run"), *TINY, "--stop-after", "1"]) == 0
+    return data, tmp / "run"
+
+
+def crafted_resume(tmp_path, stopped_run, change):
+    import shutil
+
+    import torch
+
+    import train
+
+    _, run = stopped_run
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    checkpoint = torch.load(copy / "checkpoint_last.pt", weights_only=True)
+    change(checkpoint)
+    torch.save(checkpoint, copy / "checkpoint_last.pt")
+    before = (copy / "checkpoint_last.pt").read_bytes()
+    with pytest.raises(Exception) as error:
+        train.main(["--out-dir", str(copy), "--resume", "--no-progress"])
+    assert (copy / "checkpoint_last.pt").read_bytes() == before
+    return error.value
+
+
+def nan_weights(checkpoint):
+    import torch
+    checkpoint["model"] = {k: torch.full_like(v, float("nan")) if v.is_floating_point() else v
+                           for k, v in checkpoint["model"].items()}
+
+
+def wider(checkpoint):
+    import torch
+
+    from networks.mgcc import MGCCNet
+    checkpoint["model"] = MGCCNet(**{**checkpoint["model_args"], "width": 8}).state_dict()
+    del torch  # only the state dict's shapes matter
+
+
+@pytest.mark.parametrize("change, message", [
+    (nan_weights, r"checkpoint_last.pt: its weights hold NaN or infinite values in \d+ tensor\(s\)"),
+    (lambda c: c.pop("rng"), "checkpoint_last.pt is not a complete checkpoint of this project: rng is missing"),
+    (lambda c: c.update(config=[1, 2]), "config is a list, expected a dict"),
+    (lambda c: c.update(model=[1, 2]), "model is a list, expected a dict"),
+    (wider, r"its weights do not fit the network its config describes \(.*'width': 4.*\): \d+ tensor\(s\), e.g. "),
+], ids=["nan", "no rng", "config list", "model list", "other width"])
+def test_resume_refuses_a_crafted_or_non_finite_checkpoint(tmp_path, stopped_run, change, message):
+    """Each was a traceback; the NaN one trained, diverged and called the NaN file 'the last good checkpoint'."""
+    from utils.checkpoint import CheckpointError
+
+    error = crafted_resume(tmp_path, stopped_run, change)
+    assert isinstance(error, CheckpointError) and re.search(message, str(error)), error
+
+
+def test_an_out_dir_that_is_a_file_or_read_only_is_named_before_the_data_checks(tmp_path, monkeypatch):
+    import train
+    from utils.files import WriteError
+
+    (tmp_path / "file").write_text("x")
+    missing = str(tmp_path / "no data")  # the data error would come later: the folder's comes first
+    with pytest.raises(WriteError, match=r"--out-dir .*file/run: .*file is a file, not a folder"):
+        train.main(["--data-dir", missing, "--out-dir", str(tmp_path / "file" / "run"), *TINY])
+    with pytest.raises(WriteError, match=r"--out-dir .*file: .*file is a file, not a folder"):
+        train.main(["--data-dir", missing, "--out-dir", str(tmp_path / "file"), *TINY])
+    (tmp_path / "ro").mkdir()
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode, **kw: False if str(p) == str(tmp_path / "ro") else
+                        real_access(p, mode, **kw))  # root may write anywhere: a read-only mount, simulated
+    with pytest.raises(WriteError, match="cannot write in .*ro .a read-only file system"):
+        train.main(["--data-dir", missing, "--out-dir", str(tmp_path / "ro" / "run"), *TINY])
+
+
+def test_a_run_that_failed_before_its_first_checkpoint_can_be_rerun_into_its_folder(tmp_path, capsys):
+    import train
+    from conftest import write_dataset
+
+    data = write_dataset(tmp_path / "toy", n=9)
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text("width: 0\n")  # what a crash in its first steps leaves
+    assert train.main(["--data-dir", str(data), "--out-dir", str(run), *TINY]) == 0  # was: "already holds a run"
+    assert f"note: {run}: replacing config.yaml of a run that stopped before its first checkpoint" in \
+        capsys.readouterr().err
+    assert (run / "checkpoint_best.pt").is_file() and "width: 4" in (run / "config.yaml").read_text()
+    # a run with a checkpoint is still never replaced without --overwrite
+    with pytest.raises(ConfigError, match="already holds a run"):
+        train.main(["--data-dir", str(data), "--out-dir", str(run), *TINY])

@@ -94,3 +94,14 @@ def check_finite(state: Any, path: str | Path, what: str = "weights") -> None:
         raise CheckpointError(f"{path}: its {what} hold NaN or infinite values in {len(bad)} tensor(s), e.g. "
                               f"{', '.join(bad[:3])}: the run that wrote it diverged or the file is damaged; use an "
                               "earlier checkpoint")
+
+
+def weights_misfit(expected: dict, weights: dict) -> list[str]:
+    """How ``weights`` (a state dict) fail to fit a network whose state dict is ``expected`` (e.g. built
+    on the meta device): missing, unknown and resized tensors, as short descriptions; [] when they fit."""
+    missing = [f"{k} missing" for k in expected if k not in weights]
+    unknown = [f"{k} unknown" for k in weights if k not in expected]
+    resized = [f"{k} is {tuple(weights[k].shape)}, expected {tuple(expected[k].shape)}" for k in expected
+               if k in weights and isinstance(weights[k], torch.Tensor) and weights[k].shape != expected[k].shape]
+    wrong_type = [f"{k} is not a tensor" for k in expected if k in weights and not isinstance(weights[k], torch.Tensor)]
+    return missing + unknown + resized + wrong_type

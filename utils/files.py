@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import BinaryIO, Callable
 
 
-class WriteError(Exception):
+class WriteError(OSError):
     """An output that could not be written (full disk, read-only folder...); the message names it."""
 
 
@@ -74,3 +74,17 @@ def atomic_write_bytes(path: str | Path, data: bytes, verify: bool = False) -> N
 
 def atomic_write_text(path: str | Path, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def check_writable(folder: str | Path, what: str = "--out-dir") -> None:
+    """Before any work: ``folder``, or the nearest existing folder it would be made in, is a folder this
+    process can write in. (A read-only file system used to fail a run only after its data checks.)"""
+    folder = Path(folder)
+    probe = folder
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        raise WriteError(f"{what} {folder}: {probe} is a file, not a folder; choose another {what}")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise WriteError(f"{what} {folder}: cannot write in {probe} (a read-only file system, or not yours); "
+                         f"choose another {what}")

@@ -14,15 +14,28 @@ from .checkpoint import atomic_save
 from .config import ConfigError
 from .plots import plot_curves
 
+from dataloaders.io import note
+
 RUN_FILES = ("config.yaml", "metrics.jsonl", "metrics.json", "curves.png", "checkpoint_last.pt", "checkpoint_best.pt")
 
 
+CHECKPOINT_FILES = ("checkpoint_last.pt", "checkpoint_best.pt")
+
+
 def claim_run_folder(out_dir: Path, overwrite: bool, writer: bool) -> None:
-    """Refuse a folder that holds a run unless ``overwrite``; then clear that run's files."""
+    """Refuse a folder that holds a run unless ``overwrite``; then clear that run's files.
+
+    A run holds something only once it wrote a checkpoint: the config.yaml (and log) of a run that
+    failed before its first checkpoint (a bad flag, a crash in the first steps) are replaced by the
+    corrected rerun, with a note. (The folder's lock, taken before, says no such run is still going.)
+    """
     existing = [name for name in RUN_FILES if (out_dir / name).exists()]
-    if existing and not overwrite:
+    made = [name for name in existing if name in CHECKPOINT_FILES]
+    if made and not overwrite:
         raise ConfigError(f"{out_dir} already holds a run ({', '.join(existing)}): "
                           "use --resume to continue it or --overwrite to start afresh")
+    if existing and not made and writer:
+        note(f"{out_dir}: replacing {', '.join(existing)} of a run that stopped before its first checkpoint")
     distributed.barrier()  # every rank has looked before rank 0 deletes
     if writer:
         for name in existing:
