@@ -52,6 +52,7 @@ from networks.ldm_sampling import generate, image_class, image_noise
 from utils import distributed
 from utils.image_quality import c2st_accuracy, nearest_training_images, typical_training_distance
 from utils.ldm_run import load_sampling_models, open_run, write_json
+from utils.locks import hold, release as release_lock
 from utils.cli import run_cli
 from utils.config import ConfigError, Option, optional, parse_config
 from utils.plots import image_grid, save_image
@@ -189,6 +190,7 @@ def sample(cfg: SimpleNamespace, ctx, device) -> int:
 
         def prepare():
             """The checks (rank 0; every rank raises its errors) and the training thumbnails (rank 0)."""
+            hold(out_dir, "sample folder")  # one writer: a second sample_ldm.py into this folder is refused here
             info = open_run(run_dir)
             label = class_for_sampling(requested, info["class_names"])
             if cfg.guidance_scale != 1.0 and not info["class_names"]:
@@ -332,6 +334,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return sample(cfg, ctx, device)
     finally:
+        release_lock(cfg.out_dir)
         distributed.teardown()
 
 

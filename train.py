@@ -33,6 +33,7 @@ from utils import distributed
 from utils.checkpoint import CheckpointError, check_finite, load_checkpoint, require_fields, weights_misfit
 from utils.cli import run_cli
 from utils.files import check_writable
+from utils.locks import hold, release as release_lock
 from utils.config import (NON_NEGATIVE, POSITIVE, ConfigError, Option, between, count_or, file_values, greater_than,
                           if_number, multiple_of, odd_positive, optional, parse_config, save_yaml)
 from utils.evaluation import evaluate
@@ -214,6 +215,7 @@ def prepare_run(cfg, ctx) -> tuple[object, Path, dict | None]:
     out_dir = Path(cfg.out_dir)
     if ctx.is_main:  # a file or a read-only file system in the way: before the data checks
         check_writable(out_dir)
+        hold(out_dir, "run folder")  # one writer: a second train.py into this folder is refused here
     if not cfg.resume:
         if cfg.data_dir is None:
             raise ConfigError("--data-dir is required")
@@ -267,6 +269,7 @@ def main(argv=None) -> int:
     try:
         return train(cfg, ctx, device)
     finally:
+        release_lock(cfg.out_dir)
         distributed.teardown()
 
 

@@ -219,3 +219,37 @@ def test_a_run_that_failed_before_its_first_checkpoint_can_be_rerun_into_its_fol
     # a run with a checkpoint is still never replaced without --overwrite
     with pytest.raises(ConfigError, match="already holds a run"):
         train.main(["--data-dir", str(data), "--out-dir", str(run), *TINY])
+
+
+def test_a_second_train_py_into_a_folder_being_written_is_refused(tmp_path):
+    import train
+    from conftest import write_dataset
+    from utils.locks import FolderInUseError
+
+    data = write_dataset(tmp_path / "toy", n=9)
+    process = hold_lock(tmp_path / "run", tmp_path / "marks")
+    try:
+        with pytest.raises(FolderInUseError, match=rf"run folder {tmp_path / 'run'} is being written by another "
+                                                   rf"process \(pid {process.pid} "):
+            train.main(["--data-dir", str(data), "--out-dir", str(tmp_path / "run"), *TINY])
+        assert not (tmp_path / "run").exists()  # nothing of the second run was written
+    finally:
+        process.kill()
+        process.wait(timeout=60)
+    assert train.main(["--data-dir", str(data), "--out-dir", str(tmp_path / "run"), *TINY]) == 0
+    assert not (tmp_path / ".run.lock").exists()  # a writer that ends removes its lock file
+
+
+def test_a_second_sample_ldm_py_into_a_folder_being_written_is_refused(tmp_path):
+    import sample_ldm
+    from utils.locks import FolderInUseError
+
+    process = hold_lock(tmp_path / "synth", tmp_path / "marks")
+    try:
+        with pytest.raises(FolderInUseError, match=rf"sample folder {tmp_path / 'synth'} is being written by "
+                                                   rf"another process \(pid {process.pid} "):
+            sample_ldm.main(["--checkpoint", str(tmp_path / "no run"), "--out-dir", str(tmp_path / "synth"),
+                             "--no-progress"])
+    finally:
+        process.kill()
+        process.wait(timeout=60)

@@ -2,13 +2,17 @@
 
 Two train.py runs started with one --out-dir interleaved their metrics and mixed their checkpoints;
 two sample_ldm.py runs into one folder replaced each other's images. A writer now holds
-``<folder>/.writer.lock`` for its whole life: an exclusive ``fcntl.flock`` on an open descriptor of
-that file. The kernel releases such a lock when the descriptor is closed, however the process ends
+``<parent>/.<folder>.lock`` for its whole life: an exclusive ``fcntl.flock`` on an open descriptor of
+that file. It lies beside the folder, not in it: sample_ldm.py replaces its folder as a whole (and
+builds it in a sibling ``.<folder>.partial``), and train.py must not create its folder before its
+checks pass. The kernel releases such a lock when the descriptor is closed, however the process ends
 (an exception, ``kill -9``, a power cut of a network file system's client aside), so a crashed or
 killed writer never leaves the folder locked and there is no stale-lock clean-up to get wrong. The file
 holds the holder's pid, host, start time and command, for the message the second writer gets.
-The file itself stays (removing it while another process opens it would let two writers lock two
-different files); it is a few bytes, and only the lock on it means anything.
+A writer that ends normally removes the file (while still holding the lock); one that was killed
+leaves it unlocked, and the next writer takes it over. A taker checks after locking that the file it
+locked is still the one at the path (else it was removed meanwhile and it tries again), so two writers
+never hold two different files.
 """
 from __future__ import annotations
 
@@ -22,7 +26,7 @@ from pathlib import Path
 
 from .config import ConfigError
 
-LOCK_FILE = ".writer.lock"
+_HELD: dict[Path, "FolderLock"] = {}  # the locks this process holds through hold(), by folder
 
 
 class FolderInUseError(ConfigError):
@@ -35,25 +39,33 @@ class FolderLock:
 
     def __init__(self, folder: str | Path, what: str = "folder"):
         self.folder, self.what = Path(folder), what
-        self.path = self.folder / LOCK_FILE
+        self.path = self.folder.parent / f".{self.folder.name}.lock"
         self._fd: int | None = None
 
     def acquire(self) -> "FolderLock":
         from .files import write_error
 
-        try:
-            self.folder.mkdir(parents=True, exist_ok=True)
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        except OSError as error:
-            raise write_error(self.path, error) from None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:  # BlockingIOError: held by a live process
-            holder = _read_holder(fd)
-            os.close(fd)
-            raise FolderInUseError(
-                f"{self.what} {self.folder} is being written by another process ({holder}): one writer per folder. "
-                "Wait for it to finish, stop it, or choose another --out-dir") from None
+        while True:
+            try:
+                self.folder.parent.mkdir(parents=True, exist_ok=True)
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            except OSError as error:
+                raise write_error(self.path, error) from None
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:  # BlockingIOError: held by a live process
+                holder = _read_holder(fd)
+                os.close(fd)
+                raise FolderInUseError(
+                    f"{self.what} {self.folder} is being written by another process ({holder}): one writer per "
+                    "folder. Wait for it to finish, stop it, or choose another --out-dir") from None
+            try:
+                same = os.stat(self.path).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)  # its holder removed it as we opened it: lock the new one
         os.ftruncate(fd, 0)
         os.write(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
                                  "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -64,6 +76,7 @@ class FolderLock:
 
     def release(self) -> None:
         if self._fd is not None:
+            self.path.unlink(missing_ok=True)  # still locked: a taker that opened it sees it gone
             os.close(self._fd)  # closing the descriptor releases the lock
             self._fd = None
 
@@ -72,6 +85,22 @@ class FolderLock:
 
     def __exit__(self, *exc) -> None:
         self.release()
+
+
+def hold(folder: str | Path, what: str = "folder") -> FolderLock:
+    """Lock ``folder`` until :func:`release` (or this process's end): a script's main calls release in
+    its ``finally``, so that a second run in the same process (the tests) can take it again."""
+    key = Path(folder).absolute()
+    if key not in _HELD:
+        _HELD[key] = FolderLock(folder, what).acquire()
+    return _HELD[key]
+
+
+def release(folder: str | Path | None) -> None:
+    if folder is not None:
+        lock = _HELD.pop(Path(folder).absolute(), None)
+        if lock is not None:
+            lock.release()
 
 
 def _read_holder(fd: int) -> str:
