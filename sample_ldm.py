@@ -45,7 +45,7 @@ import torch
 from diffusers.utils import logging as diffusers_logging
 from tqdm import tqdm
 
-from dataloaders.io import DataError, find_cases, select_cases
+from dataloaders.io import MAX_IMAGE_PIXELS_OPTION, DataError, find_cases, select_cases, set_max_image_pixels
 from dataloaders.ldm_data import thumbnails
 from networks.ldm import sampling_scheduler
 from networks.ldm_sampling import generate, image_class, image_noise
@@ -95,6 +95,7 @@ OPTIONS = [
     Option("device", "auto", "auto, cpu, cuda or cuda:N (under torchrun: cuda means each process's own GPU, "
            "LOCAL_RANK)", in_file=False),
     Option("progress", True, "show progress bars", in_file=False),
+    MAX_IMAGE_PIXELS_OPTION,
 ]
 
 
@@ -330,6 +331,7 @@ def main(argv: list[str] | None = None) -> int:
     utils.cli.run_cli turns into one error line and status 2."""
 
     cfg = parse_config(OPTIONS, __doc__, argv, epilog=EPILOG)
+    set_max_image_pixels(cfg.max_image_pixels)
     ctx, device = distributed.setup(resolve_device(cfg.device))
     try:
         return sample(cfg, ctx, device)

@@ -24,7 +24,7 @@ import torch
 
 from dataloaders.datasets import NORMALIZATIONS
 from dataloaders.device_data import DEVICE_DATA_BUDGET_GIB
-from dataloaders.io import MASK_VALUES, DataError, dataset_name
+from dataloaders.io import MASK_VALUES, MAX_IMAGE_PIXELS_OPTION, DataError, dataset_name, set_max_image_pixels
 from dataloaders.samplers import batches_per_epoch
 from dataloaders.splits import load_run_data
 from dataloaders.training_batches import TrainingBatches
@@ -130,6 +130,7 @@ OPTIONS = [
            check=POSITIVE),
     Option("overwrite", False, "start afresh in an --out-dir that holds an earlier run", in_file=False),
     Option("progress", True, "show progress bars", in_file=False),
+    MAX_IMAGE_PIXELS_OPTION,
 ]
 OPTIMISTIC_NOTE = ("checkpoint_best was selected on the val list that is also reported (the official protocol): "
                    "these val metrics are optimistic. Use --holdout to select on ids carved from the training list.")
@@ -265,6 +266,7 @@ def check_config(cfg, run_data, world_size: int, device: torch.device) -> None:
 
 def main(argv=None) -> int:
     cfg = parse_config(OPTIONS, __doc__, argv)
+    set_max_image_pixels(cfg.max_image_pixels)
     ctx, device = distributed.setup(resolve_device(cfg.device))
     try:
         return train(cfg, ctx, device)

@@ -36,6 +36,7 @@ from diffusers.training_utils import EMAModel
 from diffusers.utils import logging as diffusers_logging
 from torch.utils.data import DataLoader
 
+from dataloaders.io import MAX_IMAGE_PIXELS_OPTION, set_max_image_pixels
 from dataloaders.ldm_data import StepBatchSampler, TrainingImages
 from networks.ldm import (STREAM_DIFFUSION, STREAM_PREVIEW, STREAM_VAE, AutoencoderPass, PatchDiscriminator,
                           build_unet, build_vae, encode_training_set, latent_scaling_factor, latent_size,
@@ -143,6 +144,7 @@ OPTIONS = [
     Option("preview_images", 8, "images in a preview grid"),
     Option("preview_steps", 50, "DDIM steps of the preview samples"),
     Option("progress", True, "show progress bars", in_file=False),
+    MAX_IMAGE_PIXELS_OPTION,
 ]
 
 
@@ -352,6 +354,7 @@ def main(argv: list[str] | None = None) -> int:
     diverged run FloatingPointError: utils.cli.run_cli turns them into one error line (status 2, 3)."""
 
     cfg = parse_config(OPTIONS, __doc__, argv, epilog=EPILOG)
+    set_max_image_pixels(cfg.max_image_pixels)
     ctx, device = distributed.setup(resolve_device(cfg.device))
     try:
         return train(cfg, ctx, device)

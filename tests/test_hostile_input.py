@@ -104,8 +104,10 @@ def test_split_py_names_an_image_whose_header_claims_40000x40000(tmp_path, capsy
     assert not list(data.glob("*.txt"))
 
 
-def test_the_pixel_limit_is_an_option(tmp_path, capsys):
+def test_the_pixel_limit_is_an_option(tmp_path, capsys, monkeypatch):
     import split
+
+    monkeypatch.delenv("MGCC_MAX_IMAGE_PIXELS", raising=False)  # the limit set here ends with the test
 
     data = write_dataset(tmp_path / "toy", n=4, splits=False)  # 80 x 64 = 5120 pixels
     assert split.main(["--data-dir", str(data), "--max-image-pixels", "5000", "--val-fraction", "0.5"]) == 2
@@ -114,6 +116,16 @@ def test_the_pixel_limit_is_an_option(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_:
         split.main(["--data-dir", str(data), "--max-image-pixels", "0"])
     assert exit_.value.code == 2 and "must be in [1, 1073741824]" in capsys.readouterr().err
+
+
+def test_train_py_takes_the_pixel_limit(dataset, tmp_path, monkeypatch):
+    import train
+
+    monkeypatch.delenv("MGCC_MAX_IMAGE_PIXELS", raising=False)
+    with pytest.raises(DataError, match=r"is 80x64 = 5120 pixels, more than the limit of 5000 \(option max_image_pixels"):
+        train.main(["--data-dir", str(dataset), "--out-dir", str(tmp_path / "run"), "--max-image-pixels", "5000",
+                    "--no-progress"])
+    assert not (tmp_path / "run").exists()
 
 
 # --- 8. a split file that is not UTF-8 -----------------------------------------------------------------
