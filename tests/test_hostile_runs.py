@@ -253,3 +253,18 @@ def test_a_second_sample_ldm_py_into_a_folder_being_written_is_refused(tmp_path)
     finally:
         process.kill()
         process.wait(timeout=60)
+
+
+@pytest.mark.parametrize("train_ids, found", [(None, "NoneType"), ([["benign (1)"]], "a list holding non-strings")])
+def test_sample_ldm_names_an_ldm_json_with_unreadable_train_ids(tmp_path, train_ids, found):
+    """Was a traceback (an unhashable list, or None, where the training ids are looked up)."""
+    import json
+
+    import sample_ldm
+    from utils.checkpoint import CheckpointError
+
+    run = tmp_path / "ldm"
+    run.mkdir()
+    (run / "ldm.json").write_text(json.dumps({"kind": "mgcc-ldm", "train_ids": train_ids, "vae_step": 1}))
+    with pytest.raises(CheckpointError, match=f"ldm.json: train_ids is {re.escape(found)}, where train_ldm.py writes"):
+        sample_ldm.main(["--checkpoint", str(run), "--out-dir", str(tmp_path / "synth"), "--no-progress"])

@@ -136,6 +136,11 @@ def read_run_info(run_dir: Path) -> dict:
     if not isinstance(info, dict) or info.get("kind") != KIND:
         found = info.get("kind") if isinstance(info, dict) else None
         raise CheckpointError(f"{path} does not describe a train_ldm.py run (kind={found!r}, expected {KIND!r})")
+    ids = info.get("train_ids")
+    if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
+        found = type(ids).__name__ if not isinstance(ids, list) else "a list holding non-strings"
+        raise CheckpointError(f"{path}: train_ids is {found}, where train_ldm.py writes the list of the ids it trained "
+                              "on (a damaged or edited file)")
     return info
 
 
