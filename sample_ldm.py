@@ -52,7 +52,7 @@ from networks.ldm_sampling import generate, image_class, image_noise
 from utils import distributed
 from utils.image_quality import c2st_accuracy, nearest_training_images, typical_training_distance
 from utils.ldm_run import load_sampling_models, open_run, write_json
-from utils.locks import hold, release as release_lock
+from utils.locks import hold, release_held
 from utils.cli import run_cli
 from utils.config import ConfigError, Option, optional, parse_config
 from utils.plots import image_grid, save_image
@@ -336,7 +336,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return sample(cfg, ctx, device)
     finally:
-        release_lock(cfg.out_dir)
+        release_held()
         distributed.teardown()
 
 

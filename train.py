@@ -33,7 +33,7 @@ from utils import distributed
 from utils.checkpoint import CheckpointError, check_finite, load_checkpoint, require_fields, weights_misfit
 from utils.cli import run_cli
 from utils.files import check_writable
-from utils.locks import hold, release as release_lock
+from utils.locks import hold, release_held
 from utils.config import (NON_NEGATIVE, POSITIVE, ConfigError, Option, between, count_or, file_values, greater_than,
                           if_number, multiple_of, odd_positive, optional, parse_config, save_yaml)
 from utils.evaluation import evaluate
@@ -271,7 +271,7 @@ def main(argv=None) -> int:
     try:
         return train(cfg, ctx, device)
     finally:
-        release_lock(cfg.out_dir)
+        release_held()
         distributed.teardown()
 
 

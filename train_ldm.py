@@ -50,6 +50,7 @@ from utils.distributed import wrap_ddp
 from utils.image_quality import evaluate_vae, reconstruct
 from utils.ldm_run import (EMA_DIR, PREVIEW_DIR, SCHEDULER_DIR, UNET_DIR, VAE_DIR, VAE_METRICS, LdmStage,
                            check_values, load_model, prepare_run, run_folder, save_model, write_run_info)
+from utils.locks import release_held
 from utils.plots import image_grid, save_image
 from utils.runtime import derived_seed, ignore_stop_signals, resolve_device, step_generator, StopRequest
 from utils.training import ema_weights, optimizer_update
@@ -359,6 +360,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return train(cfg, ctx, device)
     finally:
+        release_held()
         distributed.teardown()
 
 

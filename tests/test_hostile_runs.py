@@ -268,3 +268,19 @@ def test_sample_ldm_names_an_ldm_json_with_unreadable_train_ids(tmp_path, train_
     (run / "ldm.json").write_text(json.dumps({"kind": "mgcc-ldm", "train_ids": train_ids, "vae_step": 1}))
     with pytest.raises(CheckpointError, match=f"ldm.json: train_ids is {re.escape(found)}, where train_ldm.py writes"):
         sample_ldm.main(["--checkpoint", str(run), "--out-dir", str(tmp_path / "synth"), "--no-progress"])
+
+
+def test_a_second_train_ldm_py_into_a_folder_being_written_is_refused(tmp_path):
+    import train_ldm
+    from utils.locks import FolderInUseError
+
+    process = hold_lock(tmp_path / "ldm", tmp_path / "marks")
+    try:
+        with pytest.raises(FolderInUseError, match=rf"run folder {tmp_path / 'ldm'} is being written by another "
+                                                   rf"process \(pid {process.pid} "):
+            train_ldm.main(["--data-dir", str(tmp_path / "no data"), "--out-dir", str(tmp_path / "ldm"),
+                            "--no-progress"])
+    finally:
+        process.kill()
+        process.wait(timeout=60)
+    assert not (tmp_path / "ldm").exists()

@@ -30,6 +30,7 @@ from utils.checkpoint import CheckpointError, UnsafeCheckpointError, check_finit
 from utils import distributed
 from utils.config import ConfigError, file_values, read_yaml, save_yaml
 from utils.files import atomic_write_text, write_error
+from utils.locks import hold
 from utils.runtime import autocast_dtype
 from utils.training import Trainer, TrainingState
 
@@ -326,6 +327,7 @@ def prepare_run(cfg: SimpleNamespace, run_dir: Path, options, world_size: int = 
 
     if run_dir.exists() and not run_dir.is_dir():
         raise ConfigError(f"--out-dir {run_dir} is a file, not a folder")
+    hold(run_dir, "run folder")  # one writer: a second train_ldm.py into this folder is refused here
     is_run = (run_dir / RUN_INFO).is_file()
     if run_dir.is_dir() and any(run_dir.iterdir()) and not is_run:
         segmenter = " (it holds checkpoint_last.pt: a segmenter run of train.py?)" \

@@ -88,19 +88,18 @@ class FolderLock:
 
 
 def hold(folder: str | Path, what: str = "folder") -> FolderLock:
-    """Lock ``folder`` until :func:`release` (or this process's end): a script's main calls release in
-    its ``finally``, so that a second run in the same process (the tests) can take it again."""
+    """Lock ``folder`` until :func:`release_held` (or this process's end): a script's main calls it in
+    its ``finally``, so that a second run in the same process (the tests) can take the folder again."""
     key = Path(folder).absolute()
     if key not in _HELD:
         _HELD[key] = FolderLock(folder, what).acquire()
     return _HELD[key]
 
 
-def release(folder: str | Path | None) -> None:
-    if folder is not None:
-        lock = _HELD.pop(Path(folder).absolute(), None)
-        if lock is not None:
-            lock.release()
+def release_held() -> None:
+    """Release every lock this process took through :func:`hold` (a script's main, in its ``finally``)."""
+    while _HELD:
+        _HELD.popitem()[1].release()
 
 
 def _read_holder(fd: int) -> str:
