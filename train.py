@@ -32,7 +32,7 @@ from networks.mgcc import MGCCNet, count_parameters
 from utils import distributed
 from utils.checkpoint import CheckpointError, check_finite, load_checkpoint, require_fields, weights_misfit
 from utils.cli import run_cli
-from utils.files import check_writable
+from utils.files import atomic_write_text, check_writable
 from utils.locks import hold, release_held
 from utils.config import (NON_NEGATIVE, POSITIVE, ConfigError, Option, between, count_or, file_values, greater_than,
                           if_number, multiple_of, odd_positive, optional, parse_config, save_yaml)
@@ -422,7 +422,7 @@ def finish(cfg, model, record, run_data, out_dir, iterations, device, val_batche
         summary["note"] = "checkpoint_best selected on the holdout ids; 'val' is its single evaluation on the val list."
     else:  # 'best' again, with HD95: the periodic evaluations leave it out
         summary["note"] = OPTIMISTIC_NOTE
-    (out_dir / "metrics.json").write_text(json.dumps(summary, indent=2))
+    atomic_write_text(out_dir / "metrics.json", json.dumps(summary, indent=2))
     print(f"done: val IoU {summary['val']['iou']:.4f} Dice {summary['val']['dice']:.4f} "
           f"(checkpoint_best at iteration {best['iteration']}); wrote {out_dir}")
 

@@ -17,6 +17,8 @@ from typing import Any, Callable, Sequence
 
 import yaml
 
+from .files import atomic_write_text
+
 
 class ConfigError(ValueError):
     """A bad configuration value, key or file; the message names it."""
@@ -248,4 +250,4 @@ def file_values(cfg: SimpleNamespace, options: Sequence[Option]) -> dict[str, An
 
 
 def save_yaml(values: dict[str, Any], path: Path) -> None:
-    path.write_text(yaml.safe_dump(values, sort_keys=False))
+    atomic_write_text(path, yaml.safe_dump(values, sort_keys=False))
