@@ -7,7 +7,6 @@ dicts, configs, RNG states as tensors, histories of floats) is made of those typ
 """
 from __future__ import annotations
 
-import math
 import pickle
 import re
 from pathlib import Path
