@@ -292,12 +292,16 @@ def test_sampled_folder_is_train_py_unlabeled_data(trained_run: Path, data: Path
     grid = load_png(out / "grid.png")  # the 5 images in one row of 8 columns
     assert grid.ndim == 2 and 64 <= grid.shape[0] < 128 and grid.shape[1] >= 5 * 64
 
-    # image n comes from (seed, n) alone: the same bytes in batches of 4 as one at a time
+    # image n comes from (seed, n) alone: the same image in batches of 4 as one at a time, up to one gray
+    # level where the CPU's convolution kernels for another batch shape round differently
     again = tmp_path / "again"
     assert sample_ldm.main(["--checkpoint", str(trained_run), "--num-images", "4", "--batch-size", "4", "--steps",
                             "4", "--out-dir", str(again), "--device", "cpu", "--no-check-memorisation",
                             "--no-c2st"]) == 0
-    assert all(np.array_equal(load_png(again / "images" / f"synth_{n:04d}.png"), images[n]) for n in range(4))
+    for n in range(4):
+        batched = load_png(again / "images" / f"synth_{n:04d}.png").astype(int)
+        assert np.abs(batched - images[n]).max() <= 1 and np.mean(batched != images[n]) < 0.01, n
+        assert np.abs(batched - images[(n + 1) % 4]).max() > 1  # each image its own noise
     assert [r["class"] for r in read_manifest(again)] == [r["class"] for r in rows[:4]]
     assert json.loads((again / "report.json").read_text())["c2st_accuracy"] is None
     # ... and another seed shares none of them (with seed + n, seed 4 would start with seed 0's image 4)
