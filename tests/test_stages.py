@@ -1,6 +1,7 @@
 """utils/stages.py: which stages of a pipeline are done, resume, run afresh, or are stale."""
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -112,3 +113,47 @@ def test_a_signal_reaches_the_running_stage_once_and_its_status_is_returned(tmp_
     assert marks.read_text().count("signal") == 1
     assert "Traceback" not in stderr and "rerun the same command" in stderr
     assert Ledger(tmp_path / "stages.json").stages["s"]["finished"] is None
+
+
+def reading_stage(tmp_path, config_file, data_files):
+    """A stage whose resolved configuration is the YAML file's contents and which reads ``data_files``."""
+    import yaml
+
+    def reads():
+        return yaml.safe_load(config_file.read_text()), {p.name: p for p in data_files}
+    return Stage("train", ["train.py", "--config", str(config_file)], tmp_path / "run", reads=reads)
+
+
+def test_an_edited_config_or_a_changed_file_makes_a_finished_stage_stale(tmp_path):
+    """The command names the config by path: only its contents tell that it changed. A file that
+    is copied (new modification time, same bytes) is no change; one byte of an image is."""
+    config = tmp_path / "busi.yaml"
+    config.write_text("iterations: 20000\nlr: 0.01\n")
+    images = [tmp_path / "a.png", tmp_path / "b.png"]
+    for k, path in enumerate(images):
+        path.write_bytes(bytes([k]) * 100)
+    ledger = Ledger(tmp_path / "stages.json")
+    finish(ledger, reading_stage(tmp_path, config, images))
+    assert check_plan([reading_stage(tmp_path, config, images)], Ledger(tmp_path / "stages.json")) == {"train": "done"}
+
+    os.utime(images[0], (1e9, 1e9))  # touched, copied: same bytes
+    assert check_plan([reading_stage(tmp_path, config, images)], Ledger(tmp_path / "stages.json")) == {"train": "done"}
+
+    config.write_text("iterations: 5\nlr: 0.5\n")
+    with pytest.raises(ConfigError) as error:
+        check_plan([reading_stage(tmp_path, config, images)], Ledger(tmp_path / "stages.json"))
+    assert "train (" in str(error.value) and "config iterations 20000 -> 5; config lr 0.01 -> 0.5" in str(error.value)
+
+    config.write_text("iterations: 20000\nlr: 0.01\n")
+    images[1].write_bytes(bytes([1]) * 99 + b"x")  # same size, new content
+    with pytest.raises(ConfigError, match=r"train \(.*: what it read has changed: file b.png changed\n"):
+        check_plan([reading_stage(tmp_path, config, images)], Ledger(tmp_path / "stages.json"))
+    images[1].unlink()
+    with pytest.raises(ConfigError, match=r"file b.png removed"):
+        check_plan([reading_stage(tmp_path, config, images)], Ledger(tmp_path / "stages.json"))
+    extra = tmp_path / "c.png"
+    extra.write_bytes(b"c")
+    with pytest.raises(ConfigError, match=r"file c.png added"):
+        check_plan([reading_stage(tmp_path, config, [images[0], extra])], Ledger(tmp_path / "stages.json"))
+    # the ledger keeps one copy of each file list, shared by the stages that read it
+    assert len(json.loads((tmp_path / "stages.json").read_text())["file_sets"]) == 1

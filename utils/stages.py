@@ -2,16 +2,24 @@
 
 A stage is one run of a project script (a subprocess) that writes one folder. The ledger
 (``<out>/stages.json``) records for each stage the command that made it, whether it finished, its
-wall time and the stages it was made from. On a rerun of the same pipeline a stage is
+wall time, the stages it was made from, and a digest of what it read (``Stage.reads``): its
+resolved configuration (the contents, not the path of a config file) and the files it read (split
+files, images, masks), each by a SHA-256 of its bytes. On a rerun of the same pipeline a stage is
 
 - ``done``   finished with the same command, from the same inputs: skipped;
 - ``resume`` started with the same command but not finished: continued (the script's --resume);
 - ``todo``   never started, or its folder was deleted: run from scratch;
-- ``stale``  finished or started with another command, or from inputs made again since: an error
-  that names the stage and what changed, never a silent reuse.
+- ``stale``  finished or started with another command, another configuration, other file contents,
+  or from inputs made again since: an error that names the stage and what changed (the config key,
+  the file), never a silent reuse.
+
+Files are compared by content, not by size and modification time: a copy (cp, rsync, a restored
+backup) changes the times of unchanged files, and an edit can keep both. Hashing costs little: the
+1,294 images and masks of BUSI (34 MB) hash in about 0.3 s, once per run of the pipeline.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shlex
@@ -50,6 +58,57 @@ class Stage:
     overwrite_flag: str | None = "--overwrite"  # how the script is told to replace a leftover folder
     estimate: float | None = None  # seconds, filled in by the planner
     estimate_source: str = ""
+    # what the stage reads: () -> (resolved configuration as a plain dict or None, {name: path} of the
+    # files it reads); recorded when it starts, compared on every rerun
+    reads: Callable[[], tuple[dict | None, dict[str, Path]]] | None = None
+
+
+_DIGESTS: dict[tuple[str, int, int], str] = {}  # (path, size, mtime) -> SHA-256, within this process only
+
+
+def file_digest(path: Path) -> str | None:
+    """SHA-256 (hex, first 32 digits) of a file's bytes; None when it is missing. Cached per process
+    by (path, size, mtime): a rerun of the pipeline, a new process, hashes every file again."""
+    try:
+        stat = path.stat()
+    except FileNotFoundError:
+        return None
+    key = (str(path), stat.st_size, stat.st_mtime_ns)
+    if key not in _DIGESTS:
+        digest = hashlib.sha256()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+        _DIGESTS[key] = digest.hexdigest()[:32]
+    return _DIGESTS[key]
+
+
+def plain(value):
+    """A configuration value as JSON keeps it (tuples as lists, paths as text), for comparisons."""
+    return json.loads(json.dumps(value, default=str))
+
+
+def describe_read_change(old_config: dict | None, new_config: dict | None, old_files: dict[str, str | None] | None,
+                         new_files: dict[str, str | None], limit: int = 5) -> str:
+    """'config lr 0.01 -> 0.5; file images/a.png changed' for two digests of what a stage read ('' if equal).
+    ``old_files`` None: the ledger no longer holds the old file list, only that it differed."""
+    parts = []
+    old_config, new_config = old_config or {}, new_config or {}
+    keys = [k for k in new_config if k in old_config and old_config[k] != new_config[k]]
+    keys += [k for k in new_config if k not in old_config] + [k for k in old_config if k not in new_config]
+    for key in keys:
+        parts.append(f"config {key} {old_config.get(key, '(unset)')} -> {new_config.get(key, '(unset)')}")
+    if old_files is None:
+        parts.append("the files it read changed")
+    else:
+        files = [(name, "changed" if name in old_files and new_files[name] is not None
+                  else "removed" if name in old_files else "added")
+                 for name in new_files if old_files.get(name) != new_files[name]]
+        files += [(name, "no longer read") for name in old_files if name not in new_files]
+        parts += [f"file {name} {how}" for name, how in files[:limit]]
+        if len(files) > limit:
+            parts.append(f"and {len(files) - limit} more files")
+    return "; ".join(parts)
 
 
 def experiment_args(command: Sequence[str]) -> list[str]:
@@ -93,18 +152,43 @@ class Ledger:
     def __init__(self, path: Path):
         self.path = path
         self.stages: dict[str, dict] = {}
+        # file lists shared by the stages that read the same files: digest of the list -> {name: SHA-256}
+        self.file_sets: dict[str, dict[str, str | None]] = {}
         if path.is_file():
             try:
-                self.stages = json.loads(path.read_text())["stages"]
+                data = json.loads(path.read_text())
+                self.stages, self.file_sets = data["stages"], data.get("file_sets", {})
             except (ValueError, KeyError, TypeError) as error:
                 raise ConfigError(f"{path} is not a stage ledger ({error}); move it away to start over") from None
 
     def save(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        used = {entry.get("reads", {}).get("files") for entry in self.stages.values()}
+        self.file_sets = {key: files for key, files in self.file_sets.items() if key in used}
         fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.")
         with os.fdopen(fd, "w") as f:
-            json.dump({"stages": self.stages}, f, indent=1)
+            json.dump({"stages": self.stages, "file_sets": self.file_sets}, f, indent=1)
         os.replace(tmp, self.path)
+
+    @staticmethod
+    def read_now(stage: Stage) -> tuple[dict | None, dict[str, str | None]] | None:
+        """(configuration, {file name: SHA-256}) of what the stage reads now; None if it declares nothing."""
+        if stage.reads is None:
+            return None
+        config, files = stage.reads()
+        return (plain(config) if config is not None else None,
+                {name: file_digest(Path(path)) for name, path in sorted(files.items())})
+
+    def read_change(self, stage: Stage, entry: dict) -> str:
+        """What changed in what the stage reads since the ledger recorded it ('' if nothing)."""
+        now = self.read_now(stage)
+        if now is None or "reads" not in entry:  # a stage that declares nothing, or a ledger from before
+            return ""
+        config, files = now
+        recorded = entry["reads"]
+        if recorded["config"] == config and recorded["files"] == files_key(files):
+            return ""
+        return describe_read_change(recorded["config"], config, self.file_sets.get(recorded["files"]), files)
 
     def status(self, stage: Stage, pending: set[str]) -> tuple[str, str]:
         """(done | resume | todo | stale, why). ``pending``: stages of this pipeline that will run."""
@@ -115,6 +199,8 @@ class Ledger:
             if not entry["finished"] and not (stage.resume and stage.resume() is not None):
                 return "todo", ""  # it failed before its first checkpoint: nothing made, nothing to lose
             return "stale", f"made with other options: {describe_change(entry['command'], stage.command)}"
+        if change := self.read_change(stage, entry):
+            return "stale", f"what it read has changed: {change}"
         for dep in stage.depends:
             if dep in pending or self.stages.get(dep, {}).get("finished") != entry["inputs"].get(dep):
                 return "stale", f"made from an earlier {dep}, which has been made again or will be"
@@ -126,6 +212,10 @@ class Ledger:
         self.stages[stage.name] = {
             "command": stage.command, "finished": None, "seconds": 0.0,
             "inputs": {dep: self.stages[dep]["finished"] for dep in stage.depends}}
+        if (now := self.read_now(stage)) is not None:
+            config, files = now
+            self.file_sets[files_key(files)] = files
+            self.stages[stage.name]["reads"] = {"config": config, "files": files_key(files)}
         self.save()
 
     def add_time(self, stage: Stage, seconds: float, finished: bool) -> None:
@@ -138,6 +228,11 @@ class Ledger:
     def seconds(self, name: str) -> float | None:
         entry = self.stages.get(name)
         return entry["seconds"] if entry and entry["finished"] else None
+
+
+def files_key(files: dict[str, str | None]) -> str:
+    """One digest of a whole {name: SHA-256} file list."""
+    return hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()[:32]
 
 
 def check_plan(stages: Sequence[Stage], ledger: Ledger) -> dict[str, str]:
