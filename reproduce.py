@@ -36,7 +36,7 @@ from pathlib import Path
 
 import torch
 
-from dataloaders.io import DataError, dataset_name, note, split_file
+from dataloaders.io import DataError, dataset_name, find_cases, image_folder, note, read_id_list, split_file
 from utils import results
 from utils.cli import run_cli
 from utils.config import ConfigError, file_values, parse_config, read_yaml, save_yaml
@@ -81,8 +81,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--holdout", type=float, default=0.0,
                         help="select each arm's checkpoint on the last F of the training list and evaluate the "
                              "val ids once (default: 0, the official protocol: selection on the val ids)")
-    parser.add_argument("--seed", type=int, default=None,
-                        help="seed of every stage (default: each config's own)")
+    seeds = parser.add_mutually_exclusive_group()
+    seeds.add_argument("--seed", type=int, default=None,
+                       help="seed of every stage (default: each config's own)")
+    seeds.add_argument("--seeds", type=int, nargs="+", default=None, metavar="SEED",
+                       help="repeats: every arm once per split and seed, in split<i>/seed<S>/<arm>; stage 1 once per "
+                            "split, with the first seed. results.md then pairs each arm with the baseline by (split, "
+                            "seed) and gives a 95%% confidence interval of the difference")
+    parser.add_argument("--mask-values", choices=("binary", "threshold", "nonzero"), default=None,
+                        help="how masks are read, for every training and predict stage: binary (0/255), threshold "
+                             "(> 127) or nonzero (> 0: 0/1 masks, label maps) (default: the stage-2 config's, binary "
+                             "in configs/busi.yaml)")
     parser.add_argument("--train-args", default="", metavar="FLAGS",
                         help="more flags for every train.py run, e.g. \"--iterations 3000 --width 16\"")
     parser.add_argument("--ldm-args", default="", metavar="FLAGS",
@@ -117,6 +126,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         except ValueError as error:  # an unclosed quote: shlex says "No closing quotation"
             raise ConfigError(f"--{name.replace('_', '-')} {getattr(args, name)!r} cannot be split into flags as a "
                               f"shell would: {error}; close the quote (or quote the whole value once)") from None
+    if args.seeds is not None and len(set(args.seeds)) != len(args.seeds):
+        raise ConfigError(f"--seeds {' '.join(map(str, args.seeds))}: a seed given twice would repeat a run")
     return args
 
 
@@ -149,12 +160,46 @@ def find_splits(data_dir: Path, requested: list[int] | None, name: str | None) -
     return name, sorted(found[name])
 
 
+def split_inputs(data: Path, i: int, name: str) -> dict[str, Path]:
+    """The files every stage of split i reads: its two split files, and the image and mask of each id
+    they list, named relative to the data folder (for the ledger's digest)."""
+    files = {}
+    cases = find_cases(data)
+    for part in ("train", "val"):
+        path = split_file(data, part, i, name)
+        files[path.name] = path
+        for case_id in read_id_list(path):
+            for file in cases.get(case_id, ()):
+                files[str(file.relative_to(data))] = file
+    return files
+
+
+def stage_reads(stage_ref: list, data: Path, i: int, name: str):
+    """Stage.reads of a stage of split i: its resolved configuration (none for predict.py, whose options
+    are all in its command) and the split's files, with the images of any --unlabeled-dir of train.py."""
+    def reads():
+        stage = stage_ref[0]
+        files = split_inputs(data, i, name)
+        if stage.command[0] == "predict.py":
+            return None, files
+        cfg = stage_config(stage)
+        for folder in getattr(cfg, "unlabeled_dir", []) or []:
+            if Path(folder).is_dir():
+                files.update({str(p): p for p in image_folder(folder)})
+        if getattr(cfg, "class_csv", None):
+            files[str(cfg.class_csv)] = Path(cfg.class_csv)
+        return config_values(stage, cfg), files
+    return reads
+
+
 def plan(args, name: str, splits: list[int], device: str) -> list[Stage]:
     """Every stage of the protocol, in the order they run."""
     data, out = args.data_dir.resolve(), args.out_dir.resolve()
     shown = ["--device", device] + ([] if args.progress else ["--no-progress"])
-    seed = ["--seed", str(args.seed)] if args.seed is not None else []
+    seeds = args.seeds or [args.seed]  # None: each config's own
+    seed = ["--seed", str(seeds[0])] if seeds[0] is not None else []
     split_name = ["--split-name", name]
+    mask_values = args.mask_values or mask_values_of(args)
     # the generator must not see the ids an arm selects on: its samples would carry them into training
     holdout = ["--holdout", f"{args.holdout:g}"] if args.holdout else []
     torchrun = (["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc_per_node}"]
@@ -168,37 +213,70 @@ def plan(args, name: str, splits: list[int], device: str) -> list[Stage]:
         return resume
 
     stages = []
+
+    def add(stage: Stage, i: int) -> None:
+        ref = [stage]
+        stage.reads = stage_reads(ref, data, i, name)
+        stages.append(stage)
+
     for i in splits:
         run = out / f"split{i}"
         ldm, samples = run / "ldm", run / "samples"
         if args.generator:
-            stages.append(Stage(
+            add(Stage(
                 f"split{i}/ldm", ["train_ldm.py", "--config", str(args.ldm_config.resolve()), "--data-dir", str(data),
                                   "--split", str(i), *split_name, *holdout, "--out-dir", str(ldm), *seed, *args.ldm_args, *shown],
-                ldm, resume=resumable("train_ldm.py", ldm, "state_vae.pt", "state_diffusion.pt"), launcher=torchrun))
-            stages.append(Stage(
+                ldm, resume=resumable("train_ldm.py", ldm, "state_vae.pt", "state_diffusion.pt"), launcher=torchrun), i)
+            add(Stage(
                 f"split{i}/samples", ["sample_ldm.py", "--checkpoint", str(ldm), "--num-images", str(args.num_samples),
                                       "--out-dir", str(samples), *seed, *args.sample_args, *shown],
-                samples, depends=[f"split{i}/ldm"], launcher=torchrun))
-        for arm in args.arms:
-            folder = run / arm
-            mode = ["--mode", "supervised"] if arm == "supervised" else ["--mode", "mgcc"]
-            unlabeled = (["--unlabeled-dir", str(samples), "--no-unlabeled-from-train"] if arm == "mgcc-synthetic"
-                         else ["--unlabeled-from-train"] if arm == "mgcc-real" else [])
-            stages.append(Stage(
-                f"split{i}/{arm}", ["train.py", "--config", str(args.config.resolve()), "--data-dir", str(data),
-                                    "--split", str(i), *split_name, "--labeled-fraction", f"{args.labeled_fraction:g}",
-                                    "--holdout", f"{args.holdout:g}", *mode, *unlabeled, *seed, *args.train_args,
-                                    "--out-dir", str(folder), *shown],
-                folder, depends=[f"split{i}/samples"] if arm == "mgcc-synthetic" else [],
-                resume=resumable("train.py", folder, "checkpoint_last.pt"), launcher=torchrun))
-            stages.append(Stage(
-                f"split{i}/{arm}/predict", ["predict.py", "--checkpoint", str(folder / "checkpoint_best.pt"),
-                                            "--input-dir", str(data), "--ids", str(split_file(data, "val", i, name)),
-                                            "--masks-dir", str(data / "masks" / "0"),
-                                            "--output-dir", str(run / f"{arm}_val"), *shown],
-                run / f"{arm}_val", depends=[f"split{i}/{arm}"], overwrite_flag=None))
+                samples, depends=[f"split{i}/ldm"], launcher=torchrun), i)
+        for s in seeds:
+            # with --seeds, each seed's runs in their own folder; the generator is the split's one
+            where, prefix = (run / f"seed{s}", f"split{i}/seed{s}") if args.seeds else (run, f"split{i}")
+            arm_seed = ["--seed", str(s)] if s is not None else []
+            for arm in args.arms:
+                folder = where / arm
+                mode = ["--mode", "supervised"] if arm == "supervised" else ["--mode", "mgcc"]
+                unlabeled = (["--unlabeled-dir", str(samples), "--no-unlabeled-from-train"] if arm == "mgcc-synthetic"
+                             else ["--unlabeled-from-train"] if arm == "mgcc-real" else [])
+                add(Stage(
+                    f"{prefix}/{arm}", ["train.py", "--config", str(args.config.resolve()), "--data-dir", str(data),
+                                        "--split", str(i), *split_name, "--labeled-fraction",
+                                        f"{args.labeled_fraction:g}", "--holdout", f"{args.holdout:g}", *mode,
+                                        *unlabeled, *arm_seed, *args.train_args, "--mask-values", mask_values,
+                                        "--out-dir", str(folder), *shown],
+                    folder, depends=[f"split{i}/samples"] if arm == "mgcc-synthetic" else [],
+                    resume=resumable("train.py", folder, "checkpoint_last.pt"), launcher=torchrun), i)
+                # predict.py takes the image size, channels and normalisation from the checkpoint
+                add(Stage(
+                    f"{prefix}/{arm}/predict", ["predict.py", "--checkpoint", str(folder / "checkpoint_best.pt"),
+                                                "--input-dir", str(data), "--ids", str(split_file(data, "val", i, name)),
+                                                "--masks-dir", str(data / "masks" / "0"), "--mask-values", mask_values,
+                                                "--output-dir", str(where / f"{arm}_val"), *shown],
+                    where / f"{arm}_val", depends=[f"{prefix}/{arm}"], overwrite_flag=None), i)
     return stages
+
+
+def stage_kind(name: str) -> str:
+    """'mgcc-real/predict' of 'split2/seed5/mgcc-real/predict': the stage without its split and seed."""
+    return re.sub(r"^split\d+/(seed-?\d+/)?", "", name)
+
+
+def mask_values_of(args) -> str:
+    """The stage-2 configuration's mask_values (its config file, then --train-args), which every
+    training and predict stage must share."""
+    import train
+    return parse_config(train.OPTIONS, "", ["--config", str(args.config), *args.train_args]).mask_values
+
+
+def config_values(stage: Stage, cfg) -> dict:
+    """The resolved configuration of a stage as its config.yaml holds it."""
+    import sample_ldm
+    import train
+    import train_ldm
+    module = {"train.py": train, "train_ldm.py": train_ldm, "sample_ldm.py": sample_ldm}[stage.command[0]]
+    return file_values(cfg, module.OPTIONS)
 
 
 def stage_config(stage: Stage):
@@ -232,14 +310,14 @@ def estimate(stages: list[Stage], statuses: dict[str, str], ledger: Ledger, devi
     short = [] if cuda else ["--steps", "3", "--warmup", "1"]  # bench_ldm.py's own CPU counts are as short
     measured, cache = {}, {}
     for stage in stages:
-        kind = stage.name.split("/", 1)[1]
+        kind = stage_kind(stage.name)
         seconds = ledger.seconds(stage.name)
         if seconds is not None:
             measured.setdefault(kind, seconds)
     for stage in stages:
         if statuses[stage.name] == "done":
             continue
-        kind = stage.name.split("/", 1)[1]
+        kind = stage_kind(stage.name)
         if kind in measured:
             stage.estimate, stage.estimate_source = measured[kind], "a finished split"
             continue
@@ -294,18 +372,23 @@ def device_description(device: str) -> str:
 
 
 def collect(args, splits: list[int], ledger: Ledger) -> tuple[list[dict], dict[int, dict]]:
-    """results rows from each arm's metrics.json files, and each split's generator figures."""
+    """results rows (one per run: arm, split, seed) from each run's metrics.json files, and each
+    split's generator figures."""
     rows, generators = [], {}
     out = args.out_dir.resolve()
     for i in splits:
-        for arm in args.arms:
-            run = json.loads((out / f"split{i}" / arm / "metrics.json").read_text())
-            val = json.loads((out / f"split{i}" / f"{arm}_val" / "metrics.json").read_text())
-            rows.append({"arm": arm, "split": i, **{m: val[m] for m in results.METRIC_NAMES},
-                         "selected_iteration": run["best_iteration"], "iterations": run["iterations"],
-                         "selection_set": run["selection_set"],
-                         "train_seconds": round(ledger.seconds(f"split{i}/{arm}") or 0, 1),
-                         "predict_seconds": round(ledger.seconds(f"split{i}/{arm}/predict") or 0, 1)})
+        for s in args.seeds or [None]:
+            where, prefix = (out / f"split{i}" / f"seed{s}", f"split{i}/seed{s}") if s is not None else \
+                (out / f"split{i}", f"split{i}")
+            for arm in args.arms:
+                run = json.loads((where / arm / "metrics.json").read_text())
+                val = json.loads((where / f"{arm}_val" / "metrics.json").read_text())
+                seed = read_yaml(where / arm / "config.yaml", train_options()).get("seed")  # the seed it ran with
+                rows.append({"arm": arm, "split": i, "seed": seed, **{m: val[m] for m in results.METRIC_NAMES},
+                             "selected_iteration": run["best_iteration"], "iterations": run["iterations"],
+                             "selection_set": run["selection_set"],
+                             "train_seconds": round(ledger.seconds(f"{prefix}/{arm}") or 0, 1),
+                             "predict_seconds": round(ledger.seconds(f"{prefix}/{arm}/predict") or 0, 1)})
         if args.generator:
             figures = {}
             for path in (out / f"split{i}" / "ldm" / "vae_metrics.json", out / f"split{i}" / "samples" / "report.json"):
@@ -313,6 +396,25 @@ def collect(args, splits: list[int], ledger: Ledger) -> tuple[list[dict], dict[i
                     figures.update(json.loads(path.read_text()))
             generators[i] = figures
     return rows, generators
+
+
+def train_options():
+    import train
+    return train.OPTIONS
+
+
+def project_version() -> str:
+    """The git commit of this checkout (with '+ uncommitted changes' when tracked files differ from it),
+    or 'unknown' outside a git checkout."""
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=30)
+        if commit.returncode != 0:
+            return "unknown"
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                               capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return commit.stdout.strip() + (" + uncommitted changes" if dirty.stdout.strip() else "")
 
 
 def write_results(args, splits: list[int], ledger: Ledger, device: str) -> Path:
@@ -323,17 +425,22 @@ def write_results(args, splits: list[int], ledger: Ledger, device: str) -> Path:
                 "evaluated once, by the selected checkpoint" if args.holdout else
                 "checkpoint selected on the val ids, which are also the ids reported (the official protocol: "
                 "optimistic)")
+    seeds = (f"- Seeds: {', '.join(map(str, args.seeds))} (each arm once per split and seed; stage 1 once per split, "
+             f"seed {args.seeds[0]})" if args.seeds else
+             f"- Seed: {args.seed}" if args.seed is not None else "- Seed: each config's own")
     header = [f"# {dataset_name(args.data_dir)}: labeled fraction {args.labeled_fraction:g}, "
               f"splits {', '.join(map(str, splits))}", "",
               f"- Protocol: {protocol}. Metrics per image at the image's own size (predict.py), then averaged.",
               f"- Stage 2 config: `{args.config.name}`{' + ' + shlex.join(args.train_args) if args.train_args else ''}"
               + (f"; stage 1: `{args.ldm_config.name}`{' + ' + shlex.join(args.ldm_args) if args.ldm_args else ''}, "
                  f"{args.num_samples} samples per split" if args.generator else "; no generator"),
+              seeds,
               f"- Device: {device_description(device)}; {date.today().isoformat()}",
+              f"- Project version: {project_version()}",
               f"- Command: `{args.command_line}`"]
     (out / "results.md").write_text(results.markdown(rows, args.arms, generators, header))
     results.plot(rows, args.arms, out / "results.png",
-                 f"{dataset_name(args.data_dir)}, labeled fraction {args.labeled_fraction:g}: one point per split")
+                 f"{dataset_name(args.data_dir)}, labeled fraction {args.labeled_fraction:g}: one point per run")
     return out
 
 

@@ -48,7 +48,7 @@ def test_quick_demo_runs_every_arm_on_two_splits(demo):
         assert len(list((out / f"split{i}" / "samples" / "images").iterdir())) == 8
 
     report = (out / "results.md").read_text()
-    assert "## Mean ± standard deviation over splits (1, 2)" in report
+    assert "## Mean ± standard deviation over runs (splits 1, 2)" in report
     assert "## Difference to `supervised`" in report and "| mgcc-synthetic |" in report
     assert "## Generator (stage 1) per split" in report
     assert "the official protocol: optimistic" in report

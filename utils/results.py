@@ -1,9 +1,10 @@
-"""The protocol's results: one row per (arm, split), summaries over splits, a figure.
+"""The protocol's results: one row per run (arm, split, seed), summaries over runs, a figure.
 
-``results.csv`` has a row per arm and split; ``results.md`` gives, per arm, the mean ± standard
-deviation over splits of each metric and the paired difference to the supervised baseline, then
+``results.csv`` has a row per run; ``results.md`` gives, per arm, the mean ± standard deviation
+over all its runs of each metric and the paired difference to the supervised baseline over the
+(split, seed) pairs, with a 95 % confidence interval (Student t, :func:`paired_difference`), then
 the generator's quality figures per split; ``results.png`` shows the arms side by side with one
-point per split, the points of one split joined.
+point per run, the points of one (split, seed) joined.
 """
 from __future__ import annotations
 
@@ -21,9 +22,12 @@ METRIC_TITLES = {"iou": "IoU", "dice": "Dice", "hd95": "HD95 (px)", "sensitivity
 LOWER_IS_BETTER = {"hd95"}
 GENERATOR_FIGURES = [("psnr", "autoencoder PSNR (dB, val)", "{:.2f}"), ("ssim", "autoencoder SSIM (val)", "{:.4f}"),
                      ("c2st_accuracy", "C2ST accuracy", "{:.3f}"),
-                     ("memorisation_fraction", "memorisation fraction", "{:.3f}"), ("num_images", "samples", "{:d}")]
-CSV_COLUMNS = ["arm", "split", *METRIC_NAMES, "selected_iteration", "iterations", "selection_set",
+                     ("memorisation_q01", "closer than the closest 1 % of val", "{:.3f}"),
+                     ("memorisation_q05", "closer than the closest 5 % of val", "{:.3f}"),
+                     ("num_images", "samples", "{:d}")]
+CSV_COLUMNS = ["arm", "split", "seed", *METRIC_NAMES, "selected_iteration", "iterations", "selection_set",
                "train_seconds", "predict_seconds"]
+CONFIDENCE = 0.95
 
 
 def mean_std(values: Sequence[float]) -> str:
@@ -35,6 +39,33 @@ def mean_std(values: Sequence[float]) -> str:
     return f"{np.mean(values):.4f} ± {np.std(values, ddof=1):.4f}"
 
 
+def paired_difference(values: Sequence[float], baseline: Sequence[float], confidence: float = CONFIDENCE) -> dict:
+    """The mean of the paired differences values[k] - baseline[k], their standard deviation, and the
+    two-sided confidence interval of the mean: mean ± t(1 - (1 - confidence)/2, n - 1) · sd / sqrt(n),
+    Student's t with n - 1 degrees of freedom (the pairs taken as independent draws). With one pair
+    there is no interval (sd, low and high are None)."""
+    from scipy import stats  # (a dependency of scikit-learn)
+
+    pairs = [(v, b) for v, b in zip(values, baseline) if not any(x is None or math.isnan(x) for x in (v, b))]
+    differences = np.array([v - b for v, b in pairs], float)
+    n = len(differences)
+    result = {"n": n, "mean": float(differences.mean()) if n else None, "sd": None, "low": None, "high": None}
+    if n >= 2:
+        sd = float(differences.std(ddof=1))
+        half = float(stats.t.ppf(1 - (1 - confidence) / 2, n - 1)) * sd / math.sqrt(n)
+        result.update(sd=sd, low=result["mean"] - half, high=result["mean"] + half)
+    return result
+
+
+def reading(difference: dict) -> str:
+    """'no detectable difference' when the interval holds 0, else which way the arm differs."""
+    if difference["low"] is None:
+        return "one pair: no interval"
+    if difference["low"] <= 0 <= difference["high"]:
+        return "no detectable difference"
+    return "higher than the baseline" if difference["low"] > 0 else "lower than the baseline"
+
+
 def write_csv(rows: list[dict], path: Path) -> None:
     with open(path, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS, extrasaction="ignore")
@@ -42,40 +73,59 @@ def write_csv(rows: list[dict], path: Path) -> None:
         writer.writerows(rows)
 
 
+def run_key(row: dict) -> tuple:
+    """(split, seed): what pairs a run with the baseline's run (same labels, same seed)."""
+    return row["split"], row.get("seed")
+
+
 def markdown(rows: list[dict], arms: Sequence[str], generators: dict[int, dict], header: list[str],
              baseline: str = "supervised") -> str:
-    """results.md: the summary over splits, the paired differences, per-split rows, generator figures."""
-    by_arm = {arm: {r["split"]: r for r in rows if r["arm"] == arm} for arm in arms}
-    splits = sorted({r["split"] for r in rows})
-    lines = [*header, "", f"## Mean ± standard deviation over splits ({', '.join(map(str, splits))})", "",
-             "| arm | splits | " + " | ".join(METRIC_TITLES[m] for m in METRIC_NAMES) + " |",
+    """results.md: the summary over runs, the paired differences, per-run rows, generator figures."""
+    by_arm = {arm: {run_key(r): r for r in rows if r["arm"] == arm} for arm in arms}
+    keys = sorted({run_key(r) for r in rows}, key=lambda k: (k[0], -1 if k[1] is None else k[1]))
+    splits = sorted({k[0] for k in keys})
+    seeds = sorted({k[1] for k in keys if k[1] is not None})
+    over = f"splits {', '.join(map(str, splits))}" + (f" × seeds {', '.join(map(str, seeds))}" if len(seeds) > 1 else "")
+    lines = [*header, "", f"## Mean ± standard deviation over runs ({over})", "",
+             "| arm | runs | " + " | ".join(METRIC_TITLES[m] for m in METRIC_NAMES) + " |",
              "| --- | --- |" + " --- |" * len(METRIC_NAMES)]
     for arm in arms:
         runs = by_arm[arm].values()
         lines.append(f"| {arm} | {len(runs)} | " + " | ".join(mean_std([r[m] for r in runs]) for m in METRIC_NAMES)
                      + " |")
     if baseline in by_arm and len(arms) > 1:
-        lines += ["", f"## Difference to `{baseline}` (paired by split; mean ± standard deviation)", "",
-                  "| arm | " + " | ".join(f"Δ {METRIC_TITLES[m]}" for m in METRIC_NAMES) + " |",
-                  "| --- |" + " --- |" * len(METRIC_NAMES)]
+        lines += ["", f"## Difference to `{baseline}`, paired by (split, seed)", "",
+                  f"Each arm's run minus the baseline's run with the same split and seed (the same labels, initial "
+                  f"weights and data order), then the mean over the pairs with its {CONFIDENCE:.0%} confidence "
+                  "interval: mean ± t · sd / √n, Student's t with n − 1 degrees of freedom. The interval treats "
+                  "the pairs as independent; the splits share images, so it is if anything too narrow. "
+                  "'no detectable difference': the interval contains 0.", "",
+                  "| arm | metric | pairs | mean Δ | sd | 95 % CI | reading |",
+                  "| --- | --- | --- | --- | --- | --- | --- |"]
         for arm in arms:
             if arm == baseline:
                 continue
-            common = sorted(set(by_arm[arm]) & set(by_arm[baseline]))
-            lines.append(f"| {arm} | " + " | ".join(
-                mean_std([by_arm[arm][s][m] - by_arm[baseline][s][m] for s in common]) for m in METRIC_NAMES) + " |")
+            common = [k for k in keys if k in by_arm[arm] and k in by_arm[baseline]]
+            for m in METRIC_NAMES:
+                d = paired_difference([by_arm[arm][k][m] for k in common], [by_arm[baseline][k][m] for k in common])
+                form = "{:.2f}" if m == "hd95" else "{:.4f}"
+                cells = [form.format(d["mean"]) if d["mean"] is not None else "n/a",
+                         form.format(d["sd"]) if d["sd"] is not None else "n/a",
+                         f"[{form.format(d['low'])}, {form.format(d['high'])}]" if d["low"] is not None else "n/a"]
+                lines.append(f"| {arm} | {METRIC_TITLES[m]} | {d['n']} | " + " | ".join(cells) + f" | {reading(d)} |")
         lines.append("")
         lines.append("HD95 is better when lower; every other metric when higher.")
-    lines += ["", "## Per split", "",
-              "| split | arm | IoU | Dice | HD95 | selected iteration | of | wall time (train + predict) |",
-              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
-    for split in splits:
+    lines += ["", "## Per run", "",
+              "| split | seed | arm | IoU | Dice | HD95 | selected iteration | of | wall time (train + predict) |",
+              "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for key in keys:
         for arm in arms:
-            r = by_arm[arm].get(split)
+            r = by_arm[arm].get(key)
             if r:
                 wall = (r["train_seconds"] or 0) + (r["predict_seconds"] or 0)
-                lines.append(f"| {split} | {arm} | {r['iou']:.4f} | {r['dice']:.4f} | {r['hd95']:.2f} | "
-                             f"{r['selected_iteration']} | {r['iterations']} | {wall / 60:.1f} min |")
+                lines.append(f"| {key[0]} | {'' if key[1] is None else key[1]} | {arm} | {r['iou']:.4f} | "
+                             f"{r['dice']:.4f} | {r['hd95']:.2f} | {r['selected_iteration']} | {r['iterations']} | "
+                             f"{wall / 60:.1f} min |")
     if generators:
         lines += ["", "## Generator (stage 1) per split", "",
                   "| split | " + " | ".join(title for _, title, _ in GENERATOR_FIGURES) + " |",
@@ -89,30 +139,34 @@ def markdown(rows: list[dict], arms: Sequence[str], generators: dict[int, dict],
             lines.append(f"| {split} | " + " | ".join(cells) + " |")
         lines += ["", "PSNR and SSIM: the autoencoder's reconstructions of the split's val images (never trained "
                   "on). C2ST: held-out accuracy of a classifier telling samples from training images (0.5: "
-                  "indistinguishable). Memorisation: the fraction of samples nearer to a training image than two "
-                  "training images typically are to each other."]
+                  "indistinguishable). Memorisation: the fraction of samples nearer to their nearest training "
+                  "image than the closest 1 % (5 %) of the split's val images, which the generator never saw, are "
+                  "to theirs: about 0.01 (0.05) for a generator that copies nothing, 1 for one that copies "
+                  "(sample_ldm.py's report.json has the value expected without copying for the number of val "
+                  "images, and both distributions' quantiles)."]
     return "\n".join(lines) + "\n"
 
 
 def plot(rows: list[dict], arms: Sequence[str], path: Path, title: str,
          metrics: Sequence[str] = ("iou", "dice", "hd95")) -> None:
-    """The arms side by side, one point per split (the points of one split joined), the mean as a bar."""
+    """The arms side by side, one point per run (the points of one (split, seed) joined), the mean as a bar."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    splits = sorted({r["split"] for r in rows})
+    keys = sorted({run_key(r) for r in rows}, key=lambda k: (k[0], -1 if k[1] is None else k[1]))
     colours = plt.get_cmap("tab10")
     fig, axes = plt.subplots(1, len(metrics), figsize=(4.2 * len(metrics), 3.8), squeeze=False)
     for ax, metric in zip(axes[0], metrics):
-        for k, split in enumerate(splits):
+        for key in keys:
             xs, ys = [], []
             for x, arm in enumerate(arms):
-                value = next((r[metric] for r in rows if r["arm"] == arm and r["split"] == split), None)
+                value = next((r[metric] for r in rows if r["arm"] == arm and run_key(r) == key), None)
                 if value is not None:
                     xs.append(x)
                     ys.append(value)
-            ax.plot(xs, ys, marker="o", color=colours(k % 10), alpha=0.8, label=f"split {split}")
+            label = f"split {key[0]}" + (f", seed {key[1]}" if key[1] is not None and len(keys) > len({k[0] for k in keys}) else "")
+            ax.plot(xs, ys, marker="o", color=colours(int(key[0]) % 10), alpha=0.8, label=label)
         for x, arm in enumerate(arms):
             values = [r[metric] for r in rows if r["arm"] == arm]
             if values:
