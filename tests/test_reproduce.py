@@ -61,3 +61,45 @@ def test_missing_split_files_and_impossible_arms_are_one_clear_error(tmp_path):
     assert result.returncode == 2 and "toy_train3.txt not found" in result.stderr
     result = run_script("reproduce.py", "--data-dir", data, "--no-generator", "--arms", "mgcc-synthetic", check=False)
     assert result.returncode == 2 and "mgcc-synthetic needs the generator" in result.stderr
+
+
+def test_seeds_mask_values_and_stale_content(tmp_path):
+    """--seeds 1 2: every arm per seed, one results row per run, the differences paired by (split, seed).
+    0/1 masks with --mask-values nonzero: the training and the predict stages all read them so (predict
+    once refused them). Then the config file edited in place, and one image rewritten: both are the
+    stale-stage error naming the stage and what changed, though the commands are unchanged."""
+    import cv2
+    import shutil
+
+    data = write_dataset(tmp_path / "toy", n=15, size=(40, 48))
+    for mask in (data / "masks" / "0").iterdir():
+        cv2.imwrite(str(mask), (cv2.imread(str(mask), cv2.IMREAD_GRAYSCALE) > 0).astype("uint8"))
+    config = tmp_path / "demo.yaml"
+    shutil.copy("configs/demo.yaml", config)
+    out = tmp_path / "out"
+    command = ["reproduce.py", "--data-dir", data, "--out-dir", out, "--config", config, "--no-generator",
+               "--labeled-fraction", "0.5", "--seeds", "1", "2", "--mask-values", "nonzero",
+               "--train-args", TINY, "--device", "cpu", "--no-progress", "--no-estimate"]
+    result = run_script(*command)
+    assert "--mask-values nonzero" in result.stdout.split("=== split1/seed1/supervised/predict")[1]
+    with open(out / "results.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert sorted((r["arm"], r["seed"]) for r in rows) == [("mgcc-real", "1"), ("mgcc-real", "2"),
+                                                            ("supervised", "1"), ("supervised", "2")]
+    assert (out / "split1" / "seed2" / "mgcc-real_val" / "metrics.json").is_file()
+    report = (out / "results.md").read_text()
+    assert "| mgcc-real | IoU | 2 |" in report and "- Seeds: 1, 2" in report
+    assert "- Project version: " in report and "- Project version: unknown" not in report  # a git checkout
+
+    config.write_text(config.read_text().replace("lr: 0.01", "lr: 0.5"))
+    result = run_script(*command, check=False)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "split1/seed1/supervised (" in result.stderr and "config lr 0.01 -> 0.5" in result.stderr
+    assert "$ python" not in result.stdout
+    config.write_text(config.read_text().replace("lr: 0.5", "lr: 0.01"))
+    run_script(*command)  # as it was: every stage done, nothing ran
+    image = data / "images" / "benign (1).png"
+    cv2.imwrite(str(image), 255 - cv2.imread(str(image), cv2.IMREAD_GRAYSCALE))
+    result = run_script(*command, check=False)
+    assert result.returncode == 2 and "file images/benign (1).png changed" in result.stderr
+    assert "split1/seed2/mgcc-real/predict (" in result.stderr
