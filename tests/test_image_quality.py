@@ -12,7 +12,7 @@ import train_ldm
 from networks.ldm import AutoencoderPass, build_vae
 from networks.ldm_losses import kl_per_pixel
 from utils.config import parse_config
-from utils.image_quality import c2st_accuracy, psnr
+from utils.image_quality import c2st_accuracy, calibrated_memorisation, closest_pairs_image, describe_memorisation, psnr
 
 
 def test_psnr_matches_hand_computed_values():
@@ -65,3 +65,51 @@ def test_c2st_is_chance_for_one_distribution_and_certain_for_two():
     assert c2st_accuracy(*small, folds=2, epochs=2) == c2st_accuracy(*small, folds=2, epochs=2)
     with pytest.raises(ValueError, match="at least 5 images"):
         c2st_accuracy(blobs(4, seed=1), blobs(9, seed=2))
+
+
+def phantoms(count: int, seed: int) -> np.ndarray:
+    from dataloaders.phantom import make_phantom
+    rng = np.random.default_rng(seed)
+    return np.stack([make_phantom(rng, (64, 64), malignant=bool(k % 2))[0] for k in range(count)])
+
+
+def test_memorisation_is_calibrated_on_held_out_real_images_and_one_on_copies():
+    """Real images the generator never saw, standing in for its samples, score the level itself; copies
+    of training images score 1.
+
+    400 training, 399 val, 800 'samples' (phantom images, all drawn alike). With n = 399 val images
+    the thresholds are their 4th and 20th smallest distances: a sample drawn like them is nearer with
+    probability exactly 4/400 = 0.01 and 20/400 = 0.05. The fraction of m samples is then
+    beta-binomial, with standard deviation sqrt(a (1 - a) (n + 1 + m) / (m (n + 2))): 0.0061 at
+    0.01, 0.0133 at 0.05. The bounds are three of them (a chance of about 0.3 % each to fail for a
+    correct figure, by the normal approximation; the draws are seeded, so the test is deterministic)."""
+    training, val, held_out = phantoms(400, seed=1), phantoms(399, seed=2), phantoms(800, seed=3)
+    figures, distances, nearest = calibrated_memorisation(held_out, training, val)
+    n, m = 399, 800
+    for level, q in ((0.01, "q01"), (0.05, "q05")):
+        assert figures[f"memorisation_expected_{q}"] == pytest.approx(level)
+        sd = np.sqrt(level * (1 - level) * (n + 1 + m) / (m * (n + 2)))
+        assert abs(figures[f"memorisation_{q}"] - level) <= 3 * sd, (q, figures[f"memorisation_{q}"], sd)
+    # the former figure (median leave-one-out distance among training images as threshold) reads about
+    # 0.5 on the same real images, which is why it is no measure of copying
+    assert 0.3 < figures["fraction_closer_than_median_train_nn"] < 0.7
+    quantiles = figures["memorisation_quantiles"]
+    assert quantiles["levels"][0] == 0 and quantiles["val"] == sorted(quantiles["val"])
+    assert "samples" in describe_memorisation(figures)
+
+    copies = np.concatenate([training[:50], training[50:100, :, ::-1]])  # copies and mirror copies
+    figures, distances, nearest = calibrated_memorisation(copies, training, val)
+    assert figures["memorisation_q01"] == 1.0 and figures["memorisation_q05"] == 1.0
+    pairs = closest_pairs_image(copies, training, distances, nearest, count=4)
+    pairs = pairs.reshape(pairs.shape[:2])
+    assert pairs.shape == (2 * 64 + 3 * 2, 4 * 64 + 5 * 2)  # two rows of four, padded: samples over their matches
+    top, bottom = pairs[2:66, 2:66], pairs[68:132, 2:66]
+    assert np.array_equal(top, bottom)  # a copy above the training image it copies (mirrored back if need be)
+
+
+def test_memorisation_with_few_val_images_says_what_to_expect():
+    # 48 val images: the 1 % level cannot be resolved, the threshold is the smallest distance: 1/49 expected
+    training, val = phantoms(40, seed=4), phantoms(48, seed=5)
+    figures, _, _ = calibrated_memorisation(phantoms(10, seed=6), training, val)
+    assert figures["memorisation_expected_q01"] == pytest.approx(1 / 49)
+    assert figures["memorisation_expected_q05"] == pytest.approx(2 / 49)  # round(0.05 x 49) = 2

@@ -2,8 +2,10 @@
 
 - :func:`ssim` (differentiable: the autoencoder's loss) and :func:`psnr`, of a reconstruction
   against its original (the autoencoder's quality on the split's validation images);
-- :func:`nearest_training_images` / :func:`typical_training_distance`: how near each sample is to
-  a training image (a generator that copies its training images shows up there);
+- :func:`nearest_training_images` and :func:`calibrated_memorisation`: how near each sample is to
+  a training image, against how near held-out real images (never trained on) are: a generator that
+  copies its training images puts its samples nearer than almost every held-out image;
+  :func:`closest_pairs_image` shows the closest sample/training pairs;
 - :func:`c2st_accuracy`: a classifier two-sample test (Lopez-Paz & Oquab, ICLR 2017) of samples
   against the generator's training images, 0.5 when a small CNN cannot tell them apart;
 - :func:`evaluate_vae`: PSNR and SSIM of the trained autoencoder on the split's validation images
@@ -98,6 +100,94 @@ def typical_training_distance(training: np.ndarray) -> float:
     d[np.arange(m), np.arange(m)] = np.inf
     d[np.arange(m), np.arange(m) + m] = np.inf
     return float(np.median(d.min(1)))
+
+
+MEMORISATION_LEVELS = (0.01, 0.05)
+QUANTILES = (0.0, 0.01, 0.05, 0.1, 0.25, 0.5, 0.75, 0.9, 1.0)
+
+
+def level_name(level: float) -> str:
+    """'q01' for 0.01, 'q05' for 0.05."""
+    return f"q{round(level * 100):02d}"
+
+
+def calibrated_memorisation(samples: np.ndarray, training: np.ndarray, heldout: np.ndarray,
+                            levels=MEMORISATION_LEVELS) -> tuple[dict, np.ndarray, np.ndarray]:
+    """How many samples are nearer to a training image than held-out real images are.
+
+    ``heldout``: real images of the data that the generator never trained on (the split's val
+    images). For each level a (0.01, 0.05), the threshold is the k-th smallest of the n held-out
+    images' nearest-training distances, k = max(1, round(a (n + 1))), and the figure is the fraction
+    of samples nearer than that. A sample drawn like a held-out image (a generator that copies
+    nothing and matches the data) is nearer with probability exactly k / (n + 1) (exchangeability:
+    its rank among n + 1 such distances is uniform), reported as ``memorisation_expected_<q>``:
+    a for n + 1 a multiple of 1 / a, else close to it (at least 1 / (n + 1)). Exact copies are at
+    distance 0 and score 1.
+
+    Returns (figures, each sample's distance, each sample's nearest training index). ``figures`` holds
+    per level ``memorisation_<q>``, ``memorisation_expected_<q>``, ``memorisation_threshold_<q>``; the
+    quantiles of both distance distributions; and the former figure under the name of what it
+    measures, ``fraction_closer_than_median_train_nn`` (the fraction of samples nearer than the median
+    leave-one-out nearest-neighbour distance among training images: about 0.5, not 0, for a
+    generator that copies nothing).
+    """
+    if len(heldout) < 1 or len(samples) < 1:
+        raise ValueError(f"calibrated_memorisation needs samples and held-out images, got {len(samples)} and "
+                         f"{len(heldout)}")
+    d_samples, nearest = nearest_training_images(samples, training)
+    d_heldout, _ = nearest_training_images(heldout, training)
+    n, ordered = len(d_heldout), np.sort(d_heldout)
+    figures = {"memorisation_val_images": n, "memorisation_samples": len(d_samples)}
+    for level in levels:
+        k = max(1, round(level * (n + 1)))
+        threshold = float(ordered[min(k, n) - 1])
+        q = level_name(level)
+        figures[f"memorisation_{q}"] = float(np.mean(d_samples < threshold))
+        figures[f"memorisation_expected_{q}"] = min(k, n) / (n + 1)
+        figures[f"memorisation_threshold_{q}"] = threshold
+    figures["memorisation_quantiles"] = {
+        "levels": list(QUANTILES), "samples": [float(x) for x in np.quantile(d_samples, QUANTILES)],
+        "val": [float(x) for x in np.quantile(d_heldout, QUANTILES)]}
+    typical = typical_training_distance(training)
+    figures["median_train_nn_distance"] = typical
+    figures["fraction_closer_than_median_train_nn"] = float(np.mean(d_samples < typical))
+    return figures, d_samples, nearest
+
+
+def describe_memorisation(figures: dict) -> str:
+    """The figures of :func:`calibrated_memorisation` as a few printed lines."""
+    lines = []
+    for level in MEMORISATION_LEVELS:
+        q = level_name(level)
+        lines.append(f"memorisation: {figures[f'memorisation_{q}']:.3f} of the {figures['memorisation_samples']} "
+                     f"samples are nearer to a training image than the closest {level:.0%} of the "
+                     f"{figures['memorisation_val_images']} val images (never trained on) are to theirs "
+                     f"(distance {figures[f'memorisation_threshold_{q}']:.3f}); "
+                     f"{figures[f'memorisation_expected_{q}']:.3f} expected of a generator that copies nothing, "
+                     "1 of one that copies")
+    quantiles = figures["memorisation_quantiles"]
+    lines.append("nearest-training-image distance quantiles " + " ".join(f"{q:g}" for q in quantiles["levels"]))
+    for name in ("samples", "val"):
+        lines.append(f"  {name:8s} " + " ".join(f"{x:.3f}" for x in quantiles[name]))
+    return "\n".join(lines)
+
+
+def closest_pairs_image(samples: np.ndarray, training: np.ndarray, distances: np.ndarray, nearest: np.ndarray,
+                        count: int = 8) -> np.ndarray:
+    """The ``count`` samples nearest to a training image (top row, nearest first) above their nearest
+    training images (bottom row, mirrored where the mirror image was the nearer): uint8, one picture."""
+    from .plots import image_grid
+
+    order = np.argsort(distances, kind="stable")[:count]
+    partners = []
+    for k in order:
+        match = training[nearest[k]]
+        mirrored = match[:, ::-1]
+        if _distances(_standardised(samples[k][None]), _standardised(mirrored[None]))[0, 0] < \
+                _distances(_standardised(samples[k][None]), _standardised(match[None]))[0, 0]:
+            match = mirrored
+        partners.append(np.ascontiguousarray(match))
+    return image_grid([samples[k] for k in order] + partners, columns=len(order))
 
 
 # ----------------------------------------------------------------------------------------------
