@@ -1,0 +1,57 @@
+"""Reduced (or longer) schedules that keep the method: ``--schedule-scale S``.
+
+The official MGCC schedule is defined in iterations: T = 20,000 at half the labels (40,000 x the
+labeled fraction), the consistency weight lambda(it) = 7 exp(-5 (1 - t/200)^2) with t = it // 150
+(official train.py, ``get_current_consistency_weight(iter_num // 150)``), the learning rate
+0.01 (1 - it/T)^0.9, and an evaluation after every pass over the labeled images. A run cut to
+fewer iterations with these numbers is not MGCC at a smaller budget: lambda would stay near 0
+(0.07 at the end of a 1,500-iteration run), and the auxiliary decoders would idle.
+
+Scaling by S multiplies every iteration count of the schedule by S: the iterations, the
+iterations per ramp step (150 S, a fraction: no rounding), the evaluation and checkpoint
+intervals. Then lambda(t / T) and lr(t / T) are the published curves, at every iteration where
+S x (published iteration) is whole, and a run evaluates as many times as the published one.
+
+The published ramp does not reach its weight within the published schedule: at the last of the
+20,000 iterations t = 133 of 200 and lambda = 7 exp(-5 (67/200)^2) = 3.99, not 7 (0.74 at 10,000
+iterations, a quarter of the labels). :func:`final_consistency_weight` gives it for any schedule.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from fractions import Fraction
+
+from .losses import consistency_weight
+
+
+def as_fraction(value) -> Fraction:
+    """0.05 (a float, as YAML and argparse give it) -> Fraction(1, 20), exactly as written."""
+    return Fraction(str(value))
+
+
+@dataclass(frozen=True)
+class Schedule:
+    scale: Fraction
+    iterations: int
+    ramp_every: Fraction  # iterations per step t of the consistency ramp
+    eval_every: int
+    checkpoint_every: int | None
+
+
+def scaled_schedule(scale, iterations: int, ramp_every, eval_every: int, checkpoint_every: int | None) -> Schedule:
+    """The schedule of ``iterations`` (ramp step every ``ramp_every``, evaluation every ``eval_every``,
+    checkpoints every ``checkpoint_every`` or at the evaluations) scaled by ``scale``: every count x S,
+    the iterations and intervals rounded to whole iterations (at least 1), the ramp step kept exact."""
+    s = as_fraction(scale)
+    if s <= 0:
+        raise ValueError(f"schedule scale must be positive, got {scale}")
+
+    def whole(count: int) -> int:
+        return max(1, round(count * s))
+    return Schedule(s, whole(iterations), as_fraction(ramp_every) * s, whole(eval_every),
+                    whole(checkpoint_every) if checkpoint_every else None)
+
+
+def final_consistency_weight(weight: float, rampup: float, ramp_every, iterations: int) -> float:
+    """lambda at the last iteration of a run: the weight the ramp actually reaches."""
+    return consistency_weight(iterations - 1, weight, rampup, as_fraction(ramp_every))
