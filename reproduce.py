@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import re
@@ -31,6 +32,7 @@ import shlex
 import subprocess
 import sys
 import tempfile
+import time
 from datetime import date
 from pathlib import Path
 
@@ -291,66 +293,175 @@ def stage_config(stage: Stage):
     return parse_config(module.OPTIONS, "", argv)
 
 
-def benchmark(script: str, flags: list[str]) -> list[dict]:
-    """Rows of a benchmark script's --json output."""
+def benchmark(script: str, flags: list[str]) -> tuple[list[dict], float]:
+    """(rows of a benchmark script's --json output, the script's wall time in seconds)."""
     print(f"timing the step for the estimate (--no-estimate skips this): benchmarks/{script} {shlex.join(flags)}",
           flush=True)
+    started = time.monotonic()
     result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *flags, "--json"], cwd=ROOT,
                             env=child_environment(), capture_output=True, text=True)
     if result.returncode != 0:
         raise RuntimeError(f"benchmarks/{script} failed: {result.stderr.strip()[-500:]}")
-    return [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    return [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")], time.monotonic() - started
+
+
+# Warm steps timed per benchmark on a CPU (a GPU: the scripts' own counts, 10 + 50). Three warm-up and
+# ten timed steps: the first steps of a process are the slow ones (allocator, caches), and three
+# timed steps were one slow outlier away from a wrong estimate (issue 17: 78 min for a 9-minute arm).
+CPU_WARMUP, CPU_STEPS = 3, 10
+
+
+def forward_flops_per_image(cfg) -> float:
+    """FLOPs of one eval-mode forward pass of the segmenter on one image (what evaluation and predict.py
+    run), counted at 32x32 and scaled by the pixels: every layer is a convolution or pointwise."""
+    from torch.utils.flop_counter import FlopCounterMode
+    from networks.mgcc import MGCCNet
+
+    model = MGCCNet(in_channels=cfg.in_channels, width=cfg.width, mixer_depth=cfg.mixer_depth,
+                    mixer_kernel=cfg.mixer_kernel).eval()
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(torch.zeros(1, cfg.in_channels, 32, 32))
+    return counter.get_total_flops() * (cfg.image_size / 32) ** 2
+
+
+def c2st_seconds(count: int, device: str) -> float:
+    """The C2ST of sample_ldm.py on ``count`` images per set: its classifier's steps, timed here."""
+    from utils.image_quality import C2ST_EPOCHS, TwoSampleClassifier
+    import sample_ldm
+
+    if count < sample_ldm.C2ST_FOLDS:
+        return 0.0
+    classifier = TwoSampleClassifier()
+    optimizer = torch.optim.Adam(classifier.parameters())
+    images, labels = torch.zeros(32, 1, sample_ldm.MEMORISATION_SIZE, sample_ldm.MEMORISATION_SIZE), torch.zeros(32)
+    for k in range(CPU_WARMUP + CPU_STEPS):
+        if k == CPU_WARMUP:
+            started = time.perf_counter()
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(classifier(images), labels)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    per_image = (time.perf_counter() - started) / (CPU_STEPS * 32)
+    folds = sample_ldm.C2ST_FOLDS  # each fold trains on (folds - 1) / folds of the 2 x count images
+    return folds * C2ST_EPOCHS * 2 * count * (folds - 1) / folds * per_image
 
 
 def estimate(stages: list[Stage], statuses: dict[str, str], ledger: Ledger, device: str, nproc: int) -> None:
     """Fill in each pending stage's estimated seconds: from a finished stage of the same kind in this
-    out-dir when there is one (its measured wall time), else from a short benchmark of its step."""
+    out-dir when there is one (its measured wall time), else from a model of the stage:
+
+    - start-up: the wall time of the benchmark's own process less its timed work (Python, torch and the
+      script's imports, building the networks): each stage pays it once;
+    - training: iterations x the time of a warm step (CPU_WARMUP + CPU_STEPS on a CPU), plus each
+      evaluation's forward passes over the selection images (and the final one over the val images),
+      timed as the step's time x (forward FLOPs / step FLOPs);
+    - stage 1: the autoencoder's and denoiser's steps x their warm step times; sampling: images / the
+      sampling rate, plus the C2ST's classifier steps (timed) and nothing for the memorisation report
+      (one matrix product);
+    - predict.py: the val images' forward passes, as evaluations.
+    Data checks and image decoding are left out (seconds for BUSI's 647 images).
+    """
+    from dataloaders.splits import load_run_data
+
     cuda = resolve_device(device).type == "cuda"
     variant = "bf16 + channels_last" if cuda else "fp32 eager"  # train.py's and train_ldm.py's defaults there
-    short = [] if cuda else ["--steps", "3", "--warmup", "1"]  # bench_ldm.py's own CPU counts are as short
+    counts = [] if cuda else ["--steps", str(CPU_STEPS), "--warmup", str(CPU_WARMUP)]
     measured, cache = {}, {}
     for stage in stages:
         kind = stage_kind(stage.name)
         seconds = ledger.seconds(stage.name)
         if seconds is not None:
             measured.setdefault(kind, seconds)
+    if not cuda and hasattr(os, "getloadavg") and os.getloadavg()[0] > 0.5 * (os.cpu_count() or 1):
+        print(f"note: this machine is busy (load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores): the "
+              "steps timed now run slower than on an idle machine, and the estimate can be off by more than 2x "
+              "either way (the other work may end)", flush=True)
+
+    def train_rates(cfg) -> dict:
+        key = ("train", cfg.mode, cfg.width, cfg.image_size, cfg.batch_size, cfg.labeled_batch_size, cfg.in_channels)
+        if key not in cache:
+            flags = ["--device", device, "--mode", cfg.mode, "--width", str(cfg.width), "--image-size",
+                     str(cfg.image_size), "--batch-size", str(cfg.batch_size), "--labeled-batch-size",
+                     str(cfg.labeled_batch_size), "--variants", variant, *counts]
+            (row,), wall = benchmark("bench_train.py", flags)
+            step = 1 / row["it_per_s"]
+            timed = (CPU_WARMUP + CPU_STEPS + 1) * step if not cuda else 61 * step
+            cache[key] = {"step": step, "startup": max(wall - timed, 0.0),
+                          "image": step * forward_flops_per_image(cfg) / (row["tflop_per_step"] * 1e12)}
+        return cache[key]
+
+    def ldm_rates(ldm_cfg, sampling_steps: int | None) -> dict:
+        """Steps/s of the autoencoder and the denoiser (sampling_steps None), or images/s of sampling."""
+        import train_ldm
+        key = ("ldm", sampling_steps)
+        if key not in cache:
+            with tempfile.TemporaryDirectory() as tmp:
+                save_yaml(file_values(ldm_cfg, train_ldm.OPTIONS), Path(tmp) / "ldm.yaml")
+                common = ["--config", str(Path(tmp) / "ldm.yaml"), "--device", device, "--variants", variant,
+                          "--no-progress"]
+                if sampling_steps is None:
+                    rows, wall = benchmark("bench_ldm.py", [*common, "--what", "all", "--ddim-steps", "0",
+                                                            "--dpmsolver-steps", "0", *counts])
+                    rates = {row["benchmark"].split()[0]: row["it_per_s"] for row in rows}
+                    warm = CPU_WARMUP + CPU_STEPS + 1 if not cuda else 61  # + the step whose FLOPs are counted
+                    timed = sum(warm / rates[k] for k in ("autoencoder", "denoiser"))
+                else:  # one warm-up batch, one timed, one counted (bench_ldm.py's own counts on a CPU)
+                    rows, wall = benchmark("bench_ldm.py", [*common, "--what", "sampling", "--ddim-steps",
+                                                            str(sampling_steps), "--dpmsolver-steps", "0"])
+                    rates = {"sampling": rows[0]["it_per_s"]}
+                    timed = (3 if not cuda else 7) * 16 / rates["sampling"]
+                rates["startup"] = max(wall - timed, 0.0)
+            cache[key] = rates
+        return cache[key]
+
     for stage in stages:
         if statuses[stage.name] == "done":
             continue
         kind = stage_kind(stage.name)
         if kind in measured:
-            stage.estimate, stage.estimate_source = measured[kind], "a finished split"
+            stage.estimate, stage.estimate_source = measured[kind], "a finished stage of this kind"
             continue
         if kind.endswith("predict"):
+            train_stage = next(s for s in stages if s.name == stage.name.rsplit("/", 1)[0])
+            cfg = stage_config(train_stage)
+            data = load_run_data(cfg.data_dir, cfg.split, cfg.labeled_fraction, cfg.holdout, [], False,
+                                 need_unlabeled=False, check_files=False, split_name=cfg.split_name)
+            rates = train_rates(cfg)
+            stage.estimate = rates["startup"] + len(data.report or data.selection) * rates["image"]
+            stage.estimate_source = "model: start-up + forward passes"
             continue
         cfg = stage_config(stage)
-        if kind == "ldm" or kind == "samples":
+        if kind in ("ldm", "samples"):
             ldm_cfg = stage_config(next(s for s in stages if s.name == stage.name.replace(kind, "ldm")))
-            key = ("ldm",)
-            if key not in cache:
-                import train_ldm
-                with tempfile.TemporaryDirectory() as tmp:
-                    save_yaml(file_values(ldm_cfg, train_ldm.OPTIONS), Path(tmp) / "ldm.yaml")
-                    steps = 50 if kind == "ldm" else cfg.steps
-                    flags = ["--config", str(Path(tmp) / "ldm.yaml"), "--device", device, "--variants", variant,
-                             "--ddim-steps", str(steps), "--dpmsolver-steps", "0", "--no-progress"]
-                    cache[key] = {row["benchmark"].split()[0]: row["it_per_s"] for row in benchmark("bench_ldm.py", flags)}
-            rates = cache[key]
+            rates = ldm_rates(ldm_cfg, cfg.steps if kind == "samples" else None)
             if kind == "ldm":
-                stage.estimate = ldm_cfg.vae_steps / rates["autoencoder"] + ldm_cfg.diffusion_steps / rates["denoiser"]
+                stage.estimate = (rates["startup"] + ldm_cfg.vae_steps / rates["autoencoder"]
+                                  + ldm_cfg.diffusion_steps / rates["denoiser"])
             else:
-                stage.estimate = cfg.num_images / rates["sampling"]
+                train_ids = len(read_id_list(split_file(ldm_cfg.data_dir, "train", ldm_cfg.split, ldm_cfg.split_name)))
+                stage.estimate = (rates["startup"] + cfg.num_images / rates["sampling"]
+                                  + (c2st_seconds(min(cfg.num_images, train_ids), device) if cfg.c2st else 0))
         else:
-            iterations = cfg.iterations or round(cfg.base_iterations * cfg.labeled_fraction)
-            key = ("train", cfg.mode, cfg.width, cfg.image_size, cfg.batch_size, cfg.labeled_batch_size)
-            if key not in cache:
-                flags = ["--device", device, "--mode", cfg.mode, "--width", str(cfg.width), "--image-size",
-                         str(cfg.image_size), "--batch-size", str(cfg.batch_size), "--labeled-batch-size",
-                         str(cfg.labeled_batch_size), "--variants", variant, *short]
-                cache[key] = benchmark("bench_train.py", flags)[0]["it_per_s"]
-            stage.estimate = iterations / cache[key]
+            data = load_run_data(cfg.data_dir, cfg.split, cfg.labeled_fraction, cfg.holdout, [], False,
+                                 need_unlabeled=False, check_files=False, split_name=cfg.split_name)
+            schedule = train_schedule(cfg, len(data.labeled))
+            rates = train_rates(cfg)
+            evaluations = math.ceil(schedule.iterations / schedule.eval_every)
+            stage.estimate = (rates["startup"] + schedule.iterations * rates["step"]
+                              + (evaluations * len(data.selection) + len(data.report or data.selection)) * rates["image"])
         stage.estimate /= nproc
-        stage.estimate_source = "benchmark of the step" + (f", / {nproc} processes" if nproc > 1 else "")
+        stage.estimate_source = "model: start-up + warm steps" + (f", / {nproc} processes" if nproc > 1 else "")
+
+
+def train_schedule(cfg, labeled: int):
+    """train.py's schedule of a stage (iterations, evaluation interval), with its schedule scale."""
+    from dataloaders.samplers import batches_per_epoch
+    from utils.schedule import scaled_schedule
+
+    iterations = cfg.iterations or round(cfg.base_iterations * cfg.labeled_fraction)
+    eval_every = batches_per_epoch(labeled, cfg.labeled_batch_size) if cfg.eval_every == "epoch" else cfg.eval_every
+    return scaled_schedule(getattr(cfg, "schedule_scale", 1), iterations, cfg.consistency_ramp_every,
+                           eval_every, cfg.checkpoint_every)
 
 
 def print_plan(stages: list[Stage], statuses: dict[str, str]) -> None:
@@ -360,8 +471,8 @@ def print_plan(stages: list[Stage], statuses: dict[str, str]) -> None:
               f"{stage.estimate_source}")
     pending = [s.estimate for s in stages if statuses[s.name] != "done" and s.estimate is not None]
     if pending:
-        print(f"estimated time of what remains: {format_seconds(sum(pending))} (training steps and sampling; "
-              "data checks and evaluations come on top)", flush=True)
+        print(f"estimated time of what remains: {format_seconds(sum(pending))} (start-up, steps, evaluations and "
+              "sampling; data checks and image decoding come on top)", flush=True)
 
 
 def device_description(device: str) -> str:
@@ -470,7 +581,11 @@ def main(argv=None) -> int:
     print(f"\n{'stage':32s} {'estimate':>10s} {'measured':>10s}")
     for stage in stages:
         print(f"{stage.name:32s} {format_seconds(stage.estimate):>10s} {format_seconds(ledger.seconds(stage.name)):>10s}")
-    print(f"total measured: {format_seconds(sum(ledger.seconds(s.name) or 0 for s in stages))}")
+    total = sum(ledger.seconds(s.name) or 0 for s in stages)
+    estimated = [(s.estimate, ledger.seconds(s.name)) for s in stages if s.estimate is not None and ledger.seconds(s.name)]
+    print(f"total measured: {format_seconds(total)}" + (
+        f"; the stages estimated took {sum(m for _, m in estimated) / sum(e for e, _ in estimated):.2f} x their "
+        "estimate" if estimated else ""))
     print(f"\n{(out / 'results.md').read_text()}\nwrote {out / 'results.csv'}, {out / 'results.md'}, "
           f"{out / 'results.png'}")
     return 0

@@ -213,7 +213,10 @@ class TwoSampleClassifier(nn.Module):
         return self.head(self.features(images))[:, 0]
 
 
-def c2st_accuracy(samples: np.ndarray, reference: np.ndarray, folds: int = 5, epochs: int = 15,
+C2ST_EPOCHS = 15
+
+
+def c2st_accuracy(samples: np.ndarray, reference: np.ndarray, folds: int = 5, epochs: int = C2ST_EPOCHS,
                   batch_size: int = 32, lr: float = 2e-3, seed: int = 0) -> float:
     """Classifier two-sample test: the held-out accuracy of a CNN trained to tell ``samples`` from
     ``reference`` (uint8 NxHxW and MxHxW, the same HxW), pooled over ``folds`` stratified folds.
