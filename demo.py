@@ -33,7 +33,7 @@ SETTINGS = {
         "--labeled-fraction", "0.5", "--ldm-config", str(ROOT / "configs" / "ldm_tiny.yaml"), "--num-samples", "8",
         "--ldm-args", "--vae-steps 4 --diffusion-steps 4 --image-size 32",
         "--sample-args", "--steps 10",
-        "--train-args", "--iterations 4 --eval-every 2 --width 4 --image-size 32"]),
+        "--schedule-scale", "1", "--train-args", "--iterations 4 --eval-every 2 --width 4 --image-size 32"]),
 }
 
 

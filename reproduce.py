@@ -94,6 +94,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="how masks are read, for every training and predict stage: binary (0/255), threshold "
                              "(> 127) or nonzero (> 0: 0/1 masks, label maps) (default: the stage-2 config's, binary "
                              "in configs/busi.yaml)")
+    parser.add_argument("--schedule-scale", type=float, default=None, metavar="S",
+                        help="every train.py run at S x its schedule: S x the iterations, with the consistency ramp, "
+                             "learning-rate decay and evaluation interval scaled so that lambda(t/T) and lr(t/T) are "
+                             "the published curves (train.py --schedule-scale) (default: the stage-2 config's: 1 in "
+                             "configs/busi.yaml, 0.05 in configs/demo.yaml)")
     parser.add_argument("--train-args", default="", metavar="FLAGS",
                         help="more flags for every train.py run, e.g. \"--iterations 3000 --width 16\"")
     parser.add_argument("--ldm-args", default="", metavar="FLAGS",
@@ -128,6 +133,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         except ValueError as error:  # an unclosed quote: shlex says "No closing quotation"
             raise ConfigError(f"--{name.replace('_', '-')} {getattr(args, name)!r} cannot be split into flags as a "
                               f"shell would: {error}; close the quote (or quote the whole value once)") from None
+    if args.schedule_scale is not None and not args.schedule_scale > 0:
+        raise ConfigError(f"--schedule-scale must be positive, got {args.schedule_scale:g}")
     if args.seeds is not None and len(set(args.seeds)) != len(args.seeds):
         raise ConfigError(f"--seeds {' '.join(map(str, args.seeds))}: a seed given twice would repeat a run")
     return args
@@ -202,6 +209,7 @@ def plan(args, name: str, splits: list[int], device: str) -> list[Stage]:
     seed = ["--seed", str(seeds[0])] if seeds[0] is not None else []
     split_name = ["--split-name", name]
     mask_values = args.mask_values or mask_values_of(args)
+    scale = ["--schedule-scale", f"{args.schedule_scale:g}"] if args.schedule_scale is not None else []
     # the generator must not see the ids an arm selects on: its samples would carry them into training
     holdout = ["--holdout", f"{args.holdout:g}"] if args.holdout else []
     torchrun = (["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc_per_node}"]
@@ -246,7 +254,7 @@ def plan(args, name: str, splits: list[int], device: str) -> list[Stage]:
                     f"{prefix}/{arm}", ["train.py", "--config", str(args.config.resolve()), "--data-dir", str(data),
                                         "--split", str(i), *split_name, "--labeled-fraction",
                                         f"{args.labeled_fraction:g}", "--holdout", f"{args.holdout:g}", *mode,
-                                        *unlabeled, *arm_seed, *args.train_args, "--mask-values", mask_values,
+                                        *unlabeled, *arm_seed, *scale, *args.train_args, "--mask-values", mask_values,
                                         "--out-dir", str(folder), *shown],
                     folder, depends=[f"split{i}/samples"] if arm == "mgcc-synthetic" else [],
                     resume=resumable("train.py", folder, "checkpoint_last.pt"), launcher=torchrun), i)
