@@ -18,18 +18,27 @@ memorisation report and publishes the folder. The output is byte for byte that o
 the same kind of device (each image is denoised in the same batch). --out-dir must be on a file
 system every process sees.
 
-Two quality figures, both on by default, read the run's training images (never a validation image):
+Two quality figures, both on by default, read the run's training images:
 - memorisation: each sample's distance to its nearest training image (normalised L2 at 64x64,
-  mirror images included) and the fraction of samples nearer to a training image than two training
-  images typically are to each other: a generator that copies its training images shows up there;
+  mirror images included), against the same distance for the split's val images (real images the
+  generator never trained on): the fraction of samples nearer to a training image than the closest
+  1 % (5 %) of val images are, about 0.01 (0.05) for a generator that copies nothing and 1 for one
+  that copies; both distributions' quantiles (memorisation.txt) and the closest sample/training
+  pairs (closest_pairs.png);
 - C2ST, a classifier two-sample test (Lopez-Paz & Oquab, 2017): a small CNN learns to tell the
   samples from the training images (64x64, as many of each, 5 folds); its held-out accuracy is 0.5
   when they cannot be told apart and 1.0 when they trivially can. About a minute on a CPU for a
   few hundred images.
+
+--report-only --checkpoint RUN --out-dir FOLDER makes no image: it computes report.json,
+memorisation.txt and closest_pairs.png again for the images in FOLDER (FOLDER/images/* or
+FOLDER/*), against RUN's training and val images: another generator's samples, or real images as a
+control. It writes no manifest.csv (a manifest would claim the images came from RUN).
 """
 from __future__ import annotations
 
 import csv
+import json
 import math
 import os
 import re
@@ -45,12 +54,13 @@ import torch
 from diffusers.utils import logging as diffusers_logging
 from tqdm import tqdm
 
-from dataloaders.io import MAX_IMAGE_PIXELS_OPTION, DataError, find_cases, select_cases, set_max_image_pixels
+from dataloaders.io import (MAX_IMAGE_PIXELS_OPTION, DataError, find_cases, image_folder, read_id_list, select_cases,
+                            set_max_image_pixels)
 from dataloaders.ldm_data import thumbnails
 from networks.ldm import sampling_scheduler
 from networks.ldm_sampling import generate, image_class, image_noise
 from utils import distributed
-from utils.image_quality import c2st_accuracy, nearest_training_images, typical_training_distance
+from utils.image_quality import c2st_accuracy, calibrated_memorisation, closest_pairs_image, describe_memorisation
 from utils.ldm_run import load_sampling_models, open_run, write_json
 from utils.locks import hold, release_held
 from utils.cli import run_cli
@@ -70,6 +80,7 @@ MANIFEST_COLUMNS = ["file", "seed", "class", "scheduler", "steps", "guidance", "
 MEMORISATION_SIZE = 64  # the size at which samples and training images are compared (both checks)
 REPORT = "report.json"
 GRID, GRID_IMAGES = "grid.png", 64  # the first images side by side, for people to look at
+PAIRS, PAIR_COUNT = "closest_pairs.png", 8  # the samples nearest to a training image, above those images
 C2ST_FOLDS = 5
 
 OPTIONS = [
@@ -89,6 +100,10 @@ OPTIONS = [
            "(needs the run's training images)"),
     Option("c2st", True, "classifier two-sample test of the samples against the run's training images "
            "(needs them; about a minute on a CPU for a few hundred images)"),
+    Option("report_only", False, "make no image: compute report.json, memorisation.txt and closest_pairs.png "
+           "again for the images already in --out-dir (<out-dir>/images/* or <out-dir>/*), e.g. another "
+           "generator's or real images as a control, against --checkpoint's training and val images",
+           in_file=False),
     Option("overwrite", False, "replace --out-dir when it already holds images", in_file=False),
     Option("precision", "auto", "autocast precision: auto (bf16 on CUDA, fp32 on CPU), bf16 or fp32",
            choices=("auto", "bf16", "fp32")),
@@ -151,6 +166,21 @@ def training_thumbnails(info: dict):
                         "give --no-check-memorisation --no-c2st to sample without them)") from None
 
 
+def val_thumbnails(info: dict):
+    """The split's val images at 64x64 (never trained on): the memorisation report's reference of how
+    near a real image comes to a training image. None when the run has no val list."""
+    if not info.get("val_file"):
+        return None
+    try:
+        cases = find_cases(info["data_dir"])
+        val_file = Path(info["data_dir"]) / Path(info["val_file"]).name  # the split file beside the data
+        paths = [image for _, image, _ in select_cases(cases, read_id_list(val_file), str(val_file))]
+        return thumbnails(paths, MEMORISATION_SIZE)
+    except DataError as error:
+        raise DataError(f"{error}\n(the memorisation check reads the split's val images; give "
+                        "--no-check-memorisation to sample without it)") from None
+
+
 def image_classes(cfg: SimpleNamespace, info: dict, label: int | None) -> list[int | None]:
     """One label per image: the asked class, or (``all``) drawn from image n's own seed with the
     training frequencies, so that image n is the same whatever --num-images and --batch-size."""
@@ -199,6 +229,7 @@ def sample(cfg: SimpleNamespace, ctx, device) -> int:
                                   "(classifier-free guidance needs a class-conditional model); use 1")
             check_out_dir(out_dir, cfg.overwrite)
             memorisation["training"] = training_thumbnails(info) if cfg.check_memorisation or cfg.c2st else None
+            memorisation["val"] = val_thumbnails(info) if cfg.check_memorisation else None
             return info, label
 
         info, label = distributed.on_main_rank(prepare, ctx)
@@ -263,7 +294,8 @@ def sample(cfg: SimpleNamespace, ctx, device) -> int:
             gathered = distributed.gather_objects(small)  # also: every rank has written its images
             if ctx.is_main:
                 small = {n: t for part in gathered for n, t in part.items()}
-                write_outputs(cfg, info, classes, names, run_dir, partial, memorisation["training"], small)
+                write_outputs(cfg, info, classes, names, run_dir, partial, memorisation["training"],
+                              memorisation["val"], small)
                 publish(partial, out_dir)
                 published = True
                 print(f"wrote {cfg.num_images} images to {out_dir / 'images'}, {out_dir / 'manifest.csv'} and "
@@ -276,31 +308,30 @@ def sample(cfg: SimpleNamespace, ctx, device) -> int:
         return 0
 
 
-def write_outputs(cfg, info: dict, classes: list, names: list[str], run_dir: Path, folder: Path,
-                  training, small: dict) -> None:
-    """manifest.csv, memorisation.txt and report.json into ``folder``; prints the quality figures."""
-    report = {"num_images": cfg.num_images, "checkpoint": str(run_dir.resolve()),
-              "diffusion_step": info["diffusion_step"],
-              "settings": {key: getattr(cfg, key) for key in ("seed", "scheduler", "steps", "guidance_scale",
-                                                               "class", "batch_size", "precision", "prefix")},
-              "memorisation_fraction": None, "c2st_accuracy": None}
-    nearest_ids, distances = [""] * cfg.num_images, [""] * cfg.num_images
-    samples = np.stack([small[n] for n in range(cfg.num_images)]) if training is not None else None
+def quality_report(cfg, info: dict, names: list[str], folder: Path, training, val, samples) -> tuple[dict, list, list]:
+    """The memorisation figures (memorisation.txt, closest_pairs.png into ``folder``) and the C2ST of
+    ``samples`` (uint8 Nx64x64) against the run's training images: (report entries, each sample's
+    nearest training id and distance as the manifest writes them)."""
+    report = {"c2st_accuracy": None}
+    nearest_ids, distances = [""] * len(names), [""] * len(names)
     if cfg.check_memorisation:
-        d, nearest = nearest_training_images(samples, training)
-        typical = typical_training_distance(training)
-        nearest_ids = [info["train_ids"][k] for k in nearest]
-        distances = [f"{x:.4f}" for x in d]
-        closest = int(d.argmin())
-        report.update(memorisation_fraction=float(np.mean(d < typical)), memorisation_typical_distance=typical,
-                      memorisation_median_distance=float(np.median(d)))
-        summary = (f"memorisation: {int((d < typical).sum())} of {len(d)} samples ({np.mean(d < typical):.1%}) "
-                   f"are nearer to a training image than the typical distance between two training "
-                   f"images ({typical:.3f}, normalised L2 at {MEMORISATION_SIZE}x{MEMORISATION_SIZE}); "
-                   f"median sample distance {np.median(d):.3f}; closest: {names[closest]} to "
-                   f"'{nearest_ids[closest]}' at {d[closest]:.3f}")
-        (folder / "memorisation.txt").write_text(summary + "\n")
-        print(summary)
+        if val is None or not len(val):
+            print("memorisation: skipped (the run names no val images to compare with)")
+        else:
+            figures, d, nearest = calibrated_memorisation(samples, training, val)
+            report.update(figures)
+            nearest_ids = [info["train_ids"][k] for k in nearest]
+            distances = [f"{x:.4f}" for x in d]
+            closest = int(d.argmin())
+            summary = (describe_memorisation(figures) + f"\nclosest: {names[closest]} to '{nearest_ids[closest]}' at "
+                       f"{d[closest]:.3f} (normalised L2 at {MEMORISATION_SIZE}x{MEMORISATION_SIZE}; 0: the same image, "
+                       f"about 1.4: unrelated); the {min(PAIR_COUNT, len(d))} closest pairs: {folder / PAIRS}\n"
+                       f"former figure, fraction_closer_than_median_train_nn: "
+                       f"{figures['fraction_closer_than_median_train_nn']:.3f} (about 0.5 for a generator that "
+                       "copies nothing: no measure of copying)")
+            (folder / "memorisation.txt").write_text(summary + "\n")
+            save_image(folder / PAIRS, closest_pairs_image(samples, training, d, nearest, PAIR_COUNT))
+            print(summary)
     if cfg.c2st:
         count = min(len(samples), len(training))
         if count < C2ST_FOLDS:
@@ -313,6 +344,21 @@ def write_outputs(cfg, info: dict, classes: list, names: list[str], run_dir: Pat
                                                         "image_size": MEMORISATION_SIZE, "seed": cfg.seed})
             print(f"C2ST accuracy {accuracy:.3f} (held out; 0.5 = samples indistinguishable from training images, "
                   "1.0 = trivially told apart)")
+    return report, nearest_ids, distances
+
+
+def write_outputs(cfg, info: dict, classes: list, names: list[str], run_dir: Path, folder: Path,
+                  training, val, small: dict) -> None:
+    """manifest.csv, memorisation.txt, closest_pairs.png and report.json into ``folder``; prints the figures."""
+    report = {"num_images": cfg.num_images, "checkpoint": str(run_dir.resolve()),
+              "diffusion_step": info["diffusion_step"],
+              "settings": {key: getattr(cfg, key) for key in ("seed", "scheduler", "steps", "guidance_scale",
+                                                               "class", "batch_size", "precision", "prefix")}}
+    samples = np.stack([small[n] for n in range(cfg.num_images)]) if training is not None else None
+    figures, nearest_ids, distances = (quality_report(cfg, info, names, folder, training, val, samples)
+                                       if training is not None else ({"c2st_accuracy": None}, [""] * len(names),
+                                                                     [""] * len(names)))
+    report.update(figures)
     checkpoint = str(run_dir.resolve())
     with (folder / "manifest.csv").open("w", newline="") as f:
         writer = csv.writer(f)
@@ -326,12 +372,47 @@ def write_outputs(cfg, info: dict, classes: list, names: list[str], run_dir: Pat
     save_image(folder / GRID, image_grid(shown, columns=8))
 
 
+def report_only(cfg) -> int:
+    """--report-only: the quality figures of the images already in --out-dir, against the run's data."""
+    run_dir, folder = Path(cfg.checkpoint), Path(cfg.out_dir)
+    info = open_run(run_dir, need_denoiser=False)
+    own = {GRID, PAIRS}  # this script's pictures, when they lie among the images themselves
+    paths = [p for p in image_folder(folder, "--out-dir") if (folder / "images").is_dir() or p.name not in own]
+    if not paths:
+        raise DataError(f"--report-only: no images in {folder} (looked in {folder}/images and {folder})")
+    samples = thumbnails(paths, MEMORISATION_SIZE)
+    training = training_thumbnails(info)
+    val = val_thumbnails(info) if cfg.check_memorisation else None
+    print(f"quality figures of the {len(paths)} images of {folder} against {run_dir}'s {len(training)} training "
+          f"images{'' if val is None else f' and {len(val)} val images'}", flush=True)
+    figures, _, _ = quality_report(cfg, info, [p.name for p in paths], folder, training, val, samples)
+    previous = {}
+    if (folder / REPORT).is_file():  # a sample_ldm.py folder: keep how its images were made
+        previous = {k: v for k, v in json.loads((folder / REPORT).read_text()).items()
+                    if k in ("diffusion_step", "settings")}
+    write_json(folder / REPORT, {"num_images": len(paths), "checkpoint": str(run_dir.resolve()), **previous,
+                                 "report_only": True, "images": str((folder / "images").resolve()
+                                                                    if (folder / "images").is_dir() else folder.resolve()),
+                                 **figures})
+    print(f"wrote {folder / REPORT}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Sample; the exit status. Bad input raises ConfigError / DataError / CheckpointError, which
     utils.cli.run_cli turns into one error line and status 2."""
 
     cfg = parse_config(OPTIONS, __doc__, argv, epilog=EPILOG)
     set_max_image_pixels(cfg.max_image_pixels)
+    if cfg.report_only:
+        if cfg.checkpoint is None or cfg.out_dir is None:
+            raise ConfigError("--report-only needs --checkpoint (the run whose training and val images are compared "
+                              "with) and --out-dir (the folder of images)")
+        try:
+            hold(cfg.out_dir, "sample folder")  # one writer: no sampling into the folder while its report is made
+            return report_only(cfg)
+        finally:
+            release_held()
     ctx, device = distributed.setup(resolve_device(cfg.device))
     try:
         return sample(cfg, ctx, device)

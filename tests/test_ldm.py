@@ -5,6 +5,7 @@ Every script run uses configs/ldm_tiny.yaml on the CPU; one trained run is share
 from __future__ import annotations
 
 import csv
+import shutil
 from pathlib import Path
 
 import cv2
@@ -231,7 +232,9 @@ def test_validation_images_never_reach_the_generator(tmp_path: Path, monkeypatch
     assert sample_ldm.main(["--checkpoint", str(run), "--num-images", "2", "--steps", "2", "--out-dir", str(out),
                             "--device", "cpu"]) == 0
     assert [r["class"] for r in read_manifest(out)] == ["none", "none"]
-    assert set(opened) == train_ids  # the memorisation check, too, reads training images only
+    # the C2ST reads the training images, the memorisation check also the val images: its reference of how
+    # near a real image the generator never saw comes to a training image
+    assert set(opened) == train_ids | set(val_ids)
     capsys.readouterr()
     for bad in (["--class", "benign"], ["--guidance-scale", "2"]):
         assert exit_status(sample_ldm.main, ["--checkpoint", str(run), "--out-dir", str(tmp_path / "x"), *bad]) == 2
@@ -285,8 +288,31 @@ def test_sampled_folder_is_train_py_unlabeled_data(trained_run: Path, data: Path
     report = json.loads((out / "report.json").read_text())
     assert report["num_images"] == 5 and report["checkpoint"] == str(trained_run.resolve())
     assert report["settings"]["seed"] == 0 and report["settings"]["steps"] == 4
-    assert report["memorisation_fraction"] == sum(float(r["nearest_distance"]) < report[
-        "memorisation_typical_distance"] for r in rows) / 5
+    for q in ("q01", "q05"):  # 4 val images: the threshold is the nearest one's distance, 1/5 expected
+        assert report[f"memorisation_{q}"] == sum(float(r["nearest_distance"]) < report[
+            f"memorisation_threshold_{q}"] for r in rows) / 5
+        assert report[f"memorisation_expected_{q}"] == pytest.approx(1 / 5)
+    assert report["memorisation_val_images"] == 4 and 0 <= report["fraction_closer_than_median_train_nn"] <= 1
+    assert len(report["memorisation_quantiles"]["val"]) == len(report["memorisation_quantiles"]["levels"])
+    assert load_png(out / "closest_pairs.png").shape[1] >= 5 * 64  # five samples (all there are) over their matches
+
+    # --report-only: the figures again for any folder of images; copies of training images score 1
+    copies = tmp_path / "copies"
+    copies.mkdir()
+    for case_id in train_ids[:6]:
+        shutil.copy(data / "images" / f"{case_id}.png", copies / f"{case_id}.png")
+    control = run_script("sample_ldm.py", "--report-only", "--checkpoint", trained_run, "--out-dir", copies,
+                         "--no-c2st")
+    assert "1.000 of the 6 samples" in control.stdout
+    copied = json.loads((copies / "report.json").read_text())
+    assert copied["num_images"] == 6 and copied["report_only"] and copied["memorisation_q01"] == 1.0
+    assert not (copies / "manifest.csv").exists()  # no claim that the generator made them
+    run_script("sample_ldm.py", "--report-only", "--checkpoint", trained_run, "--out-dir", copies, "--no-c2st")
+    assert json.loads((copies / "report.json").read_text())["num_images"] == 6  # its own pictures are not images
+    # on sample_ldm.py's own folder it gives the figures sampling gave
+    run_script("sample_ldm.py", "--report-only", "--checkpoint", trained_run, "--out-dir", out, "--no-c2st")
+    again = json.loads((out / "report.json").read_text())
+    assert again["memorisation_q05"] == report["memorisation_q05"] and again["settings"] == report["settings"]
     assert 0 <= report["c2st_accuracy"] <= 1 and report["c2st"]["images_per_set"] == 5  # 5 samples, 8 training
     assert "memorisation: " in result.stdout and "C2ST accuracy" in result.stdout
     grid = load_png(out / "grid.png")  # the 5 images in one row of 8 columns
