@@ -8,8 +8,12 @@ Each iteration (paper Sec. 3.2-3.3, official schedule):
     main, aux  = model(batch)                      aux_k sees features perturbed before ConvMixer k
     L_sup      = mean_d (0.5 BCE + Dice)(d[labeled], mask)        d in main, aux1..3   (Eq. 5-6)
     L_cons     = mean_k MSE(sigmoid(main[unl]), sigmoid(aux_k[unl]))                     (Eq. 7)
-    L          = L_sup + lambda(it) * L_cons        lambda ramps up to 7                   (Eq. 8)
+    L          = L_sup + lambda(it) * L_cons                                             (Eq. 8)
+                 lambda = 7 exp(-5 (1 - t/200)^2), t = it // 150: the ramp spans 30,000 iterations, so at
+                 the end of the official 20,000 lambda is 3.99, not 7 (0.74 at 10,000: a quarter of the labels)
     SGD step, poly learning rate (1 - it/max)^0.9.
+--schedule-scale S: S x every iteration count (the iterations, the ramp step, the evaluation and checkpoint
+intervals), so that lambda(t/T) and lr(t/T) are the published curves (utils/schedule.py).
 --mode supervised: labeled images only, main decoder only, L = (0.5 BCE + Dice)(main, mask).
 
 Writes to the run folder: config.yaml (resolved), metrics.jsonl (one line per evaluation),
@@ -39,6 +43,7 @@ from utils.config import (NON_NEGATIVE, POSITIVE, ConfigError, Option, between, 
 from utils.evaluation import evaluate
 from utils.losses import bce_dice_loss, consistency_loss, consistency_weight, poly_lr_factor, supervised_loss
 from utils.run import RunRecord, claim_run_folder
+from utils.schedule import final_consistency_weight, scaled_schedule
 from utils.runtime import StopRequest, autocast_dtype, resolve_device, seed_everything
 from utils.training import Trainer, TrainingState, restore
 
@@ -85,6 +90,11 @@ OPTIONS = [
     Option("iterations", None, "training iterations; none: base_iterations x labeled_fraction (official)",
            type=optional(int), check=POSITIVE),
     Option("base_iterations", 40000, "iterations at labeled_fraction 1, used when iterations is none", check=POSITIVE),
+    Option("schedule_scale", 1.0, "run S x the schedule: S x the iterations, with the consistency ramp step "
+           "(consistency_ramp_every), the evaluation and the checkpoint intervals scaled alike, so that lambda(t/T) "
+           "and the learning rate lr(t/T) follow the published curves (every iteration count here, from the file "
+           "or a flag, is at scale 1). E.g. 0.05: 1,000 of the official 20,000 iterations, a ramp step every 7.5",
+           check=greater_than(0)),
     Option("batch_size", 8, "images per iteration, labeled and unlabeled together; under torchrun the global "
            "batch, split evenly over the processes", check=POSITIVE),
     Option("labeled_batch_size", 4, "labeled images per iteration (global under torchrun); in supervised mode "
@@ -92,7 +102,9 @@ OPTIONS = [
     Option("lr", 0.01, "SGD base learning rate, decayed as (1 - it/iterations)^0.9", check=greater_than(0)),
     Option("momentum", 0.9, "SGD momentum", check=between(0, 1)),
     Option("weight_decay", 1e-4, "SGD weight decay", check=NON_NEGATIVE),
-    Option("consistency", 7.0, "final weight lambda of the consistency loss", check=NON_NEGATIVE),
+    Option("consistency", 7.0, "weight lambda the consistency ramp tends to; the official ramp (200 steps of 150 "
+           "iterations) spans 30,000 iterations, so at the end of the official 20,000 lambda is 3.99, not 7",
+           check=NON_NEGATIVE),
     Option("consistency_rampup", 200.0, "lambda ramps up over this many ramp steps (sigmoid ramp-up)",
            check=NON_NEGATIVE),
     Option("consistency_ramp_every", 150, "iterations per ramp step (official: t = iteration // 150)", check=POSITIVE),
@@ -243,6 +255,23 @@ def prepare_run(cfg, ctx) -> tuple[object, Path, dict | None]:
     return cfg, out_dir, checkpoint
 
 
+def run_schedule(cfg, labeled: int):
+    """The run's schedule: iterations, ramp step, evaluation and checkpoint intervals, x schedule_scale."""
+    iterations = cfg.iterations or round(cfg.base_iterations * cfg.labeled_fraction)
+    eval_every = batches_per_epoch(labeled, cfg.labeled_batch_size) if cfg.eval_every == "epoch" else cfg.eval_every
+    return scaled_schedule(cfg.schedule_scale, iterations, cfg.consistency_ramp_every, eval_every, cfg.checkpoint_every)
+
+
+def describe_schedule(cfg, schedule) -> str:
+    """' | schedule x 0.05: ramp step every 7.5 iterations, lambda 3.99 at the end' (MGCC; '' for the baseline
+    at scale 1)."""
+    parts = [f"schedule x {float(schedule.scale):g}"] if schedule.scale != 1 else []
+    if cfg.mode == "mgcc":
+        end = final_consistency_weight(cfg.consistency, cfg.consistency_rampup, schedule.ramp_every, schedule.iterations)
+        parts.append(f"ramp step every {float(schedule.ramp_every):g} iterations, lambda {end:.2f} at the end")
+    return " | " + ": ".join(parts) if parts else ""
+
+
 def check_config(cfg, run_data, world_size: int, device: torch.device) -> None:
     semi = cfg.mode == "mgcc"
     if cfg.sync_bn and world_size > 1 and device.type != "cuda":
@@ -287,8 +316,10 @@ class Method:
     """
     loss_names = ("loss", "sup", "cons")
 
-    def __init__(self, cfg, ctx, device, iterations: int):
+    def __init__(self, cfg, ctx, device, iterations: int, ramp_every=None):
         self.cfg, self.ctx, self.device = cfg, ctx, device
+        # iterations per step of the consistency ramp: the config's, or a scaled schedule's (a fraction)
+        self.ramp_every = cfg.consistency_ramp_every if ramp_every is None else ramp_every
         self.semi = cfg.mode == "mgcc"  # the labeled images alone in supervised mode: no unlabeled batch
         self.model = build_model(cfg).to(device)
         if ctx.enabled and cfg.sync_bn:  # same parameter and buffer names: checkpoints stay plain
@@ -315,8 +346,7 @@ class Method:
 
     def train_step(self, images: torch.Tensor, masks: torch.Tensor, it: int) -> dict[str, torch.Tensor]:
         cfg = self.cfg
-        self.consistency.fill_(consistency_weight(it, cfg.consistency, cfg.consistency_rampup,
-                                                  cfg.consistency_ramp_every))
+        self.consistency.fill_(consistency_weight(it, cfg.consistency, cfg.consistency_rampup, self.ramp_every))
         losses = self.step(images, masks, self.consistency)
         self.scheduler.step()
         return dict(zip(self.loss_names, losses))
@@ -332,10 +362,10 @@ class SegmenterTraining(Trainer):
     agree_every_step = False  # the step never waits for the device: under torchrun the ranks agree at readings
 
     def __init__(self, cfg, method: Method, data: TrainingBatches, record: RunRecord, iterations: int,
-                 eval_every: int, start: int, ctx, device, stop, out_dir: Path):
+                 eval_every: int, start: int, ctx, device, stop, out_dir: Path, checkpoint_every: int | None = None):
         super().__init__(iterations, start, ctx, device, stop, method.state, CHECKPOINT_KIND,
                          out_dir / "checkpoint_last.pt", log_every=cfg.log_every,
-                         checkpoint_every=cfg.checkpoint_every or eval_every, eval_every=eval_every,
+                         checkpoint_every=checkpoint_every or cfg.checkpoint_every or eval_every, eval_every=eval_every,
                          progress=cfg.progress, stop_after=cfg.stop_after)
         self.cfg, self.method, self.data, self.record = cfg, method, data, record
         self.channels_last = use_channels_last(cfg, device)
@@ -375,19 +405,18 @@ def train(cfg, ctx, device) -> int:
                              cfg.unlabeled_from_train, need_unlabeled=semi, progress=cfg.progress and ctx.is_main,
                              mask_values=cfg.mask_values, split_name=cfg.split_name)
     check_config(cfg, run_data, ctx.world_size, device)
-    iterations = cfg.iterations or round(cfg.base_iterations * cfg.labeled_fraction)
-    eval_every = (batches_per_epoch(len(run_data.labeled), cfg.labeled_batch_size) if cfg.eval_every == "epoch"
-                  else cfg.eval_every)
+    schedule = run_schedule(cfg, len(run_data.labeled))
+    iterations, eval_every = schedule.iterations, schedule.eval_every
     if ctx.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
         save_yaml(file_values(cfg, OPTIONS), out_dir / "config.yaml")
         print(f"run folder {out_dir} | {cfg.mode} on {device} x {ctx.world_size} | {run_data.summary()} | "
-              f"{iterations} iterations, evaluated every {eval_every}", flush=True)
+              f"{iterations} iterations, evaluated every {eval_every}{describe_schedule(cfg, schedule)}", flush=True)
 
     # setup: the method's networks (the same initial weights on every rank), then its restored state
     seed_everything(cfg.seed)
     torch.backends.cudnn.benchmark = True  # fixed input size: let cuDNN pick its fastest kernels
-    method = Method(cfg, ctx, device, iterations)
+    method = Method(cfg, ctx, device, iterations, ramp_every=schedule.ramp_every)
     if ctx.enabled:
         torch.manual_seed(cfg.seed + ctx.rank)  # each rank its own perturbation noise
     restore(method.state, checkpoint, ctx)
@@ -401,7 +430,8 @@ def train(cfg, ctx, device) -> int:
 
     # the loop, then the final evaluation of the selected checkpoint
     with StopRequest() as stop:
-        loop = SegmenterTraining(cfg, method, data, record, iterations, eval_every, start, ctx, device, stop, out_dir)
+        loop = SegmenterTraining(cfg, method, data, record, iterations, eval_every, start, ctx, device, stop, out_dir,
+                                 checkpoint_every=schedule.checkpoint_every)
         if not loop.run(cfg.mode):
             return loop.stopped("train.py", "--out-dir", str(out_dir))
     if ctx.is_main:
@@ -413,7 +443,8 @@ def finish(cfg, model, record, run_data, out_dir, iterations, device, val_batche
     """metrics.json: 'val' holds every metric (HD95 too) of the selected checkpoint on the val list,
     with --holdout its single evaluation there."""
     best = record.best
-    summary = {"mode": cfg.mode, "iterations": iterations, "parameters": count_parameters(model),
+    summary = {"mode": cfg.mode, "iterations": iterations, "schedule_scale": cfg.schedule_scale,
+               "parameters": count_parameters(model),
                "selection_set": run_data.selection_name, "best_iteration": best["iteration"],
                "best": {k: v for k, v in best.items() if k != "iteration"}, "last": record.history[-1]}
     model.load_state_dict(load_checkpoint(out_dir / "checkpoint_best.pt", CHECKPOINT_KIND)["model"])

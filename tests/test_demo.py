@@ -74,7 +74,8 @@ def test_changed_option_is_a_stale_stage_error(demo):
     result = run_script("reproduce.py", "--data-dir", data, "--out-dir", out, "--preset", "demo", "--splits", "1",
                         "--labeled-fraction", "0.5", "--ldm-config", "configs/ldm_tiny.yaml", "--num-samples", "8",
                         "--ldm-args", "--vae-steps 4 --diffusion-steps 4 --image-size 32", "--sample-args",
-                        "--steps 10", "--train-args", "--iterations 6 --eval-every 2 --width 4 --image-size 32",
+                        "--steps 10", "--schedule-scale", "1", "--train-args",
+                        "--iterations 6 --eval-every 2 --width 4 --image-size 32",
                         "--device", "cpu", "--no-progress", check=False)
     assert result.returncode == 2
     assert "split1/supervised" in result.stderr and "--iterations 4 -> 6" in result.stderr

@@ -7,7 +7,7 @@ import json
 
 from conftest import run_script, write_dataset
 
-TINY = "--iterations 2 --eval-every 2 --width 4 --image-size 32 --num-workers 0"
+TINY = "--iterations 2 --eval-every 2 --width 4 --image-size 32 --num-workers 0 --schedule-scale 1"
 
 
 def test_holdout_protocol_under_torchrun(tmp_path):

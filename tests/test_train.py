@@ -167,3 +167,46 @@ def test_any_dataset_in_the_layout(tmp_path):
                tmp_path / "pred", "--masks-dir", data / "masks" / "0", "--num-workers", "0", "--no-overlays")
     assert sorted(p.name for p in (tmp_path / "pred" / "masks").iterdir()) == [f"case ({k}).png" for k in
                                                                                  sorted(range(1, 10), key=str)]
+
+
+def test_a_scaled_run_follows_the_published_lambda_and_lr_curves(tmp_path, dataset, monkeypatch, capsys):
+    """--schedule-scale 0.25 of a 40-iteration schedule with a ramp step every 6 iterations: 10 iterations,
+    a ramp step every 1.5. At every iteration it of the scaled run, lambda and the learning rate are the
+    published schedule's at iteration it / 0.25 (the same t/T); the evaluations are as many."""
+    from utils.losses import consistency_weight, poly_lr_factor
+
+    weights = {}
+
+    def spy(iteration, weight, rampup, ramp_every):
+        weights[iteration] = consistency_weight(iteration, weight, rampup, ramp_every)
+        return weights[iteration]
+
+    monkeypatch.setattr(train, "consistency_weight", spy)
+    code, out = run_train(tmp_path, dataset, "--iterations", "40", "--consistency-ramp-every", "6",
+                          "--consistency-rampup", "5", "--eval-every", "8", "--schedule-scale", "0.25")
+    assert code == 0
+    assert sorted(weights) == list(range(10))
+    for it in range(10):  # published: 40 iterations, t = it // 6 over 5 ramp steps
+        assert weights[it] == consistency_weight(4 * it, 7.0, 5.0, 6)
+    assert weights[9] == 7.0 and weights[3] == pytest.approx(7.0 * 2.718281828 ** (-5 * (1 - 2 / 5) ** 2))  # t = 2
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["iteration"] for r in lines] == [2, 4, 6, 8, 10]  # 8 x 0.25: every 2, as the published every 8
+    for r in lines:
+        assert r["lr"] == pytest.approx(0.01 * poly_lr_factor(4 * r["iteration"], 40), abs=1e-12)
+    summary = json.loads((out / "metrics.json").read_text())
+    assert summary["iterations"] == 10 and summary["schedule_scale"] == 0.25
+    assert "schedule x 0.25: ramp step every 1.5 iterations" in capsys.readouterr().out
+
+
+def test_busi_config_scaled_keeps_the_official_curves():
+    """busi.yaml x 0.05 on a BUSI split (226 labeled images): 1,000 iterations, a ramp step every 7.5,
+    evaluation every 3 (the official 56 x 0.05); lambda(t/T) the official one, 3.99 at the end."""
+    from utils.losses import consistency_weight
+
+    cfg = train.parse_config(train.OPTIONS, "", ["--config", str(ROOT / "configs" / "busi.yaml"),
+                                                 "--schedule-scale", "0.05"])
+    schedule = train.run_schedule(cfg, labeled=226)
+    assert (schedule.iterations, schedule.ramp_every, schedule.eval_every) == (1000, 7.5, 3)
+    for it in range(1000):
+        assert consistency_weight(it, 7.0, 200.0, schedule.ramp_every) == consistency_weight(20 * it, 7.0, 200.0, 150)
+    assert train.final_consistency_weight(7.0, 200.0, schedule.ramp_every, 1000) == pytest.approx(3.99, abs=0.005)
