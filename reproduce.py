@@ -183,11 +183,10 @@ def split_inputs(data: Path, i: int, name: str) -> dict[str, Path]:
     return files
 
 
-def stage_reads(stage_ref: list, data: Path, i: int, name: str):
+def stage_reads(stage: Stage, data: Path, i: int, name: str):
     """Stage.reads of a stage of split i: its resolved configuration (none for predict.py, whose options
     are all in its command) and the split's files, with the images of any --unlabeled-dir of train.py."""
     def reads():
-        stage = stage_ref[0]
         files = split_inputs(data, i, name)
         if stage.command[0] == "predict.py":
             return None, files
@@ -225,8 +224,7 @@ def plan(args, name: str, splits: list[int], device: str) -> list[Stage]:
     stages = []
 
     def add(stage: Stage, i: int) -> None:
-        ref = [stage]
-        stage.reads = stage_reads(ref, data, i, name)
+        stage.reads = stage_reads(stage, data, i, name)
         stages.append(stage)
 
     for i in splits:
@@ -273,11 +271,16 @@ def stage_kind(name: str) -> str:
     return re.sub(r"^split\d+/(seed-?\d+/)?", "", name)
 
 
-def mask_values_of(args) -> str:
-    """The stage-2 configuration's mask_values (its config file, then --train-args), which every
-    training and predict stage must share."""
+def stage2_config(args):
+    """The stage-2 configuration every arm shares: its config file, --schedule-scale, then --train-args."""
     import train
-    return parse_config(train.OPTIONS, "", ["--config", str(args.config), *args.train_args]).mask_values
+    scale = ["--schedule-scale", f"{args.schedule_scale:g}"] if args.schedule_scale is not None else []
+    return parse_config(train.OPTIONS, "", ["--config", str(args.config), *scale, *args.train_args])
+
+
+def mask_values_of(args) -> str:
+    """The stage-2 configuration's mask_values, which every training and predict stage must share."""
+    return stage2_config(args).mask_values
 
 
 def config_values(stage: Stage, cfg) -> dict:
@@ -554,6 +557,8 @@ def write_results(args, splits: list[int], ledger: Ledger, device: str) -> Path:
               + (f"; stage 1: `{args.ldm_config.name}`{' + ' + shlex.join(args.ldm_args) if args.ldm_args else ''}, "
                  f"{args.num_samples} samples per split" if args.generator else "; no generator"),
               seeds,
+              f"- Schedule: x {stage2_config(args).schedule_scale:g} of the published one (train.py --schedule-scale; "
+              f"the iterations each run made are in the per-run table)",
               f"- Device: {device_description(device)}; {date.today().isoformat()}",
               f"- Project version: {project_version()}",
               f"- Command: `{args.command_line}`"]
