@@ -100,7 +100,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                              "the published curves (train.py --schedule-scale) (default: the stage-2 config's: 1 in "
                              "configs/busi.yaml, 0.04 in configs/demo.yaml)")
     parser.add_argument("--train-args", default="", metavar="FLAGS",
-                        help="more flags for every train.py run, e.g. \"--iterations 3000 --width 16\"")
+                        help="more flags for every train.py run, e.g. \"--width 16\"")
     parser.add_argument("--ldm-args", default="", metavar="FLAGS",
                         help="more flags for train_ldm.py, e.g. \"--vae-steps 2000 --image-size 64\"")
     parser.add_argument("--sample-args", default="", metavar="FLAGS",

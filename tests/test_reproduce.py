@@ -5,6 +5,8 @@ from __future__ import annotations
 import csv
 import json
 
+import pytest
+
 from conftest import run_script, write_dataset
 
 TINY = "--iterations 2 --eval-every 2 --width 4 --image-size 32 --num-workers 0 --schedule-scale 1"
@@ -103,3 +105,33 @@ def test_seeds_mask_values_and_stale_content(tmp_path):
     result = run_script(*command, check=False)
     assert result.returncode == 2 and "file images/benign (1).png changed" in result.stderr
     assert "split1/seed2/mgcc-real/predict (" in result.stderr
+
+
+def test_the_estimate_adds_start_up_warm_steps_and_evaluations(tmp_path, monkeypatch):
+    """The plan's model of a training stage, with the benchmark's figures fixed: start-up (the benchmark's
+    wall time less its 3 + 1 + 10 timed steps) + iterations x step + the evaluations' forward passes."""
+    import reproduce
+    from utils.stages import Ledger
+
+    data = write_dataset(tmp_path / "toy", n=15, size=(40, 48))  # 10 training ids, 5 val
+    args = reproduce.parse_args(["--data-dir", str(data), "--out-dir", str(tmp_path / "out"), "--preset", "demo",
+                                 "--no-generator", "--arms", "supervised", "--labeled-fraction", "0.5",
+                                 "--schedule-scale", "0.01", "--train-args", "--eval-every 500 --image-size 32"])
+    args.nproc_per_node = 1
+    stages = reproduce.plan(args, "toy", [1], "cpu")
+    calls = []
+
+    def benchmark(script, flags):
+        calls.append(script)
+        # 0.05 s a step, 1e9 FLOPs a step; 14 steps of 0.05 s in a wall time of 3.7 s: 3 s of start-up
+        return [{"it_per_s": 20.0, "tflop_per_step": 1e-3}], 3.7
+
+    monkeypatch.setattr(reproduce, "benchmark", benchmark)
+    monkeypatch.setattr(reproduce, "forward_flops_per_image", lambda cfg: 2e8)  # a fifth of a step's FLOPs
+    reproduce.estimate(stages, {s.name: "todo" for s in stages}, Ledger(tmp_path / "l.json"), "cpu", 1)
+    train, predict = stages
+    # 40,000 x 0.5 x 0.01 = 200 iterations, an evaluation every 5 (500 x 0.01): 40 over the 5 val images,
+    # and the final one; an image's forward pass is 0.05 s x 0.2 = 0.01 s
+    assert train.estimate == pytest.approx(3.0 + 200 * 0.05 + (40 * 5 + 5) * 0.01)
+    assert predict.estimate == pytest.approx(3.0 + 5 * 0.01)
+    assert calls == ["bench_train.py"]  # one benchmark for both
