@@ -11,12 +11,15 @@ For each split (default: every <name>_train<i>.txt with its <name>_val<i>.txt):
                  mgcc-synthetic  MGCC, the split's synthetic images as unlabeled data (the paper)
   3. predict.py of each arm's selected checkpoint on the split's val ids, at each image's own size
 Every stage is the project's real script, run as a subprocess with its command printed. The output
-folder gets results.csv (one row per arm and split), results.md (mean ± std over splits, the
-difference to the baseline, the generator's figures) and results.png.
+folder gets results.csv (one row per run: arm, split, seed), results.md (mean ± std over runs, the
+difference to the baseline paired by (split, seed) with a 95 % Student-t confidence interval, the
+generator's figures, the project's git commit) and results.png. --seeds A B C repeats every arm
+per seed; --schedule-scale S runs every arm at S x the published schedule, its curves kept.
 
 Rerunning the same command skips finished stages and resumes an interrupted one (Ctrl-C or SIGTERM
-stops the running stage at a checkpoint). An option changed since would make finished work stale:
-that is an error naming the stage, never a silent reuse. Before starting, the planned stages are
+stops the running stage at a checkpoint). An option changed since, or a change in what a stage read
+(its config file's contents, a split file, an image: compared by SHA-256), would make finished work
+stale: that is an error naming the stage and what changed, never a silent reuse. Before starting, the planned stages are
 printed with an estimated time (from a short benchmark of each step on the device, or from stages of
 the same kind already finished in --out-dir); at the end, the measured times.
 """
