@@ -155,5 +155,9 @@ def test_an_edited_config_or_a_changed_file_makes_a_finished_stage_stale(tmp_pat
     extra.write_bytes(b"c")
     with pytest.raises(ConfigError, match=r"file c.png added"):
         check_plan([reading_stage(tmp_path, config, [images[0], extra])], Ledger(tmp_path / "stages.json"))
+    # a stage that stopped before any checkpoint made nothing: it runs again with what is there now
+    unfinished = Ledger(tmp_path / "stages.json")
+    unfinished.stages["train"]["finished"] = None
+    assert check_plan([reading_stage(tmp_path, config, [images[0], extra])], unfinished) == {"train": "todo"}
     # the ledger keeps one copy of each file list, shared by the stages that read it
     assert len(json.loads((tmp_path / "stages.json").read_text())["file_sets"]) == 1

@@ -200,6 +200,8 @@ class Ledger:
                 return "todo", ""  # it failed before its first checkpoint: nothing made, nothing to lose
             return "stale", f"made with other options: {describe_change(entry['command'], stage.command)}"
         if change := self.read_change(stage, entry):
+            if not entry["finished"] and not (stage.resume and stage.resume() is not None):
+                return "todo", ""  # it stopped before its first checkpoint: nothing made, nothing to lose
             return "stale", f"what it read has changed: {change}"
         for dep in stage.depends:
             if dep in pending or self.stages.get(dep, {}).get("finished") != entry["inputs"].get(dep):
