@@ -11,7 +11,7 @@ printed):
   3. reproduce.py --preset demo      per split: the latent diffusion model, its samples, then the
                                      supervised baseline, MGCC on the real unlabeled images and MGCC
                                      on the synthetic ones, each segmenting the val ids
-The segmenters run the published schedule scaled by 0.04 (configs/demo.yaml: schedule_scale, so
+The segmenters run the published schedule scaled by 0.03 (configs/demo.yaml: schedule_scale, so
 lambda(t/T) and lr(t/T) are the published curves); meant to finish within 10 minutes on an idle
 2-core CPU, the estimate of reproduce.py included. It ends with reproduce.py's results table and the
 paths of the pictures. Like reproduce.py, a rerun

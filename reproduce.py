@@ -101,7 +101,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="every train.py run at S x its schedule: S x the iterations, with the consistency ramp, "
                              "learning-rate decay and evaluation interval scaled so that lambda(t/T) and lr(t/T) are "
                              "the published curves (train.py --schedule-scale) (default: the stage-2 config's: 1 in "
-                             "configs/busi.yaml, 0.04 in configs/demo.yaml)")
+                             "configs/busi.yaml, 0.03 in configs/demo.yaml)")
     parser.add_argument("--train-args", default="", metavar="FLAGS",
                         help="more flags for every train.py run, e.g. \"--width 16\"")
     parser.add_argument("--ldm-args", default="", metavar="FLAGS",
