@@ -325,7 +325,7 @@ def quality_report(cfg, info: dict, names: list[str], folder: Path, training, va
             closest = int(d.argmin())
             summary = (describe_memorisation(figures) + f"\nclosest: {names[closest]} to '{nearest_ids[closest]}' at "
                        f"{d[closest]:.3f} (normalised L2 at {MEMORISATION_SIZE}x{MEMORISATION_SIZE}; 0: the same image, "
-                       f"about 1.4: unrelated); the {min(PAIR_COUNT, len(d))} closest pairs: {folder / PAIRS}\n"
+                       f"about 1.4: unrelated); the {min(PAIR_COUNT, len(d))} closest pairs: {PAIRS} beside this file\n"
                        f"former figure, fraction_closer_than_median_train_nn: "
                        f"{figures['fraction_closer_than_median_train_nn']:.3f} (about 0.5 for a generator that "
                        "copies nothing: no measure of copying)")

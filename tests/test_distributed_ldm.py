@@ -93,7 +93,8 @@ def test_two_process_training_resumes_across_process_counts_and_samples_in_one(t
     files = {folder: sorted(p.relative_to(tmp_path / folder) for p in (tmp_path / folder).rglob("*") if p.is_file())
              for folder in ("one", "two")}
     assert files["one"] == files["two"] == sorted(
-        [Path("grid.png"), Path("manifest.csv"), Path("memorisation.txt"), Path("report.json")]
+        [Path("closest_pairs.png"), Path("grid.png"), Path("manifest.csv"), Path("memorisation.txt"),
+         Path("report.json")]
         + [Path("images") / f"synth_{n:04d}.png" for n in range(5)])
     for name in files["one"]:
         assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "two" / name).read_bytes(), name
