@@ -89,6 +89,13 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="more flags for train_ldm.py, e.g. \"--vae-steps 2000 --image-size 64\"")
     parser.add_argument("--sample-args", default="", metavar="FLAGS",
                         help="more flags for sample_ldm.py, e.g. \"--scheduler dpmsolver --steps 20\"")
+    parser.add_argument("--spacing-mm", type=float, nargs="+", default=None, metavar="MM",
+                        help="pixel spacing in mm (one number, or row and column), passed to predict.py: HD95 and ASD "
+                             "in mm (default: pixels)")
+    parser.add_argument("--spacing-csv", type=Path, default=None,
+                        help="per-image pixel spacing (CSV id,spacing_mm), passed to predict.py")
+    parser.add_argument("--nsd-tolerance", type=float, default=None,
+                        help="NSD tolerance passed to predict.py, in mm with a spacing, else pixels (default: 2 pixels)")
     parser.add_argument("--device", default="auto", help="auto (CUDA if present, else CPU), cpu, cuda or cuda:N")
     parser.add_argument("--nproc-per-node", type=int, default=None,
                         help="processes per training stage, each run under torchrun (default: 1; under torchrun, "
@@ -117,6 +124,11 @@ def parse_args(argv=None) -> argparse.Namespace:
         except ValueError as error:  # an unclosed quote: shlex says "No closing quotation"
             raise ConfigError(f"--{name.replace('_', '-')} {getattr(args, name)!r} cannot be split into flags as a "
                               f"shell would: {error}; close the quote (or quote the whole value once)") from None
+    if args.spacing_mm and args.spacing_csv:
+        raise ConfigError("give --spacing-mm or --spacing-csv, not both")
+    args.predict_args = ((["--spacing-mm", *map("{:g}".format, args.spacing_mm)] if args.spacing_mm else [])
+                         + (["--spacing-csv", str(args.spacing_csv.resolve())] if args.spacing_csv else [])
+                         + (["--nsd-tolerance", f"{args.nsd_tolerance:g}"] if args.nsd_tolerance is not None else []))
     return args
 
 
@@ -195,7 +207,7 @@ def plan(args, name: str, splits: list[int], device: str) -> list[Stage]:
             stages.append(Stage(
                 f"split{i}/{arm}/predict", ["predict.py", "--checkpoint", str(folder / "checkpoint_best.pt"),
                                             "--input-dir", str(data), "--ids", str(split_file(data, "val", i, name)),
-                                            "--masks-dir", str(data / "masks" / "0"),
+                                            "--masks-dir", str(data / "masks" / "0"), *args.predict_args,
                                             "--output-dir", str(run / f"{arm}_val"), *shown],
                 run / f"{arm}_val", depends=[f"split{i}/{arm}"], overwrite_flag=None))
     return stages
@@ -301,7 +313,7 @@ def collect(args, splits: list[int], ledger: Ledger) -> tuple[list[dict], dict[i
         for arm in args.arms:
             run = json.loads((out / f"split{i}" / arm / "metrics.json").read_text())
             val = json.loads((out / f"split{i}" / f"{arm}_val" / "metrics.json").read_text())
-            rows.append({"arm": arm, "split": i, **{m: val[m] for m in results.METRIC_NAMES},
+            rows.append({"arm": arm, "split": i, **{m: val.get(m) for m in results.METRIC_NAMES},
                          "selected_iteration": run["best_iteration"], "iterations": run["iterations"],
                          "selection_set": run["selection_set"],
                          "train_seconds": round(ledger.seconds(f"split{i}/{arm}") or 0, 1),
@@ -326,6 +338,9 @@ def write_results(args, splits: list[int], ledger: Ledger, device: str) -> Path:
     header = [f"# {dataset_name(args.data_dir)}: labeled fraction {args.labeled_fraction:g}, "
               f"splits {', '.join(map(str, splits))}", "",
               f"- Protocol: {protocol}. Metrics per image at the image's own size (predict.py), then averaged.",
+              f"- HD95 and ASD in {'mm' if args.spacing_mm or args.spacing_csv else 'pixels'}; NSD at a tolerance of "
+              + (f"{args.nsd_tolerance:g} {'mm' if args.spacing_mm or args.spacing_csv else 'pixels'}"
+                 if args.nsd_tolerance is not None else "2 pixels") + " (MONAI's definitions: README, Metrics).",
               f"- Stage 2 config: `{args.config.name}`{' + ' + shlex.join(args.train_args) if args.train_args else ''}"
               + (f"; stage 1: `{args.ldm_config.name}`{' + ' + shlex.join(args.ldm_args) if args.ldm_args else ''}, "
                  f"{args.num_samples} samples per split" if args.generator else "; no generator"),

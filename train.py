@@ -117,6 +117,8 @@ OPTIONS = [
            "every pass over the labeled images, labeled images // labeled_batch_size iterations (the official "
            "protocol)", type=count_or("epoch"), check=if_number(POSITIVE)),
     Option("eval_batch_size", 16, "images per evaluation batch", check=POSITIVE),
+    Option("nsd_tolerance", None, "tolerance of the final evaluation's normalised surface Dice, in pixels at "
+           "image_size; none: 2", type=optional(float)),
     Option("checkpoint_every", None, "write checkpoint_last.pt every N iterations; none: at each evaluation",
            type=optional(int), check=POSITIVE),
     Option("log_every", 10, "read the losses back from the device every N iterations (progress bar, NaN check)",
@@ -354,8 +356,9 @@ class SegmenterTraining(Trainer):
         train_means = self.losses.mark()
         if self.ctx.is_main:
             # in fp32 whatever the training precision: metrics comparable across runs and with predict.py
-            # HD95 needs every mask on the CPU: only the final evaluation of the selected checkpoint has it
-            metrics = evaluate(self.method.evaluated, self.data.selection_batches(), self.device, hd95=False)
+            # HD95, ASD and NSD need every mask on the CPU: only the final evaluation of the selected checkpoint
+            # has them
+            metrics = evaluate(self.method.evaluated, self.data.selection_batches(), self.device, surface=False)
             if self.record.add(done, metrics, train_means, self.method.lr()):
                 self.record.save("checkpoint_best.pt", {"kind": CHECKPOINT_KIND, **self.described(done),
                                                         "model": self.method.evaluated.state_dict(), "metrics": metrics})
@@ -410,17 +413,17 @@ def train(cfg, ctx, device) -> int:
 
 
 def finish(cfg, model, record, run_data, out_dir, iterations, device, val_batches) -> None:
-    """metrics.json: 'val' holds every metric (HD95 too) of the selected checkpoint on the val list,
+    """metrics.json: 'val' holds every metric (HD95, ASD, NSD too) of the selected checkpoint on the val list,
     with --holdout its single evaluation there."""
     best = record.best
     summary = {"mode": cfg.mode, "iterations": iterations, "parameters": count_parameters(model),
                "selection_set": run_data.selection_name, "best_iteration": best["iteration"],
                "best": {k: v for k, v in best.items() if k != "iteration"}, "last": record.history[-1]}
     model.load_state_dict(load_checkpoint(out_dir / "checkpoint_best.pt", CHECKPOINT_KIND)["model"])
-    summary["val"] = evaluate(model, val_batches, device)
+    summary["val"] = evaluate(model, val_batches, device, nsd_tolerance=cfg.nsd_tolerance)
     if run_data.report:
         summary["note"] = "checkpoint_best selected on the holdout ids; 'val' is its single evaluation on the val list."
-    else:  # 'best' again, with HD95: the periodic evaluations leave it out
+    else:  # 'best' again, with the surface metrics: the periodic evaluations leave them out
         summary["note"] = OPTIMISTIC_NOTE
     atomic_write_text(out_dir / "metrics.json", json.dumps(summary, indent=2))
     print(f"done: val IoU {summary['val']['iou']:.4f} Dice {summary['val']['dice']:.4f} "

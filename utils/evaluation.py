@@ -12,16 +12,17 @@ from .metrics import MetricAverager
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, batches: Iterable[dict], device: torch.device,
              autocast_dtype: torch.dtype | None = None, progress: bool = False, desc: str = "evaluating",
-             hd95: bool = True) -> dict[str, float]:
+             surface: bool = True, nsd_tolerance: float | None = None) -> dict[str, float]:
     """Mean per-image metrics of the main decoder at threshold 0.5, at the batches' image size.
 
     ``batches``: dicts with ``image`` and ``mask`` (a DataLoader, or DeviceImageSet.batches already
     on the device). The overlap metrics are computed on the device and read back once at the end;
-    ``hd95=False`` leaves out HD95, which needs every mask on the CPU.
+    ``surface=False`` leaves out HD95, ASD and NSD (in pixels at the batches' size; NSD at
+    ``nsd_tolerance`` pixels, default 2), which need every mask on the CPU.
     """
     was_training = model.training
     model.eval()
-    averager = MetricAverager(hd95=hd95)
+    averager = MetricAverager(surface=surface, nsd_tolerance=nsd_tolerance)
     for batch in tqdm(batches, desc=desc, disable=not progress, leave=False):
         images = batch["image"].to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):

@@ -16,9 +16,9 @@ import numpy as np
 
 from .metrics import METRIC_NAMES
 
-METRIC_TITLES = {"iou": "IoU", "dice": "Dice", "hd95": "HD95 (px)", "sensitivity": "sensitivity",
-                 "precision": "precision", "f1": "F1", "accuracy": "accuracy"}
-LOWER_IS_BETTER = {"hd95"}
+METRIC_TITLES = {"iou": "IoU", "dice": "Dice", "hd95": "HD95", "asd": "ASD", "nsd": "NSD",
+                 "sensitivity": "sensitivity", "precision": "precision", "f1": "F1", "accuracy": "accuracy"}
+LOWER_IS_BETTER = {"hd95", "asd"}
 GENERATOR_FIGURES = [("psnr", "autoencoder PSNR (dB, val)", "{:.2f}"), ("ssim", "autoencoder SSIM (val)", "{:.4f}"),
                      ("c2st_accuracy", "C2ST accuracy", "{:.3f}"),
                      ("memorisation_fraction", "memorisation fraction", "{:.3f}"), ("num_images", "samples", "{:d}")]
@@ -52,7 +52,7 @@ def markdown(rows: list[dict], arms: Sequence[str], generators: dict[int, dict],
              "| --- | --- |" + " --- |" * len(METRIC_NAMES)]
     for arm in arms:
         runs = by_arm[arm].values()
-        lines.append(f"| {arm} | {len(runs)} | " + " | ".join(mean_std([r[m] for r in runs]) for m in METRIC_NAMES)
+        lines.append(f"| {arm} | {len(runs)} | " + " | ".join(mean_std([r.get(m) for r in runs]) for m in METRIC_NAMES)
                      + " |")
     if baseline in by_arm and len(arms) > 1:
         lines += ["", f"## Difference to `{baseline}` (paired by split; mean ± standard deviation)", "",
@@ -63,18 +63,22 @@ def markdown(rows: list[dict], arms: Sequence[str], generators: dict[int, dict],
                 continue
             common = sorted(set(by_arm[arm]) & set(by_arm[baseline]))
             lines.append(f"| {arm} | " + " | ".join(
-                mean_std([by_arm[arm][s][m] - by_arm[baseline][s][m] for s in common]) for m in METRIC_NAMES) + " |")
+                mean_std([by_arm[arm][s][m] - by_arm[baseline][s][m] for s in common
+                          if by_arm[arm][s].get(m) is not None and by_arm[baseline][s].get(m) is not None])
+                for m in METRIC_NAMES) + " |")
         lines.append("")
-        lines.append("HD95 is better when lower; every other metric when higher.")
+        lines.append("HD95 and ASD are better when lower; every other metric when higher.")
     lines += ["", "## Per split", "",
-              "| split | arm | IoU | Dice | HD95 | selected iteration | of | wall time (train + predict) |",
-              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+              "| split | arm | IoU | Dice | HD95 | ASD | NSD | selected iteration | of | wall time (train + predict) |",
+              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for split in splits:
         for arm in arms:
             r = by_arm[arm].get(split)
             if r:
                 wall = (r["train_seconds"] or 0) + (r["predict_seconds"] or 0)
-                lines.append(f"| {split} | {arm} | {r['iou']:.4f} | {r['dice']:.4f} | {r['hd95']:.2f} | "
+                surface = " | ".join("n/a" if r.get(m) is None else format(r[m], form)
+                                     for m, form in (("hd95", ".2f"), ("asd", ".2f"), ("nsd", ".4f")))
+                lines.append(f"| {split} | {arm} | {r['iou']:.4f} | {r['dice']:.4f} | {surface} | "
                              f"{r['selected_iteration']} | {r['iterations']} | {wall / 60:.1f} min |")
     if generators:
         lines += ["", "## Generator (stage 1) per split", "",
