@@ -36,7 +36,8 @@ from pathlib import Path
 
 import torch
 
-from dataloaders.io import DataError, dataset_name, note, split_file
+from dataloaders.io import DataError, dataset_name, note, read_id_list, split_file, split_files
+from dataloaders.splits import holdout_size
 from utils import results
 from utils.cli import run_cli
 from utils.config import ConfigError, file_values, parse_config, read_yaml, save_yaml
@@ -61,6 +62,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--labeled-fraction", type=float, default=None,
                         help="labeled share of each training list, the same for every arm (default: the stage-2 "
                              "config's: 0.5 in configs/busi.yaml, 0.25 in configs/demo.yaml)")
+    parser.add_argument("--labeled", type=int, default=None, metavar="N",
+                        help="label the N ids of each split's <name>_train<i>_labeled<N>.txt (split.py --labeled N "
+                             "writes them) in every arm, instead of a labeled fraction (default: none)")
     parser.add_argument("--splits", type=int, nargs="+", default=None,
                         help="split numbers (default: every split whose train and val files are present)")
     parser.add_argument("--split-name", default=None, metavar="NAME",
@@ -110,10 +114,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.config = args.config or preset["config"]
     args.ldm_config = args.ldm_config or preset["ldm_config"]
     args.num_samples = args.num_samples or preset["num_samples"]
-    if args.labeled_fraction is None:
+    if args.labeled is not None and args.labeled_fraction is not None:
+        raise ConfigError("give --labeled-fraction or --labeled N (labeled lists), not both")
+    if args.labeled is not None and args.labeled < 1:
+        raise ConfigError(f"--labeled must be a positive number of images, got {args.labeled}")
+    if args.labeled is None and args.labeled_fraction is None:
         import train
         args.labeled_fraction = read_yaml(args.config, train.OPTIONS).get("labeled_fraction", 0.5)
-    args.out_dir = args.out_dir or Path("runs") / f"{dataset_name(args.data_dir)}_l{args.labeled_fraction:g}"
+    args.labels = (f"labeled lists of {args.labeled}" if args.labeled is not None
+                   else f"labeled fraction {args.labeled_fraction:g}")
+    args.out_dir = args.out_dir or Path("runs") / (f"{dataset_name(args.data_dir)}_n{args.labeled}" if args.labeled
+                                                   else f"{dataset_name(args.data_dir)}_l{args.labeled_fraction:g}")
     default_arms = ARMS if args.generator else ARMS[:2]
     args.arms = [arm for arm in ARMS if arm in (args.arms or default_arms)]  # in the table's order
     if "mgcc-synthetic" in args.arms and not args.generator:
@@ -161,6 +172,15 @@ def find_splits(data_dir: Path, requested: list[int] | None, name: str | None) -
     return name, sorted(found[name])
 
 
+def labeled_list_file(data_dir: Path, name: str, split: int, count: int) -> Path:
+    """split.py --labeled's file: <name>_train<i>_labeled<N>.txt; missing, an error that says how to write it."""
+    path = data_dir / f"{name}_train{split}_labeled{count}.txt"
+    if not path.is_file():
+        raise DataError(f"split {split}: labeled list {path} not found: write it with python split.py --data-dir "
+                        f"{data_dir} --labeled {count}")
+    return path
+
+
 def plan(args, name: str, splits: list[int], device: str) -> list[Stage]:
     """Every stage of the protocol, in the order they run."""
     data, out = args.data_dir.resolve(), args.out_dir.resolve()
@@ -192,6 +212,9 @@ def plan(args, name: str, splits: list[int], device: str) -> list[Stage]:
                 f"split{i}/samples", ["sample_ldm.py", "--checkpoint", str(ldm), "--num-images", str(args.num_samples),
                                       "--out-dir", str(samples), *seed, *args.sample_args, *shown],
                 samples, depends=[f"split{i}/ldm"], launcher=torchrun))
+        # every arm labels the same images: the split's labeled list, or the head of its training list
+        labels = (["--labeled-list", str(labeled_list_file(data, name, i, args.labeled))] if args.labeled
+                  else ["--labeled-fraction", f"{args.labeled_fraction:g}"])
         for arm in args.arms:
             folder = run / arm
             mode = ["--mode", "supervised"] if arm == "supervised" else ["--mode", "mgcc"]
@@ -199,7 +222,7 @@ def plan(args, name: str, splits: list[int], device: str) -> list[Stage]:
                          else ["--unlabeled-from-train"] if arm == "mgcc-real" else [])
             stages.append(Stage(
                 f"split{i}/{arm}", ["train.py", "--config", str(args.config.resolve()), "--data-dir", str(data),
-                                    "--split", str(i), *split_name, "--labeled-fraction", f"{args.labeled_fraction:g}",
+                                    "--split", str(i), *split_name, *labels,
                                     "--holdout", f"{args.holdout:g}", *mode, *unlabeled, *seed, *args.train_args,
                                     "--out-dir", str(folder), *shown],
                 folder, depends=[f"split{i}/samples"] if arm == "mgcc-synthetic" else [],
@@ -275,7 +298,7 @@ def estimate(stages: list[Stage], statuses: dict[str, str], ledger: Ledger, devi
             else:
                 stage.estimate = cfg.num_images / rates["sampling"]
         else:
-            iterations = cfg.iterations or round(cfg.base_iterations * cfg.labeled_fraction)
+            iterations = cfg.iterations or round(cfg.base_iterations * labeled_share(cfg))
             key = ("train", cfg.mode, cfg.width, cfg.image_size, cfg.batch_size, cfg.labeled_batch_size)
             if key not in cache:
                 flags = ["--device", device, "--mode", cfg.mode, "--width", str(cfg.width), "--image-size",
@@ -285,6 +308,15 @@ def estimate(stages: list[Stage], statuses: dict[str, str], ledger: Ledger, devi
             stage.estimate = iterations / cache[key]
         stage.estimate /= nproc
         stage.estimate_source = "benchmark of the step" + (f", / {nproc} processes" if nproc > 1 else "")
+
+
+def labeled_share(cfg) -> float:
+    """The labeled fraction a train.py stage will have: its labeled list's share of the training ids outside the
+    holdout (train.py's iterations default scales with it), or its labeled_fraction."""
+    if not getattr(cfg, "labeled_list", None):
+        return cfg.labeled_fraction
+    train_ids = read_id_list(split_files(cfg.data_dir, cfg.split, cfg.split_name)[0])
+    return len(read_id_list(cfg.labeled_list)) / (len(train_ids) - holdout_size(len(train_ids), cfg.holdout))
 
 
 def print_plan(stages: list[Stage], statuses: dict[str, str]) -> None:
@@ -335,7 +367,7 @@ def write_results(args, splits: list[int], ledger: Ledger, device: str) -> Path:
                 "evaluated once, by the selected checkpoint" if args.holdout else
                 "checkpoint selected on the val ids, which are also the ids reported (the official protocol: "
                 "optimistic)")
-    header = [f"# {dataset_name(args.data_dir)}: labeled fraction {args.labeled_fraction:g}, "
+    header = [f"# {dataset_name(args.data_dir)}: {args.labels}, "
               f"splits {', '.join(map(str, splits))}", "",
               f"- Protocol: {protocol}. Metrics per image at the image's own size (predict.py), then averaged.",
               f"- HD95 and ASD in {'mm' if args.spacing_mm or args.spacing_csv else 'pixels'}; NSD at a tolerance of "
@@ -348,7 +380,7 @@ def write_results(args, splits: list[int], ledger: Ledger, device: str) -> Path:
               f"- Command: `{args.command_line}`"]
     (out / "results.md").write_text(results.markdown(rows, args.arms, generators, header))
     results.plot(rows, args.arms, out / "results.png",
-                 f"{dataset_name(args.data_dir)}, labeled fraction {args.labeled_fraction:g}: one point per split")
+                 f"{dataset_name(args.data_dir)}, {args.labels}: one point per split")
     return out
 
 
@@ -366,7 +398,7 @@ def main(argv=None) -> int:
     ledger = Ledger(args.out_dir.resolve() / "stages.json")
     statuses = check_plan(stages, ledger)
     print(f"reproduce: {args.data_dir} -> {args.out_dir} | splits {', '.join(map(str, splits))} | arms "
-          f"{', '.join(args.arms)} | labeled fraction {args.labeled_fraction:g} | "
+          f"{', '.join(args.arms)} | {args.labels} | "
           f"{'holdout ' + format(args.holdout, 'g') if args.holdout else 'selection on val (official)'}", flush=True)
     if args.estimate and any(status != "done" for status in statuses.values()):
         estimate(stages, statuses, ledger, device, args.nproc_per_node)

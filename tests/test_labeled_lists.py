@@ -69,3 +69,26 @@ def test_labeled_lists_for_split_files_already_there(tmp_path, capsys):
     # new splits make the old labeled lists stale: --overwrite removes them
     assert split.main(["--data-dir", str(data), "--overwrite"]) == 0
     assert not (data / "toy_train1_labeled4.txt").exists()
+
+
+def test_reproduce_gives_every_arm_the_splits_labeled_list(tmp_path):
+    import reproduce
+    from utils.config import ConfigError
+
+    data = write_dataset(tmp_path / "toy", n=20, splits=False)
+    assert split.main(["--data-dir", str(data), "--seeds", "1", "2", "--labeled", "4"]) == 0
+    args = reproduce.parse_args(["--data-dir", str(data), "--labeled", "4", "--preset", "demo", "--no-estimate"])
+    args.nproc_per_node = 1
+    assert args.out_dir.name == "toy_n4" and args.labels == "labeled lists of 4"
+    stages = reproduce.plan(args, "toy", [1, 2], "cpu")
+    training = [s for s in stages if s.command[0] == "train.py"]
+    assert len(training) == 2 * 3  # two splits, three arms
+    for stage in training:
+        i = stage.command[stage.command.index("--split") + 1]
+        assert stage.command[stage.command.index("--labeled-list") + 1] == str(data.resolve() / f"toy_train{i}_labeled4.txt")
+        assert "--labeled-fraction" not in stage.command
+    args.labeled = 5  # no such lists: one error that says how to write them
+    with pytest.raises(DataError, match=r"toy_train1_labeled5.txt not found: write it with python split.py .* --labeled 5"):
+        reproduce.plan(args, "toy", [1, 2], "cpu")
+    with pytest.raises(ConfigError, match="not both"):
+        reproduce.parse_args(["--data-dir", str(data), "--labeled", "4", "--labeled-fraction", "0.5"])
