@@ -104,6 +104,8 @@ def _json(**changes):
     (_json(channel_names={"0": "US", "1": "doppler"}), "2 channels"),
     (_json(file_ending=".nii.gz"), "file_ending '.nii.gz' is not a 2-D image format"),
     (lambda d: (d / "dataset.json").unlink(), "is not an nnU-Net v2 raw dataset"),
+    (lambda d: (d / "imagesTr" / "toy_003_0000.png").unlink(), "labels without an image (<case>_0000.png) in"),
+    (_json(labels={"background": 0, "lesion": [1, 2]}), "region-based labels"),
 ])
 def test_bad_nnunet_folders(tmp_path, change, message):
     nnunet = write_nnunet(tmp_path, n=4)
