@@ -30,3 +30,28 @@ def evaluate(model: torch.nn.Module, batches: Iterable[dict], device: torch.devi
         averager.update(logits, batch["mask"].to(device, non_blocking=True))
     model.train(was_training)
     return averager.summary()
+
+
+@torch.no_grad()
+def overlay_grid(model: torch.nn.Module, dataset, device: torch.device, threshold: float = 0.5,
+                 columns: int = 4):
+    """One BGR picture of the main decoder's masks on the images of ``dataset`` (a SegmentationDataset,
+    not augmented): the prediction in red, the ground truth outlined in green, at the dataset's size."""
+    import cv2
+    from dataloaders.io import read_image
+
+    from .plots import image_grid, overlay
+
+    was_training = model.training
+    model.eval()
+    tiles = []
+    for k in range(len(dataset)):
+        item = dataset[k]
+        logits = model(item["image"][None].to(device)).float()
+        pred = (torch.sigmoid(logits) > threshold)[0, 0].cpu().numpy()
+        size = pred.shape[::-1]
+        image = cv2.resize(read_image(dataset.items[k][1], 3), size, interpolation=cv2.INTER_LINEAR)
+        truth = item["mask"][0].numpy() > 0.5 if "mask" in item else None
+        tiles.append(overlay(image, pred, truth))
+    model.train(was_training)
+    return image_grid(tiles, columns=columns)
