@@ -1,33 +1,70 @@
 """TensorBoard logs: what a run writes to <run>/tensorboard, rank 0 only, resume appends without repeats."""
 from __future__ import annotations
 
+import json
+
 import numpy as np
 
 from utils.tensorboard import LOG_DIR, TensorBoardLog, read_events
 
 
 def test_scalars_images_and_resume_purge(tmp_path):
-    log = TensorBoardLog(tmp_path)
+    log = TensorBoardLog(tmp_path / LOG_DIR)
     for step in range(10):
         log.scalars(step, {"loss": float(step), "skipped": None}, prefix="train")
     log.image("overlay", 4, np.zeros((8, 10, 3), np.uint8))
     log.image("grid", 4, np.zeros((6, 5), np.uint8))
     log.close()
-    # resumed from a checkpoint at step 5: the first run's steps 5..9 (after that checkpoint) are dropped
-    log = TensorBoardLog(tmp_path, resume_step=5)
-    for step in range(5, 8):
+    # resumed from a checkpoint at step 5: the first run's steps 6..9 (after that checkpoint) are dropped
+    log = TensorBoardLog(tmp_path / LOG_DIR, resume_step=5)
+    for step in range(6, 8):
         log.scalars(step, {"loss": 100.0 + step}, prefix="train")
     log.close()
     events = read_events(tmp_path / LOG_DIR)
-    assert events["train/loss"] == [(s, float(s)) for s in range(5)] + [(s, 100.0 + s) for s in range(5, 8)]
+    assert events["train/loss"] == [(s, float(s)) for s in range(6)] + [(s, 100.0 + s) for s in range(6, 8)]
     assert "train/skipped" not in events
     assert events["overlay"] == [(4, (8, 10))] and events["grid"] == [(4, (6, 5))]
 
 
 def test_disabled_or_not_rank_zero_writes_nothing(tmp_path):
-    for log in (TensorBoardLog(tmp_path, enabled=False), TensorBoardLog(tmp_path, writer=False)):
+    for log in (TensorBoardLog(tmp_path / LOG_DIR, enabled=False), TensorBoardLog(tmp_path / LOG_DIR, writer=False),
+                TensorBoardLog(None)):
         assert not log
         log.scalars(1, {"loss": 1.0})
         log.image("x", 1, np.zeros((4, 4), np.uint8))
         log.close()
     assert not (tmp_path / LOG_DIR).exists()
+
+
+def test_train_py_logs_to_tensorboard_and_a_resumed_run_appends(tmp_path, dataset):
+    import shutil
+
+    import train
+    from dataloaders.io import read_id_list
+
+    listed = tmp_path / "labeled.txt"
+    listed.write_text("\n".join(read_id_list(dataset / "toy_train1.txt")[2:6]) + "\n")
+    out = tmp_path / "run"
+    args = ["--data-dir", str(dataset), "--out-dir", str(out), "--width", "4", "--image-size", "32", "--batch-size", "4",
+            "--labeled-batch-size", "2", "--iterations", "4", "--eval-every", "2", "--log-every", "1",
+            "--num-workers", "0", "--no-progress", "--labeled-list", str(listed)]
+    assert train.main(args + ["--stop-after", "2"]) == 0
+    shutil.copy(out / "checkpoint_last.pt", tmp_path / "at2.pt")
+    assert train.main(["--out-dir", str(out), "--resume", "--no-progress"]) == 0
+    # as if that run had died after iteration 4 before its checkpoint: resumed at 2 again, 3 and 4 logged again
+    shutil.copy(tmp_path / "at2.pt", out / "checkpoint_last.pt")
+    assert train.main(["--out-dir", str(out), "--resume", "--no-progress"]) == 0
+    events = read_events(out / LOG_DIR)
+    for tag in ("train/loss", "train/sup", "train/cons", "train/lr", "train/lambda"):
+        assert [step for step, _ in events[tag]] == [1, 2, 3, 4], tag  # each iteration once
+    assert [step for step, _ in events["val/iou"]] == [2, 4]
+    assert [step for step, _ in events["val/overlays"]] == [2, 4]
+    assert events["val/overlays"][0][1] == (2 + 34 * 1, 2 + 34 * 4)  # 4 images of 32 x 32 in a row, padded
+    assert {"final_val/hd95", "final_val/asd", "final_val/nsd"} <= set(events)
+    summary = json.loads((out / "metrics.json").read_text())
+    assert summary["labeled"] == 4 and summary["labeled_list"] == str(listed)
+    assert (out / "curves.png").is_file()  # the PNGs stay
+
+    # --no-tensorboard: no log folder; --overwrite clears the earlier run's
+    assert train.main(args + ["--overwrite", "--no-tensorboard", "--iterations", "2"]) == 0
+    assert not (out / LOG_DIR).exists()

@@ -20,16 +20,18 @@ LOG_DIR = "tensorboard"
 
 
 class TensorBoardLog:
-    """``scalars`` and ``image`` to ``<run_dir>/tensorboard``; a no-op unless ``enabled`` and ``writer``."""
+    """``scalars`` and ``image`` to ``log_dir`` (``<run>/tensorboard``, or a folder in it per stage); a no-op
+    unless ``enabled`` and ``writer`` (rank 0)."""
 
-    def __init__(self, run_dir: str | Path, enabled: bool = True, writer: bool = True, resume_step: int | None = None):
-        self.path = Path(run_dir) / LOG_DIR
+    def __init__(self, log_dir: str | Path | None, enabled: bool = True, writer: bool = True,
+                 resume_step: int | None = None):
+        self.path = Path(log_dir) if log_dir is not None else None
         self.writer = None
-        if enabled and writer:
+        if enabled and writer and self.path is not None:
             from torch.utils.tensorboard import SummaryWriter  # imports tensorboard: only where it is used
 
-            # purge_step: a resumed run drops the events logged after its checkpoint was written
-            self.writer = SummaryWriter(str(self.path), purge_step=resume_step or None)
+            # resumed from a checkpoint at step k: what the first run logged after k is purged (steps > k)
+            self.writer = SummaryWriter(str(self.path), purge_step=resume_step + 1 if resume_step else None)
 
     def __bool__(self) -> bool:
         return self.writer is not None
