@@ -366,10 +366,11 @@ class SegmenterTraining(Trainer):
     def on_read(self, done: int, means: dict[str, float]) -> None:
         self.bar.set_postfix(loss=f"{means['loss']:.4f}", best_iou=f"{self.record.best['iou']:.4f}",
                              lr=f"{self.method.lr():.2e}")
+
+    def board_scalars(self, done: int) -> dict[str, float]:
         cfg = self.cfg  # lambda of the last step, from the host's own schedule (no read of the device)
-        self.board.scalars(done, {"lr": self.method.lr(), **({"lambda": consistency_weight(
-            done - 1, cfg.consistency, cfg.consistency_rampup, cfg.consistency_ramp_every)} if self.method.semi else {})},
-            prefix="train")
+        weight = consistency_weight(done - 1, cfg.consistency, cfg.consistency_rampup, cfg.consistency_ramp_every)
+        return {"lr": self.method.lr(), **({"lambda": weight} if self.method.semi else {})}
 
     def on_eval(self, done: int) -> None:
         train_means = self.losses.mark()

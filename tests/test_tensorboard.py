@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 
 from utils.tensorboard import LOG_DIR, TensorBoardLog, read_events
 
@@ -68,3 +69,26 @@ def test_train_py_logs_to_tensorboard_and_a_resumed_run_appends(tmp_path, datase
     # --no-tensorboard: no log folder; --overwrite clears the earlier run's
     assert train.main(args + ["--overwrite", "--no-tensorboard", "--iterations", "2"]) == 0
     assert not (out / LOG_DIR).exists()
+
+
+@pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")  # diffusers + numpy 2
+def test_train_ldm_logs_each_stage_to_its_own_tensorboard_run(tmp_path):
+    import train_ldm
+    from conftest import ROOT, write_dataset
+
+    data = write_dataset(tmp_path / "toy", n=8, size=(40, 48))
+    run = tmp_path / "run"
+    common = ["--config", str(ROOT / "configs" / "ldm_tiny.yaml"), "--data-dir", str(data), "--out-dir", str(run),
+              "--device", "cpu", "--sample-every", "2", "--log-every", "1", "--checkpoint-every", "2",
+              "--num-workers", "0", "--no-progress"]
+    assert train_ldm.main(common + ["--stage", "vae", "--vae-steps", "2"]) == 0
+    assert train_ldm.main(common + ["--stage", "vae", "--vae-steps", "4", "--resume"]) == 0
+    assert train_ldm.main(common + ["--stage", "diffusion", "--vae-steps", "4", "--diffusion-steps", "2"]) == 0
+    vae, diffusion = read_events(run / LOG_DIR / "vae"), read_events(run / LOG_DIR / "diffusion")
+    assert [step for step, _ in vae["autoencoder/loss"]] == [1, 2, 3, 4]  # the resumed run appended
+    assert [step for step, _ in vae["autoencoder/lr"]] == [1, 2, 3, 4]
+    assert [step for step, _ in vae["autoencoder/reconstructions"]] == [2, 4]
+    assert [step for step, _ in vae["autoencoder_val/psnr"]] == [2, 4] and "autoencoder_val/ssim" in vae
+    assert [step for step, _ in diffusion["denoiser/loss"]] == [1, 2]
+    assert [step for step, _ in diffusion["denoiser/samples"]] == [2]
+    assert sorted(p.name for p in (run / "previews").iterdir())[-1] == "vae_step0000004.png"  # the PNGs stay

@@ -4,6 +4,7 @@ A script subclasses :class:`Trainer` and fills in its hooks (nnU-Net's ``nnUNetT
 
     train_step(step)      one optimisation step; returns the named losses, "loss" their total
     on_read(done, means)  the losses were read back (progress bar figures)
+    board_scalars(done)   scalars logged to TensorBoard with the losses at each reading (lr, lambda...)
     on_eval(done)         the periodic evaluation (and preview), every ``eval_every`` steps and at the end
     checkpoint_extra(done)  what a checkpoint holds besides the registered state and the RNG
     on_checkpoint(done)   after the state file was written (rank 0): models, plots, run description
@@ -240,6 +241,9 @@ class Trainer:
     def on_eval(self, done: int) -> None:
         pass
 
+    def board_scalars(self, done: int) -> dict[str, float]:
+        return {}
+
     def checkpoint_extra(self, done: int) -> dict:
         return {"step": done}
 
@@ -277,7 +281,8 @@ class Trainer:
         # the losses are checked before any checkpoint: a non-finite one never overwrites a good state
         if read_now or checkpoint_now:
             means = self.losses.read(done, self.what, self.unit, self.checkpoint_path, self.advice)
-            self.board.scalars(done, means, prefix=self.board_prefix)
+            self.board.scalars(done, {**means, **(self.board_scalars(done) if self.board else {})},
+                               prefix=self.board_prefix)
             self.on_read(done, means)
         if evaluate_now:
             self.on_eval(done)
