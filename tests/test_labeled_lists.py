@@ -87,8 +87,23 @@ def test_reproduce_gives_every_arm_the_splits_labeled_list(tmp_path):
         i = stage.command[stage.command.index("--split") + 1]
         assert stage.command[stage.command.index("--labeled-list") + 1] == str(data.resolve() / f"toy_train{i}_labeled4.txt")
         assert "--labeled-fraction" not in stage.command
+    # the time estimate's iterations: base_iterations x the list's share of the training list (14 ids)
+    assert reproduce.labeled_share(reproduce.stage_config(training[0])) == pytest.approx(4 / 14)
     args.labeled = 5  # no such lists: one error that says how to write them
     with pytest.raises(DataError, match=r"toy_train1_labeled5.txt not found: write it with python split.py .* --labeled 5"):
         reproduce.plan(args, "toy", [1, 2], "cpu")
     with pytest.raises(ConfigError, match="not both"):
         reproduce.parse_args(["--data-dir", str(data), "--labeled", "4", "--labeled-fraction", "0.5"])
+
+
+def test_train_py_labeled_list_errors(dataset, tmp_path):
+    import train
+    from utils.config import ConfigError
+
+    listed = tmp_path / "labeled.txt"
+    listed.write_text(read_id_list(dataset / "toy_val1.txt")[0] + "\n")
+    common = ["--data-dir", str(dataset), "--out-dir", str(tmp_path / "run"), "--num-workers", "0", "--no-progress"]
+    with pytest.raises(ConfigError, match="--labeled-fraction or --labeled-list, not both"):
+        train.main(common + ["--labeled-list", str(listed), "--labeled-fraction", "0.5"])
+    with pytest.raises(DataError, match="which is not among the training ids of toy_train1.txt"):
+        train.main(common + ["--labeled-list", str(listed)])
