@@ -42,7 +42,7 @@ def claim_run_folder(out_dir: Path, overwrite: bool, writer: bool) -> None:
     if writer:
         for name in existing:
             (out_dir / name).unlink()
-        if overwrite:  # the earlier run's TensorBoard events would mix with the new run's
+        if overwrite or existing:  # the earlier run's TensorBoard events would mix with the new run's
             shutil.rmtree(out_dir / LOG_DIR, ignore_errors=True)
 
 
