@@ -33,14 +33,15 @@ from tqdm import tqdm
 
 from dataloaders.datasets import SegmentationDataset
 from dataloaders.io import (MASK_VALUES, DataError, add_pixel_limit_flag, check_images, check_pairs, image_folder,
-                            list_images, read_id_list, read_image, read_mask, select_cases, set_max_image_pixels)
+                            list_images, read_id_list, read_image, read_mask, read_spacing_csv, select_cases,
+                            set_max_image_pixels)
 from networks.mgcc import MGCCNet
 from networks.official import convert_official_state_dict, infer_official_architecture, is_official_state_dict
 from utils.checkpoint import CheckpointError, check_finite, load_checkpoint, require_fields
 from utils.cli import run_cli
 from utils.config import NON_NEGATIVE, POSITIVE, between, checked
 from utils.files import atomic_write_text, write_error
-from utils.metrics import METRIC_NAMES, per_image_metrics
+from utils.metrics import DEFAULT_NSD_TOLERANCE_PX, METRIC_NAMES, per_image_metrics
 from utils.plots import overlay, save_image
 from utils.runtime import autocast_dtype, ignore_stop_signals, resolve_device
 
@@ -73,8 +74,25 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="autocast precision (default: fp32)")
     parser.add_argument("--device", default="auto", help="auto (CUDA if present, else CPU), cpu, cuda or cuda:N")
     parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="progress bar")
+    parser.add_argument("--spacing-mm", type=float, nargs="+", default=None, metavar="MM",
+                        help="pixel spacing of every image in mm (one number, or two: row and column): HD95 and ASD "
+                             "in mm, NSD's tolerance in mm (default: distances in pixels)")
+    parser.add_argument("--spacing-csv", type=Path, default=None,
+                        help="pixel spacing of each image from a CSV with header id,spacing_mm (or "
+                             "id,spacing_row_mm,spacing_col_mm); every image needs a row")
+    parser.add_argument("--nsd-tolerance", type=float, default=None,
+                        help=f"tolerance of the normalised surface Dice, in mm with a spacing, else pixels "
+                             f"(default: {DEFAULT_NSD_TOLERANCE_PX:g} pixels, i.e. {DEFAULT_NSD_TOLERANCE_PX:g} x the "
+                             "spacing in mm)")
     add_pixel_limit_flag(parser)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.spacing_mm is not None and args.spacing_csv is not None:
+        parser.error("give --spacing-mm or --spacing-csv, not both")
+    if args.spacing_mm is not None and (len(args.spacing_mm) > 2 or min(args.spacing_mm) <= 0):
+        parser.error(f"--spacing-mm takes one or two positive numbers (row, column), got {args.spacing_mm}")
+    if args.nsd_tolerance is not None and args.nsd_tolerance < 0:
+        parser.error(f"--nsd-tolerance must be 0 or more, got {args.nsd_tolerance:g}")
+    return args
 
 
 def load_segmenter(path: Path) -> tuple[MGCCNet, dict, str]:
@@ -164,6 +182,12 @@ def main(argv=None) -> int:
         images = [item[1] for item in select_cases({i: (p,) for i, p in by_id.items()}, read_id_list(args.ids),
                                                    str(args.ids))]
     masks = match_masks(images, args.masks_dir) if args.masks_dir else {}
+    spacing = {}  # id -> mm per pixel (row, column); none: distances in pixels
+    if masks and args.spacing_mm:
+        row_mm, col_mm = args.spacing_mm if len(args.spacing_mm) == 2 else args.spacing_mm * 2
+        spacing = {p.stem: (row_mm, col_mm) for p in images}
+    elif masks and args.spacing_csv:
+        spacing = read_spacing_csv(args.spacing_csv, [p.stem for p in images])
     check_output_dir(args.output_dir, {"input folder": images[0].parent, **({"mask folder": args.masks_dir}
                                                                             if args.masks_dir else {})})
     # every file is opened once (and each mask's size checked) before anything is written
@@ -194,7 +218,8 @@ def main(argv=None) -> int:
             save_image(args.output_dir / "masks" / f"{case_id}.png", pred.astype(np.uint8) * 255)
             truth = read_mask(masks[case_id], args.mask_values) if masks else None
             if truth is not None:
-                values = per_image_metrics(torch.from_numpy(pred)[None], torch.from_numpy(truth)[None])
+                values = per_image_metrics(torch.from_numpy(pred)[None], torch.from_numpy(truth)[None],
+                                           spacing.get(case_id), args.nsd_tolerance)
                 rows.append({"id": case_id, **{k: float(v[0]) for k, v in values.items()}})
             if args.overlays:
                 original = read_image(image_paths[case_id], 3)
@@ -206,9 +231,14 @@ def main(argv=None) -> int:
         writer.writerows(rows)
         atomic_write_text(args.output_dir / "metrics.csv", table.getvalue())
         means = {k: float(np.mean([r[k] for r in rows])) for k in METRIC_NAMES}
+        unit = "mm" if spacing else "px"
+        tolerance = (f"{args.nsd_tolerance:g} {unit}" if args.nsd_tolerance is not None else
+                     f"{DEFAULT_NSD_TOLERANCE_PX:g} px" + (" (in mm: x each image's spacing)" if spacing else ""))
         atomic_write_text(args.output_dir / "metrics.json", json.dumps(
             {"checkpoint": str(args.checkpoint), "images": len(rows), "evaluated_at": "each image's own size",
-             "threshold": args.threshold, **means}, indent=2))
+             "threshold": args.threshold, "distance_unit": unit, "nsd_tolerance": tolerance,
+             "spacing": ("--spacing-mm " + " ".join(f"{v:g}" for v in args.spacing_mm) if args.spacing_mm else
+                         str(args.spacing_csv) if spacing else None), **means}, indent=2))
         print("  ".join(f"{k} {v:.4f}" for k, v in means.items()))
     return 0
 

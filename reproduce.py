@@ -41,7 +41,8 @@ from pathlib import Path
 
 import torch
 
-from dataloaders.io import DataError, dataset_name, find_cases, image_folder, note, read_id_list, split_file
+from dataloaders.io import DataError, dataset_name, find_cases, image_folder, note, read_id_list, split_file, split_files
+from dataloaders.splits import holdout_size
 from utils import results
 from utils.cli import run_cli
 from utils.config import ConfigError, file_values, parse_config, read_yaml, save_yaml
@@ -66,6 +67,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--labeled-fraction", type=float, default=None,
                         help="labeled share of each training list, the same for every arm (default: the stage-2 "
                              "config's: 0.5 in configs/busi.yaml, 0.25 in configs/demo.yaml)")
+    parser.add_argument("--labeled", type=int, default=None, metavar="N",
+                        help="label the N ids of each split's <name>_train<i>_labeled<N>.txt (split.py --labeled N "
+                             "writes them) in every arm, instead of a labeled fraction (default: none)")
     parser.add_argument("--splits", type=int, nargs="+", default=None,
                         help="split numbers (default: every split whose train and val files are present)")
     parser.add_argument("--split-name", default=None, metavar="NAME",
@@ -108,6 +112,13 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="more flags for train_ldm.py, e.g. \"--vae-steps 2000 --image-size 64\"")
     parser.add_argument("--sample-args", default="", metavar="FLAGS",
                         help="more flags for sample_ldm.py, e.g. \"--scheduler dpmsolver --steps 20\"")
+    parser.add_argument("--spacing-mm", type=float, nargs="+", default=None, metavar="MM",
+                        help="pixel spacing in mm (one number, or row and column), passed to predict.py: HD95 and ASD "
+                             "in mm (default: pixels)")
+    parser.add_argument("--spacing-csv", type=Path, default=None,
+                        help="per-image pixel spacing (CSV id,spacing_mm), passed to predict.py")
+    parser.add_argument("--nsd-tolerance", type=float, default=None,
+                        help="NSD tolerance passed to predict.py, in mm with a spacing, else pixels (default: 2 pixels)")
     parser.add_argument("--device", default="auto", help="auto (CUDA if present, else CPU), cpu, cuda or cuda:N")
     parser.add_argument("--nproc-per-node", type=int, default=None,
                         help="processes per training stage, each run under torchrun (default: 1; under torchrun, "
@@ -122,10 +133,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.config = args.config or preset["config"]
     args.ldm_config = args.ldm_config or preset["ldm_config"]
     args.num_samples = args.num_samples or preset["num_samples"]
-    if args.labeled_fraction is None:
+    if args.labeled is not None and args.labeled_fraction is not None:
+        raise ConfigError("give --labeled-fraction or --labeled N (labeled lists), not both")
+    if args.labeled is not None and args.labeled < 1:
+        raise ConfigError(f"--labeled must be a positive number of images, got {args.labeled}")
+    if args.labeled is None and args.labeled_fraction is None:
         import train
         args.labeled_fraction = read_yaml(args.config, train.OPTIONS).get("labeled_fraction", 0.5)
-    args.out_dir = args.out_dir or Path("runs") / f"{dataset_name(args.data_dir)}_l{args.labeled_fraction:g}"
+    args.labels = (f"labeled lists of {args.labeled}" if args.labeled is not None
+                   else f"labeled fraction {args.labeled_fraction:g}")
+    args.out_dir = args.out_dir or Path("runs") / (f"{dataset_name(args.data_dir)}_n{args.labeled}" if args.labeled
+                                                   else f"{dataset_name(args.data_dir)}_l{args.labeled_fraction:g}")
     default_arms = ARMS if args.generator else ARMS[:2]
     args.arms = [arm for arm in ARMS if arm in (args.arms or default_arms)]  # in the table's order
     if "mgcc-synthetic" in args.arms and not args.generator:
@@ -140,6 +158,11 @@ def parse_args(argv=None) -> argparse.Namespace:
         raise ConfigError(f"--schedule-scale must be positive, got {args.schedule_scale:g}")
     if args.seeds is not None and len(set(args.seeds)) != len(args.seeds):
         raise ConfigError(f"--seeds {' '.join(map(str, args.seeds))}: a seed given twice would repeat a run")
+    if args.spacing_mm and args.spacing_csv:
+        raise ConfigError("give --spacing-mm or --spacing-csv, not both")
+    args.predict_args = ((["--spacing-mm", *map("{:g}".format, args.spacing_mm)] if args.spacing_mm else [])
+                         + (["--spacing-csv", str(args.spacing_csv.resolve())] if args.spacing_csv else [])
+                         + (["--nsd-tolerance", f"{args.nsd_tolerance:g}"] if args.nsd_tolerance is not None else []))
     return args
 
 
@@ -203,6 +226,15 @@ def stage_reads(stage: Stage, data: Path, i: int, name: str):
     return reads
 
 
+def labeled_list_file(data_dir: Path, name: str, split: int, count: int) -> Path:
+    """split.py --labeled's file: <name>_train<i>_labeled<N>.txt; missing, an error that says how to write it."""
+    path = data_dir / f"{name}_train{split}_labeled{count}.txt"
+    if not path.is_file():
+        raise DataError(f"split {split}: labeled list {path} not found: write it with python split.py --data-dir "
+                        f"{data_dir} --labeled {count}")
+    return path
+
+
 def plan(args, name: str, splits: list[int], device: str) -> list[Stage]:
     """Every stage of the protocol, in the order they run."""
     data, out = args.data_dir.resolve(), args.out_dir.resolve()
@@ -242,6 +274,9 @@ def plan(args, name: str, splits: list[int], device: str) -> list[Stage]:
                 f"split{i}/samples", ["sample_ldm.py", "--checkpoint", str(ldm), "--num-images", str(args.num_samples),
                                       "--out-dir", str(samples), *seed, *args.sample_args, *shown],
                 samples, depends=[f"split{i}/ldm"], launcher=torchrun), i)
+        # every arm labels the same images: the split's labeled list, or the head of its training list
+        labels = (["--labeled-list", str(labeled_list_file(data, name, i, args.labeled))] if args.labeled
+                  else ["--labeled-fraction", f"{args.labeled_fraction:g}"])
         for s in seeds:
             # with --seeds, each seed's runs in their own folder; the generator is the split's one
             where, prefix = (run / f"seed{s}", f"split{i}/seed{s}") if args.seeds else (run, f"split{i}")
@@ -253,8 +288,7 @@ def plan(args, name: str, splits: list[int], device: str) -> list[Stage]:
                              else ["--unlabeled-from-train"] if arm == "mgcc-real" else [])
                 add(Stage(
                     f"{prefix}/{arm}", ["train.py", "--config", str(args.config.resolve()), "--data-dir", str(data),
-                                        "--split", str(i), *split_name, "--labeled-fraction",
-                                        f"{args.labeled_fraction:g}", "--holdout", f"{args.holdout:g}", *mode,
+                                        "--split", str(i), *split_name, *labels, "--holdout", f"{args.holdout:g}", *mode,
                                         *unlabeled, *arm_seed, *scale, *args.train_args, "--mask-values", mask_values,
                                         "--out-dir", str(folder), *shown],
                     folder, depends=[f"split{i}/samples"] if arm == "mgcc-synthetic" else [],
@@ -264,7 +298,7 @@ def plan(args, name: str, splits: list[int], device: str) -> list[Stage]:
                     f"{prefix}/{arm}/predict", ["predict.py", "--checkpoint", str(folder / "checkpoint_best.pt"),
                                                 "--input-dir", str(data), "--ids", str(split_file(data, "val", i, name)),
                                                 "--masks-dir", str(data / "masks" / "0"), "--mask-values", mask_values,
-                                                "--output-dir", str(where / f"{arm}_val"), *shown],
+                                                *args.predict_args, "--output-dir", str(where / f"{arm}_val"), *shown],
                     where / f"{arm}_val", depends=[f"{prefix}/{arm}"], overwrite_flag=None), i)
     return stages
 
@@ -439,7 +473,8 @@ def estimate(stages: list[Stage], statuses: dict[str, str], ledger: Ledger, devi
             train_stage = next(s for s in stages if s.name == stage.name.rsplit("/", 1)[0])
             cfg = stage_config(train_stage)
             data = load_run_data(cfg.data_dir, cfg.split, cfg.labeled_fraction, cfg.holdout, [], False,
-                                 need_unlabeled=False, check_files=False, split_name=cfg.split_name)
+                                 need_unlabeled=False, check_files=False, split_name=cfg.split_name,
+                                 labeled_list=getattr(cfg, "labeled_list", None))
             rates = train_rates(cfg)
             stage.estimate = rates["startup"] + len(data.report or data.selection) * rates["image"]
             stage.estimate_source = "model: start-up + forward passes"
@@ -457,7 +492,8 @@ def estimate(stages: list[Stage], statuses: dict[str, str], ledger: Ledger, devi
                                   + (c2st_seconds(min(cfg.num_images, train_ids), device) if cfg.c2st else 0))
         else:
             data = load_run_data(cfg.data_dir, cfg.split, cfg.labeled_fraction, cfg.holdout, [], False,
-                                 need_unlabeled=False, check_files=False, split_name=cfg.split_name)
+                                 need_unlabeled=False, check_files=False, split_name=cfg.split_name,
+                                 labeled_list=getattr(cfg, "labeled_list", None))
             schedule = train_schedule(cfg, len(data.labeled))
             rates = train_rates(cfg)
             evaluations = math.ceil(schedule.iterations / schedule.eval_every)
@@ -472,10 +508,19 @@ def train_schedule(cfg, labeled: int):
     from dataloaders.samplers import batches_per_epoch
     from utils.schedule import scaled_schedule
 
-    iterations = cfg.iterations or round(cfg.base_iterations * cfg.labeled_fraction)
+    iterations = cfg.iterations or round(cfg.base_iterations * labeled_share(cfg))
     eval_every = batches_per_epoch(labeled, cfg.labeled_batch_size) if cfg.eval_every == "epoch" else cfg.eval_every
     return scaled_schedule(getattr(cfg, "schedule_scale", 1), iterations, cfg.consistency_ramp_every,
                            eval_every, cfg.checkpoint_every)
+
+
+def labeled_share(cfg) -> float:
+    """The labeled fraction a train.py stage will have: its labeled list's share of the training ids outside the
+    holdout (train.py's iterations default scales with it), or its labeled_fraction."""
+    if not getattr(cfg, "labeled_list", None):
+        return cfg.labeled_fraction
+    train_ids = read_id_list(split_files(cfg.data_dir, cfg.split, cfg.split_name)[0])
+    return len(read_id_list(cfg.labeled_list)) / (len(train_ids) - holdout_size(len(train_ids), cfg.holdout))
 
 
 def print_plan(stages: list[Stage], statuses: dict[str, str]) -> None:
@@ -509,7 +554,7 @@ def collect(args, splits: list[int], ledger: Ledger) -> tuple[list[dict], dict[i
                 run = json.loads((where / arm / "metrics.json").read_text())
                 val = json.loads((where / f"{arm}_val" / "metrics.json").read_text())
                 seed = read_yaml(where / arm / "config.yaml", train_options()).get("seed")  # the seed it ran with
-                rows.append({"arm": arm, "split": i, "seed": seed, **{m: val[m] for m in results.METRIC_NAMES},
+                rows.append({"arm": arm, "split": i, "seed": seed, **{m: val.get(m) for m in results.METRIC_NAMES},
                              "selected_iteration": run["best_iteration"], "iterations": run["iterations"],
                              "selection_set": run["selection_set"],
                              "train_seconds": round(ledger.seconds(f"{prefix}/{arm}") or 0, 1),
@@ -553,9 +598,12 @@ def write_results(args, splits: list[int], ledger: Ledger, device: str) -> Path:
     seeds = (f"- Seeds: {', '.join(map(str, args.seeds))} (each arm once per split and seed; stage 1 once per split, "
              f"seed {args.seeds[0]})" if args.seeds else
              f"- Seed: {args.seed}" if args.seed is not None else "- Seed: each config's own")
-    header = [f"# {dataset_name(args.data_dir)}: labeled fraction {args.labeled_fraction:g}, "
+    header = [f"# {dataset_name(args.data_dir)}: {args.labels}, "
               f"splits {', '.join(map(str, splits))}", "",
               f"- Protocol: {protocol}. Metrics per image at the image's own size (predict.py), then averaged.",
+              f"- HD95 and ASD in {'mm' if args.spacing_mm or args.spacing_csv else 'pixels'}; NSD at a tolerance of "
+              + (f"{args.nsd_tolerance:g} {'mm' if args.spacing_mm or args.spacing_csv else 'pixels'}"
+                 if args.nsd_tolerance is not None else "2 pixels") + " (MONAI's definitions: README, Metrics).",
               f"- Stage 2 config: `{args.config.name}`{' + ' + shlex.join(args.train_args) if args.train_args else ''}"
               + (f"; stage 1: `{args.ldm_config.name}`{' + ' + shlex.join(args.ldm_args) if args.ldm_args else ''}, "
                  f"{args.num_samples} samples per split" if args.generator else "; no generator"),
@@ -567,7 +615,7 @@ def write_results(args, splits: list[int], ledger: Ledger, device: str) -> Path:
               f"- Command: `{args.command_line}`"]
     (out / "results.md").write_text(results.markdown(rows, args.arms, generators, header))
     results.plot(rows, args.arms, out / "results.png",
-                 f"{dataset_name(args.data_dir)}, labeled fraction {args.labeled_fraction:g}: one point per run")
+                 f"{dataset_name(args.data_dir)}, {args.labels}: one point per run")
     return out
 
 
@@ -585,7 +633,7 @@ def main(argv=None) -> int:
     ledger = Ledger(args.out_dir.resolve() / "stages.json")
     statuses = check_plan(stages, ledger)
     print(f"reproduce: {args.data_dir} -> {args.out_dir} | splits {', '.join(map(str, splits))} | arms "
-          f"{', '.join(args.arms)} | labeled fraction {args.labeled_fraction:g} | "
+          f"{', '.join(args.arms)} | {args.labels} | "
           f"{'holdout ' + format(args.holdout, 'g') if args.holdout else 'selection on val (official)'}", flush=True)
     if args.estimate and any(status != "done" for status in statuses.values()):
         estimate(stages, statuses, ledger, device, args.nproc_per_node)

@@ -10,8 +10,15 @@ The ids are sorted before they are shuffled, so one folder gives the same files 
 whatever order its file system lists them in. Training files keep the shuffled order: train.py takes
 its labeled subset from the head of the list, which must therefore not be sorted by class.
 
+``--labeled N ...`` also writes, for each split i and each N, ``<name>_train<i>_labeled<N>.txt``: N ids
+of that training list drawn at random (numpy ``default_rng([--labeled-seed, i])``), kept in the training
+list's order, each smaller list inside the larger ones, for train.py's ``--labeled-list`` (UniMatch ships
+its labeled subsets as such files). When the split files are already there (and no ``--overwrite``), only
+the labeled lists are written, from the training lists in the folder.
+
     python split.py --data-dir inputs/BUSI
     python split.py --data-dir inputs/BUSI --folds 5 --overwrite
+    python split.py --data-dir inputs/BUSI --labeled 50 100
 """
 from __future__ import annotations
 
@@ -23,7 +30,10 @@ import tempfile
 from collections import Counter
 from pathlib import Path
 
-from dataloaders.io import DataError, add_pixel_limit_flag, check_pairs, dataset_name, find_cases, set_max_image_pixels
+import numpy as np
+
+from dataloaders.io import (DataError, add_pixel_limit_flag, check_pairs, dataset_name, find_cases, read_id_list,
+                            select_cases, set_max_image_pixels)
 
 DEFAULT_SEEDS = (41, 64, 1337)
 DEFAULT_VAL_FRACTION = 0.3
@@ -66,10 +76,26 @@ def make_splits(ids: list[str], seeds: list[int] = DEFAULT_SEEDS, val_fraction: 
     return splits
 
 
-def existing_split_files(data_dir: Path, name: str) -> list[Path]:
-    """The ``<name>_train<i>.txt`` / ``<name>_val<i>.txt`` files already in data_dir."""
-    pattern = re.compile(rf"^{re.escape(name)}_(train|val)\d+\.txt$")
-    return sorted(p for p in data_dir.iterdir() if p.is_file() and pattern.match(p.name))
+def labeled_lists(train: list[str], counts: list[int], seed: int, index: int) -> dict[int, list[str]]:
+    """N -> N ids of split ``index``'s training list, drawn with ``default_rng([seed, index])``, in the list's
+    order. One permutation serves every N, so each smaller list is inside the larger ones."""
+    bad = [n for n in counts if not 1 <= n <= len(train)]
+    if bad:
+        raise DataError(f"--labeled {bad[0]}: split {index} has {len(train)} training ids; choose 1 to {len(train)}")
+    order = np.random.default_rng([seed, index]).permutation(len(train))
+    return {n: [train[k] for k in sorted(order[:n])] for n in counts}
+
+
+def labeled_file_name(name: str, index: int, count: int) -> str:
+    return f"{name}_train{index}_labeled{count}.txt"
+
+
+def existing_split_files(data_dir: Path, name: str, labeled: bool | None = None) -> list[Path]:
+    """The ``<name>_train<i>.txt`` / ``<name>_val<i>.txt`` files already in data_dir, and the labeled lists
+    ``<name>_train<i>_labeled<N>.txt`` (``labeled`` True: those only; False: none of them)."""
+    pattern = re.compile(rf"^{re.escape(name)}_(train|val)\d+(_labeled\d+)?\.txt$")
+    return sorted(p for p in data_dir.iterdir() if p.is_file() and (m := pattern.match(p.name))
+                  and (labeled is None or bool(m[2]) == labeled))
 
 
 def check_ids(ids: list[str], cases: dict) -> None:
@@ -81,22 +107,37 @@ def check_ids(ids: list[str], cases: dict) -> None:
 
 
 def write_split_files(data_dir: Path, name: str, splits: list[tuple[list[str], list[str]]],
-                      overwrite: bool = False) -> tuple[list[Path], list[Path]]:
-    """Write every split file atomically; returns (written, removed stale files).
+                      overwrite: bool = False, labeled: dict[int, dict[int, list[str]]] | None = None,
+                      ) -> tuple[list[Path], list[Path]]:
+    """Write every split file (and the labeled lists: split index -> N -> ids) atomically; returns
+    (written, removed stale files).
 
     All files are first written to temporary files beside their targets and only then renamed over
     them, so an interrupted run leaves either the old files or the new ones, never a half file. With
     ``overwrite``, split files of this name that the new splits do not replace (``_train5`` after
-    switching from 5 folds to 3 splits) are removed, so the folder never mixes two protocols.
+    switching from 5 folds to 3 splits, labeled lists of the old training lists) are removed, so the
+    folder never mixes two protocols.
     """
-    existing = existing_split_files(data_dir, name)
-    if existing and not overwrite:
-        listed = "\n".join(f"  {p}" for p in existing[:20])
-        raise DataError(f"split files already exist in {data_dir} (use --overwrite to replace them):\n{listed}")
     contents = {}
     for index, (train, val) in enumerate(splits, start=1):
         contents[data_dir / f"{name}_train{index}.txt"] = "".join(f"{i}\n" for i in train)
         contents[data_dir / f"{name}_val{index}.txt"] = "".join(f"{i}\n" for i in val)
+    contents.update(labeled_contents(data_dir, name, labeled or {}))
+    return write_atomically(data_dir, contents, existing_split_files(data_dir, name), overwrite)
+
+
+def labeled_contents(data_dir: Path, name: str, labeled: dict[int, dict[int, list[str]]]) -> dict[Path, str]:
+    return {data_dir / labeled_file_name(name, index, n): "".join(f"{i}\n" for i in ids)
+            for index, lists in labeled.items() for n, ids in lists.items()}
+
+
+def write_atomically(data_dir: Path, contents: dict[Path, str], existing: list[Path],
+                     overwrite: bool) -> tuple[list[Path], list[Path]]:
+    """Write ``contents`` (path -> text) atomically; ``existing`` files are refused without ``overwrite``
+    and, with it, removed when not rewritten. Returns (written, removed)."""
+    if existing and not overwrite:
+        listed = "\n".join(f"  {p}" for p in existing[:20])
+        raise DataError(f"split files already exist in {data_dir} (use --overwrite to replace them):\n{listed}")
     temporary = {}
     try:
         for path, text in contents.items():
@@ -148,6 +189,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--folds", type=int, default=None,
                         help="write a K-fold cross-validation (K >= 2, files 1..K) instead of random "
                              "splits (default: none)")
+    parser.add_argument("--labeled", type=int, nargs="+", default=None, metavar="N",
+                        help="also write <name>_train<i>_labeled<N>.txt: N training ids of each split drawn at random "
+                             "(nested), for train.py --labeled-list; with split files already there, only these "
+                             "are written (default: none)")
+    parser.add_argument("--labeled-seed", type=int, default=0,
+                        help="seed of the --labeled draws: split i uses default_rng([seed, i]) (default: 0)")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace existing <name>_train*/_val* files (default: refuse); stale ones "
                              "beyond the new count are removed")
@@ -173,8 +220,14 @@ def main(argv: list[str] | None = None) -> int:
         ids = list(cases)
         check_ids(ids, cases)
         check_pairs([(i, *cases[i]) for i in ids], progress=sys.stderr.isatty())
+        counts = sorted(set(args.labeled or []))
+        present = existing_split_files(data_dir, name, labeled=False)
+        if counts and present and not args.overwrite:
+            return write_labeled_only(data_dir, name, cases, present, counts, args.labeled_seed)
         splits = make_splits(ids, seeds, val_fraction, args.folds)
-        written, stale = write_split_files(data_dir, name, splits, args.overwrite)
+        labeled = {index: labeled_lists(train, counts, args.labeled_seed, index)
+                   for index, (train, _) in enumerate(splits, start=1)} if counts else {}
+        written, stale = write_split_files(data_dir, name, splits, args.overwrite, labeled)
     except (DataError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -186,9 +239,28 @@ def main(argv: list[str] | None = None) -> int:
         seed_text = "" if args.folds else f", seed {seeds[index - 1]}"
         print(f"  split {index}{seed_text}: {len(train)} train / {len(val)} val{class_counts(val)} "
               f"-> {name}_train{index}.txt, {name}_val{index}.txt")
+    for index, lists in labeled.items():
+        print(f"  split {index} labeled lists: " + ", ".join(labeled_file_name(name, index, n) for n in lists))
     if stale:
         print(f"  removed {len(stale)} stale file(s): {', '.join(p.name for p in stale)}")
     print(f"wrote {len(written)} files in {data_dir}")
+    return 0
+
+
+def write_labeled_only(data_dir: Path, name: str, cases: dict, present: list[Path], counts: list[int],
+                       seed: int) -> int:
+    """--labeled with the split files already there: the labeled lists of the training lists in the folder."""
+    trains = {int(m[1]): p for p in present if (m := re.fullmatch(rf"{re.escape(name)}_train(\d+)\.txt", p.name))}
+    labeled = {}
+    for index, path in sorted(trains.items()):
+        train = read_id_list(path)
+        select_cases(cases, train, str(path))  # every listed id has its files
+        labeled[index] = labeled_lists(train, counts, seed, index)
+    contents = labeled_contents(data_dir, name, labeled)
+    written, _ = write_atomically(data_dir, contents, [p for p in contents if p.exists()], overwrite=False)
+    for index, lists in labeled.items():
+        print(f"  split {index} ({trains[index].name}): " + ", ".join(labeled_file_name(name, index, n) for n in lists))
+    print(f"wrote {len(written)} labeled lists in {data_dir} (the split files there are kept)")
     return 0
 
 

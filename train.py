@@ -17,7 +17,8 @@ intervals), so that lambda(t/T) and lr(t/T) are the published curves (utils/sche
 --mode supervised: labeled images only, main decoder only, L = (0.5 BCE + Dice)(main, mask).
 
 Writes to the run folder: config.yaml (resolved), metrics.jsonl (one line per evaluation),
-metrics.json (final), curves.png, checkpoint_last.pt (for --resume) and checkpoint_best.pt.
+metrics.json (final), curves.png, checkpoint_last.pt (for --resume), checkpoint_best.pt and
+tensorboard/ (losses, lambda, learning rate, metrics and overlays; --no-tensorboard: none).
 """
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from dataloaders.datasets import NORMALIZATIONS
+from dataloaders.datasets import NORMALIZATIONS, SegmentationDataset
 from dataloaders.device_data import DEVICE_DATA_BUDGET_GIB
 from dataloaders.io import MASK_VALUES, MAX_IMAGE_PIXELS_OPTION, DataError, dataset_name, set_max_image_pixels
 from dataloaders.samplers import batches_per_epoch
@@ -40,17 +41,19 @@ from utils.files import atomic_write_text, check_writable
 from utils.locks import hold, release_held
 from utils.config import (NON_NEGATIVE, POSITIVE, ConfigError, Option, between, count_or, file_values, greater_than,
                           if_number, multiple_of, odd_positive, optional, parse_config, save_yaml)
-from utils.evaluation import evaluate
+from utils.evaluation import evaluate, overlay_grid
 from utils.losses import bce_dice_loss, consistency_loss, consistency_weight, poly_lr_factor, supervised_loss
 from utils.run import RunRecord, claim_run_folder
 from utils.schedule import final_consistency_weight, scaled_schedule
 from utils.runtime import StopRequest, autocast_dtype, resolve_device, seed_everything
+from utils.tensorboard import LOG_DIR
 from utils.training import Trainer, TrainingState, restore
 
 CHECKPOINT_KIND = "mgcc-segmenter"
 # what checkpoint_last.pt holds for --resume (a crafted or foreign file lacking one is one error)
 RESUME_FIELDS = {"config": dict, "model_args": dict, "model": dict, "iteration": int, "optimizer": dict,
                  "scheduler": dict, "history": list, "best": dict, "rng": (list, dict)}
+OVERLAY_IMAGES = 4  # selection images shown in TensorBoard at each evaluation
 OPTIONS = [
     # data
     Option("data_dir", None, "dataset folder (images/, masks/0/, <name>_train<i>.txt, <name>_val<i>.txt)", type=str),
@@ -59,6 +62,9 @@ OPTIONS = [
            "the prefix of the only *_train<i>.txt there", type=optional(str)),
     Option("labeled_fraction", 0.5, "fraction of the training list used with labels (its first ids, in file order)",
            check=between(0, 1, above_low=True)),
+    Option("labeled_list", None, "file of the labeled ids (one per line, e.g. split.py --labeled's "
+           "<name>_train<i>_labeled<N>.txt), all in the training list; instead of labeled_fraction, and the default "
+           "iterations scale with its share of the training list", type=optional(str)),
     Option("unlabeled_dir", [], "folder of unlabeled images (<dir>/images/* or <dir>/*), e.g. sample_ldm.py's "
            "output", type=str, repeatable=True),
     Option("unlabeled_from_train", True, "also use the training ids left unlabeled as unlabeled images"),
@@ -129,6 +135,8 @@ OPTIONS = [
            "every pass over the labeled images, labeled images // labeled_batch_size iterations (the official "
            "protocol)", type=count_or("epoch"), check=if_number(POSITIVE)),
     Option("eval_batch_size", 16, "images per evaluation batch", check=POSITIVE),
+    Option("nsd_tolerance", None, "tolerance of the final evaluation's normalised surface Dice, in pixels at "
+           "image_size; none: 2", type=optional(float)),
     Option("checkpoint_every", None, "write checkpoint_last.pt every N iterations; none: at each evaluation",
            type=optional(int), check=POSITIVE),
     Option("log_every", 10, "read the losses back from the device every N iterations (progress bar, NaN check)",
@@ -143,6 +151,8 @@ OPTIONS = [
     Option("overwrite", False, "start afresh in an --out-dir that holds an earlier run", in_file=False),
     Option("progress", True, "show progress bars", in_file=False),
     MAX_IMAGE_PIXELS_OPTION,
+    Option("tensorboard", True, f"write TensorBoard logs to <out-dir>/{LOG_DIR} (losses, lambda, lr, metrics, "
+           "overlays of the first selection images at each evaluation); rank 0 only", in_file=False),
 ]
 OPTIMISTIC_NOTE = ("checkpoint_best was selected on the val list that is also reported (the official protocol): "
                    "these val metrics are optimistic. Use --holdout to select on ids carved from the training list.")
@@ -221,8 +231,11 @@ def wrap_for_training(model, cfg, ctx, device, semi: bool):
 
 def prepare_run(cfg, ctx) -> tuple[object, Path, dict | None]:
     """Resolve the run folder; on --resume, load the checkpoint and the run's own config."""
+    if {"labeled_fraction", "labeled_list"} <= cfg.explicit:
+        raise ConfigError("give --labeled-fraction or --labeled-list, not both")
     if cfg.out_dir is None and cfg.data_dir is not None:
-        cfg.out_dir = f"runs/{dataset_name(cfg.data_dir)}_split{cfg.split}_{cfg.mode}_l{cfg.labeled_fraction:g}"
+        labels = Path(cfg.labeled_list).stem if cfg.labeled_list else f"l{cfg.labeled_fraction:g}"
+        cfg.out_dir = f"runs/{dataset_name(cfg.data_dir)}_split{cfg.split}_{cfg.mode}_{labels}"
     if cfg.out_dir is None:
         raise ConfigError("give --data-dir (and --out-dir, or it is derived from the data folder)")
     out_dir = Path(cfg.out_dir)
@@ -255,10 +268,13 @@ def prepare_run(cfg, ctx) -> tuple[object, Path, dict | None]:
     return cfg, out_dir, checkpoint
 
 
-def run_schedule(cfg, labeled: int):
-    """The run's schedule: iterations, ramp step, evaluation and checkpoint intervals, x schedule_scale."""
-    iterations = cfg.iterations or round(cfg.base_iterations * cfg.labeled_fraction)
-    eval_every = batches_per_epoch(labeled, cfg.labeled_batch_size) if cfg.eval_every == "epoch" else cfg.eval_every
+def run_schedule(cfg, run_data):
+    """The run's schedule: iterations, ramp step, evaluation and checkpoint intervals, x schedule_scale. The
+    official iterations: base_iterations x the labeled fraction (a labeled list's share of the training list)."""
+    share = run_data.labeled_share if cfg.labeled_list else cfg.labeled_fraction
+    iterations = cfg.iterations or round(cfg.base_iterations * share)
+    eval_every = (batches_per_epoch(len(run_data.labeled), cfg.labeled_batch_size) if cfg.eval_every == "epoch"
+                  else cfg.eval_every)
     return scaled_schedule(cfg.schedule_scale, iterations, cfg.consistency_ramp_every, eval_every, cfg.checkpoint_every)
 
 
@@ -366,9 +382,13 @@ class SegmenterTraining(Trainer):
         super().__init__(iterations, start, ctx, device, stop, method.state, CHECKPOINT_KIND,
                          out_dir / "checkpoint_last.pt", log_every=cfg.log_every,
                          checkpoint_every=checkpoint_every or cfg.checkpoint_every or eval_every, eval_every=eval_every,
-                         progress=cfg.progress, stop_after=cfg.stop_after)
+                         progress=cfg.progress, stop_after=cfg.stop_after,
+                         board_dir=out_dir / LOG_DIR if cfg.tensorboard else None)
         self.cfg, self.method, self.data, self.record = cfg, method, data, record
         self.channels_last = use_channels_last(cfg, device)
+        # the pictures of each evaluation in TensorBoard: the first selection images, as evaluated
+        self.overlay_set = SegmentationDataset(data.run_data.selection[:OVERLAY_IMAGES], cfg.image_size, cfg.in_channels,
+                                               cfg.normalization, mask_values=cfg.mask_values) if self.board else None
 
     def train_step(self, step: int) -> dict[str, torch.Tensor]:
         images, masks = self.data.batch(step)
@@ -380,16 +400,26 @@ class SegmenterTraining(Trainer):
         self.bar.set_postfix(loss=f"{means['loss']:.4f}", best_iou=f"{self.record.best['iou']:.4f}",
                              lr=f"{self.method.lr():.2e}")
 
+    def board_scalars(self, done: int) -> dict[str, float]:
+        cfg = self.cfg  # lambda of the last step, from the host's own schedule (no read of the device)
+        weight = consistency_weight(done - 1, cfg.consistency, cfg.consistency_rampup, cfg.consistency_ramp_every)
+        return {"lr": self.method.lr(), **({"lambda": weight} if self.method.semi else {})}
+
     def on_eval(self, done: int) -> None:
         train_means = self.losses.mark()
         if self.ctx.is_main:
             # in fp32 whatever the training precision: metrics comparable across runs and with predict.py
-            # HD95 needs every mask on the CPU: only the final evaluation of the selected checkpoint has it
-            metrics = evaluate(self.method.evaluated, self.data.selection_batches(), self.device, hd95=False)
+            # HD95, ASD and NSD need every mask on the CPU: only the final evaluation of the selected checkpoint
+            # has them
+            metrics = evaluate(self.method.evaluated, self.data.selection_batches(), self.device, surface=False)
             if self.record.add(done, metrics, train_means, self.method.lr()):
                 self.record.save("checkpoint_best.pt", {"kind": CHECKPOINT_KIND, **self.described(done),
                                                         "model": self.method.evaluated.state_dict(), "metrics": metrics})
             self.bar.write(self.record.describe_last())
+            self.board.scalars(done, metrics, prefix=self.record.selection_name)
+            if self.overlay_set is not None and len(self.overlay_set):
+                self.board.image(f"{self.record.selection_name}/overlays", done,
+                                 overlay_grid(self.method.evaluated, self.overlay_set, self.device))
 
     def described(self, done: int) -> dict:
         return {"config": file_values(self.cfg, OPTIONS), "model_args": model_args(self.cfg), "iteration": done}
@@ -403,9 +433,9 @@ def train(cfg, ctx, device) -> int:
     semi = cfg.mode == "mgcc"
     run_data = load_run_data(cfg.data_dir, cfg.split, cfg.labeled_fraction, cfg.holdout, cfg.unlabeled_dir,
                              cfg.unlabeled_from_train, need_unlabeled=semi, progress=cfg.progress and ctx.is_main,
-                             mask_values=cfg.mask_values, split_name=cfg.split_name)
+                             mask_values=cfg.mask_values, split_name=cfg.split_name, labeled_list=cfg.labeled_list)
     check_config(cfg, run_data, ctx.world_size, device)
-    schedule = run_schedule(cfg, len(run_data.labeled))
+    schedule = run_schedule(cfg, run_data)
     iterations, eval_every = schedule.iterations, schedule.eval_every
     if ctx.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -435,23 +465,26 @@ def train(cfg, ctx, device) -> int:
         if not loop.run(cfg.mode):
             return loop.stopped("train.py", "--out-dir", str(out_dir))
     if ctx.is_main:
-        finish(cfg, method.evaluated, record, run_data, out_dir, iterations, device, data.report_batches())
+        finish(cfg, method.evaluated, record, run_data, out_dir, iterations, device, data.report_batches(), loop.board)
+    loop.board.close()
     return 0
 
 
-def finish(cfg, model, record, run_data, out_dir, iterations, device, val_batches) -> None:
-    """metrics.json: 'val' holds every metric (HD95 too) of the selected checkpoint on the val list,
+def finish(cfg, model, record, run_data, out_dir, iterations, device, val_batches, board) -> None:
+    """metrics.json: 'val' holds every metric (HD95, ASD, NSD too) of the selected checkpoint on the val list,
     with --holdout its single evaluation there."""
     best = record.best
     summary = {"mode": cfg.mode, "iterations": iterations, "schedule_scale": cfg.schedule_scale,
                "parameters": count_parameters(model),
                "selection_set": run_data.selection_name, "best_iteration": best["iteration"],
-               "best": {k: v for k, v in best.items() if k != "iteration"}, "last": record.history[-1]}
+               "best": {k: v for k, v in best.items() if k != "iteration"}, "last": record.history[-1],
+               "labeled": len(run_data.labeled), "labeled_list": cfg.labeled_list}
     model.load_state_dict(load_checkpoint(out_dir / "checkpoint_best.pt", CHECKPOINT_KIND)["model"])
-    summary["val"] = evaluate(model, val_batches, device)
+    summary["val"] = evaluate(model, val_batches, device, nsd_tolerance=cfg.nsd_tolerance)
+    board.scalars(iterations, summary["val"], prefix="final_val")  # checkpoint_best on the val list, surface metrics too
     if run_data.report:
         summary["note"] = "checkpoint_best selected on the holdout ids; 'val' is its single evaluation on the val list."
-    else:  # 'best' again, with HD95: the periodic evaluations leave it out
+    else:  # 'best' again, with the surface metrics: the periodic evaluations leave them out
         summary["note"] = OPTIMISTIC_NOTE
     atomic_write_text(out_dir / "metrics.json", json.dumps(summary, indent=2))
     print(f"done: val IoU {summary['val']['iou']:.4f} Dice {summary['val']['dice']:.4f} "

@@ -146,6 +146,8 @@ OPTIONS = [
     Option("preview_steps", 50, "DDIM steps of the preview samples"),
     Option("progress", True, "show progress bars", in_file=False),
     MAX_IMAGE_PIXELS_OPTION,
+    Option("tensorboard", True, "write TensorBoard logs to <out-dir>/tensorboard/vae and .../diffusion (losses, lr, "
+           "the autoencoder's val PSNR/SSIM, the preview grids); rank 0 only", in_file=False),
 ]
 
 
@@ -214,6 +216,7 @@ class AutoencoderStage(LdmStage):
         grid = image_grid(list(to_uint8(originals)) + list(to_uint8(reconstruct(self.vae, originals.to(self.device)))),
                           columns=len(originals))
         save_image(self.run_dir / PREVIEW_DIR / f"vae_step{step:07d}.png", grid)
+        self.board.image("autoencoder/reconstructions", step, grid)  # originals above, reconstructions below
 
 
 def train_vae(cfg: SimpleNamespace, run_dir: Path, info: dict, data, device, ctx, stop) -> int:
@@ -229,7 +232,10 @@ def train_vae(cfg: SimpleNamespace, run_dir: Path, info: dict, data, device, ctx
     stage.setup(data)
     code = stage.train()
     if code == 0 and ctx.is_main:
-        evaluate_vae(stage.vae.eval(), data, cfg, run_dir, device)
+        metrics = evaluate_vae(stage.vae.eval(), data, cfg, run_dir, device)
+        stage.board.scalars(stage.total, {k: (metrics or {}).get(k) for k in ("psnr", "ssim")},
+                            prefix="autoencoder_val")  # on the split's val images
+    stage.board.close()
     distributed.barrier()  # the other ranks wait for the evaluation (rank 0) before the next stage
     return code
 
@@ -298,7 +304,9 @@ class DenoiserStage(LdmStage):
                               self.preview_noise.to(self.device), self.preview_labels, self.null_label, 1.0,
                               self.cfg.preview_steps, self.scaling, self.amp_dtype)
         self.unet.train()
-        save_image(self.run_dir / PREVIEW_DIR / f"diffusion_step{step:07d}.png", image_grid(list(images), columns=8))
+        grid = image_grid(list(images), columns=8)
+        save_image(self.run_dir / PREVIEW_DIR / f"diffusion_step{step:07d}.png", grid)
+        self.board.image("denoiser/samples", step, grid)
 
 
 def train_diffusion(cfg: SimpleNamespace, run_dir: Path, info: dict, data, device, ctx, stop) -> int:
@@ -308,7 +316,9 @@ def train_diffusion(cfg: SimpleNamespace, run_dir: Path, info: dict, data, devic
     if stage.finished():
         return 0
     stage.setup(data)
-    return stage.train()
+    code = stage.train()
+    stage.board.close()
+    return code
 
 
 # ----------------------------------------------------------------------------------------------

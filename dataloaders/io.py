@@ -402,3 +402,40 @@ def image_folder(folder: str | Path, what: str = "unlabeled folder") -> list[Pat
 def unlabeled_images(folder: str | Path) -> list[Path]:
     """The images of an unlabeled folder (see :func:`image_folder`)."""
     return image_folder(folder, "unlabeled folder")
+
+
+def read_spacing_csv(path: str | Path, ids: list[str]) -> dict[str, tuple[float, float]]:
+    """Pixel spacing (mm per pixel, as (row, column)) of each id from a CSV with a header: ``id,spacing_mm``
+    (isotropic) or ``id,spacing_row_mm,spacing_col_mm``. Every id of ``ids`` must have a row of positive
+    numbers; one DataError names the file and the rows at fault."""
+    import csv
+    import math
+
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"spacing file not found: {path}")
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        fields = reader.fieldnames or []
+        if "id" not in fields or not ("spacing_mm" in fields or {"spacing_row_mm", "spacing_col_mm"} <= set(fields)):
+            raise DataError(f"spacing file {path}: expected a header 'id,spacing_mm' or "
+                            f"'id,spacing_row_mm,spacing_col_mm', found {','.join(fields) or 'none'}")
+        columns = ("spacing_mm", "spacing_mm") if "spacing_mm" in fields else ("spacing_row_mm", "spacing_col_mm")
+        spacing, problems = {}, []
+        for line, row in enumerate(reader, start=2):
+            case_id = (row.get("id") or "").strip()
+            try:
+                pair = tuple(float(row[c]) for c in columns)
+            except (TypeError, ValueError):
+                pair = None
+            if pair is None or not all(math.isfinite(s) and s > 0 for s in pair):
+                problems.append(f"line {line} ({case_id or 'no id'}): spacing must be positive numbers, got "
+                                + ", ".join(repr(row.get(c)) for c in dict.fromkeys(columns)))
+            elif case_id in spacing:
+                problems.append(f"line {line}: id {case_id!r} given twice")
+            else:
+                spacing[case_id] = pair
+    problems += [f"no row for id {i!r}" for i in ids if i not in spacing]
+    if problems:
+        raise DataError(listing(f"spacing file {path} is not usable", problems))
+    return {i: spacing[i] for i in ids}

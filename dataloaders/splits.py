@@ -3,7 +3,8 @@
 From a split's ``<name>_train<i>.txt`` (already shuffled by split.py, order kept):
 - with ``holdout`` > 0 the last round(holdout * n) ids are carved out for model selection, and the
   split's val list is evaluated once, at the end, with the selected checkpoint;
-- labeled: the first int(labeled_fraction * m) of the remaining m ids (as the official code);
+- labeled: the first int(labeled_fraction * m) of the remaining m ids (as the official code), or the
+  ids of a ``labeled_list`` file (as UniMatch ships them), which must all be among those m ids;
 - unlabeled: the remaining training ids (images only, when ``unlabeled_from_train``) and the images
   of every ``unlabeled_dirs`` folder (stage 1's output), refused when their generator trained on
   an evaluated id (see :mod:`dataloaders.provenance`).
@@ -29,6 +30,7 @@ class RunData:
     selection: list[Item]  # evaluated periodically; picks checkpoint_best
     selection_name: str  # "val" or "holdout"
     report: list[Item] = field(default_factory=list)  # evaluated once at the end (holdout protocol)
+    labeled_share: float = 1.0  # labeled images / training ids outside the holdout (the labeled fraction)
 
     def summary(self) -> str:
         text = (f"{len(self.labeled)} labeled, {len(self.unlabeled)} unlabeled, "
@@ -46,12 +48,28 @@ def holdout_size(n: int, holdout: float) -> int:
     return count
 
 
+def labeled_from_list(pool: list[Item], labeled_list: str | Path, train_file: Path,
+                      n_holdout: int = 0) -> tuple[list[Item], list[Item]]:
+    """(labeled, the rest of the pool): the ids of ``labeled_list`` in its order, every one of them in the pool
+    (the training list less its holdout); the first that is not is named in the error."""
+    ids = read_id_list(labeled_list)
+    by_id = {item[0]: item for item in pool}
+    stray = next((i for i in ids if i not in by_id), None)
+    if stray is not None:
+        where = f"the training ids of {train_file.name}" + (f" outside its last {n_holdout} (holdout)" if n_holdout else "")
+        raise DataError(f"labeled list {labeled_list} names {stray!r}, which is not among {where}; a labeled list "
+                        "must be a subset of the training list (split.py --labeled N writes such lists)")
+    chosen = set(ids)
+    return [by_id[i] for i in ids], [item for item in pool if item[0] not in chosen]
+
+
 def load_run_data(data_dir: str | Path, split: int, labeled_fraction: float = 0.5, holdout: float = 0.0,
                   unlabeled_dirs: list[str | Path] = (), unlabeled_from_train: bool = True,
                   need_unlabeled: bool = True, check_files: bool = True, progress: bool = False,
-                  mask_values: str = "binary", split_name: str | None = None) -> RunData:
+                  mask_values: str = "binary", split_name: str | None = None,
+                  labeled_list: str | Path | None = None) -> RunData:
     """Resolve and check a run's data; every problem is a DataError raised before training starts."""
-    if not 0 < labeled_fraction <= 1:
+    if labeled_list is None and not 0 < labeled_fraction <= 1:
         raise DataError(f"labeled_fraction must be in (0, 1], got {labeled_fraction}")
     cases = find_cases(data_dir)
     train_file, val_file = split_files(data_dir, split, split_name)
@@ -64,16 +82,19 @@ def load_run_data(data_dir: str | Path, split: int, labeled_fraction: float = 0.
 
     n_holdout = holdout_size(len(train), holdout)
     pool, carved = (train[:len(train) - n_holdout], train[len(train) - n_holdout:]) if n_holdout else (train, [])
-    n_labeled = int(labeled_fraction * len(pool))
-    if n_labeled == 0:
-        raise DataError(f"labeled_fraction {labeled_fraction} of {len(pool)} training ids selects no image")
-    labeled = pool[:n_labeled]
+    if labeled_list is not None:
+        labeled, rest = labeled_from_list(pool, labeled_list, train_file, n_holdout)
+    else:
+        n_labeled = int(labeled_fraction * len(pool))
+        if n_labeled == 0:
+            raise DataError(f"labeled_fraction {labeled_fraction} of {len(pool)} training ids selects no image")
+        labeled, rest = pool[:n_labeled], pool[n_labeled:]
 
     unlabeled: list[Item] = []
     folder_images: list[Path] = []
     if need_unlabeled:
         if unlabeled_from_train:
-            unlabeled += [(case_id, image, None) for case_id, image, _ in pool[n_labeled:]]
+            unlabeled += [(case_id, image, None) for case_id, image, _ in rest]
         # the generator of a synthetic folder must not have seen an image this run evaluates
         folders = [(folder, unlabeled_images(folder)) for folder in unlabeled_dirs]
         for folder, images in folders:
@@ -92,6 +113,7 @@ def load_run_data(data_dir: str | Path, split: int, labeled_fraction: float = 0.
         digests = evaluated_pixel_digests(evaluated)
         for folder, images in folders:
             check_unlabeled_provenance(folder, evaluated, images, data_dir, digests)
+    share = len(labeled) / len(pool)
     if n_holdout:
-        return RunData(labeled, unlabeled, carved, "holdout", report=val)
-    return RunData(labeled, unlabeled, val, "val")
+        return RunData(labeled, unlabeled, carved, "holdout", report=val, labeled_share=share)
+    return RunData(labeled, unlabeled, val, "val", labeled_share=share)

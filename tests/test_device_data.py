@@ -120,9 +120,9 @@ def test_device_evaluation_gives_the_loader_paths_metrics(items):
     assert on_device.keys() == through_loader.keys() and "hd95" in on_device
     for name, value in through_loader.items():
         assert on_device[name] == pytest.approx(value, abs=1e-12), name
-    without_hd95 = evaluate(model, resident.batches(3), CPU, hd95=False)
-    assert set(without_hd95) == set(on_device) - {"hd95"}
-    assert all(without_hd95[k] == pytest.approx(on_device[k], abs=1e-12) for k in without_hd95)
+    without_surface = evaluate(model, resident.batches(3), CPU, surface=False)
+    assert set(without_surface) == set(on_device) - {"hd95", "asd", "nsd"}
+    assert all(without_surface[k] == pytest.approx(on_device[k], abs=1e-12) for k in without_surface)
 
 
 def test_data_on_device_is_chosen_by_size():

@@ -13,6 +13,7 @@ from conftest import run_script, write_dataset
 from networks.mgcc import MGCCNet
 from networks.official import convert_official_state_dict
 from reference_weights import official_reference_state_dict
+import predict
 import train
 
 
@@ -47,6 +48,32 @@ def test_masks_overlays_and_metrics(tmp_path, trained):
     summary = json.loads((out / "metrics.json").read_text())
     assert len(rows) == summary["images"] == 9
     assert summary["iou"] == pytest.approx(np.mean([float(r["iou"]) for r in rows]))
+
+
+def test_spacing_gives_surface_metrics_in_mm(tmp_path, trained):
+    data, checkpoint = trained
+    common = ["--checkpoint", str(checkpoint), "--input-dir", str(data), "--masks-dir", str(data / "masks" / "0"),
+              "--num-workers", "0", "--no-overlays", "--no-progress"]
+    ids = sorted(p.stem for p in (data / "images").iterdir())
+    spacing_csv = tmp_path / "spacing.csv"
+    spacing_csv.write_text("id,spacing_mm\n" + "".join(f"{i},0.5\n" for i in ids))
+    assert predict.main(common + ["--output-dir", str(tmp_path / "px")]) == 0
+    assert predict.main(common + ["--output-dir", str(tmp_path / "mm"), "--spacing-mm", "0.5"]) == 0
+    assert predict.main(common + ["--output-dir", str(tmp_path / "csv"), "--spacing-csv", str(spacing_csv)]) == 0
+    px, mm, from_csv = (json.loads((tmp_path / d / "metrics.json").read_text()) for d in ("px", "mm", "csv"))
+    assert px["distance_unit"] == "px" and mm["distance_unit"] == from_csv["distance_unit"] == "mm"
+    assert set(px) >= {"hd95", "asd", "nsd"}
+    # half a millimetre per pixel: distances halve; NSD's default tolerance (2 px = 1 mm) keeps its value
+    for name, factor in (("hd95", 0.5), ("asd", 0.5), ("nsd", 1.0), ("iou", 1.0)):
+        assert mm[name] == pytest.approx(factor * px[name], rel=1e-5) and from_csv[name] == pytest.approx(mm[name])
+    header = next(csv.reader(open(tmp_path / "mm" / "metrics.csv")))
+    assert header == ["id", "iou", "dice", "sensitivity", "precision", "f1", "accuracy", "hd95", "asd", "nsd"]
+
+    spacing_csv.write_text("id,spacing_mm\n" + "".join(f"{i},0.5\n" for i in ids[1:]))  # one image left out
+    result = run_script("predict.py", *common, "--output-dir", tmp_path / "bad", "--spacing-csv", spacing_csv,
+                        check=False)
+    assert result.returncode == 2 and f"no row for id '{ids[0]}'" in result.stderr
+    assert not (tmp_path / "bad").exists()
 
 
 def test_official_checkpoint_gives_the_official_masks(tmp_path):

@@ -14,6 +14,7 @@ A run folder written by train_ldm.py::
     <run>/state_vae.pt, <run>/state_diffusion.pt   everything --resume needs (atomic_save)
     <run>/vae_metrics.json       the autoencoder's PSNR and SSIM on the split's validation images
     <run>/previews/*.png, <run>/losses_*.png|csv    what people look at
+    <run>/tensorboard/vae/, <run>/tensorboard/diffusion/   the same in TensorBoard (--no-tensorboard: none)
 """
 from __future__ import annotations
 
@@ -32,6 +33,7 @@ from utils.config import ConfigError, file_values, read_yaml, save_yaml
 from utils.files import atomic_write_text, write_error
 from utils.locks import hold
 from utils.runtime import autocast_dtype
+from utils.tensorboard import LOG_DIR
 from utils.training import Trainer, TrainingState
 
 KIND = "mgcc-ldm"
@@ -310,6 +312,7 @@ def new_run_info(cfg: SimpleNamespace, data) -> dict:
 def remove_diffusion_outputs(run_dir: Path, info: dict) -> None:
     for name in (UNET_DIR, EMA_DIR, SCHEDULER_DIR):
         shutil.rmtree(run_dir / name, ignore_errors=True)
+    shutil.rmtree(run_dir / LOG_DIR / "diffusion", ignore_errors=True)
     for path in [run_dir / DIFFUSION_STATE, run_dir / "losses_diffusion.csv", run_dir / "losses_diffusion.png",
                  *(run_dir / PREVIEW_DIR).glob("diffusion_*.png")]:
         path.unlink(missing_ok=True)
@@ -426,7 +429,10 @@ class LdmStage(Trainer):
         super().__init__(total, self.saved["step"] if self.saved else 0, ctx, device, stop, TrainingState(), kind,
                          run_dir / state_file, log_every=cfg.log_every, checkpoint_every=cfg.checkpoint_every,
                          eval_every=cfg.sample_every, progress=cfg.progress,
-                         history=self.saved["history"] if self.saved else None)
+                         history=self.saved["history"] if self.saved else None,
+                         # one TensorBoard run per stage: each counts its own steps and purges its own on resume
+                         board_dir=run_dir / LOG_DIR / self.name if cfg.tensorboard else None)
+        self.board_prefix = self.what
         self.cfg, self.run_dir, self.info = cfg, run_dir, info
         self.amp_dtype = autocast_dtype(cfg.precision, device)
 
@@ -456,6 +462,9 @@ class LdmStage(Trainer):
     def on_eval(self, done: int) -> None:
         if self.ctx.is_main and self.cfg.preview_images > 0:
             self.save_preview(done)
+
+    def board_scalars(self, done: int) -> dict[str, float]:
+        return {"lr": float(self.schedule.get_last_lr()[0])}
 
     def train(self) -> int:
         """Train the remaining steps; 0, or 128 + the signal number when a signal stopped the stage."""

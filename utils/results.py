@@ -17,9 +17,9 @@ import numpy as np
 
 from .metrics import METRIC_NAMES
 
-METRIC_TITLES = {"iou": "IoU", "dice": "Dice", "hd95": "HD95 (px)", "sensitivity": "sensitivity",
-                 "precision": "precision", "f1": "F1", "accuracy": "accuracy"}
-LOWER_IS_BETTER = {"hd95"}
+METRIC_TITLES = {"iou": "IoU", "dice": "Dice", "hd95": "HD95", "asd": "ASD", "nsd": "NSD",
+                 "sensitivity": "sensitivity", "precision": "precision", "f1": "F1", "accuracy": "accuracy"}
+LOWER_IS_BETTER = {"hd95", "asd"}
 GENERATOR_FIGURES = [("psnr", "autoencoder PSNR (dB, val)", "{:.2f}"), ("ssim", "autoencoder SSIM (val)", "{:.4f}"),
                      ("c2st_accuracy", "C2ST accuracy", "{:.3f}"),
                      ("memorisation_q01", "closer than the closest 1 % of val", "{:.3f}"),
@@ -91,7 +91,7 @@ def markdown(rows: list[dict], arms: Sequence[str], generators: dict[int, dict],
              "| --- | --- |" + " --- |" * len(METRIC_NAMES)]
     for arm in arms:
         runs = by_arm[arm].values()
-        lines.append(f"| {arm} | {len(runs)} | " + " | ".join(mean_std([r[m] for r in runs]) for m in METRIC_NAMES)
+        lines.append(f"| {arm} | {len(runs)} | " + " | ".join(mean_std([r.get(m) for r in runs]) for m in METRIC_NAMES)
                      + " |")
     if baseline in by_arm and len(arms) > 1:
         lines += ["", f"## Difference to `{baseline}`, paired by (split, seed)", "",
@@ -107,24 +107,26 @@ def markdown(rows: list[dict], arms: Sequence[str], generators: dict[int, dict],
                 continue
             common = [k for k in keys if k in by_arm[arm] and k in by_arm[baseline]]
             for m in METRIC_NAMES:
-                d = paired_difference([by_arm[arm][k][m] for k in common], [by_arm[baseline][k][m] for k in common])
-                form = "{:.2f}" if m == "hd95" else "{:.4f}"
+                d = paired_difference([by_arm[arm][k].get(m) for k in common], [by_arm[baseline][k].get(m) for k in common])
+                form = "{:.2f}" if m in ("hd95", "asd") else "{:.4f}"
                 cells = [form.format(d["mean"]) if d["mean"] is not None else "n/a",
                          form.format(d["sd"]) if d["sd"] is not None else "n/a",
                          f"[{form.format(d['low'])}, {form.format(d['high'])}]" if d["low"] is not None else "n/a"]
                 lines.append(f"| {arm} | {METRIC_TITLES[m]} | {d['n']} | " + " | ".join(cells) + f" | {reading(d)} |")
         lines.append("")
-        lines.append("HD95 is better when lower; every other metric when higher.")
+        lines.append("HD95 and ASD are better when lower; every other metric when higher.")
     lines += ["", "## Per run", "",
-              "| split | seed | arm | IoU | Dice | HD95 | selected iteration | of | wall time (train + predict) |",
-              "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+              "| split | seed | arm | IoU | Dice | HD95 | ASD | NSD | selected iteration | of | wall time (train + predict) |",
+              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for key in keys:
         for arm in arms:
             r = by_arm[arm].get(key)
             if r:
                 wall = (r["train_seconds"] or 0) + (r["predict_seconds"] or 0)
+                surface = " | ".join("n/a" if r.get(m) is None else format(r[m], form)
+                                     for m, form in (("hd95", ".2f"), ("asd", ".2f"), ("nsd", ".4f")))
                 lines.append(f"| {key[0]} | {'' if key[1] is None else key[1]} | {arm} | {r['iou']:.4f} | "
-                             f"{r['dice']:.4f} | {r['hd95']:.2f} | {r['selected_iteration']} | {r['iterations']} | "
+                             f"{r['dice']:.4f} | {surface} | {r['selected_iteration']} | {r['iterations']} | "
                              f"{wall / 60:.1f} min |")
     if generators:
         lines += ["", "## Generator (stage 1) per split", "",

@@ -6,6 +6,7 @@ skeleton is utils.training). Under torchrun only rank 0 writes files (``writer=F
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from pathlib import Path
 
@@ -13,6 +14,7 @@ from . import distributed
 from .checkpoint import atomic_save
 from .config import ConfigError
 from .plots import plot_curves
+from .tensorboard import LOG_DIR
 
 from dataloaders.io import note
 
@@ -40,6 +42,8 @@ def claim_run_folder(out_dir: Path, overwrite: bool, writer: bool) -> None:
     if writer:
         for name in existing:
             (out_dir / name).unlink()
+        if overwrite or existing:  # the earlier run's TensorBoard events would mix with the new run's
+            shutil.rmtree(out_dir / LOG_DIR, ignore_errors=True)
 
 
 class RunRecord:

@@ -4,6 +4,7 @@ A script subclasses :class:`Trainer` and fills in its hooks (nnU-Net's ``nnUNetT
 
     train_step(step)      one optimisation step; returns the named losses, "loss" their total
     on_read(done, means)  the losses were read back (progress bar figures)
+    board_scalars(done)   scalars logged to TensorBoard with the losses at each reading (lr, lambda...)
     on_eval(done)         the periodic evaluation (and preview), every ``eval_every`` steps and at the end
     checkpoint_extra(done)  what a checkpoint holds besides the registered state and the RNG
     on_checkpoint(done)   after the state file was written (rank 0): models, plots, run description
@@ -32,6 +33,7 @@ from . import distributed
 from .checkpoint import atomic_save
 from .plots import plot_curves
 from .runtime import rng_state, set_rng_state
+from .tensorboard import TensorBoardLog
 
 
 def due(step: int, every: int, last: int) -> bool:
@@ -214,10 +216,15 @@ class Trainer:
     agree_every_step = True
     eval_reads_losses = True  # an evaluation reads the losses back (their means go with its metrics)
 
+    board_prefix = "train"  # TensorBoard tag of the losses: <prefix>/<loss name>
+
     def __init__(self, total: int, start: int, ctx, device, stop, state: TrainingState, kind: str,
                  checkpoint_path: Path, *, log_every: int, checkpoint_every: int, eval_every: int = 0,
-                 progress: bool = True, stop_after: int | None = None, history: list[dict] | None = None):
+                 progress: bool = True, stop_after: int | None = None, history: list[dict] | None = None,
+                 board_dir: Path | None = None):
         self.total, self.start, self.ctx, self.device, self.stop = total, start, ctx, device, stop
+        # TensorBoard (None: off): every loss reading is logged here; the hooks add their own scalars and images
+        self.board = TensorBoardLog(board_dir, enabled=board_dir is not None, writer=ctx.is_main, resume_step=start)
         self.state, self.kind, self.checkpoint_path = state, kind, checkpoint_path
         self.log_every, self.checkpoint_every, self.eval_every = log_every, checkpoint_every, eval_every
         self.progress, self.stop_after = progress, stop_after
@@ -233,6 +240,9 @@ class Trainer:
 
     def on_eval(self, done: int) -> None:
         pass
+
+    def board_scalars(self, done: int) -> dict[str, float]:
+        return {}
 
     def checkpoint_extra(self, done: int) -> dict:
         return {"step": done}
@@ -270,7 +280,10 @@ class Trainer:
         checkpoint_now = due(done, self.checkpoint_every, self.total) or self.stopping or self.pausing
         # the losses are checked before any checkpoint: a non-finite one never overwrites a good state
         if read_now or checkpoint_now:
-            self.on_read(done, self.losses.read(done, self.what, self.unit, self.checkpoint_path, self.advice))
+            means = self.losses.read(done, self.what, self.unit, self.checkpoint_path, self.advice)
+            self.board.scalars(done, {**means, **(self.board_scalars(done) if self.board else {})},
+                               prefix=self.board_prefix)
+            self.on_read(done, means)
         if evaluate_now:
             self.on_eval(done)
         if checkpoint_now:
@@ -283,10 +296,13 @@ class Trainer:
         """Train from ``start`` to ``total`` (or a stop); True when every step is done."""
         self.bar = tqdm(total=self.total, initial=self.start, desc=desc, dynamic_ncols=True,
                         disable=not (self.progress and self.ctx.is_main))
-        for step in range(self.start, self.total):
-            self.losses.add(step + 1, **self.train_step(step))
-            if self.after_step(step):
-                break
+        try:
+            for step in range(self.start, self.total):
+                self.losses.add(step + 1, **self.train_step(step))
+                if self.after_step(step):
+                    break
+        finally:
+            self.board.flush()  # on disk up to the last step, also when the run stops or fails; the script closes it
         self.bar.close()
         return self.done >= self.total
 
