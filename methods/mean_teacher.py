@@ -23,6 +23,7 @@ from .base import Method, has_unused_decoders
 from .losses import reference_supervised_loss
 
 
+@torch.no_grad()
 def ema_update(teacher: torch.nn.Module, student: torch.nn.Module, decay: float, step: int) -> None:
     """teacher <- alpha teacher + (1 - alpha) student, alpha = min(1 - 1/(step + 1), decay): the true
     average of the weights so far until the exponential one weighs more (SSL4MIS update_ema_variables)."""
