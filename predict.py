@@ -35,6 +35,7 @@ from dataloaders.datasets import SegmentationDataset
 from dataloaders.io import (MASK_VALUES, DataError, add_pixel_limit_flag, check_images, check_pairs, image_folder,
                             list_images, read_id_list, read_image, read_mask, select_cases, set_max_image_pixels)
 from networks.mgcc import MGCCNet
+from networks.unet import build_network
 from networks.official import convert_official_state_dict, infer_official_architecture, is_official_state_dict
 from utils.checkpoint import CheckpointError, check_finite, load_checkpoint, require_fields
 from utils.cli import run_cli
@@ -77,7 +78,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def load_segmenter(path: Path) -> tuple[MGCCNet, dict, str]:
+def load_segmenter(path: Path) -> tuple[torch.nn.Module, dict, str]:
     """(model in eval mode, preprocessing options, description) from either kind of checkpoint."""
     if path.is_dir():
         what = "a latent diffusion run folder (for sample_ldm.py)" if (path / "ldm.json").exists() else "a folder"
@@ -99,11 +100,12 @@ def load_segmenter(path: Path) -> tuple[MGCCNet, dict, str]:
     if missing:
         raise CheckpointError(f"{path}: its config lacks {', '.join(missing)} (not written by train.py?)")
     check_finite(checkpoint["model"], path)
+    network = checkpoint.get("network", "mgcc")  # mgcc or unet, as the run trained (mgcc before unet existed)
     try:
-        model = MGCCNet(**checkpoint["model_args"])
+        model = build_network(network, **checkpoint["model_args"])
     except (TypeError, ValueError) as error:
-        raise CheckpointError(f"{path}: its model_args {checkpoint['model_args']} do not describe the network: "
-                              f"{error}") from None
+        raise CheckpointError(f"{path}: its network {network!r} and model_args {checkpoint['model_args']} do not "
+                              f"describe a network: {error}") from None
     try:
         model.load_state_dict(checkpoint["model"])
     except RuntimeError as error:
@@ -113,7 +115,8 @@ def load_segmenter(path: Path) -> tuple[MGCCNet, dict, str]:
                               f"{problems[0] if problems else error}") from None
     config = checkpoint["config"]
     preprocessing = {k: config[k] for k in OFFICIAL_PREPROCESSING}
-    return model.eval(), preprocessing, f"train.py checkpoint ({config['mode']}, iteration {checkpoint['iteration']})"
+    method = config.get("method") or config["mode"]
+    return model.eval(), preprocessing, f"train.py checkpoint ({method} on {network}, iteration {checkpoint['iteration']})"
 
 
 def check_output_dir(output_dir: Path, inputs: dict[str, Path]) -> None:
