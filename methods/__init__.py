@@ -42,10 +42,11 @@ def network_args(network: str, method: str, in_channels: int, width: int, mixer_
 
 def build_method(method: str, model_args: dict, normalization: str = "official", consistency: float | None = None,
                  consistency_rampup: float = 200.0, consistency_ramp_every: int = 150, ema_decay: float = 0.99,
-                 conf_thresh: float = 0.95) -> Method:
+                 conf_thresh: float = 0.95, consistency_start: int | None = None) -> Method:
     """The method with its networks, drawn from the global torch RNG (seed it first).
 
-    ``consistency`` None takes the reference's weight (CONSISTENCY_DEFAULTS)."""
+    ``consistency`` None takes the reference's weight (CONSISTENCY_DEFAULTS), ``consistency_start``
+    None the reference's first iteration of the unlabeled loss (mean-teacher 1000, others 0)."""
     if method not in METHODS:
         raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
     student = build_network(**model_args)
@@ -56,6 +57,8 @@ def build_method(method: str, model_args: dict, normalization: str = "official",
         return METHODS[method](student, intensity, conf_thresh=conf_thresh)
     ramp = {"consistency": CONSISTENCY_DEFAULTS[method] if consistency is None else consistency,
             "rampup": consistency_rampup, "ramp_every": consistency_ramp_every}
+    if consistency_start is not None:
+        ramp["consistency_start"] = consistency_start
     if method == "mean-teacher":
         return MeanTeacher(student, intensity, ema_decay=ema_decay, **ramp)
     if method == "cps":

@@ -5,7 +5,9 @@ a second network), so that ``method.state_dict()`` is everything a resumed run n
 wrapper of the method covers them all. Its ``forward(images, masks, weight)`` is one batch's
 objective: ``images`` holds ``len(masks)`` labeled images first, then the unlabeled ones; ``weight``
 is the unsupervised weight of this step (a device tensor, from ``consistency_weight(step)``). It
-returns the named losses, ``loss`` (the total, one formula) first, UniMatch style.
+returns the named losses, UniMatch style: ``loss`` (the total, one formula) first, then ``loss_x``
+(the labeled images' part) and ``loss_u`` (the unlabeled images' part, before its weight), which the
+loop logs as train_sup and train_cons, then any finer parts.
 """
 from __future__ import annotations
 
@@ -20,10 +22,12 @@ class Method(nn.Module):
     uses_unlabeled = True
     reference = ""  # the reference implementation's file, for the README's table and the run summary
 
-    def __init__(self, student: nn.Module, consistency: float = 0.0, rampup: float = 200.0, ramp_every: int = 150):
+    def __init__(self, student: nn.Module, consistency: float = 0.0, rampup: float = 200.0, ramp_every: int = 150,
+                 consistency_start: int = 0):
         super().__init__()
         self.student = student
         self.consistency, self.rampup, self.ramp_every = consistency, rampup, ramp_every
+        self.consistency_start = consistency_start
 
     @property
     def evaluated(self) -> nn.Module:
@@ -31,8 +35,17 @@ class Method(nn.Module):
         return self.student
 
     def consistency_weight(self, step: int) -> float:
-        """lambda(step) = consistency * exp(-5 (1 - t/rampup)^2), t = step // ramp_every (Laine & Aila)."""
+        """lambda(step) = consistency * exp(-5 (1 - t/rampup)^2), t = step // ramp_every (Laine & Aila);
+        0 before consistency_start."""
+        if step < self.consistency_start:
+            return 0.0
         return consistency_weight(step, self.consistency, self.rampup, self.ramp_every)
+
+    def kept_networks(self) -> nn.ModuleDict | None:
+        """The networks it keeps besides the student (mean-teacher's teacher, cps's second network), for
+        checkpoints (keys ``teacher.*``, ``second.*``); None when there are none."""
+        kept = {name: m for name, m in self.named_children() if name != "student" and m.state_dict()}
+        return nn.ModuleDict(kept) if kept else None
 
     def leaves_parameters_unused(self) -> bool:
         """True when some trainable parameter gets no gradient (DDP's find_unused_parameters)."""

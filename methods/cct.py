@@ -29,10 +29,11 @@ class CrossConsistency(Method):
     name = "cct"
     reference = "SSL4MIS code/train_cross_consistency_training_2D.py"
 
-    def __init__(self, student, consistency: float = 0.1, rampup: float = 200.0, ramp_every: int = 150):
+    def __init__(self, student, consistency: float = 0.1, rampup: float = 200.0, ramp_every: int = 150,
+                 consistency_start: int = 0):
         if len(getattr(student, "aux_decoders", ())) != AUX_DECODERS:
             raise ValueError(f"cct needs a network with {AUX_DECODERS} auxiliary decoders")
-        super().__init__(student, consistency, rampup, ramp_every)
+        super().__init__(student, consistency, rampup, ramp_every, consistency_start)
         self.perturbations = nn.ModuleList([FeatureNoise(0.3), AlwaysOnDropout(0.3), FeatureDropout(0.7, 0.9)])
 
     def forward(self, images, masks, weight):

@@ -20,8 +20,9 @@ class CrossPseudoSupervision(Method):
     name = "cps"
     reference = "SSL4MIS code/train_cross_pseudo_supervision_2D.py"
 
-    def __init__(self, student, second, consistency: float = 0.1, rampup: float = 200.0, ramp_every: int = 150):
-        super().__init__(student, consistency, rampup, ramp_every)
+    def __init__(self, student, second, consistency: float = 0.1, rampup: float = 200.0, ramp_every: int = 150,
+                 consistency_start: int = 0):
+        super().__init__(student, consistency, rampup, ramp_every, consistency_start)
         self.second = second
 
     def leaves_parameters_unused(self) -> bool:
@@ -36,5 +37,7 @@ class CrossPseudoSupervision(Method):
         loss_x2 = reference_supervised_loss(logits_2[:n], masks)
         loss_cps1 = F.binary_cross_entropy_with_logits(logits_1[n:], pseudo_2)
         loss_cps2 = F.binary_cross_entropy_with_logits(logits_2[n:], pseudo_1)
-        loss = loss_x1 + weight * loss_cps1 + loss_x2 + weight * loss_cps2
-        return {"loss": loss, "loss_x1": loss_x1, "loss_x2": loss_x2, "loss_cps1": loss_cps1, "loss_cps2": loss_cps2}
+        loss_x, loss_u = loss_x1 + loss_x2, loss_cps1 + loss_cps2
+        loss = loss_x + weight * loss_u  # = model1_loss + model2_loss of the reference
+        return {"loss": loss, "loss_x": loss_x, "loss_u": loss_u, "loss_x1": loss_x1, "loss_x2": loss_x2,
+                "loss_cps1": loss_cps1, "loss_cps2": loss_cps2}

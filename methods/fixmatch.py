@@ -78,4 +78,6 @@ class FixMatch(Method):
         loss_x = reference_supervised_loss(pred_x, masks)
         loss_u_s = self.pseudo_loss(pred_s, label, confidence, label_mix, confidence_mix, box)
         mask_ratio = (confidence >= self.conf_thresh).float().mean()
-        return {"loss": (loss_x + loss_u_s) / 2, "loss_x": loss_x, "loss_u_s": loss_u_s, "mask_ratio": mask_ratio}
+        loss_u = loss_u_s
+        return {"loss": (loss_x + loss_u) / 2, "loss_x": loss_x, "loss_u": loss_u, "loss_u_s": loss_u_s,
+                "mask_ratio": mask_ratio}

@@ -39,13 +39,10 @@ class MeanTeacher(Method):
     def __init__(self, student, intensity: Intensity, consistency: float = 0.1, rampup: float = 200.0,
                  ramp_every: int = 150, ema_decay: float = 0.99, noise_std: float = 0.1, noise_clip: float = 0.2,
                  consistency_start: int = 1000):
-        super().__init__(student, consistency, rampup, ramp_every)
+        super().__init__(student, consistency, rampup, ramp_every, consistency_start)
         self.teacher = copy.deepcopy(student).requires_grad_(False)
         self.intensity, self.ema_decay = intensity, ema_decay
-        self.noise_std, self.noise_clip, self.consistency_start = noise_std, noise_clip, consistency_start
-
-    def consistency_weight(self, step: int) -> float:
-        return 0.0 if step < self.consistency_start else super().consistency_weight(step)
+        self.noise_std, self.noise_clip = noise_std, noise_clip
 
     def leaves_parameters_unused(self) -> bool:
         return has_unused_decoders(self.student)

@@ -6,7 +6,7 @@ Official defaults (utils/losses.py): L = L_sup + lambda(t) L_cons, lambda rampin
 from __future__ import annotations
 
 from networks.mgcc import MGCCNet
-from utils.losses import consistency_loss, supervised_loss
+from utils.losses import mgcc_losses
 
 from .base import Method
 
@@ -15,16 +15,13 @@ class MGCC(Method):
     name = "mgcc"
     reference = "MGCC (official) train.py; here utils/losses.py"
 
-    def __init__(self, student, consistency: float = 7.0, rampup: float = 200.0, ramp_every: int = 150):
+    def __init__(self, student, consistency: float = 7.0, rampup: float = 200.0, ramp_every: int = 150,
+                 consistency_start: int = 0):
         if not isinstance(student, MGCCNet):
             raise ValueError("method mgcc perturbs the ConvMixer stages of the mgcc network: use --network mgcc "
                              "(cct is its single-level counterpart on either network)")
-        super().__init__(student, consistency, rampup, ramp_every)
+        super().__init__(student, consistency, rampup, ramp_every, consistency_start)
 
     def forward(self, images, masks, weight):
-        n = len(masks)
-        main, aux = self.student(images, with_aux=True)
-        main, aux = main.float(), [a.float() for a in aux]
-        loss_x = supervised_loss([main[:n]] + [a[:n] for a in aux], masks)  # Eq. 5-6
-        loss_u = consistency_loss(main[n:], [a[n:] for a in aux])  # Eq. 7
-        return {"loss": loss_x + weight * loss_u, "loss_x": loss_x, "loss_u": loss_u}  # Eq. 8
+        loss, loss_x, loss_u = mgcc_losses(self.student, images, masks, weight)  # Eq. 5-8
+        return {"loss": loss, "loss_x": loss_x, "loss_u": loss_u}

@@ -1,9 +1,7 @@
 """The baseline: the network's main decoder on the labeled images alone, MGCC's supervised loss."""
 from __future__ import annotations
 
-import torch
-
-from utils.losses import bce_dice_loss
+from utils.losses import supervised_losses
 
 from .base import Method, has_unused_decoders
 
@@ -11,11 +9,11 @@ from .base import Method, has_unused_decoders
 class Supervised(Method):
     name = "supervised"
     uses_unlabeled = False
-    reference = "MGCC train.py (official), its main decoder's loss"
+    reference = "MGCC (official) train.py, its main decoder's loss; here utils/losses.py"
 
     def leaves_parameters_unused(self) -> bool:
         return has_unused_decoders(self.student)
 
     def forward(self, images, masks, weight):
-        loss_x = bce_dice_loss(self.student(images).float(), masks)  # 0.5 BCE + soft Dice (Eq. 5-6)
-        return {"loss": loss_x, "loss_x": loss_x}
+        loss, loss_x, loss_u = supervised_losses(self.student, images, masks)  # 0.5 BCE + soft Dice; loss_u = 0
+        return {"loss": loss, "loss_x": loss_x, "loss_u": loss_u}

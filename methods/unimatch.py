@@ -5,7 +5,7 @@ feature-perturbation stream: the decoder also sees the encoder features of the l
 images under channel dropout (nn.Dropout2d(0.5), every level), in the same batch as the clean ones
 (so BatchNorm sees both). Defaults of ``configs/acdc.yaml``: conf_thresh 0.95.
 
-    loss = (loss_x + 0.25 loss_u_s1 + 0.25 loss_u_s2 + 0.5 loss_u_w_fp) / 2
+    loss = (loss_x + loss_u) / 2,   loss_u = 0.25 loss_u_s1 + 0.25 loss_u_s2 + 0.5 loss_u_w_fp
 
 loss_u_w_fp is the Dice of the perturbed weak prediction against the weak pseudo-labels, ignoring
 pixels below conf_thresh. Mapped to this binary output as methods/fixmatch.py says. On the mgcc
@@ -47,7 +47,7 @@ class UniMatch(FixMatch):
         loss_u_s1 = self.pseudo_loss(pred_s1, label, confidence, label_mix, confidence_mix, box_1)
         loss_u_s2 = self.pseudo_loss(pred_s2, label, confidence, label_mix, confidence_mix, box_2)
         loss_u_w_fp = two_class_dice_loss(torch.sigmoid(pred_w_fp), label, ignore=confidence < self.conf_thresh)
-        loss = (loss_x + 0.25 * loss_u_s1 + 0.25 * loss_u_s2 + 0.5 * loss_u_w_fp) / 2
+        loss_u = 0.25 * loss_u_s1 + 0.25 * loss_u_s2 + 0.5 * loss_u_w_fp
         mask_ratio = (confidence >= self.conf_thresh).float().mean()
-        return {"loss": loss, "loss_x": loss_x, "loss_u_s1": loss_u_s1, "loss_u_s2": loss_u_s2,
-                "loss_u_w_fp": loss_u_w_fp, "mask_ratio": mask_ratio}
+        return {"loss": (loss_x + loss_u) / 2, "loss_x": loss_x, "loss_u": loss_u, "loss_u_s1": loss_u_s1,
+                "loss_u_s2": loss_u_s2, "loss_u_w_fp": loss_u_w_fp, "mask_ratio": mask_ratio}

@@ -158,6 +158,7 @@ def test_cps_loss_by_hand():
     assert parts["loss_cps1"].item() == pytest.approx(math.log(4), rel=1e-5)
     assert parts["loss_cps2"].item() == pytest.approx(math.log(4), rel=1e-5)
     assert parts["loss"].item() == pytest.approx(loss_x1 + loss_x2 + 0.1 * 2 * math.log(4), rel=1e-5)
+    assert parts["loss_x"].item() == pytest.approx(loss_x1 + loss_x2, rel=1e-5)
     parts["loss"].backward()
     assert method.second.main_decoder.bias.grad is not None
 
@@ -184,6 +185,7 @@ def test_unimatch_loss_by_hand():
     d = dice2_constant(p, 1)
     for name in ("loss_u_s1", "loss_u_s2", "loss_u_w_fp"):
         assert parts[name].item() == pytest.approx(d, rel=1e-5)
+    assert parts["loss_u"].item() == pytest.approx(0.25 * d + 0.25 * d + 0.5 * d, rel=1e-5)
     assert parts["loss"].item() == pytest.approx((loss_x + 0.25 * d + 0.25 * d + 0.5 * d) / 2, rel=1e-5)
 
 
@@ -265,7 +267,7 @@ def test_every_method_steps_on_both_networks(name, network):
     images = images.repeat(1, 1, 2, 2)  # 16 px: four poolings
     masks = masks.repeat(1, 1, 2, 2)
     parts = method(images, masks, torch.tensor(method.consistency_weight(10 ** 5)))
-    assert next(iter(parts)) == "loss" and torch.isfinite(parts["loss"])
+    assert list(parts)[:3] == ["loss", "loss_x", "loss_u"] and torch.isfinite(parts["loss"])
     parts["loss"].backward()
     trained = [p for p in method.parameters() if p.requires_grad]
     unused = [p for p in trained if p.grad is None]
