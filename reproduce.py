@@ -464,9 +464,13 @@ def estimate(stages: list[Stage], statuses: dict[str, str], ledger: Ledger, devi
               "either way (the other work may end)", flush=True)
 
     def train_rates(cfg) -> dict:
-        key = ("train", cfg.mode, cfg.width, cfg.image_size, cfg.batch_size, cfg.labeled_batch_size, cfg.in_channels)
+        import train
+        train.resolve_method(cfg)  # each arm's own method and network
+        key = ("train", cfg.method, cfg.network, cfg.width, cfg.image_size, cfg.batch_size, cfg.labeled_batch_size,
+               cfg.in_channels)
         if key not in cache:
-            flags = ["--device", device, "--mode", cfg.mode, "--width", str(cfg.width), "--image-size",
+            flags = ["--device", device, "--method", cfg.method, "--network", cfg.network, "--width", str(cfg.width),
+                     "--image-size",
                      str(cfg.image_size), "--batch-size", str(cfg.batch_size), "--labeled-batch-size",
                      str(cfg.labeled_batch_size), "--variants", variant, *counts]
             (row,), wall = benchmark("bench_train.py", flags)

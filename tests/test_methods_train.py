@@ -118,3 +118,12 @@ def test_reproduce_two_methods_on_two_networks(tmp_path, dataset):
     assert "## Difference to `supervised` " in report and "## Difference to `supervised-unet` " in report
     differences = report.split("## Difference to `supervised-unet` ")[1].split("##")[0]
     assert "| cct-unet-real |" in differences and "| supervised |" in differences
+
+
+def test_bench_train_times_a_method_step():
+    result = run_script("benchmarks/bench_train.py", "--device", "cpu", "--method", "mean-teacher", "--network", "unet",
+                        "--width", "4", "--image-size", "32", "--steps", "1", "--warmup", "1", "--variants",
+                        "fp32 eager", "--json")
+    row = json.loads(result.stdout.strip().splitlines()[-1])
+    assert (row["method"], row["network"]) == ("mean-teacher", "unet") and row["it_per_s"] > 0
+    assert row["tflop_per_step"] > 0
