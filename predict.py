@@ -7,7 +7,8 @@ Writes <out>/masks/<id>.png (0/255, at each input image's own size), <out>/overl
 (prediction in red, ground truth outlined in green) and, with --masks-dir, <out>/metrics.csv (per
 image) and <out>/metrics.json (means), computed at each image's own size.
 
---checkpoint takes a checkpoint of train.py (checkpoint_best.pt or checkpoint_last.pt) or one written
+--checkpoint takes a checkpoint of train.py (checkpoint_best.pt or checkpoint_last.pt; any --method, on
+either --network: the evaluated network is built as the checkpoint names it) or one written
 by the official MGCC code (a plain state_dict): the latter is detected, renamed, and run with the
 official preprocessing (3-channel BGR, 256 x 256, official normalisation), so it gives the official
 code's masks.

@@ -16,7 +16,8 @@ are this code base's too). Per step:
 
 Mapped here: argmax is p > 0.5, confidence max(p, 1 - p), CE the BCE, Dice the 2-class Dice (the
 ignored pixels are left out of both classes' sums). The mix image of each unlabeled image is the next
-one of the same unlabeled batch (the reference draws a second unlabeled batch); the CutMix box takes
+one of the same unlabeled batch (the reference draws a second unlabeled batch; with one unlabeled image
+per process, under torchrun, that is the image itself and CutMix changes nothing); the CutMix box takes
 that image's strong view and its eval-mode prediction, as the reference's mix batch does.
 """
 from __future__ import annotations
