@@ -132,7 +132,7 @@ def run_variant(name: str, args) -> dict:
     device = args.device
     torch.manual_seed(0)
     torch.backends.cudnn.benchmark = True
-    method = build_method(args.method, network_args(args.network, args.method, 3, args.width, 3, 7))
+    method = build_method(args.method, args.network, network_args(args.network, args.method, 3, args.width, 3, 7))
     fmt = torch.channels_last if spec["channels_last"] else torch.contiguous_format
     method = method.to(device).train().to(memory_format=fmt)
     cfg = train.parse_config(train.OPTIONS, "", train_flags(spec, args.compile_mode))

@@ -31,8 +31,9 @@ CONSISTENCY_DEFAULTS = {"mgcc": 7.0, "mean-teacher": 0.1, "cct": 0.1, "cps": 0.1
 
 
 def network_args(network: str, method: str, in_channels: int, width: int, mixer_depth: int, mixer_kernel: int) -> dict:
-    """The arguments of networks.unet.build_network for ``method`` on ``network`` (a checkpoint's model_args)."""
-    args = {"network": network, "in_channels": in_channels, "width": width}
+    """The constructor arguments of ``network`` for ``method`` (a checkpoint's model_args; build_network's after
+    the network's name)."""
+    args = {"in_channels": in_channels, "width": width}
     if network == "mgcc":
         args.update(mixer_depth=mixer_depth, mixer_kernel=mixer_kernel)
     elif method == "cct":
@@ -40,7 +41,7 @@ def network_args(network: str, method: str, in_channels: int, width: int, mixer_
     return args
 
 
-def build_method(method: str, model_args: dict, normalization: str = "official", consistency: float | None = None,
+def build_method(method: str, network: str, model_args: dict, normalization: str = "official", consistency: float | None = None,
                  consistency_rampup: float = 200.0, consistency_ramp_every: int = 150, ema_decay: float = 0.99,
                  conf_thresh: float = 0.95, consistency_start: int | None = None) -> Method:
     """The method with its networks, drawn from the global torch RNG (seed it first).
@@ -49,7 +50,7 @@ def build_method(method: str, model_args: dict, normalization: str = "official",
     None the reference's first iteration of the unlabeled loss (mean-teacher 1000, others 0)."""
     if method not in METHODS:
         raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
-    student = build_network(**model_args)
+    student = build_network(network, **model_args)
     if method == "supervised":
         return Supervised(student)
     intensity = Intensity(model_args["in_channels"], normalization)
@@ -62,5 +63,5 @@ def build_method(method: str, model_args: dict, normalization: str = "official",
     if method == "mean-teacher":
         return MeanTeacher(student, intensity, ema_decay=ema_decay, **ramp)
     if method == "cps":
-        return CrossPseudoSupervision(student, build_network(**model_args), **ramp)  # a second random draw
+        return CrossPseudoSupervision(student, build_network(network, **model_args), **ramp)  # a second random draw
     return METHODS[method](student, **ramp)

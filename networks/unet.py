@@ -34,11 +34,11 @@ class UNet(nn.Module):
         return self.main_decoder(self.features(x))
 
 
-def build_network(network: str = "mgcc", in_channels: int = 3, width: int = 64, mixer_depth: int = 3, mixer_kernel: int = 7,
+def build_network(network: str, in_channels: int = 3, width: int = 64, mixer_depth: int = 3, mixer_kernel: int = 7,
                   aux_decoders: int = 0) -> nn.Module:
     """``network`` mgcc (MGCCNet: always its three auxiliary decoders, as the official network) or unet.
 
-    A checkpoint's ``model_args`` are these arguments; those written before ``network`` existed are mgcc's."""
+    A checkpoint holds ``network`` and ``model_args``, the other arguments (MGCCNet's own for mgcc)."""
     if network == "mgcc":
         return MGCCNet(in_channels=in_channels, width=width, mixer_depth=mixer_depth, mixer_kernel=mixer_kernel)
     if network == "unet":

@@ -152,7 +152,7 @@ def test_the_step_with_resident_data_never_reads_back(items, tmp_path, mode):
     semi = mode == "mgcc"
     batches = DeviceBatches((labeled, StreamBatchSampler(4, 2, 0, 0, True)),
                             (unlabeled, StreamBatchSampler(2, 2, 0, 1, False)) if semi else None, seed=0)
-    method = build_method(mode, {"network": "mgcc", "in_channels": 3, "width": 4})
+    method = build_method(mode, "mgcc", {"in_channels": 3, "width": 4})
     model = method.student
     cfg = train.parse_config(train.OPTIONS, "", ["--lr", "0.01"])
     optimizer = train.make_optimizer(method, cfg, CPU)
@@ -180,7 +180,7 @@ def test_the_whole_step_compiles_once_while_lr_and_consistency_change(monkeypatc
     import torch._dynamo
     torch._dynamo.reset()
     torch.manual_seed(0)
-    method = build_method("mgcc", {"network": "mgcc", "in_channels": 3, "width": 4})
+    method = build_method("mgcc", "mgcc", {"in_channels": 3, "width": 4})
     cfg = train.parse_config(train.OPTIONS, "", ["--compile", "--compile-scope", "step"])
     optimizer = train.make_optimizer(method, cfg, CPU)
     assert isinstance(optimizer.param_groups[0]["lr"], torch.Tensor)

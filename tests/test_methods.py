@@ -259,10 +259,10 @@ def test_unet_is_mgcc_without_the_convmixer_stages():
 def test_every_method_steps_on_both_networks(name, network):
     if name == "mgcc" and network == "unet":
         with pytest.raises(ValueError, match="--network mgcc"):
-            build_method(name, network_args(network, name, 3, 2, 1, 3))
+            build_method(name, network, network_args(network, name, 3, 2, 1, 3))
         return
     torch.manual_seed(0)
-    method = build_method(name, network_args(network, name, 3, 2, 1, 3))
+    method = build_method(name, network, network_args(network, name, 3, 2, 1, 3))
     images, masks = batch(unlabeled=2 if method.uses_unlabeled else 0)
     images = images.repeat(1, 1, 2, 2)  # 16 px: four poolings
     masks = masks.repeat(1, 1, 2, 2)

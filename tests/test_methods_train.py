@@ -42,7 +42,7 @@ def test_each_method_trains_and_resumes_to_the_same_weights(tmp_path, dataset, m
     assert states_equal(a["model"], b["model"]) and states_equal(a["method_state"], b["method_state"])
     extra = {"mean-teacher": "teacher.", "cps": "second."}.get(method)
     assert bool(a["method_state"]) == bool(extra) and all(k.startswith(extra) for k in a["method_state"] or [])
-    assert a["model_args"]["network"] == network
+    assert a["network"] == network
     summary = json.loads((tmp_path / "straight" / "metrics.json").read_text())
     assert summary["method"] == method and summary["network"] == network
     log = [json.loads(line) for line in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()]
