@@ -46,7 +46,7 @@ def test_each_method_trains_and_resumes_to_the_same_weights(tmp_path, dataset, m
         assert states_equal(a["method_state"], b["method_state"]) and all(k.startswith(extra) for k in a["method_state"])
     assert a["network"] == network
     summary = json.loads((tmp_path / "straight" / "metrics.json").read_text())
-    assert summary["method"] == method and summary["network"] == network
+    assert summary["method"] == method and summary["network"] == network and summary["reference"]
     log = [json.loads(line) for line in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()]
     if method == "supervised":
         assert all(r["train_cons"] == 0 for r in log)
