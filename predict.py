@@ -105,8 +105,8 @@ def load_segmenter(path: Path) -> tuple[torch.nn.Module, dict, str]:
     try:
         model = build_network(network, **checkpoint["model_args"])
     except (TypeError, ValueError) as error:
-        raise CheckpointError(f"{path}: its network {network!r} and model_args {checkpoint['model_args']} do not "
-                              f"describe a network: {error}") from None
+        raise CheckpointError(f"{path}: its model_args {checkpoint['model_args']} do not describe the network "
+                              f"({network!r}): {error}") from None
     try:
         model.load_state_dict(checkpoint["model"])
     except RuntimeError as error:
