@@ -122,8 +122,8 @@ def test_reproduce_two_methods_on_two_networks(tmp_path, dataset):
     config = json.loads((out / "split1" / "cct-unet-real" / "metrics.json").read_text())
     assert (config["method"], config["network"]) == ("cct", "unet")
     report = (out / "results.md").read_text()
-    assert "## Difference to `supervised` " in report and "## Difference to `supervised-unet` " in report
-    differences = report.split("## Difference to `supervised-unet` ")[1].split("##")[0]
+    assert "## Difference to `supervised`," in report and "## Difference to `supervised-unet`," in report
+    differences = report.split("## Difference to `supervised-unet`,")[1].split("##")[0]
     assert "| cct-unet-real |" in differences and "| supervised |" in differences
 
 
