@@ -7,7 +7,8 @@ Writes <out>/masks/<id>.png (0/255, at each input image's own size), <out>/overl
 (prediction in red, ground truth outlined in green) and, with --masks-dir, <out>/metrics.csv (per
 image) and <out>/metrics.json (means), computed at each image's own size.
 
---checkpoint takes a checkpoint of train.py (checkpoint_best.pt or checkpoint_last.pt) or one written
+--checkpoint takes a checkpoint of train.py (checkpoint_best.pt or checkpoint_last.pt; any --method, on
+either --network: the evaluated network is built as the checkpoint names it) or one written
 by the official MGCC code (a plain state_dict): the latter is detected, renamed, and run with the
 official preprocessing (3-channel BGR, 256 x 256, official normalisation), so it gives the official
 code's masks.
@@ -36,6 +37,7 @@ from dataloaders.io import (MASK_VALUES, DataError, add_pixel_limit_flag, check_
                             list_images, read_id_list, read_image, read_mask, read_spacing_csv, select_cases,
                             set_max_image_pixels)
 from networks.mgcc import MGCCNet
+from networks.unet import build_network
 from networks.official import convert_official_state_dict, infer_official_architecture, is_official_state_dict
 from utils.checkpoint import CheckpointError, check_finite, load_checkpoint, require_fields
 from utils.cli import run_cli
@@ -95,7 +97,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def load_segmenter(path: Path) -> tuple[MGCCNet, dict, str]:
+def load_segmenter(path: Path) -> tuple[torch.nn.Module, dict, str]:
     """(model in eval mode, preprocessing options, description) from either kind of checkpoint."""
     if path.is_dir():
         what = "a latent diffusion run folder (for sample_ldm.py)" if (path / "ldm.json").exists() else "a folder"
@@ -117,11 +119,12 @@ def load_segmenter(path: Path) -> tuple[MGCCNet, dict, str]:
     if missing:
         raise CheckpointError(f"{path}: its config lacks {', '.join(missing)} (not written by train.py?)")
     check_finite(checkpoint["model"], path)
+    network = checkpoint.get("network", "mgcc")  # mgcc or unet, as the run trained (mgcc before unet existed)
     try:
-        model = MGCCNet(**checkpoint["model_args"])
+        model = build_network(network, **checkpoint["model_args"])
     except (TypeError, ValueError) as error:
-        raise CheckpointError(f"{path}: its model_args {checkpoint['model_args']} do not describe the network: "
-                              f"{error}") from None
+        raise CheckpointError(f"{path}: its model_args {checkpoint['model_args']} do not describe the network "
+                              f"({network!r}): {error}") from None
     try:
         model.load_state_dict(checkpoint["model"])
     except RuntimeError as error:
@@ -131,7 +134,8 @@ def load_segmenter(path: Path) -> tuple[MGCCNet, dict, str]:
                               f"{problems[0] if problems else error}") from None
     config = checkpoint["config"]
     preprocessing = {k: config[k] for k in OFFICIAL_PREPROCESSING}
-    return model.eval(), preprocessing, f"train.py checkpoint ({config['mode']}, iteration {checkpoint['iteration']})"
+    method = config.get("method") or config["mode"]
+    return model.eval(), preprocessing, f"train.py checkpoint ({method} on {network}, iteration {checkpoint['iteration']})"
 
 
 def check_output_dir(output_dir: Path, inputs: dict[str, Path]) -> None:

@@ -5,10 +5,14 @@
 
 For each split (default: every <name>_train<i>.txt with its <name>_val<i>.txt):
   1. stage 1   train_ldm.py on the split's training ids, then sample_ldm.py   (--no-generator: skipped)
-  2. stage 2   train.py once per arm, all with the same labels, seed and schedule:
+  2. stage 2   train.py once per arm, all with the same labels, seed and schedule. The default arms:
                  supervised      the baseline: the labeled images alone
                  mgcc-real       MGCC, the training images left unlabeled as unlabeled data (the official code)
                  mgcc-synthetic  MGCC, the split's synthetic images as unlabeled data (the paper)
+               --methods M ... x --networks mgcc unet x --unlabeled real synthetic make other arms, named
+               <method>[-unet][-real|-synthetic]: e.g. supervised-unet, cct-real (CCT on the MGCC
+               network), unimatch-unet-synthetic. results.md gives each arm's paired difference to
+               supervised (the MGCC network) and to supervised-unet, where they ran.
   3. predict.py of each arm's selected checkpoint on the split's val ids, at each image's own size
 Every stage is the project's real script, run as a subprocess with its command printed. The output
 folder gets results.csv (one row per run: arm, split, seed), results.md (mean ± std over runs, the
@@ -36,6 +40,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
 
@@ -43,6 +48,7 @@ import torch
 
 from dataloaders.io import DataError, dataset_name, find_cases, image_folder, note, read_id_list, split_file, split_files
 from dataloaders.splits import holdout_size
+from methods import METHODS
 from utils import results
 from utils.cli import run_cli
 from utils.config import ConfigError, file_values, parse_config, read_yaml, save_yaml
@@ -50,7 +56,60 @@ from utils.runtime import resolve_device
 from utils.stages import Ledger, Stage, check_plan, child_environment, execute, format_seconds
 
 ROOT = Path(__file__).resolve().parent
-ARMS = ("supervised", "mgcc-real", "mgcc-synthetic")
+ARMS = ("supervised", "mgcc-real", "mgcc-synthetic")  # the default arms: the paper's own comparison
+NETWORKS = ("mgcc", "unet")
+UNLABELED = ("real", "synthetic")
+BASELINES = ("supervised", "supervised-unet")
+
+
+@dataclass(frozen=True)
+class Arm:
+    """One training configuration of the comparison: a method on a network with real or synthetic unlabeled images."""
+    method: str
+    network: str = "mgcc"
+    unlabeled: str | None = None  # None for supervised
+
+    @property
+    def name(self) -> str:
+        return "-".join([self.method] + (["unet"] if self.network == "unet" else []) + ([self.unlabeled] if self.unlabeled else []))
+
+    def flags(self, samples: Path) -> list[str]:
+        # the paper's arms keep their --mode flags: their finished stages in an existing --out-dir stay valid
+        if self.network == "mgcc" and self.method in ("supervised", "mgcc"):
+            chosen = ["--mode", self.method]
+        else:
+            chosen = ["--method", self.method, "--network", self.network]
+        if self.unlabeled == "synthetic":
+            return chosen + ["--unlabeled-dir", str(samples), "--no-unlabeled-from-train"]
+        return chosen + (["--unlabeled-from-train"] if self.unlabeled == "real" else [])
+
+
+def make_arms(methods, networks, unlabeled) -> list[Arm]:
+    """Every valid (network, method, unlabeled) combination, baselines first; mgcc only on its network."""
+    arms = []
+    for network in networks:
+        for method in methods:
+            if method == "supervised":
+                arms.append(Arm(method, network))
+            elif not (method == "mgcc" and network != "mgcc"):
+                arms.extend(Arm(method, network, kind) for kind in unlabeled)
+    return arms
+
+
+def parse_arm(name: str) -> Arm:
+    """An arm from its name (supervised-unet, mgcc-real, mean-teacher-unet-synthetic...)."""
+    rest, unlabeled, network = name, None, "mgcc"
+    for kind in UNLABELED:
+        if rest.endswith("-" + kind):
+            rest, unlabeled = rest[:-len(kind) - 1], kind
+    if rest.endswith("-unet"):
+        rest, network = rest[:-5], "unet"
+    arm = Arm(rest, network, unlabeled)
+    if rest not in METHODS or (rest == "supervised") != (unlabeled is None) or (rest == "mgcc" and network != "mgcc"):
+        raise ConfigError(f"--arms {name}: not an arm; arms are <method>[-unet][-real|-synthetic] with a method of "
+                          f"{', '.join(METHODS)} (supervised without -real/-synthetic, mgcc without -unet), e.g. "
+                          "supervised-unet, cct-real, unimatch-unet-synthetic")
+    return arm
 PRESETS = {  # stage-2 config, stage-1 config, synthetic images per split
     "busi": dict(config=ROOT / "configs" / "busi.yaml", ldm_config=ROOT / "configs" / "ldm_busi.yaml", num_samples=1000),
     "demo": dict(config=ROOT / "configs" / "demo.yaml", ldm_config=ROOT / "configs" / "ldm_demo.yaml", num_samples=128),
@@ -75,8 +134,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--split-name", default=None, metavar="NAME",
                         help="prefix of the split files, NAME_train<i>.txt (default: the data folder's name "
                              "lower-cased, or the only prefix there)")
-    parser.add_argument("--arms", nargs="+", choices=ARMS, default=None,
-                        help="arms to run (default: all three; without the generator, the first two)")
+    parser.add_argument("--arms", nargs="+", default=None, metavar="ARM",
+                        help="arms to run, by name: <method>[-unet][-real|-synthetic] (default: those of --methods, "
+                             "--networks and --unlabeled)")
+    parser.add_argument("--methods", nargs="+", choices=list(METHODS), default=["supervised", "mgcc"],
+                        help="methods of the arms (default: supervised mgcc)")
+    parser.add_argument("--networks", nargs="+", choices=NETWORKS, default=["mgcc"],
+                        help="networks of the arms: mgcc, and unet (MGCC's encoder and decoder without the ConvMixer "
+                             "stages; the paper's comparison ran on it) (default: mgcc)")
+    parser.add_argument("--unlabeled", nargs="+", choices=UNLABELED, default=None,
+                        help="unlabeled images of the semi-supervised arms: real (the training ids left unlabeled) "
+                             "and synthetic (the split's generated images) (default: both; without the generator, real)")
     parser.add_argument("--no-generator", dest="generator", action="store_false",
                         help="skip stage 1 (no synthetic images, so no mgcc-synthetic arm)")
     parser.add_argument("--preset", choices=sorted(PRESETS), default="busi",
@@ -144,10 +212,16 @@ def parse_args(argv=None) -> argparse.Namespace:
                    else f"labeled fraction {args.labeled_fraction:g}")
     args.out_dir = args.out_dir or Path("runs") / (f"{dataset_name(args.data_dir)}_n{args.labeled}" if args.labeled
                                                    else f"{dataset_name(args.data_dir)}_l{args.labeled_fraction:g}")
-    default_arms = ARMS if args.generator else ARMS[:2]
-    args.arms = [arm for arm in ARMS if arm in (args.arms or default_arms)]  # in the table's order
-    if "mgcc-synthetic" in args.arms and not args.generator:
-        raise ConfigError("--arms mgcc-synthetic needs the generator: drop --no-generator")
+    if args.arms:
+        chosen = [parse_arm(name) for name in args.arms]
+        args.arms = [arm for arm in make_arms(METHODS, NETWORKS, UNLABELED) if arm in chosen]  # in the table's order
+    else:
+        args.arms = make_arms(args.methods, args.networks, args.unlabeled or (UNLABELED if args.generator else ["real"]))
+    for arm in args.arms:
+        if arm.unlabeled == "synthetic" and not args.generator:
+            raise ConfigError(f"--arms {arm.name} needs the generator: drop --no-generator")
+    args.arm_of = {arm.name: arm for arm in args.arms}
+    args.arms = [arm.name for arm in args.arms]
     for name in ("train_args", "ldm_args", "sample_args"):
         try:
             setattr(args, name, shlex.split(getattr(args, name)))
@@ -283,15 +357,14 @@ def plan(args, name: str, splits: list[int], device: str) -> list[Stage]:
             arm_seed = ["--seed", str(s)] if s is not None else []
             for arm in args.arms:
                 folder = where / arm
-                mode = ["--mode", "supervised"] if arm == "supervised" else ["--mode", "mgcc"]
-                unlabeled = (["--unlabeled-dir", str(samples), "--no-unlabeled-from-train"] if arm == "mgcc-synthetic"
-                             else ["--unlabeled-from-train"] if arm == "mgcc-real" else [])
+                synthetic = args.arm_of[arm].unlabeled == "synthetic"
                 add(Stage(
                     f"{prefix}/{arm}", ["train.py", "--config", str(args.config.resolve()), "--data-dir", str(data),
-                                        "--split", str(i), *split_name, *labels, "--holdout", f"{args.holdout:g}", *mode,
-                                        *unlabeled, *arm_seed, *scale, *args.train_args, "--mask-values", mask_values,
+                                        "--split", str(i), *split_name, *labels, "--holdout", f"{args.holdout:g}",
+                                        *args.arm_of[arm].flags(samples), *arm_seed, *scale, *args.train_args,
+                                        "--mask-values", mask_values,
                                         "--out-dir", str(folder), *shown],
-                    folder, depends=[f"split{i}/samples"] if arm == "mgcc-synthetic" else [],
+                    folder, depends=[f"split{i}/samples"] if synthetic else [],
                     resume=resumable("train.py", folder, "checkpoint_last.pt"), launcher=torchrun), i)
                 # predict.py takes the image size, channels and normalisation from the checkpoint
                 add(Stage(
@@ -426,9 +499,13 @@ def estimate(stages: list[Stage], statuses: dict[str, str], ledger: Ledger, devi
               "either way (the other work may end)", flush=True)
 
     def train_rates(cfg) -> dict:
-        key = ("train", cfg.mode, cfg.width, cfg.image_size, cfg.batch_size, cfg.labeled_batch_size, cfg.in_channels)
+        import train
+        train.resolve_method(cfg)  # each arm's own method and network
+        key = ("train", cfg.method, cfg.network, cfg.width, cfg.image_size, cfg.batch_size, cfg.labeled_batch_size,
+               cfg.in_channels)
         if key not in cache:
-            flags = ["--device", device, "--mode", cfg.mode, "--width", str(cfg.width), "--image-size",
+            flags = ["--device", device, "--method", cfg.method, "--network", cfg.network, "--width", str(cfg.width),
+                     "--image-size",
                      str(cfg.image_size), "--batch-size", str(cfg.batch_size), "--labeled-batch-size",
                      str(cfg.labeled_batch_size), "--variants", variant, *counts]
             (row,), wall = benchmark("bench_train.py", flags)
@@ -613,7 +690,7 @@ def write_results(args, splits: list[int], ledger: Ledger, device: str) -> Path:
               f"- Device: {device_description(device)}; {date.today().isoformat()}",
               f"- Project version: {project_version()}",
               f"- Command: `{args.command_line}`"]
-    (out / "results.md").write_text(results.markdown(rows, args.arms, generators, header))
+    (out / "results.md").write_text(results.markdown(rows, args.arms, generators, header, BASELINES))
     results.plot(rows, args.arms, out / "results.png",
                  f"{dataset_name(args.data_dir)}, {args.labels}: one point per run")
     return out

@@ -15,6 +15,8 @@ Each iteration (paper Sec. 3.2-3.3, official schedule):
 --schedule-scale S: S x every iteration count (the iterations, the ramp step, the evaluation and checkpoint
 intervals), so that lambda(t/T) and lr(t/T) are the published curves (utils/schedule.py).
 --mode supervised: labeled images only, main decoder only, L = (0.5 BCE + Dice)(main, mask).
+--method mean-teacher | cct | cps | fixmatch | unimatch: the comparison methods (methods/, README
+"Methods"), on --network mgcc or unet (MGCCNet without its ConvMixer stages), in this same loop.
 
 Writes to the run folder: config.yaml (resolved), metrics.jsonl (one line per evaluation),
 metrics.json (final), curves.png, checkpoint_last.pt (for --resume), checkpoint_best.pt and
@@ -33,7 +35,9 @@ from dataloaders.io import MASK_VALUES, MAX_IMAGE_PIXELS_OPTION, DataError, data
 from dataloaders.samplers import batches_per_epoch
 from dataloaders.splits import load_run_data
 from dataloaders.training_batches import TrainingBatches
-from networks.mgcc import MGCCNet, count_parameters
+from methods import CONSISTENCY_DEFAULTS, METHODS, build_method, network_args
+from networks.mgcc import count_parameters
+from networks.unet import NETWORKS, build_network
 from utils import distributed
 from utils.checkpoint import CheckpointError, check_finite, load_checkpoint, require_fields, weights_misfit
 from utils.cli import run_cli
@@ -42,7 +46,7 @@ from utils.locks import hold, release_held
 from utils.config import (NON_NEGATIVE, POSITIVE, ConfigError, Option, between, count_or, file_values, greater_than,
                           if_number, multiple_of, odd_positive, optional, parse_config, save_yaml)
 from utils.evaluation import evaluate, overlay_grid
-from utils.losses import bce_dice_loss, consistency_loss, consistency_weight, poly_lr_factor, supervised_loss
+from utils.losses import consistency_weight, mgcc_losses, poly_lr_factor, supervised_losses  # noqa: F401 (benchmarks)
 from utils.run import RunRecord, claim_run_folder
 from utils.schedule import final_consistency_weight, scaled_schedule
 from utils.runtime import StopRequest, autocast_dtype, resolve_device, seed_everything
@@ -85,8 +89,12 @@ OPTIONS = [
            f"DataLoader with num_workers processes), or auto (on when they take at most {DEVICE_DATA_BUDGET_GIB:g} GiB)",
            choices=("auto", "on", "off")),
     # model
-    Option("mode", "mgcc", "mgcc: semi-supervised MGCC; supervised: the baseline on the labeled images alone",
-           choices=("mgcc", "supervised")),
+    Option("method", None, "training method (README, Methods): " + ", ".join(METHODS) + "; none: --mode's",
+           type=optional(str), choices=tuple(METHODS)),
+    Option("mode", "mgcc", "the first two methods, by their earlier name: mgcc (semi-supervised MGCC) or supervised "
+           "(the baseline on the labeled images alone); --method wins", choices=("mgcc", "supervised")),
+    Option("network", "mgcc", "segmentation network: mgcc (MGCCNet) or unet (MGCCNet's encoder and decoder without "
+           "the three ConvMixer stages: the network of the paper's compared methods)", choices=NETWORKS),
     Option("width", 64, "channels of the first encoder stage (published: 64); stages are w, 2w, 4w, 8w, 16w",
            check=POSITIVE),
     Option("mixer_depth", 3, "ConvMixer blocks in each of the three bottleneck stages", check=POSITIVE),
@@ -108,12 +116,19 @@ OPTIONS = [
     Option("lr", 0.01, "SGD base learning rate, decayed as (1 - it/iterations)^0.9", check=greater_than(0)),
     Option("momentum", 0.9, "SGD momentum", check=between(0, 1)),
     Option("weight_decay", 1e-4, "SGD weight decay", check=NON_NEGATIVE),
-    Option("consistency", 7.0, "weight lambda the consistency ramp tends to; the official ramp (200 steps of 150 "
-           "iterations) spans 30,000 iterations, so at the end of the official 20,000 lambda is 3.99, not 7",
-           check=NON_NEGATIVE),
+    Option("consistency", None, "final weight lambda of the unlabeled loss, which the ramp tends to; none: the "
+           "method's reference value (" + ", ".join(f"{m} {w:g}" for m, w in CONSISTENCY_DEFAULTS.items()) +
+           "; fixmatch and unimatch have fixed weights in their formula). The official ramp (200 steps of 150 "
+           "iterations) spans 30,000 iterations, so at the end of the official 20,000 mgcc's lambda is 3.99, not 7",
+           type=optional(float), check=NON_NEGATIVE),
+    Option("consistency_start", None, "iterations before the unlabeled loss counts (weight 0); none: the method's "
+           "reference (mean-teacher 1000, others 0)", type=optional(int), check=NON_NEGATIVE),
     Option("consistency_rampup", 200.0, "lambda ramps up over this many ramp steps (sigmoid ramp-up)",
            check=NON_NEGATIVE),
     Option("consistency_ramp_every", 150, "iterations per ramp step (official: t = iteration // 150)", check=POSITIVE),
+    Option("ema_decay", 0.99, "mean-teacher: EMA decay of the teacher (SSL4MIS)", check=between(0, 1)),
+    Option("conf_thresh", 0.95, "fixmatch, unimatch: confidence threshold of the pseudo-labels (UniMatch)",
+           check=between(0, 1)),
     Option("seed", 1337, "random seed of weights, data order, augmentation and perturbations",
            check=between(0, 2**32 - 1)),
     # speed options. bf16 on CUDA is the default: with the image's convolution in fp32 it trains as fp32
@@ -141,7 +156,8 @@ OPTIONS = [
            type=optional(int), check=POSITIVE),
     Option("log_every", 10, "read the losses back from the device every N iterations (progress bar, NaN check)",
            check=POSITIVE),
-    Option("out_dir", None, "run folder; none: runs/<dataset>_split<i>_<mode>_l<fraction>", type=optional(str)),
+    Option("out_dir", None, "run folder; none: runs/<dataset>_split<i>_<method>[-unet]_l<fraction>",
+           type=optional(str)),
     # one invocation only (not saved in config.yaml)
     Option("device", "auto", "auto (CUDA if present, else CPU), cpu, cuda or cuda:N", in_file=False),
     Option("resume", False, "continue the run in --out-dir from its checkpoint_last.pt", in_file=False),
@@ -158,34 +174,35 @@ OPTIMISTIC_NOTE = ("checkpoint_best was selected on the val list that is also re
                    "these val metrics are optimistic. Use --holdout to select on ids carved from the training list.")
 
 
-def build_model(cfg) -> MGCCNet:
-    return MGCCNet(**model_args(cfg))
+def resolve_method(cfg) -> None:
+    """cfg.method from --method, else from --mode (its alias for supervised and mgcc)."""
+    if {"method", "mode"} <= cfg.explicit and cfg.method != cfg.mode:
+        raise ConfigError(f"--method {cfg.method} and --mode {cfg.mode} disagree: give --method alone")
+    if cfg.method is None or ("mode" in cfg.explicit and "method" not in cfg.explicit):
+        cfg.method = cfg.mode
 
 
 def model_args(cfg) -> dict:
-    return {"in_channels": cfg.in_channels, "width": cfg.width, "mixer_depth": cfg.mixer_depth,
-            "mixer_kernel": cfg.mixer_kernel}
+    """The evaluated network's constructor arguments (after its name, cfg.network), as checkpoints hold them."""
+    return network_args(cfg.network, cfg.method, cfg.in_channels, cfg.width, cfg.mixer_depth, cfg.mixer_kernel)
 
 
-def mgcc_losses(forward, images: torch.Tensor, masks: torch.Tensor, consistency: float | torch.Tensor):
-    """The MGCC objective of one batch whose first len(masks) images are labeled: (loss, sup, cons)."""
-    n = len(masks)
-    main_logits, aux_logits = forward(images, with_aux=True)
-    main_logits, aux_logits = main_logits.float(), [a.float() for a in aux_logits]
-    sup = supervised_loss([main_logits[:n]] + [a[:n] for a in aux_logits], masks)  # Eq. 5-6
-    cons = consistency_loss(main_logits[n:], [a[n:] for a in aux_logits])  # Eq. 7
-    return sup + consistency * cons, sup, cons  # Eq. 8
+def build_training(cfg, ramp_every=None):
+    """The method (methods/) with its networks (student, EMA teacher, second network), from the global RNG;
+    ``ramp_every``: a scaled schedule's iterations per ramp step (None: the config's)."""
+    return build_method(cfg.method, cfg.network, model_args(cfg), cfg.normalization, cfg.consistency,
+                        cfg.consistency_rampup, cfg.consistency_ramp_every if ramp_every is None else ramp_every,
+                        cfg.ema_decay, cfg.conf_thresh, cfg.consistency_start)
 
 
-def supervised_losses(forward, images: torch.Tensor, masks: torch.Tensor):
-    """The baseline's objective: BCE + Dice of the main decoder; (loss, sup, cons = 0)."""
-    sup = bce_dice_loss(forward(images).float(), masks)
-    return sup, sup, torch.zeros((), device=sup.device)
+def run_name(cfg) -> str:
+    return cfg.method + ("-unet" if cfg.network == "unet" else "")
 
 
 def make_optimizer(model, cfg, device) -> torch.optim.SGD:
+    """SGD over the trainable parameters (an EMA teacher's are not: it follows the student)."""
     # the fused CUDA kernel computes the same update in one launch instead of one per tensor
-    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
                                 fused=device.type == "cuda" or None)
     lr_on_device(optimizer, cfg, device)
     return optimizer
@@ -200,19 +217,17 @@ def lr_on_device(optimizer, cfg, device) -> None:
             group["lr"] = torch.as_tensor(group["lr"], dtype=torch.float32).to(device)
 
 
-def make_train_step(forward, optimizer, semi: bool, amp_dtype, device):
-    """One optimisation step on a batch whose first len(masks) images are labeled; returns the detached
-    (loss, sup, cons). ``consistency`` is a device tensor: the step never waits for the host or reads back."""
+def make_train_step(forward, optimizer, amp_dtype, device):
+    """One optimisation step of a method (methods/: ``forward`` is the method, or its DDP / compiled wrapper)
+    on a batch whose first len(masks) images are labeled; returns the detached (loss, sup, cons): its
+    "loss", "loss_x" and "loss_u". ``consistency`` is a device tensor: the step never waits for the host."""
     def train_step(images: torch.Tensor, masks: torch.Tensor, consistency: torch.Tensor):
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            if semi:
-                loss, sup, cons = mgcc_losses(forward, images, masks, consistency)
-            else:
-                loss, sup, cons = supervised_losses(forward, images, masks)
+            parts = forward(images, masks, consistency)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        parts["loss"].backward()
         optimizer.step()
-        return loss.detach(), sup.detach(), cons.detach()
+        return parts["loss"].detach(), parts["loss_x"].detach(), parts["loss_u"].detach()
     return train_step
 
 
@@ -220,12 +235,12 @@ def use_channels_last(cfg, device) -> bool:
     return cfg.channels_last == "on" or (cfg.channels_last == "auto" and device.type == "cuda")
 
 
-def wrap_for_training(model, cfg, ctx, device, semi: bool):
+def wrap_for_training(method, cfg, ctx, device):
     """The callable the loop trains through: channels_last, DDP under torchrun, torch.compile."""
     if use_channels_last(cfg, device):
-        model = model.to(memory_format=torch.channels_last)
-    # the baseline never runs the auxiliary decoders: DDP must not wait for their gradients
-    forward = distributed.wrap_ddp(model, ctx, device, find_unused_parameters=not semi)
+        method = method.to(memory_format=torch.channels_last)
+    # e.g. the baseline never runs MGCCNet's auxiliary decoders: DDP must not wait for their gradients
+    forward = distributed.wrap_ddp(method, ctx, device, find_unused_parameters=method.leaves_parameters_unused())
     return torch.compile(forward, mode=cfg.compile_mode) if cfg.compile and cfg.compile_scope == "model" else forward
 
 
@@ -235,7 +250,7 @@ def prepare_run(cfg, ctx) -> tuple[object, Path, dict | None]:
         raise ConfigError("give --labeled-fraction or --labeled-list, not both")
     if cfg.out_dir is None and cfg.data_dir is not None:
         labels = Path(cfg.labeled_list).stem if cfg.labeled_list else f"l{cfg.labeled_fraction:g}"
-        cfg.out_dir = f"runs/{dataset_name(cfg.data_dir)}_split{cfg.split}_{cfg.mode}_{labels}"
+        cfg.out_dir = f"runs/{dataset_name(cfg.data_dir)}_split{cfg.split}_{run_name(cfg)}_{labels}"
     if cfg.out_dir is None:
         raise ConfigError("give --data-dir (and --out-dir, or it is derived from the data folder)")
     out_dir = Path(cfg.out_dir)
@@ -259,8 +274,9 @@ def prepare_run(cfg, ctx) -> tuple[object, Path, dict | None]:
     for name, value in saved.items():
         setattr(cfg, name, value)
     cfg.out_dir = str(out_dir)
+    resolve_method(cfg)  # a run saved before --method existed has --mode only
     with torch.device("meta"):  # the shapes only, nothing allocated
-        misfit = weights_misfit(build_model(cfg).state_dict(), checkpoint["model"])
+        misfit = weights_misfit(build_network(cfg.network, **model_args(cfg)).state_dict(), checkpoint["model"])
     if misfit:
         raise CheckpointError(f"{path}: its weights do not fit the network its config describes ({model_args(cfg)}): "
                               f"{len(misfit)} tensor(s), e.g. {'; '.join(misfit[:2])}; the file was written by "
@@ -282,18 +298,22 @@ def describe_schedule(cfg, schedule) -> str:
     """' | schedule x 0.05: ramp step every 7.5 iterations, lambda 3.99 at the end' (MGCC; '' for the baseline
     at scale 1)."""
     parts = [f"schedule x {float(schedule.scale):g}"] if schedule.scale != 1 else []
-    if cfg.mode == "mgcc":
-        end = final_consistency_weight(cfg.consistency, cfg.consistency_rampup, schedule.ramp_every, schedule.iterations)
+    if cfg.method in CONSISTENCY_DEFAULTS:  # a ramped unlabeled weight
+        weight = CONSISTENCY_DEFAULTS[cfg.method] if cfg.consistency is None else cfg.consistency
+        end = final_consistency_weight(weight, cfg.consistency_rampup, schedule.ramp_every, schedule.iterations)
         parts.append(f"ramp step every {float(schedule.ramp_every):g} iterations, lambda {end:.2f} at the end")
     return " | " + ": ".join(parts) if parts else ""
 
 
 def check_config(cfg, run_data, world_size: int, device: torch.device) -> None:
-    semi = cfg.mode == "mgcc"
+    semi = METHODS[cfg.method].uses_unlabeled
+    if cfg.method == "mgcc" and cfg.network != "mgcc":
+        raise ConfigError("method mgcc perturbs the ConvMixer stages of the mgcc network: use --network mgcc "
+                          "(--method cct is its single-level counterpart on either network)")
     if cfg.sync_bn and world_size > 1 and device.type != "cuda":
         raise ConfigError("sync_bn needs CUDA devices (PyTorch's SyncBatchNorm runs on GPUs only)")
     if semi and not 0 < cfg.labeled_batch_size < cfg.batch_size:
-        raise ConfigError(f"labeled_batch_size must be in [1, batch_size - 1] in mgcc mode, got "
+        raise ConfigError(f"labeled_batch_size must be in [1, batch_size - 1] for {cfg.method}, got "
                           f"{cfg.labeled_batch_size} of batch_size {cfg.batch_size}")
     if len(run_data.labeled) < cfg.labeled_batch_size:
         raise DataError(f"labeled_batch_size {cfg.labeled_batch_size} is larger than the labeled set "
@@ -312,6 +332,7 @@ def check_config(cfg, run_data, world_size: int, device: torch.device) -> None:
 def main(argv=None) -> int:
     cfg = parse_config(OPTIONS, __doc__, argv)
     set_max_image_pixels(cfg.max_image_pixels)
+    resolve_method(cfg)
     ctx, device = distributed.setup(resolve_device(cfg.device))
     try:
         return train(cfg, ctx, device)
@@ -321,14 +342,16 @@ def main(argv=None) -> int:
 
 
 class Method:
-    """A training method as train.py's loop sees it: mgcc and its supervised baseline here.
+    """A training method (methods/: supervised, mgcc, mean-teacher, cct, cps, fixmatch, unimatch) as
+    train.py's loop sees it.
 
     A method supplies its networks and what a checkpoint holds (``state``: name -> module,
     optimizer, scheduler; saved and restored in one call), the network that is evaluated and kept as
     checkpoint_best's "model" (``evaluated``), and ``train_step(images, masks, it)``: one update on a
     batch whose first len(masks) images are labeled, returning its named losses ("loss" their
     total), detached and on the device (the step never waits for the host). A method with a
-    per-step update of its own (an EMA teacher) does it there too.
+    per-step update of its own (an EMA teacher) does it there too. ``module`` is the method itself
+    (methods.base.Method): its networks, its losses, its schedule of the unlabeled weight, its EMA.
     """
     loss_names = ("loss", "sup", "cons")
 
@@ -336,14 +359,16 @@ class Method:
         self.cfg, self.ctx, self.device = cfg, ctx, device
         # iterations per step of the consistency ramp: the config's, or a scaled schedule's (a fraction)
         self.ramp_every = cfg.consistency_ramp_every if ramp_every is None else ramp_every
-        self.semi = cfg.mode == "mgcc"  # the labeled images alone in supervised mode: no unlabeled batch
-        self.model = build_model(cfg).to(device)
+        self.module = build_training(cfg, self.ramp_every).to(device)
+        self.semi = self.module.uses_unlabeled  # the supervised baseline: the labeled images alone, no unlabeled batch
         if ctx.enabled and cfg.sync_bn:  # same parameter and buffer names: checkpoints stay plain
-            self.model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
-        self.optimizer = make_optimizer(self.model, cfg, device)
+            self.module = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.module)
+        self.model = self.evaluated = self.module.evaluated
+        self.optimizer = make_optimizer(self.module, cfg, device)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda it: poly_lr_factor(it, iterations))
-        self.state = TrainingState(model=self.model, optimizer=self.optimizer, scheduler=self.scheduler)
-        self.evaluated = self.model
+        # "model": the evaluated network; "method_state": the EMA teacher or the second network (None: none)
+        self.state = TrainingState(model=self.model, method_state=self.module.kept_networks(),
+                                   optimizer=self.optimizer, scheduler=self.scheduler)
 
     def unlabeled_batch_size(self) -> int:
         # the baseline sees the labeled images only: the same number per step as MGCC
@@ -353,17 +378,17 @@ class Method:
         """Ready to train, after the state was restored: the step, wrapped for DDP and compiled as asked."""
         cfg, device = self.cfg, self.device
         lr_on_device(self.optimizer, cfg, device)  # a restored checkpoint was read onto the CPU
-        forward = wrap_for_training(self.model, cfg, self.ctx, device, self.semi)
-        self.step = make_train_step(forward, self.optimizer, self.semi, autocast_dtype(cfg.precision, device), device)
+        forward = wrap_for_training(self.module, cfg, self.ctx, device)
+        self.step = make_train_step(forward, self.optimizer, autocast_dtype(cfg.precision, device), device)
         if cfg.compile and cfg.compile_scope == "step":
             self.step = torch.compile(self.step, mode=cfg.compile_mode)
         self.consistency = torch.zeros((), device=device)  # lambda(it), filled in place: no recompile, no wait
-        self.model.train()
+        self.module.train()
 
     def train_step(self, images: torch.Tensor, masks: torch.Tensor, it: int) -> dict[str, torch.Tensor]:
-        cfg = self.cfg
-        self.consistency.fill_(consistency_weight(it, cfg.consistency, cfg.consistency_rampup, self.ramp_every))
+        self.consistency.fill_(self.module.consistency_weight(it))
         losses = self.step(images, masks, self.consistency)
+        self.module.after_step(it)  # the EMA teacher's update
         self.scheduler.step()
         return dict(zip(self.loss_names, losses))
 
@@ -422,7 +447,8 @@ class SegmenterTraining(Trainer):
                                  overlay_grid(self.method.evaluated, self.overlay_set, self.device))
 
     def described(self, done: int) -> dict:
-        return {"config": file_values(self.cfg, OPTIONS), "model_args": model_args(self.cfg), "iteration": done}
+        return {"config": file_values(self.cfg, OPTIONS), "network": self.cfg.network, "model_args": model_args(self.cfg),
+                "iteration": done}
 
     def checkpoint_extra(self, done: int) -> dict:  # with the method's state and the RNG: what --resume needs
         return {**self.described(done), "history": self.record.history, "best": self.record.best}
@@ -430,7 +456,7 @@ class SegmenterTraining(Trainer):
 
 def train(cfg, ctx, device) -> int:
     cfg, out_dir, checkpoint = prepare_run(cfg, ctx)
-    semi = cfg.mode == "mgcc"
+    semi = METHODS[cfg.method].uses_unlabeled
     run_data = load_run_data(cfg.data_dir, cfg.split, cfg.labeled_fraction, cfg.holdout, cfg.unlabeled_dir,
                              cfg.unlabeled_from_train, need_unlabeled=semi, progress=cfg.progress and ctx.is_main,
                              mask_values=cfg.mask_values, split_name=cfg.split_name, labeled_list=cfg.labeled_list)
@@ -440,8 +466,9 @@ def train(cfg, ctx, device) -> int:
     if ctx.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
         save_yaml(file_values(cfg, OPTIONS), out_dir / "config.yaml")
-        print(f"run folder {out_dir} | {cfg.mode} on {device} x {ctx.world_size} | {run_data.summary()} | "
-              f"{iterations} iterations, evaluated every {eval_every}{describe_schedule(cfg, schedule)}", flush=True)
+        print(f"run folder {out_dir} | {cfg.network} network | {cfg.method} on {device} x {ctx.world_size} | "
+              f"{run_data.summary()} | {iterations} iterations, evaluated every {eval_every}"
+              f"{describe_schedule(cfg, schedule)}", flush=True)
 
     # setup: the method's networks (the same initial weights on every rank), then its restored state
     seed_everything(cfg.seed)
@@ -462,7 +489,7 @@ def train(cfg, ctx, device) -> int:
     with StopRequest() as stop:
         loop = SegmenterTraining(cfg, method, data, record, iterations, eval_every, start, ctx, device, stop, out_dir,
                                  checkpoint_every=schedule.checkpoint_every)
-        if not loop.run(cfg.mode):
+        if not loop.run(cfg.method):
             return loop.stopped("train.py", "--out-dir", str(out_dir))
     if ctx.is_main:
         finish(cfg, method.evaluated, record, run_data, out_dir, iterations, device, data.report_batches(), loop.board)
@@ -474,7 +501,8 @@ def finish(cfg, model, record, run_data, out_dir, iterations, device, val_batche
     """metrics.json: 'val' holds every metric (HD95, ASD, NSD too) of the selected checkpoint on the val list,
     with --holdout its single evaluation there."""
     best = record.best
-    summary = {"mode": cfg.mode, "iterations": iterations, "schedule_scale": cfg.schedule_scale,
+    summary = {"mode": cfg.mode, "method": cfg.method, "reference": METHODS[cfg.method].reference,
+               "network": cfg.network, "iterations": iterations, "schedule_scale": cfg.schedule_scale,
                "parameters": count_parameters(model),
                "selection_set": run_data.selection_name, "best_iteration": best["iteration"],
                "best": {k: v for k, v in best.items() if k != "iteration"}, "last": record.history[-1],

@@ -1,8 +1,9 @@
-"""Time train.py's MGCC training: its step alone (synthetic inputs), or its whole loop (--loop).
+"""Time train.py's training of a method (--method, default MGCC): its step alone (synthetic inputs), or its whole loop (--loop).
 
     python benchmarks/bench_train.py                         # the step; published size on CUDA, small on CPU
     python benchmarks/bench_train.py --device cpu --width 16 --image-size 128 --steps 5
     python benchmarks/bench_train.py --json                  # one JSON line per variant
+    python benchmarks/bench_train.py --method unimatch --network unet   # a comparison method's step
     python benchmarks/bench_train.py --loop --data-dir inputs/BUSI   # train.py's loop on real data
 
 The step: each variant runs train.make_train_step (same model, loss, SGD update; inputs already on
@@ -33,8 +34,9 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import train  # noqa: E402
-from networks.mgcc import MGCCNet  # noqa: E402
-from train import make_train_step, mgcc_losses, supervised_losses  # noqa: E402
+from methods import METHODS, build_method, network_args  # noqa: E402
+from networks.unet import NETWORKS  # noqa: E402
+from train import make_train_step  # noqa: E402
 from utils.runtime import autocast_dtype  # noqa: E402
 
 # dense bf16 peak (TFLOP/s) of devices this project is measured on, for the fraction column
@@ -67,9 +69,12 @@ def parse_args(argv=None):
     parser.add_argument("--device", default="auto", help="auto (CUDA if present, else CPU), cpu or cuda[:N]")
     parser.add_argument("--width", type=int, default=None, help="first-stage width (default: 64 on CUDA, 16 on CPU)")
     parser.add_argument("--image-size", type=int, default=None, help="square input size (default: 256 on CUDA, 128 on CPU)")
+    parser.add_argument("--method", choices=list(METHODS), default=None,
+                        help="train.py's --method whose step to time (default: --mode's)")
     parser.add_argument("--mode", choices=("mgcc", "supervised"), default="mgcc",
-                        help="train.py's step to time: mgcc, or the supervised baseline's (labeled images only, "
-                             "main decoder only) (default: mgcc)")
+                        help="--method's alias for mgcc and the supervised baseline (labeled images only, main "
+                             "decoder only) (default: mgcc)")
+    parser.add_argument("--network", choices=NETWORKS, default="mgcc", help="train.py's --network (default: mgcc)")
     parser.add_argument("--batch-size", type=int, default=8, help="images per step (default: 8)")
     parser.add_argument("--labeled-batch-size", type=int, default=4, help="labeled images per step (default: 4)")
     parser.add_argument("--steps", type=int, default=None, help="timed steps (default: 50 on CUDA, 5 on CPU; "
@@ -95,6 +100,9 @@ def parse_args(argv=None):
     device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
     cuda = device.type == "cuda"
     args.device = device
+    args.method = args.method or args.mode
+    if args.method == "mgcc" and args.network != "mgcc":
+        parser.error("--method mgcc needs --network mgcc")
     args.width = args.width or (64 if cuda else 16)
     args.image_size = args.image_size or (256 if cuda else 128)
     if args.loop:
@@ -124,35 +132,33 @@ def run_variant(name: str, args) -> dict:
     device = args.device
     torch.manual_seed(0)
     torch.backends.cudnn.benchmark = True
-    model = MGCCNet(in_channels=3, width=args.width).to(device).train()
+    method = build_method(args.method, args.network, network_args(args.network, args.method, 3, args.width, 3, 7))
     fmt = torch.channels_last if spec["channels_last"] else torch.contiguous_format
-    model = model.to(memory_format=fmt)
+    method = method.to(device).train().to(memory_format=fmt)
     cfg = train.parse_config(train.OPTIONS, "", train_flags(spec, args.compile_mode))
     scope = cfg.compile_scope if cfg.compile else None
-    forward = torch.compile(model, mode=cfg.compile_mode) if scope == "model" else model
-    optimizer = train.make_optimizer(model, cfg, device)  # the official SGD, its learning rate as train.py holds it
+    forward = torch.compile(method, mode=cfg.compile_mode) if scope == "model" else method
+    optimizer = train.make_optimizer(method, cfg, device)  # the official SGD, its learning rate as train.py holds it
     # the baseline's batch is the labeled part alone, as in train.py
-    semi = args.mode == "mgcc"
-    batch_size = args.batch_size if semi else args.labeled_batch_size
+    batch_size = args.batch_size if method.uses_unlabeled else args.labeled_batch_size
     images = torch.randn(batch_size, 3, args.image_size, args.image_size, device=device).contiguous(memory_format=fmt)
     masks = (torch.rand(args.labeled_batch_size, 1, args.image_size, args.image_size, device=device) > 0.5).float()
-    train_step = make_train_step(forward, optimizer, semi, spec["dtype"], device)
+    train_step = make_train_step(forward, optimizer, spec["dtype"], device)
     if scope == "step":
         train_step = torch.compile(train_step, mode=cfg.compile_mode)
-    consistency = torch.full((), 7.0, device=device)
-
-    def losses(net):
-        return mgcc_losses(net, images, masks, 7.0) if semi else supervised_losses(net, images, masks)
+    consistency = torch.full((), method.consistency_weight(10 ** 9), device=device)  # the ramped-up weight
 
     def step():
-        return train_step(images, masks, consistency)[0]
+        loss = train_step(images, masks, consistency)[0]
+        method.after_step(10 ** 9)  # the EMA teacher's update, at its final decay
+        return loss
 
     for _ in range(args.warmup):
         step()
     synchronize(device)
     with FlopCounterMode(display=False) as counter:  # on the eager model: compile hides the ops
         with torch.autocast(device.type, dtype=spec["dtype"], enabled=spec["dtype"] is not None):
-            loss, _, _ = losses(model)
+            loss = method(images, masks, consistency)["loss"]
         loss.backward()
     optimizer.zero_grad(set_to_none=True)
     flops = counter.get_total_flops()
@@ -165,8 +171,15 @@ def run_variant(name: str, args) -> dict:
     synchronize(device)
     seconds = (time.perf_counter() - start) / args.steps
     peak = torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda" else float("nan")
-    return {"variant": name, "mode": args.mode, "it_per_s": 1 / seconds, "ms_per_step": 1000 * seconds, "peak_mem_gib": peak,
+    return {"variant": name, "mode": args.mode, "method": args.method, "network": args.network, "it_per_s": 1 / seconds, "ms_per_step": 1000 * seconds, "peak_mem_gib": peak,
             "tflops": flops / seconds / 1e12, "tflop_per_step": flops / 1e12}
+
+
+def method_flags(args) -> list[str]:
+    """train.py's flags for the method; --mode for the two it always had (an earlier --train-py knows only them)."""
+    if args.network == "mgcc" and args.method in ("mgcc", "supervised"):
+        return ["--mode", args.method]
+    return ["--method", args.method, "--network", args.network]
 
 
 def run_loop(name: str, args) -> dict:
@@ -176,7 +189,7 @@ def run_loop(name: str, args) -> dict:
         out = Path(tmp) / "run"
         argv = ["--data-dir", str(args.data_dir), "--out-dir", str(out), "--width", str(args.width),
                 "--image-size", str(args.image_size), "--batch-size", str(args.batch_size),
-                "--labeled-batch-size", str(args.labeled_batch_size), "--mode", args.mode,
+                "--labeled-batch-size", str(args.labeled_batch_size), *method_flags(args),
                 "--iterations", str(args.warmup + args.steps),
                 "--eval-every", str(args.eval_every), "--device", str(device), "--no-progress",
                 *train_flags(VARIANTS[name], args.compile_mode), *args.train_args.split()]
@@ -250,7 +263,8 @@ def main(argv=None) -> int:
         if args.json:
             print(json.dumps(row), flush=True)
     if not args.json:
-        print(f"\n{'MGCC' if args.mode == 'mgcc' else 'supervised baseline'} training step on {name}: width {args.width}, batch {args.batch_size if args.mode == 'mgcc' else args.labeled_batch_size} "
+        batch = args.batch_size if METHODS[args.method].uses_unlabeled else args.labeled_batch_size
+        print(f"\n{args.method} training step ({args.network} network) on {name}: width {args.width}, batch {batch} "
               f"({args.labeled_batch_size} labeled), {args.image_size}x{args.image_size}, "
               f"{args.steps} timed steps after {args.warmup} warm-up; torch {torch.__version__}")
         print(f"{'variant':52s} {'it/s':>8s} {'ms/step':>9s} {'peak GiB':>9s} {'TFLOP/s':>8s} {'of bf16 peak':>13s}")

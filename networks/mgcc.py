@@ -180,6 +180,14 @@ class MGCCNet(nn.Module):
         main_logits = self.main_decoder([*skips, bottleneck])
         return (main_logits, aux_logits) if with_aux else main_logits
 
+    def features(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """The main decoder's input, unperturbed: the skips and the bottleneck after the three ConvMixer
+        stages (the "encoder output" where single-level methods such as CCT and UniMatch perturb)."""
+        *skips, bottleneck = self.encoder(x)
+        for mixer in self.mixers:
+            bottleneck = mixer(bottleneck)
+        return [*skips, bottleneck]
+
 
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)

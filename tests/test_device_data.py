@@ -16,6 +16,7 @@ from dataloaders.device_data import (DeviceAugmentation, DeviceBatches, DeviceIm
 from dataloaders.io import read_image, read_mask
 from dataloaders.samplers import StreamBatchSampler
 from dataloaders.splits import load_run_data
+from methods import build_method
 from networks.mgcc import MGCCNet
 from utils.evaluation import evaluate
 from utils.training import LossLog
@@ -151,11 +152,12 @@ def test_the_step_with_resident_data_never_reads_back(items, tmp_path, mode):
     semi = mode == "mgcc"
     batches = DeviceBatches((labeled, StreamBatchSampler(4, 2, 0, 0, True)),
                             (unlabeled, StreamBatchSampler(2, 2, 0, 1, False)) if semi else None, seed=0)
-    model = MGCCNet(in_channels=3, width=4)
+    method = build_method(mode, "mgcc", {"in_channels": 3, "width": 4})
+    model = method.student
     cfg = train.parse_config(train.OPTIONS, "", ["--lr", "0.01"])
-    optimizer = train.make_optimizer(model, cfg, CPU)
+    optimizer = train.make_optimizer(method, cfg, CPU)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: train.poly_lr_factor(it, 10))
-    step = train.make_train_step(model, optimizer, semi, None, CPU)
+    step = train.make_train_step(method, optimizer, None, CPU)
     consistency, losses = torch.zeros(()), LossLog(CPU, 0)
     before = [p.detach().clone() for p in model.parameters()]
     with ReadBack():
@@ -178,12 +180,12 @@ def test_the_whole_step_compiles_once_while_lr_and_consistency_change(monkeypatc
     import torch._dynamo
     torch._dynamo.reset()
     torch.manual_seed(0)
-    model = MGCCNet(in_channels=3, width=4)
+    method = build_method("mgcc", "mgcc", {"in_channels": 3, "width": 4})
     cfg = train.parse_config(train.OPTIONS, "", ["--compile", "--compile-scope", "step"])
-    optimizer = train.make_optimizer(model, cfg, CPU)
+    optimizer = train.make_optimizer(method, cfg, CPU)
     assert isinstance(optimizer.param_groups[0]["lr"], torch.Tensor)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: train.poly_lr_factor(it, 10))
-    step = torch.compile(train.make_train_step(model, optimizer, True, None, CPU), backend="eager")
+    step = torch.compile(train.make_train_step(method, optimizer, None, CPU), backend="eager")
     images, masks, consistency = torch.randn(4, 3, 32, 32), (torch.rand(2, 1, 32, 32) > 0.5).float(), torch.zeros(())
     lrs = []
     for it in range(4):

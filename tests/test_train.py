@@ -147,13 +147,17 @@ def test_existing_run_is_not_overwritten(tmp_path, dataset):
 def test_busi_config_holds_the_official_defaults():
     config = yaml.safe_load((ROOT / "configs" / "busi.yaml").read_text())
     assert {k: config[k] for k in ("lr", "momentum", "weight_decay", "batch_size", "labeled_batch_size",
-                                   "consistency", "consistency_rampup", "consistency_ramp_every", "image_size",
+                                   "consistency_rampup", "consistency_ramp_every", "image_size",
                                    "width", "base_iterations", "labeled_fraction", "eval_every")} == {
         "lr": 0.01, "momentum": 0.9, "weight_decay": 0.0001, "batch_size": 8, "labeled_batch_size": 4,
-        "consistency": 7.0, "consistency_rampup": 200.0, "consistency_ramp_every": 150, "image_size": 256,
+        "consistency_rampup": 200.0, "consistency_ramp_every": 150, "image_size": 256,
         "width": 64, "base_iterations": 40000, "labeled_fraction": 0.5,
         "eval_every": "epoch"}  # official: after every pass over the labeled images (226 // 4 = 56 on BUSI)
     assert set(config) <= {o.name for o in train.OPTIONS}
+    # consistency null: each method's reference weight, MGCC's official 7 for mgcc
+    cfg = train.parse_config(train.OPTIONS, "", ["--config", str(ROOT / "configs" / "busi.yaml"), "--width", "2"])
+    train.resolve_method(cfg)
+    assert config["consistency"] is None and train.build_training(cfg).consistency == 7.0
 
 
 def test_any_dataset_in_the_layout(tmp_path):

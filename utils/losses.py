@@ -39,6 +39,22 @@ def consistency_loss(main_logits: torch.Tensor, aux_logits: list[torch.Tensor]) 
     return torch.stack([F.mse_loss(torch.sigmoid(a), main_probs) for a in aux_logits]).mean()
 
 
+def mgcc_losses(forward, images: torch.Tensor, masks: torch.Tensor, consistency: float | torch.Tensor):
+    """The MGCC objective of one batch whose first len(masks) images are labeled: (loss, sup, cons)."""
+    n = len(masks)
+    main_logits, aux_logits = forward(images, with_aux=True)
+    main_logits, aux_logits = main_logits.float(), [a.float() for a in aux_logits]
+    sup = supervised_loss([main_logits[:n]] + [a[:n] for a in aux_logits], masks)  # Eq. 5-6
+    cons = consistency_loss(main_logits[n:], [a[n:] for a in aux_logits])  # Eq. 7
+    return sup + consistency * cons, sup, cons  # Eq. 8
+
+
+def supervised_losses(forward, images: torch.Tensor, masks: torch.Tensor):
+    """The baseline's objective: BCE + Dice of the main decoder; (loss, sup, cons = 0)."""
+    sup = bce_dice_loss(forward(images).float(), masks)
+    return sup, sup, torch.zeros((), device=sup.device)
+
+
 def sigmoid_rampup(current: float, length: float) -> float:
     """exp(-5 (1 - t/T)^2) with t clipped to [0, T] (Laine & Aila, 2017); 1 when T = 0."""
     if length == 0:

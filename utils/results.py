@@ -79,7 +79,7 @@ def run_key(row: dict) -> tuple:
 
 
 def markdown(rows: list[dict], arms: Sequence[str], generators: dict[int, dict], header: list[str],
-             baseline: str = "supervised") -> str:
+             baselines: Sequence[str] = ("supervised",)) -> str:
     """results.md: the summary over runs, the paired differences, per-run rows, generator figures."""
     by_arm = {arm: {run_key(r): r for r in rows if r["arm"] == arm} for arm in arms}
     keys = sorted({run_key(r) for r in rows}, key=lambda k: (k[0], -1 if k[1] is None else k[1]))
@@ -93,7 +93,7 @@ def markdown(rows: list[dict], arms: Sequence[str], generators: dict[int, dict],
         runs = by_arm[arm].values()
         lines.append(f"| {arm} | {len(runs)} | " + " | ".join(mean_std([r.get(m) for r in runs]) for m in METRIC_NAMES)
                      + " |")
-    if baseline in by_arm and len(arms) > 1:
+    for baseline in [b for b in baselines if b in by_arm and len(arms) > 1]:
         lines += ["", f"## Difference to `{baseline}`, paired by (split, seed)", "",
                   f"Each arm's run minus the baseline's run with the same split and seed (the same labels, initial "
                   f"weights and data order), then the mean over the pairs with its {CONFIDENCE:.0%} confidence "

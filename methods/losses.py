@@ -1,0 +1,45 @@
+"""Losses of the comparison methods, for this code base's binary output (one logit per pixel, sigmoid).
+
+The reference implementations (SSL4MIS, UniMatch's medical scenario) have a multi-class softmax
+output. With two classes a softmax over logits (0, z) is exactly sigmoid(z), so:
+
+- cross-entropy is binary cross-entropy with logits;
+- their Dice loss (SSL4MIS ``utils/losses.py`` and UniMatch ``more-scenarios/medical/util/utils.py``,
+  ``DiceLoss``) is the mean over the classes, background included, of one Dice computed over the
+  whole batch with squared sums in the denominator; here the two classes are p and 1 - p;
+- the MSE of the class probabilities is MSE(sigmoid(a), sigmoid(b)): the two channels' squared
+  differences are equal, (p - q)^2 = ((1 - p) - (1 - q))^2;
+- argmax is p > 0.5 (a tie goes to class 0, background), the confidence max(p, 1 - p).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+DICE_SMOOTH = 1e-5  # both references' DiceLoss
+
+
+def two_class_dice_loss(probs: torch.Tensor, target: torch.Tensor, ignore: torch.Tensor | None = None) -> torch.Tensor:
+    """The references' DiceLoss(n_classes=2) on the foreground probability ``probs`` and a 0/1 ``target``.
+
+    Per class: 1 - (2 sum(s t) + smooth) / (sum(s^2) + sum(t^2) + smooth) over every pixel of the batch
+    not ignored (``ignore`` True, UniMatch's low-confidence pixels); the loss is the mean of the two.
+    """
+    keep = torch.ones_like(probs) if ignore is None else (~ignore.bool()).to(probs.dtype)
+    losses = []
+    for score, truth in ((1 - probs, 1 - target), (probs, target)):  # background, foreground
+        intersect = (score * truth * keep).sum()
+        denominator = (score * score * keep).sum() + (truth * truth * keep).sum()
+        losses.append(1 - (2 * intersect + DICE_SMOOTH) / (denominator + DICE_SMOOTH))
+    return (losses[0] + losses[1]) / 2
+
+
+def reference_supervised_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """0.5 (CE + Dice) of SSL4MIS's 2-D scripts and UniMatch's medical loss_x: 0.5 (BCE + 2-class Dice)."""
+    return 0.5 * (F.binary_cross_entropy_with_logits(logits, target) + two_class_dice_loss(torch.sigmoid(logits), target))
+
+
+def hard_label_and_confidence(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(argmax as 0/1 float, max class probability) of a binary logit: (p > 0.5, max(p, 1 - p))."""
+    probs = torch.sigmoid(logits)
+    return (probs > 0.5).to(logits.dtype), torch.maximum(probs, 1 - probs)
