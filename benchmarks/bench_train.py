@@ -9,20 +9,24 @@
 The step: each variant runs train.make_train_step (same model, loss, SGD update; inputs already on
 the device, so no data is loaded) for --warmup steps, then --steps timed steps with device
 synchronisation, and prints one table at the end. FLOPs of one step are counted with
-torch.utils.flop_counter (forward and backward).
+torch.utils.flop_counter (forward and backward). warmup_s (--json) is the warm-up's wall time:
+compilation falls in it.
 
 The loop (--loop): each variant runs train.py itself (in this process, or --train-py another
 checkout's train.py in a subprocess) on --data-dir for --warmup + --steps iterations, evaluating every
 --eval-every, and times the iterations after the warm-up from the times train.py logs at its
 evaluations (metrics.jsonl): data, step, loss read-backs, periodic evaluation and checkpoints, all
 of it. Compilation and the first evaluations fall in the warm-up. --warmup and --steps must be
-multiples of --eval-every. Peak memory is CUDA's, over the whole run (in-process runs only).
+multiples of --eval-every. Peak memory is CUDA's, over the whole run (in-process runs; a --train-py
+run: the peak its train.py logged at its last evaluation, where it logs one).
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import json
+import math
 import subprocess
 import sys
 import tempfile
@@ -130,6 +134,10 @@ def synchronize(device):
 def run_variant(name: str, args) -> dict:
     spec = VARIANTS[name]
     device = args.device
+    gc.collect()  # the previous variant's model, optimizer state and compiled code: not in this one's peak
+    torch._dynamo.reset()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
     torch.manual_seed(0)
     torch.backends.cudnn.benchmark = True
     method = build_method(args.method, args.network, network_args(args.network, args.method, 3, args.width, 3, 7))
@@ -153,9 +161,11 @@ def run_variant(name: str, args) -> dict:
         method.after_step(10 ** 9)  # the EMA teacher's update, at its final decay
         return loss
 
+    started = time.perf_counter()
     for _ in range(args.warmup):
         step()
     synchronize(device)
+    warmup_s = time.perf_counter() - started  # compilation falls in the first calls
     with FlopCounterMode(display=False) as counter:  # on the eager model: compile hides the ops
         with torch.autocast(device.type, dtype=spec["dtype"], enabled=spec["dtype"] is not None):
             loss = method(images, masks, consistency)["loss"]
@@ -172,7 +182,7 @@ def run_variant(name: str, args) -> dict:
     seconds = (time.perf_counter() - start) / args.steps
     peak = torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda" else float("nan")
     return {"variant": name, "mode": args.mode, "method": args.method, "network": args.network, "it_per_s": 1 / seconds, "ms_per_step": 1000 * seconds, "peak_mem_gib": peak,
-            "tflops": flops / seconds / 1e12, "tflop_per_step": flops / 1e12}
+            "tflops": flops / seconds / 1e12, "tflop_per_step": flops / 1e12, "warmup_s": warmup_s}
 
 
 def method_flags(args) -> list[str]:
@@ -206,12 +216,15 @@ def run_loop(name: str, args) -> dict:
             code = subprocess.run([sys.executable, str(script), *argv], cwd=script.parent, stdout=sys.stderr).returncode
         if code != 0:
             raise SystemExit(f"error: train.py exited {code} for variant {name!r}")
-        times = {r["iteration"]: r["time"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())}
+        records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        times = {r["iteration"]: r["time"] for r in records}
+        if math.isnan(peak):  # another process: the peak train.py logged at its last evaluation (CUDA)
+            peak = records[-1].get("peak_mem_gib", peak)
     seconds = (times[args.warmup + args.steps] - times[args.warmup]) / args.steps
     # start-up (data, compilation) and the warm-up iterations: decides whether compiling pays on a run
     warmup_s = times[args.warmup] - started
     return {"variant": name, "it_per_s": 1 / seconds, "ms_per_step": 1000 * seconds, "peak_mem_gib": peak,
-            "warmup_s": warmup_s}
+            "warmup_s": warmup_s, "train_flags": " ".join(train_flags(VARIANTS[name], args.compile_mode))}
 
 
 def device_name(device) -> str:

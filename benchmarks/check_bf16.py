@@ -15,6 +15,7 @@ similarity of the step's parameter gradient to the fp32 one, for the whole netwo
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from contextlib import contextmanager
 from pathlib import Path
@@ -75,6 +76,8 @@ def main(argv=None) -> int:
     parser.add_argument("--width", type=int, default=8, help="first-stage width (default: 8)")
     parser.add_argument("--image-size", type=int, default=64, help="square image size (default: 64)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the batches and the weights (default: 0)")
+    parser.add_argument("--json", action="store_true", help="print one JSON line (the bf16 + channels_last step's "
+                        "loss terms and gradient cosines beside fp32's) instead of the tables")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     rng = np.random.default_rng(args.seed)
@@ -89,6 +92,13 @@ def main(argv=None) -> int:
     _, other_draw = step_gradient(model, batch, None, draw=2)
     _, other_images = step_gradient(model, other_batch, None, draw=1)
 
+    if args.json:
+        print(json.dumps({"check": "step", "loss_fp32": loss_fp32[0], "loss_bf16": loss_bf16[0],
+                          "loss_terms_fp32": loss_fp32, "loss_terms_bf16": loss_bf16,
+                          "cosine_network": cosine(fp32, bf16), "cosine_encoder": cosine(fp32, bf16, "encoder."),
+                          "cosine_network_other_draw": cosine(fp32, other_draw),
+                          "cosine_network_other_batch": cosine(fp32, other_images)}))
+        return 0
     print(f"MGCC step on {device}, width {args.width}, {args.image_size}x{args.image_size}, batch 4 + 4 phantom images")
     print(f"{'':44s} {'loss':>9s} {'sup':>9s} {'cons':>9s}")
     for name, terms in [("fp32", loss_fp32), ("bf16 + channels_last", loss_bf16),

@@ -10,6 +10,8 @@ import shutil
 import time
 from pathlib import Path
 
+import torch
+
 from . import distributed
 from .checkpoint import atomic_save
 from .config import ConfigError
@@ -62,6 +64,8 @@ class RunRecord:
         True when it is the best so far (by IoU)."""
         record = {"iteration": iteration, "set": self.selection_name, **metrics,
                   **{f"train_{name}": mean for name, mean in train_means.items()}, "lr": lr, "time": time.time()}
+        if torch.cuda.is_initialized():  # the run's peak so far: what a benchmark of the loop reads back
+            record["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2 ** 30
         self.history.append(record)
         improved = metrics["iou"] > self.best["iou"]
         if improved:

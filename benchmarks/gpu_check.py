@@ -1,0 +1,673 @@
+"""One command that measures this code base on a GPU within a time budget: one table, as JSON and Markdown.
+
+    python benchmarks/gpu_check.py --out-dir runs/gpu_check                        # on a CUDA GPU: 540 s at most
+    python benchmarks/gpu_check.py --data-dir inputs/BUSI --out-dir runs/gpu_check # the loop and accuracy on BUSI
+    python benchmarks/gpu_check.py --parts 3 4 --out-dir runs/gpu_check_34         # a second slot: the other parts
+    python benchmarks/gpu_check.py --device cpu --size tiny --compile-backend eager --out-dir /tmp/gpu_check  # CI
+
+Parts, in priority order (--parts chooses):
+  1  stage 2, MGCC: train.py's step on synthetic inputs (benchmarks/bench_train.py) and train.py's own
+     loop (bench_train.py --loop: data, step, read-backs, evaluation, checkpoints) for the variants fp32
+     eager, bf16 + channels_last, bf16 + channels_last + compile, and the compiled whole step replayed as
+     CUDA graphs: it/s, ms per iteration, peak memory, compile time, and the ratio to the official
+     loop's 3.55 it/s (H100, fp32, ../shared/reference/README.md);
+  2  the same for the supervised baseline and for each comparison method of train.py (the registry
+     methods.METHODS where the code base has one; else train.py's --mode supervised alone);
+  3  stage 1 (benchmarks/bench_ldm.py): the measured step time of both training stages and the DDIM 50
+     sampling throughput of configs/ldm_busi.yaml and configs/ldm_medfusion.yaml in train_ldm.py's
+     precision on the device (bf16 on CUDA: bench_ldm.py's "bf16 + channels_last"; fp32 on CPU), and
+     from them the whole schedule's time beside the FLOP prediction (bench_ldm.py --what schedule);
+  4  accuracy, if time is left: benchmarks/check_bf16.py's one-step check (loss terms, gradient cosine),
+     then train.py for --accuracy-iterations at its default precision and in fp32 with the same seed on
+     the data folder; the mean training loss between evaluations must agree within --loss-tolerance.
+
+Sizes (--size): published (width 64, batch 4 + 4, 256x256, the official loop's setting; stage 1 at
+its configurations' own sizes) or tiny (width 4, batch 2 + 2, 32x32, 2 timed steps, stage 1 on
+configs/ldm_tiny.yaml at 32x32: every part in seconds on a CPU, the CI test's run).
+
+Data: the loops and the accuracy runs train on --data-dir (train.py's layout, split files included,
+e.g. inputs/BUSI); without it on a phantom dataset made by ``python -m dataloaders.phantom`` and
+split.py in a temporary folder (its own images: the speed rows hold, the accuracy rows are on
+phantoms). Nothing else outside the working tree is read. diffusers (part 3) is imported by the
+stage-1 benchmark's process only; without it part 3 is skipped with that reason.
+
+Budget (--budget-s, default 540 s of wall time): part k may run until its cumulative share of the
+budget (50, 70, 90, 100 %) is spent, so the time a part leaves unused goes to the next. Each
+benchmark runs in its own process (the benchmark script's --json command, written in the log), killed
+when its part's time runs out: its rows measured by then are kept, the rest are marked "cut", the
+rows of benchmarks not started "skipped", each with its reason; nothing is left out silently.
+Compilation is cold: the run has its own inductor cache (TORCHINDUCTOR_CACHE_DIR), so a step row's
+compile time is a first compilation; the loop rows after it reuse that cache, as a second train.py
+run on the same machine would.
+
+Writes to --out-dir: gpu_check.json (environment, every row, the recommendation), gpu_check.md
+(Markdown ready to paste into benchmarks/RESULTS.md) and logs/ (each benchmark's command and its
+stderr). The recommendation is the fastest real-loop variant of part 1 whose step compiled within
+--compile-limit-s: the candidate for train.py's CUDA default (train.py's precision, channels_last
+and compile options; bench_train.py's row gives its train.py flags).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib.metadata
+import importlib.util
+import json
+import math
+import os
+import platform
+import shlex
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCHMARKS = ROOT / "benchmarks"
+
+# bench_train.py's variants (its --variants names), in the order of the table
+VARIANTS = ("fp32 eager", "bf16 + channels_last", "bf16 + channels_last + compile",
+            "bf16 + channels_last + compiled step + CUDA graphs")
+# the official training loop as published, on an H100 at the published size (../shared/reference/README.md)
+OFFICIAL_H100_IT_PER_S = 3.55
+# the end of each part's time, as cumulative fractions of --budget-s (the issue's priority order)
+PART_ENDS = {1: 0.5, 2: 0.7, 3: 0.9, 4: 1.0}
+PART_TITLES = {1: "stage 2, MGCC: the step and train.py's loop", 2: "stage 2: supervised and the comparison methods",
+               3: "stage 1: latent diffusion training and sampling", 4: "accuracy: default precision against fp32"}
+MIN_START_S = 5.0  # a benchmark with less of its part's time left is not started (it could not finish)
+STATUSES = ("measured", "cut", "skipped", "failed")
+
+
+@dataclass(frozen=True)
+class Size:
+    width: int
+    image_size: int
+    batch_size: int
+    labeled_batch_size: int
+    steps: int            # timed steps of the synthetic step
+    warmup: int           # its untimed steps (compilation falls in them)
+    eval_every: int       # the loop's train.py --eval-every; its warm-up and timed iterations are multiples
+    loop_warmup: int
+    loop_steps: int
+    phantom_images: int
+    ldm_configs: tuple[str, ...]
+    ldm_overrides: tuple[str, ...]  # bench_ldm.py flags that shrink the configuration
+    ldm_steps: int
+    ldm_warmup: int
+    sampling_batches: int
+    accuracy_iterations: int
+    accuracy_eval_every: int
+
+
+SIZES = {
+    "published": Size(64, 256, 8, 4, steps=20, warmup=5, eval_every=50, loop_warmup=50, loop_steps=100,
+                      phantom_images=120, ldm_configs=("ldm_busi.yaml", "ldm_medfusion.yaml"), ldm_overrides=(),
+                      ldm_steps=10, ldm_warmup=3, sampling_batches=2, accuracy_iterations=300,
+                      accuracy_eval_every=50),
+    "tiny": Size(4, 32, 4, 2, steps=2, warmup=1, eval_every=2, loop_warmup=2, loop_steps=2, phantom_images=16,
+                 ldm_configs=("ldm_tiny.yaml",), ldm_overrides=("--image-size", "32", "--batch-size", "2",
+                                                               "--sampling-batch-size", "2"),
+                 ldm_steps=2, ldm_warmup=1, sampling_batches=1, accuracy_iterations=4, accuracy_eval_every=2),
+}
+
+
+# ----------------------------------------------------------------------------------------------
+# what runs: benchmark processes and the rows they fill
+# ----------------------------------------------------------------------------------------------
+
+@dataclass
+class Job:
+    """One benchmark process: its command, the rows it fills (matched by ``key`` fields of its JSON
+    lines), and optionally JSON read from files after it ends (``collect``)."""
+    part: int
+    name: str
+    command: list[str]
+    rows: list[dict]
+    key: tuple[str, ...] = ("variant",)
+    collect: object = None  # callable() -> list[dict], run after the process, even a killed one
+    open_ended: bool = False  # rows not known in advance (schedule): whatever comes is a row
+    needs_data: bool = False  # trains on the data folder (made first when it is the phantom one)
+    unrun: list = field(default_factory=list)  # its rows that are not run on this device, with the reason
+    env: dict = field(default_factory=dict)
+
+
+def row(part: int, benchmark: str, **identity) -> dict:
+    return {"part": part, "benchmark": benchmark, **identity, "status": "skipped", "reason": ""}
+
+
+def python(script: str, *args: str) -> list[str]:
+    return [sys.executable, str(BENCHMARKS / script) if script.endswith(".py") else script, *args]
+
+
+def method_flags(method: str) -> list[str]:
+    """bench_train.py's flags for a method: --mode for the two it always had, --method for the others."""
+    return ["--mode", method] if method in ("mgcc", "supervised") else ["--method", method]
+
+
+def comparison_methods() -> list[str]:
+    """train.py's methods beside MGCC: the registry methods.METHODS where it exists, else the
+    supervised baseline (train.py's --mode)."""
+    if importlib.util.find_spec("methods") is None:
+        return ["supervised"]
+    from methods import METHODS
+
+    return [name for name in METHODS if name != "mgcc"]
+
+
+def stage2_jobs(part: int, methods: list[str], args, size: Size, data: "DataFolder") -> list[Job]:
+    """The step and the loop of each method, every variant (one process each: all variants). On a CPU
+    the CUDA-graph variant is reported as not run: it is a CUDA feature, and capturing the whole step
+    took minutes on the 2-core CPU even with the eager backend."""
+    cuda = args.device.startswith("cuda")
+    variants = VARIANTS if cuda else VARIANTS[:3]
+    common = ["--device", args.device, "--width", str(size.width), "--image-size", str(size.image_size),
+              "--batch-size", str(size.batch_size), "--labeled-batch-size", str(size.labeled_batch_size),
+              "--json", "--variants", *variants]
+
+    def rows(benchmark, method):
+        return ([row(part, benchmark, method=method, variant=v) for v in variants],
+                mark([row(part, benchmark, method=method, variant=v) for v in VARIANTS if v not in variants],
+                     "skipped", "CUDA graphs: a CUDA device only"))
+
+    jobs = []
+    for method in methods:
+        measured, unrun = rows("step", method)
+        jobs.append(Job(part, f"step_{method}", python("bench_train.py", *common, *method_flags(method),
+                                                       "--steps", str(size.steps), "--warmup", str(size.warmup)),
+                        measured, unrun=unrun))
+        measured, unrun = rows("loop", method)
+        jobs.append(Job(part, f"loop_{method}", python(
+            "bench_train.py", *common, *method_flags(method), "--loop", "--data-dir", str(data.path),
+            "--eval-every", str(size.eval_every), "--warmup", str(size.loop_warmup), "--steps", str(size.loop_steps),
+            "--train-args", f"--checkpoint-every {size.loop_warmup + size.loop_steps} --num-workers 2"),
+            measured, needs_data=True, unrun=unrun))
+    return jobs
+
+
+def ldm_variant(device: str) -> str:
+    """bench_ldm.py's variant nearest train_ldm.py's default precision (auto: bf16 on CUDA, fp32 on a CPU;
+    train_ldm.py keeps the default memory layout, bench_ldm.py's bf16 variant uses channels_last)."""
+    return VARIANTS[1] if device.startswith("cuda") else VARIANTS[0]
+
+
+def stage1_jobs(args, size: Size) -> list[Job]:
+    variant = ldm_variant(args.device)
+    configs = [str(ROOT / "configs" / name) for name in size.ldm_configs]
+    common = ["--device", args.device, "--json", "--no-progress", "--variants", variant, *size.ldm_overrides]
+    jobs = [Job(3, "ldm_schedule", python("bench_ldm.py", "--what", "schedule", "--config", *configs, "--json",
+                                          "--no-progress", *size.ldm_overrides),
+                [], key=("config", "part_name"), open_ended=True)]
+    for config, name in zip(configs, size.ldm_configs):
+        for what, title, steps, warmup in (
+                ("vae", "autoencoder training", size.ldm_steps, size.ldm_warmup),
+                ("diffusion", "denoiser training", size.ldm_steps, size.ldm_warmup),
+                ("sampling", "sampling DDIM 50", size.sampling_batches, 1)):
+            jobs.append(Job(3, f"ldm_{Path(name).stem}_{what}", python(
+                "bench_ldm.py", "--config", config, "--what", what, "--ddim-steps", "50", "--dpmsolver-steps", "0",
+                "--steps", str(steps), "--warmup", str(warmup), *common),
+                [row(3, title, config=name, variant=variant)], key=("benchmark", "variant")))
+    return jobs
+
+
+def accuracy_jobs(args, size: Size, data: "DataFolder", work: Path) -> list[Job]:
+    """check_bf16.py's step check, then train.py at its default precision and in fp32 (same seed)."""
+    cuda = args.device.startswith("cuda")
+    jobs = [Job(4, "check_bf16", python("check_bf16.py", "--device", args.device, "--width", str(size.width),
+                                        "--image-size", str(size.image_size), "--json"),
+                [row(4, "one step, bf16 + channels_last against fp32", check="step")], key=("check",))]
+    # train.py's default on a CUDA GPU is bf16 autocast; on a CPU its default is fp32, so bf16 is compared there
+    runs = {"default": [] if cuda else ["--precision", "bf16"], "fp32": ["--precision", "fp32", "--channels-last", "off"]}
+    for name, flags in runs.items():
+        out = work / f"accuracy_{name}"
+        command = [sys.executable, str(ROOT / "train.py"), "--data-dir", str(data.path), "--out-dir", str(out),
+                   "--width", str(size.width), "--image-size", str(size.image_size), "--batch-size", str(size.batch_size),
+                   "--labeled-batch-size", str(size.labeled_batch_size), "--iterations", str(size.accuracy_iterations),
+                   "--eval-every", str(size.accuracy_eval_every), "--checkpoint-every", str(size.accuracy_iterations),
+                   "--seed", "1337", "--device", args.device, "--no-progress", "--num-workers", "2", *flags]
+        jobs.append(Job(4, f"accuracy_{name}", command, [row(4, "train.py loss curve", run=name)], key=("run",),
+                        collect=lambda out=out, name=name: loss_curve(out, name), needs_data=True))
+    return jobs
+
+
+def loss_curve(run_dir: Path, name: str) -> list[dict]:
+    """The run's mean training loss between evaluations, from its metrics.jsonl (partial if it was cut)."""
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    if not records:
+        return []
+    return [{"run": name, "curve": [[r["iteration"], r["train_loss"]] for r in records],
+             "final_iou": records[-1].get("iou")}]
+
+
+# ----------------------------------------------------------------------------------------------
+# running a job within its part's time
+# ----------------------------------------------------------------------------------------------
+
+class DataFolder:
+    """--data-dir, or a phantom dataset made on first use (python -m dataloaders.phantom, split.py)."""
+
+    def __init__(self, given: str | None, work: Path, size: Size, logs: Path):
+        self.path = Path(given) if given else work / "phantom"
+        self.ready = given is not None
+        self.error = ""
+        self.size, self.logs = size, logs
+
+    def make(self, deadline: float, env: dict) -> bool:
+        if self.ready or self.error:
+            return not self.error
+        side = str(max(self.size.image_size, 32))
+        for name, command in (
+                ("phantom", [sys.executable, "-m", "dataloaders.phantom", "--out-dir", str(self.path), "--num-images",
+                             str(self.size.phantom_images), "--height", side, "--width", side, "--preview-count", "0"]),
+                ("split", [sys.executable, str(ROOT / "split.py"), "--data-dir", str(self.path)])):
+            code, _, reason = run_process(command, deadline, self.logs / f"data_{name}.log", env)
+            if code != 0:
+                self.error = f"phantom data: {reason}"
+                return False
+        self.ready = True
+        return True
+
+
+def run_process(command: list[str], deadline: float, log: Path, env: dict) -> tuple[int | None, list[str], str]:
+    """Run ``command`` from the repository root until ``deadline`` (time.monotonic()); its stderr goes
+    to ``log``. Returns (exit status or None if killed at the deadline, stdout lines, reason)."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with log.open("w") as err:
+        err.write("$ " + shlex.join(command) + "\n")
+        err.flush()
+        process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=err, text=True, env=env,
+                                   start_new_session=True)  # its own process group: workers are ended with it
+        try:
+            out, _ = process.communicate(timeout=max(deadline - time.monotonic(), 0.0))
+            code = process.returncode
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            out, _ = process.communicate()
+            code = None
+    lines = out.splitlines()
+    if code is None:
+        return None, lines, "budget: its part's time ran out"
+    if code != 0:
+        tail = [line for line in log.read_text().splitlines() if line.strip()][-1:] or [""]
+        return code, lines, f"exit {code}: {tail[0][:200]}"
+    return 0, lines, ""
+
+
+def parse_json_lines(lines: list[str]) -> list[dict]:
+    objects = []
+    for line in lines:
+        line = line.strip()
+        if line.startswith("{"):
+            try:
+                objects.append(json.loads(line))
+            except json.JSONDecodeError:
+                pass
+    return objects
+
+
+def run_job(job: Job, deadline: float, logs: Path, env: dict, data: DataFolder) -> list[dict]:
+    """Run one job (or skip it), fill its rows and return them."""
+    left = deadline - time.monotonic()
+    if left < MIN_START_S:
+        return mark(job.rows or [row(job.part, job.name)], "skipped",
+                    f"budget: {max(left, 0):.0f} s left of part {job.part}'s time")
+    if job.needs_data and not data.make(deadline, env):
+        return mark(job.rows, "failed" if "budget" not in data.error else "cut", data.error)
+    code, lines, reason = run_process(job.command, deadline, logs / f"{job.name}.log", {**env, **job.env})
+    objects = parse_json_lines(lines) + (job.collect() if job.collect else [])
+    # bench_ldm.py's schedule rows name their part of the schedule "part": ours is the gpu_check part
+    objects = [{("part_name" if k == "part" else k): v for k, v in obj.items()} for obj in objects]
+    rows = list(job.rows)
+    for obj in objects:
+        found = next((r for r in rows if all(r.get(k) == obj.get(k) for k in job.key)), None)
+        if found is None and job.open_ended:
+            found = row(job.part, job.name)
+            rows.append(found)
+        if found is not None:
+            found.update({k: v for k, v in obj.items() if k not in ("status", "reason")}, status="measured", reason="")
+    missing = [r for r in rows if r["status"] != "measured"]
+    if job.open_ended and not rows:
+        missing = [row(job.part, job.name)]
+        rows = missing
+    if missing:
+        status = "cut" if code is None else "failed"
+        mark(missing, status, reason or "the benchmark ended without this row")
+    return rows
+
+
+def mark(rows: list[dict], status: str, reason: str) -> list[dict]:
+    for r in rows:
+        r["status"], r["reason"] = status, reason
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------
+# derived figures: compile time, ratio, stage-1 predictions, accuracy verdict, recommendation
+# ----------------------------------------------------------------------------------------------
+
+def finish_stage2(rows: list[dict], size: Size) -> None:
+    for r in rows:
+        if r["status"] != "measured":
+            continue
+        r["ratio_to_official"] = r["it_per_s"] / OFFICIAL_H100_IT_PER_S
+        if r["benchmark"] == "step" and "warmup_s" in r:
+            # the warm-up's time beyond what its steps take at the timed rate: compilation, autotuning
+            r["compile_s"] = max(r["warmup_s"] - size.warmup * r["ms_per_step"] / 1000, 0.0)
+        if r["benchmark"] == "loop":
+            r["startup_s"] = r.get("warmup_s")
+
+
+def finish_stage1(rows: list[dict]) -> list[dict]:
+    """Beside each schedule row (FLOP prediction) the minutes predicted from the measured rows."""
+    measured = {(r["config"], r["benchmark"]): r for r in rows if r["part"] == 3 and r["status"] == "measured"
+                and "config" in r and r["benchmark"] != "ldm_schedule"}
+    for r in rows:
+        if r["benchmark"] != "ldm_schedule" or r["status"] != "measured":
+            continue
+        part, source = r.get("part_name"), None
+        if part in ("autoencoder training", "autoencoder + discriminator"):
+            source = measured.get((r["config"], "autoencoder training"))
+        elif part == "denoiser training":
+            source = measured.get((r["config"], "denoiser training"))
+        elif part and part.startswith("sampling DDIM"):
+            source = measured.get((r["config"], "sampling DDIM 50"))
+        if source is not None:
+            per_unit = (1 / source["it_per_s"]) if source["unit"] == "images/s" else source["ms_per_step"] / 1000
+            r["measured_minutes"] = r["count"] * per_unit / 60
+        elif part == "total":
+            parts = [x for x in rows if x.get("benchmark") == "ldm_schedule" and x.get("config") == r["config"]
+                     and x.get("part_name") not in ("total", None) and x["status"] == "measured"]
+            # encoding the training set is not timed: its FLOP prediction stands in (well under a second)
+            known = [x.get("measured_minutes", x["minutes"] if x["part_name"].startswith("encoding") else None)
+                     for x in parts]
+            r["measured_minutes"] = sum(known) if known and None not in known else None
+    return rows
+
+
+def finish_accuracy(rows: list[dict], tolerance: float) -> list[dict]:
+    """Window by window: |default - fp32| / fp32 of the mean training loss, within ``tolerance``."""
+    curves = {r["run"]: dict(map(tuple, r["curve"])) for r in rows if r["part"] == 4 and r.get("curve")
+              and r["status"] == "measured"}
+    if not {"default", "fp32"} <= set(curves):
+        why = next((f"{r['run']} run {r['status']}: {r['reason']}" for r in rows if r["part"] == 4 and "run" in r
+                    and r["status"] != "measured"), "a run gave no evaluation")
+        return [{**row(4, "loss curves agree", check="curves"), "status": "skipped", "reason": why}]
+    common = sorted(set(curves["default"]) & set(curves["fp32"]))
+    out = []
+    for it in common:
+        a, b = curves["fp32"][it], curves["default"][it]
+        difference = abs(b - a) / abs(a) if a else math.inf
+        out.append({**row(4, "loss window", check=f"iteration {it}"), "status": "measured", "iteration": it,
+                    "fp32_loss": a, "default_loss": b, "relative_difference": difference,
+                    "within_tolerance": difference <= tolerance})
+    ok = bool(out) and all(r["within_tolerance"] for r in out)
+    out.append({**row(4, "loss curves agree", check="curves"), "status": "measured", "windows": len(out),
+                "max_relative_difference": max((r["relative_difference"] for r in out), default=None),
+                "tolerance": tolerance, "within_tolerance": ok})
+    return out
+
+
+def recommendation(rows: list[dict], compile_limit_s: float) -> dict | None:
+    """The fastest part-1 loop variant whose step compiled within the limit (eager variants: no compile)."""
+    steps = {r["variant"]: r for r in rows if r["part"] == 1 and r["benchmark"] == "step" and r["status"] == "measured"}
+    candidates = []
+    for r in rows:
+        if r["part"] != 1 or r["benchmark"] != "loop" or r["status"] != "measured":
+            continue
+        compiled = "compile" in r["variant"]
+        compile_s = steps.get(r["variant"], {}).get("compile_s")
+        if compiled and (compile_s is None or compile_s > compile_limit_s):
+            continue
+        candidates.append(r)
+    if not candidates:
+        return None
+    best = max(candidates, key=lambda r: r["it_per_s"])
+    return {"variant": best["variant"], "loop_it_per_s": best["it_per_s"], "peak_mem_gib": best.get("peak_mem_gib"),
+            "compile_s": steps.get(best["variant"], {}).get("compile_s"), "train_flags": best.get("train_flags"),
+            "compile_limit_s": compile_limit_s}
+
+
+# ----------------------------------------------------------------------------------------------
+# environment, tables
+# ----------------------------------------------------------------------------------------------
+
+def environment(device: str) -> dict:
+    import torch
+
+    info = {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+            "torch": torch.__version__, "cuda": torch.version.cuda, "python": platform.python_version(),
+            "cpu_count": os.cpu_count()}
+    try:
+        info["diffusers"] = importlib.metadata.version("diffusers")
+    except importlib.metadata.PackageNotFoundError:
+        info["diffusers"] = None
+    if device.startswith("cuda"):
+        index = torch.device(device).index or 0
+        props = torch.cuda.get_device_properties(index)
+        info.update(device=props.name, gpu_memory_gib=round(props.total_memory / 2 ** 30, 1),
+                    cudnn=torch.backends.cudnn.version(), bf16=torch.cuda.is_bf16_supported())
+        try:
+            info["driver"] = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                                            capture_output=True, text=True, timeout=20).stdout.split("\n")[0].strip()
+        except (OSError, subprocess.SubprocessError):
+            info["driver"] = None
+    else:
+        info["device"] = f"CPU ({platform.processor() or platform.machine()})"
+    try:
+        info["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                                        text=True, timeout=20).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        info["commit"] = None
+    return info
+
+
+def plain_json(value):
+    """Strict JSON: NaN (not measured, e.g. peak memory on a CPU) as null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: plain_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain_json(v) for v in value]
+    return value
+
+
+def number(value, digits: int = 2) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "–"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, (int, float)):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def status_cell(r: dict) -> str:
+    return r["status"] if r["status"] == "measured" else f"{r['status']}: {r['reason']}"
+
+
+# per part: (column header, function of the row)
+COLUMNS = {
+    1: [("benchmark", lambda r: r["benchmark"]), ("method", lambda r: r.get("method", "")),
+        ("variant", lambda r: r["variant"]), ("it/s", lambda r: number(r.get("it_per_s"))),
+        ("ms/it", lambda r: number(r.get("ms_per_step"), 1)), ("peak GiB", lambda r: number(r.get("peak_mem_gib"))),
+        ("compile s (step) / start-up s (loop)", lambda r: number(r.get("compile_s", r.get("startup_s")), 1)),
+        ("x official 3.55 it/s", lambda r: number(r.get("ratio_to_official"))), ("status", status_cell)],
+    3: [("config", lambda r: r.get("config", "")), ("part", lambda r: r.get("part_name") or r["benchmark"]),
+        ("variant", lambda r: r.get("variant", "")),
+        ("rate", lambda r: f"{number(r.get('it_per_s'))} {r.get('unit', '')}".strip() if "it_per_s" in r else "–"),
+        ("ms/step", lambda r: number(r.get("ms_per_step"), 1)), ("peak GiB", lambda r: number(r.get("peak_mem_gib"))),
+        ("count", lambda r: f"{r['count']} {r['unit']}" if r.get("count") is not None else ""),
+        ("minutes from measured", lambda r: number(r.get("measured_minutes"))),
+        ("minutes from FLOPs", lambda r: number(r.get("minutes"))), ("status", status_cell)],
+    4: [("check", lambda r: r.get("check") or r.get("run", "")), ("what", lambda r: r["benchmark"]),
+        ("fp32", lambda r: number(r.get("fp32_loss", r.get("loss_fp32")), 4)),
+        ("default precision", lambda r: number(r.get("default_loss", r.get("loss_bf16")), 4)),
+        ("relative difference / cosine", lambda r: number(r.get("relative_difference",
+                                                                r.get("max_relative_difference",
+                                                                      r.get("cosine_network"))), 4)),
+        ("within tolerance", lambda r: number(r.get("within_tolerance"))), ("status", status_cell)],
+}
+COLUMNS[2] = COLUMNS[1]
+
+
+def table_rows(part: int, rows: list[dict]) -> list[list[str]]:
+    shown = [r for r in rows if r["part"] == part and not (part == 4 and r.get("curve") and r["status"] == "measured")]
+    return [[cell(r) for _, cell in COLUMNS[part]] for r in shown]
+
+
+def markdown(env: dict, args, rows: list[dict], advice: dict | None) -> str:
+    lines = [f"### GPU check: {env['device']}, torch {env['torch']}, CUDA {env['cuda']}, {env['date']}", "",
+             f"`python benchmarks/gpu_check.py {' '.join(args.argv)}` (commit {env.get('commit')}, "
+             f"size {args.size}, budget {args.budget_s:g} s, data {args.data_dir or 'phantom'}; diffusers "
+             f"{env.get('diffusers')})", ""]
+    for part in args.parts:
+        lines += [f"**Part {part}: {PART_TITLES[part]}**", ""]
+        headers = [h for h, _ in COLUMNS[part]]
+        lines.append("| " + " | ".join(headers) + " |")
+        lines.append("| " + " | ".join("---" for _ in headers) + " |")
+        for cells in table_rows(part, rows):
+            lines.append("| " + " | ".join(c.replace("|", "/") for c in cells) + " |")
+        lines.append("")
+    lines.append(describe(advice))
+    return "\n".join(lines) + "\n"
+
+
+def describe(advice: dict | None) -> str:
+    if advice is None:
+        return "Recommended CUDA default: none (no part-1 loop row was measured within the compile limit)."
+    return (f"Recommended CUDA default (fastest part-1 loop variant whose step compiled within "
+            f"{advice['compile_limit_s']:g} s): {advice['variant']}, {advice['loop_it_per_s']:.2f} it/s, peak "
+            f"{number(advice['peak_mem_gib'])} GiB, compile {number(advice['compile_s'], 1)} s; train.py flags: "
+            f"{advice.get('train_flags') or 'see bench_train.py'}.")
+
+
+def print_table(env: dict, args, rows: list[dict], advice: dict | None) -> None:
+    print(f"\nGPU check on {env['device']}: torch {env['torch']}, CUDA {env['cuda']}, {env['date']}, size {args.size}")
+    for part in args.parts:
+        headers = [h for h, _ in COLUMNS[part]]
+        body = table_rows(part, rows)
+        widths = [max([len(h)] + [len(c) for c in column]) for h, column in zip(headers, zip(*body))] if body \
+            else [len(h) for h in headers]
+        print(f"\npart {part}: {PART_TITLES[part]}")
+        print("  ".join(h.ljust(w) for h, w in zip(headers, widths)))
+        for cells in body:
+            print("  ".join(c.ljust(w) for c, w in zip(cells, widths)))
+    print("\n" + describe(advice))
+
+
+# ----------------------------------------------------------------------------------------------
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="auto", help="auto (the first CUDA GPU if present, else CPU), cpu or cuda[:N]")
+    parser.add_argument("--size", choices=list(SIZES), default="published",
+                        help="published (width 64, batch 4 + 4, 256x256; stage 1 at its configurations' sizes) or "
+                             "tiny (width 4, batch 2 + 2, 32x32, 2 steps: seconds on a CPU) (default: published)")
+    parser.add_argument("--budget-s", type=float, default=540.0,
+                        help="wall-time budget in seconds; part k may run until 50/70/90/100 %% of it are spent "
+                             "(default: 540, 9 minutes)")
+    parser.add_argument("--parts", type=int, nargs="+", choices=sorted(PART_TITLES), default=sorted(PART_TITLES),
+                        help="parts to run, in priority order (default: 1 2 3 4)")
+    parser.add_argument("--methods", nargs="+", default=None,
+                        help="part 2's methods (default: supervised and every comparison method train.py has)")
+    parser.add_argument("--data-dir", default=None,
+                        help="dataset folder for the loops and the accuracy runs (train.py's --data-dir, split "
+                             "files included); default: phantom images made in a temporary folder")
+    parser.add_argument("--out-dir", type=Path, default=ROOT / "runs" / "gpu_check",
+                        help="folder for gpu_check.json, gpu_check.md and logs/ (default: runs/gpu_check)")
+    parser.add_argument("--compile-backend", choices=("inductor", "eager"), default="inductor",
+                        help="torch.compile backend of the compiled variants: inductor (what train.py uses), or "
+                             "eager (dynamo's graph capture alone, through TORCH_COMPILE_OVERRIDE_BACKENDS: the "
+                             "compiled rows' plumbing in seconds on a CPU, not their speed) (default: inductor)")
+    parser.add_argument("--compile-limit-s", type=float, default=120.0,
+                        help="the recommendation's limit on a variant's compile time (default: 120)")
+    parser.add_argument("--loss-tolerance", type=float, default=0.1,
+                        help="part 4: largest relative difference of the mean training loss between two "
+                             "evaluations, default precision against fp32 (default: 0.1)")
+    args = parser.parse_args(argv)
+    args.argv = list(argv if argv is not None else sys.argv[1:])
+    if args.device == "auto":
+        import torch
+
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    elif args.device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            parser.error(f"--device {args.device}: CUDA is not available here (use --device cpu)")
+    elif args.device != "cpu":
+        parser.error(f"--device must be auto, cpu or cuda[:N], got {args.device!r}")
+    if not args.budget_s > 0:
+        parser.error(f"--budget-s must be positive, got {args.budget_s}")
+    if args.data_dir is not None and not Path(args.data_dir).is_dir():
+        parser.error(f"--data-dir {args.data_dir} is not a folder")
+    if args.compile_backend == "eager":
+        import torch._dynamo.config as dynamo_config
+
+        if not hasattr(dynamo_config, "debug_backend_override"):
+            parser.error("--compile-backend eager needs a torch with TORCH_COMPILE_OVERRIDE_BACKENDS (2.13 or newer)")
+    args.parts = sorted(set(args.parts))
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    size = SIZES[args.size]
+    start = time.monotonic()
+    env_info = environment(args.device)
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    logs = args.out_dir / "logs"
+    methods = args.methods or comparison_methods()
+    with tempfile.TemporaryDirectory(prefix="gpu_check_") as tmp:
+        work = Path(tmp)
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1",
+               "TORCHINDUCTOR_CACHE_DIR": str(work / "inductor_cache")}
+        if args.compile_backend == "eager":
+            env["TORCH_COMPILE_OVERRIDE_BACKENDS"] = ">=0:eager"
+        data = DataFolder(args.data_dir, work, size, logs)
+        plan = {1: lambda: stage2_jobs(1, ["mgcc"], args, size, data),
+                2: lambda: stage2_jobs(2, methods, args, size, data),
+                3: lambda: stage1_jobs(args, size),
+                4: lambda: accuracy_jobs(args, size, data, work)}
+        rows = []
+        for part in args.parts:
+            deadline = start + PART_ENDS[part] * args.budget_s
+            jobs = plan[part]()
+            if part == 3 and env_info["diffusers"] is None:
+                for job in jobs:
+                    rows += mark(job.rows or [row(3, job.name)], "skipped",
+                                 "diffusers not installed (pip install the carried diffusers wheel)")
+                continue
+            part_rows = []
+            for job in jobs:
+                part_rows += run_job(job, deadline, logs, env, data) + job.unrun
+                print(f"part {part}: {job.name} done at {time.monotonic() - start:.0f} s", file=sys.stderr, flush=True)
+            if part in (1, 2):
+                finish_stage2(part_rows, size)
+            if part == 3:
+                finish_stage1(part_rows)
+            if part == 4:
+                part_rows = [r for r in part_rows if r.get("check") != "curves"] + finish_accuracy(part_rows,
+                                                                                                    args.loss_tolerance)
+            rows += part_rows
+    advice = recommendation(rows, args.compile_limit_s)
+    env_info["wall_s"] = round(time.monotonic() - start, 1)
+    report = {"environment": env_info, "size": args.size, "budget_s": args.budget_s, "parts": args.parts,
+              "methods": methods, "data_dir": args.data_dir, "command": ["benchmarks/gpu_check.py", *args.argv],
+              "rows": rows, "recommendation": advice}
+    (args.out_dir / "gpu_check.json").write_text(json.dumps(plain_json(report), indent=1))
+    (args.out_dir / "gpu_check.md").write_text(markdown(env_info, args, rows, advice))
+    print_table(env_info, args, rows, advice)
+    print(f"\nwrote {args.out_dir / 'gpu_check.json'} and {args.out_dir / 'gpu_check.md'} "
+          f"({env_info['wall_s']:.0f} s of the {args.budget_s:g} s budget)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
