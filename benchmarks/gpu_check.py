@@ -18,12 +18,14 @@ Parts, in priority order (--parts chooses):
      precision on the device (bf16 on CUDA: bench_ldm.py's "bf16 + channels_last"; fp32 on CPU), and
      from them the whole schedule's time beside the FLOP prediction (bench_ldm.py --what schedule);
   4  accuracy, if time is left: benchmarks/check_bf16.py's one-step check (loss terms, gradient cosine),
-     then train.py for --accuracy-iterations at its default precision and in fp32 with the same seed on
-     the data folder; the mean training loss between evaluations must agree within --loss-tolerance.
+     then train.py for 300 iterations (evaluated every 50) at its default precision and in fp32 with the
+     same seed on the data folder; the mean training losses between evaluations must agree within
+     --loss-tolerance.
 
 Sizes (--size): published (width 64, batch 4 + 4, 256x256, the official loop's setting; stage 1 at
-its configurations' own sizes) or tiny (width 4, batch 2 + 2, 32x32, 2 timed steps, stage 1 on
-configs/ldm_tiny.yaml at 32x32: every part in seconds on a CPU, the CI test's run).
+its configurations' own sizes) or tiny (width 4, batch 2 + 2, 32x32, 2 timed steps, 4 training
+iterations, stage 1 on configs/ldm_tiny.yaml at 32x32: every part within minutes on a 2-core CPU,
+the CI test's run).
 
 Data: the loops and the accuracy runs train on --data-dir (train.py's layout, split files included,
 e.g. inputs/BUSI); without it on a phantom dataset made by ``python -m dataloaders.phantom`` and
@@ -537,7 +539,7 @@ def table_rows(part: int, rows: list[dict]) -> list[list[str]]:
 
 def markdown(env: dict, args, rows: list[dict], advice: dict | None) -> str:
     lines = [f"### GPU check: {env['device']}, torch {env['torch']}, CUDA {env['cuda']}, {env['date']}", "",
-             f"`python benchmarks/gpu_check.py {' '.join(args.argv)}` (commit {env.get('commit')}, "
+             f"`python benchmarks/gpu_check.py {shlex.join(args.argv)}` (commit {env.get('commit')}, "
              f"size {args.size}, budget {args.budget_s:g} s, data {args.data_dir or 'phantom'}; diffusers "
              f"{env.get('diffusers')})", ""]
     for part in args.parts:
@@ -582,7 +584,7 @@ def parse_args(argv=None):
     parser.add_argument("--device", default="auto", help="auto (the first CUDA GPU if present, else CPU), cpu or cuda[:N]")
     parser.add_argument("--size", choices=list(SIZES), default="published",
                         help="published (width 64, batch 4 + 4, 256x256; stage 1 at its configurations' sizes) or "
-                             "tiny (width 4, batch 2 + 2, 32x32, 2 steps: seconds on a CPU) (default: published)")
+                             "tiny (width 4, batch 2 + 2, 32x32, 2 steps: minutes on a CPU) (default: published)")
     parser.add_argument("--budget-s", type=float, default=540.0,
                         help="wall-time budget in seconds; part k may run until 60/75/90/100 %% of it are spent "
                              "(default: 540, 9 minutes)")
@@ -590,9 +592,9 @@ def parse_args(argv=None):
                         help="parts to run, in priority order (default: 1 2 3 4)")
     parser.add_argument("--methods", nargs="+", default=None,
                         help="part 2's methods (default: supervised and every comparison method train.py has)")
-    parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS),
-                        help="parts 1 and 2: the variants to run (default: all four; on a CPU the CUDA-graph "
-                             "variant is reported as not run)")
+    parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS), metavar="NAME",
+                        help="parts 1 and 2: the variants to run, by bench_train.py's names (" + "; ".join(VARIANTS)
+                        + ") (default: all four; on a CPU the CUDA-graph variant is reported as not run)")
     parser.add_argument("--data-dir", default=None,
                         help="dataset folder for the loops and the accuracy runs (train.py's --data-dir, split "
                              "files included); default: phantom images made in a temporary folder")
@@ -630,6 +632,12 @@ def parse_args(argv=None):
         if not hasattr(dynamo_config, "debug_backend_override"):
             parser.error("--compile-backend eager needs a torch with TORCH_COMPILE_OVERRIDE_BACKENDS (2.13 or newer)")
     args.parts = sorted(set(args.parts))
+    args.variants = [v for v in VARIANTS if v in args.variants]
+    if args.methods is not None:
+        known = comparison_methods()
+        unknown = [m for m in args.methods if m not in known]
+        if unknown:
+            parser.error(f"--methods: {', '.join(unknown)} not among train.py's methods here ({', '.join(known)})")
     return args
 
 
