@@ -452,16 +452,20 @@ def recommendation(rows: list[dict], compile_limit_s: float) -> dict | None:
 # environment, tables
 # ----------------------------------------------------------------------------------------------
 
-def environment(device: str) -> dict:
+def diffusers_version() -> str | None:
+    try:
+        return importlib.metadata.version("diffusers")
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def environment(device: str, date: str) -> dict:
+    """The machine and software; called after the benchmarks, so that this process holds no CUDA
+    context (memory) while they run."""
     import torch
 
-    info = {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-            "torch": torch.__version__, "cuda": torch.version.cuda, "python": platform.python_version(),
-            "cpu_count": os.cpu_count()}
-    try:
-        info["diffusers"] = importlib.metadata.version("diffusers")
-    except importlib.metadata.PackageNotFoundError:
-        info["diffusers"] = None
+    info = {"date": date, "torch": torch.__version__, "cuda": torch.version.cuda, "python": platform.python_version(),
+            "cpu_count": os.cpu_count(), "diffusers": diffusers_version()}
     if device.startswith("cuda"):
         index = torch.device(device).index or 0
         props = torch.cuda.get_device_properties(index)
@@ -645,7 +649,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     size = SIZES[args.size]
     start = time.monotonic()
-    env_info = environment(args.device)
+    date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     args.out_dir.mkdir(parents=True, exist_ok=True)
     logs = args.out_dir / "logs"
     methods = args.methods or comparison_methods()
@@ -664,7 +668,7 @@ def main(argv=None) -> int:
         for part in args.parts:
             deadline = start + PART_ENDS[part] * args.budget_s
             jobs = plan[part]()
-            if part == 3 and env_info["diffusers"] is None:
+            if part == 3 and diffusers_version() is None:
                 for job in jobs:
                     rows += mark(job.rows or [row(3, job.name)], "skipped",
                                  "diffusers not installed (pip install the carried diffusers wheel)")
@@ -682,6 +686,7 @@ def main(argv=None) -> int:
                                                                                                     args.loss_tolerance)
             rows += part_rows
     advice = recommendation(rows, args.compile_limit_s)
+    env_info = environment(args.device, date)
     env_info["wall_s"] = round(time.monotonic() - start, 1)
     report = {"environment": env_info, "size": args.size, "budget_s": args.budget_s, "parts": args.parts,
               "methods": methods, "data_dir": args.data_dir, "command": ["benchmarks/gpu_check.py", *args.argv],
