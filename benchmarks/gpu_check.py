@@ -70,6 +70,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCHMARKS = ROOT / "benchmarks"
+sys.path.insert(0, str(ROOT))  # the library modules (methods/: train.py's methods, where present)
 
 # bench_train.py's variants (its --variants names), in the order of the table
 VARIANTS = ("fp32 eager", "bf16 + channels_last", "bf16 + channels_last + compile",
