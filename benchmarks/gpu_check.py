@@ -108,7 +108,7 @@ class Size:
 
 SIZES = {
     "published": Size(64, 256, 8, 4, steps=20, warmup=5, eval_every=50, loop_warmup=50, loop_steps=100,
-                      phantom_images=120, ldm_configs=("ldm_busi.yaml", "ldm_medfusion.yaml"), ldm_overrides=(),
+                      phantom_images=80, ldm_configs=("ldm_busi.yaml", "ldm_medfusion.yaml"), ldm_overrides=(),
                       ldm_steps=10, ldm_warmup=3, sampling_batches=2, accuracy_iterations=300,
                       accuracy_eval_every=50),
     "tiny": Size(4, 32, 4, 2, steps=2, warmup=1, eval_every=2, loop_warmup=2, loop_steps=2, phantom_images=16,
@@ -143,7 +143,8 @@ def row(part: int, benchmark: str, **identity) -> dict:
 
 
 def python(script: str, *args: str) -> list[str]:
-    return [sys.executable, str(BENCHMARKS / script) if script.endswith(".py") else script, *args]
+    """The command of a benchmark script (benchmarks/<script>) in this interpreter."""
+    return [sys.executable, str(BENCHMARKS / script), *args]
 
 
 def method_flags(method: str) -> list[str]:

@@ -60,6 +60,7 @@ def test_every_part_and_variant_row_has_numbers(tiny_run):
         assert env[key], key
     rows = report["rows"]
     assert sorted({r["part"] for r in rows}) == [1, 2, 3, 4]
+    assert all(r["status"] in gpu_check.STATUSES for r in rows)
     for part, method in ((1, "mgcc"), (2, "supervised")):
         for benchmark in ("step", "loop"):
             found = {r["variant"]: r for r in rows if r["part"] == part and r["benchmark"] == benchmark
