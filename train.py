@@ -426,8 +426,9 @@ class SegmenterTraining(Trainer):
                              lr=f"{self.method.lr():.2e}")
 
     def board_scalars(self, done: int) -> dict[str, float]:
-        cfg = self.cfg  # lambda of the last step, from the host's own schedule (no read of the device)
-        weight = consistency_weight(done - 1, cfg.consistency, cfg.consistency_rampup, cfg.consistency_ramp_every)
+        # lambda of the last step, from the method's own schedule on the host (no read of the device); the
+        # method's, not cfg.consistency: that is None where the method's reference weight applies
+        weight = self.method.module.consistency_weight(done - 1)
         return {"lr": self.method.lr(), **({"lambda": weight} if self.method.semi else {})}
 
     def on_eval(self, done: int) -> None:
