@@ -40,7 +40,6 @@ from __future__ import annotations
 import csv
 import json
 import math
-import os
 import re
 import shutil
 import signal
@@ -208,7 +207,6 @@ def publish(partial: Path, out_dir: Path) -> None:
 
 def sample(cfg: SimpleNamespace, ctx, device) -> int:
     """Sample the images this process is dealt; rank 0 publishes the folder. The exit status."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # models are read from the run folder, never downloaded
     diffusers_logging.set_verbosity_error()
     check_values(cfg)
     if device.type == "cuda":  # the same command gives the same bytes: no autotuned, no nondeterministic kernels

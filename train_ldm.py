@@ -25,9 +25,12 @@ After kill -9 or a crash, --resume continues from the last checkpoint (--checkpo
 non-finite loss stops the run (status 3) naming the step, its last checkpoint untouched; bad
 input and unusable run folders or state files exit with status 2 and one error line.
 """
+# Where the pieces live: the options and their checks in utils/ldm_config.py, the run folder and the
+# stages' skeleton (LdmStage, on utils/training.py's Trainer) in utils/ldm_run.py, the networks in
+# networks/ldm.py, the losses in networks/ldm_losses.py, the autoencoder's evaluation in
+# utils/image_quality.py; here the two stages' method code and main.
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -36,7 +39,7 @@ from diffusers.training_utils import EMAModel
 from diffusers.utils import logging as diffusers_logging
 from torch.utils.data import DataLoader
 
-from dataloaders.io import MAX_IMAGE_PIXELS_OPTION, set_max_image_pixels
+from dataloaders.io import set_max_image_pixels
 from dataloaders.ldm_data import StepBatchSampler, TrainingImages
 from networks.ldm import (STREAM_DIFFUSION, STREAM_PREVIEW, STREAM_VAE, AutoencoderPass, PatchDiscriminator,
                           build_unet, build_vae, encode_training_set, latent_scaling_factor, latent_size,
@@ -45,11 +48,12 @@ from networks.ldm_losses import LatentDiffusionLoss, discriminator_loss, vae_los
 from networks.ldm_sampling import generate, to_uint8
 from utils import distributed
 from utils.cli import run_cli
-from utils.config import Option, optional, parse_config
+from utils.config import parse_config
 from utils.distributed import wrap_ddp
 from utils.image_quality import evaluate_vae, reconstruct
-from utils.ldm_run import (EMA_DIR, PREVIEW_DIR, SCHEDULER_DIR, UNET_DIR, VAE_DIR, VAE_METRICS, LdmStage,
-                           check_values, load_model, prepare_run, run_folder, save_model, write_run_info)
+from utils.ldm_config import OPTIONS, check_values
+from utils.ldm_run import (EMA_DIR, PREVIEW_DIR, SCHEDULER_DIR, UNET_DIR, VAE_DIR, VAE_METRICS, LdmStage, load_model,
+                           prepare_run, run_folder, save_model, write_run_info)
 from utils.locks import release_held
 from utils.plots import image_grid, save_image
 from utils.runtime import derived_seed, ignore_stop_signals, resolve_device, step_generator, StopRequest
@@ -63,92 +67,6 @@ EPILOG = """examples:
 """
 
 
-OPTIONS = [
-    # data and run
-    Option("data_dir", None, "dataset folder (images/, masks/0/, <name>_train<i>.txt); only the ids of "
-           "the training list of --split are used", type=optional(str)),
-    Option("split", 1, "split index i: trains on <name>_train<i>.txt, refuses ids of <name>_val<i>.txt"),
-    Option("split_name", None, "prefix of the split files (<name>_train<i>.txt); none: the data folder's name lower-cased, or "
-           "the prefix of the only *_train<i>.txt there", type=optional(str)),
-    Option("holdout", 0.0, "leave out the last F of the training list: the ids train.py --holdout F selects on, "
-           "which a generator whose samples serve that run must not see"),
-    Option("out_dir", None, "run folder; none: runs/ldm_<dataset>_<split>", type=optional(str), in_file=False),
-    Option("stage", "all", "what to train: vae, diffusion (on a run whose autoencoder is trained) or all",
-           choices=("vae", "diffusion", "all"), in_file=False),
-    Option("resume", False, "continue the run in --out-dir where its last checkpoint stopped; the step "
-           "counts may be raised, other settings must be those of the run", in_file=False),
-    Option("overwrite", False, "start the run in --out-dir over (with --stage diffusion: only its "
-           "diffusion stage, keeping the autoencoder)", in_file=False),
-    Option("device", "auto", "auto, cpu, cuda or cuda:N (under torchrun: cuda means each process's own GPU, "
-           "LOCAL_RANK)", in_file=False),
-    Option("seed", 0, "seed of the initial weights, the data order, the augmentation and the noise"),
-    Option("image_size", 256, "images are resized to image_size x image_size (gray, [-1, 1])"),
-    Option("class_conditioning", True, "condition the denoiser on the class when classes are given "
-           "(class_names or class_csv); otherwise, or with --no-class-conditioning, unconditional"),
-    Option("class_names", [], "class names; an id's class is the name it starts with (BUSI: benign, "
-           "malignant)", repeatable=True),
-    Option("class_csv", None, "CSV of 'id,class' rows giving each training id's class (instead of the "
-           "id prefix)", type=optional(str)),
-    # autoencoder
-    Option("vae_channels", [64, 128, 256, 512], "autoencoder block widths (one block per entry; the "
-           "image is halved len-1 times)", type=int, repeatable=True),
-    Option("vae_layers_per_block", 2, "resnet layers per autoencoder block"),
-    Option("vae_latent_channels", 8, "latent channels"),
-    Option("vae_norm_groups", 32, "group-norm groups in the autoencoder (must divide every width)"),
-    Option("vae_mid_attention", False, "self-attention in the autoencoder's middle block"),
-    Option("vae_steps", 20000, "autoencoder training steps"),
-    Option("vae_batch_size", 8, "autoencoder batch size; under torchrun the global batch, split evenly over "
-           "the processes"),
-    Option("vae_lr", 1e-4, "autoencoder learning rate (AdamW)"),
-    Option("l1_weight", 1.0, "weight of the L1 reconstruction loss"),
-    Option("ssim_weight", 1.0, "weight of the (1 - SSIM) reconstruction loss"),
-    Option("kl_weight", 1e-6, "weight of the KL term; the KL is summed over the latent's elements and divided "
-           "by the image's pixels (C x H x W), so that against the per-pixel mean reconstruction losses it "
-           "weighs what kl_weight weighs in medfusion / Stable Diffusion (summed KL vs summed reconstruction)"),
-    Option("disc_weight", 0.0, "weight of the patch-discriminator (hinge) term; 0 = no discriminator"),
-    Option("disc_start", 10000, "autoencoder step at which the discriminator term starts"),
-    Option("disc_channels", 64, "width of the discriminator's first layer"),
-    Option("disc_layers", 3, "downsampling layers of the discriminator"),
-    Option("disc_lr", 1e-4, "discriminator learning rate (AdamW, betas 0.5, 0.9)"),
-    # denoiser
-    Option("unet_channels", [256, 256, 512, 1024], "denoiser block widths (no attention blocks)",
-           type=int, repeatable=True),
-    Option("unet_layers_per_block", 2, "resnet layers per denoiser block"),
-    Option("unet_norm_groups", 32, "group-norm groups in the denoiser (must divide every width)"),
-    Option("unet_mid_attention", False, "self-attention in the denoiser's middle block"),
-    Option("unet_dropout", 0.0, "dropout in the denoiser's resnet blocks against memorising a small training "
-           "set (DDPM used 0.1 at 32x32); 0 = none"),
-    Option("diffusion_steps", 50000, "denoiser training steps"),
-    Option("batch_size", 32, "denoiser batch size (latents); under torchrun the global batch, split evenly "
-           "over the processes"),
-    Option("lr", 1e-4, "denoiser learning rate (AdamW)"),
-    Option("train_timesteps", 1000, "diffusion timesteps of the noise schedule"),
-    Option("beta_schedule", "scaled_linear", "noise schedule",
-           choices=("linear", "scaled_linear", "squaredcos_cap_v2")),
-    Option("beta_start", 0.002, "first beta of the noise schedule"),
-    Option("beta_end", 0.02, "last beta of the noise schedule"),
-    Option("prediction_type", "epsilon", "what the denoiser predicts", choices=("epsilon", "v_prediction")),
-    Option("diffusion_loss", "l1", "denoiser loss", choices=("l1", "l2")),
-    Option("class_dropout", 0.1, "probability of dropping the class during training (classifier-free guidance)"),
-    Option("ema_decay", 0.9999, "largest EMA decay of the denoiser weights"),
-    Option("ema_power", 0.75, "EMA warm-up exponent: decay = 1 - (1 + step) ** -power, capped at ema_decay"),
-    # both stages
-    Option("weight_decay", 0.01, "AdamW weight decay"),
-    Option("warmup_steps", 500, "linear learning-rate warm-up steps, then constant"),
-    Option("grad_clip", 1.0, "gradient norm clipping; 0 = none"),
-    Option("precision", "auto", "autocast precision: auto (bf16 on CUDA, fp32 on CPU), bf16 or fp32",
-           choices=("auto", "bf16", "fp32")),
-    Option("num_workers", 4, "data-loader worker processes (autoencoder stage; per process under torchrun)"),
-    Option("log_every", 50, "steps between loss records (CSV and PNG plot)"),
-    Option("sample_every", 2000, "steps between preview grids (reconstructions / samples); 0 = only at the end"),
-    Option("checkpoint_every", 2000, "steps between checkpoints (always at the end)"),
-    Option("preview_images", 8, "images in a preview grid"),
-    Option("preview_steps", 50, "DDIM steps of the preview samples"),
-    Option("progress", True, "show progress bars", in_file=False),
-    MAX_IMAGE_PIXELS_OPTION,
-    Option("tensorboard", True, "write TensorBoard logs to <out-dir>/tensorboard/vae and .../diffusion (losses, lr, "
-           "the autoencoder's val PSNR/SSIM, the preview grids); rank 0 only", in_file=False),
-]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -326,7 +244,6 @@ def train_diffusion(cfg: SimpleNamespace, run_dir: Path, info: dict, data, devic
 def train(cfg: SimpleNamespace, ctx, device) -> int:
     """Run the stages the configuration asks for; the exit status (0, or 128 + signal number when
     stopped by a signal)."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # models are built from config, never downloaded
     diffusers_logging.set_verbosity_error()
     check_values(cfg, ctx.world_size)
     run_dir = run_folder(cfg)
@@ -336,7 +253,7 @@ def train(cfg: SimpleNamespace, ctx, device) -> int:
     # training loops act on it after their current step.
     with StopRequest() as stop:
         # rank 0 checks the data and settles the run folder; the others get its outcome (or its error)
-        cfg, info, data = distributed.on_main_rank(lambda: prepare_run(cfg, run_dir, OPTIONS, ctx.world_size), ctx)
+        cfg, info, data = distributed.on_main_rank(lambda: prepare_run(cfg, run_dir, ctx.world_size), ctx)
         if ctx.is_main:
             counts = parameter_counts(cfg, len(info["class_names"]))
             classes = (f"{len(info['class_names'])} classes ({', '.join(info['class_names'])})"

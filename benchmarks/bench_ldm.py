@@ -37,30 +37,25 @@ import argparse
 import gc
 import json
 import math
-import os
 import sys
-import time
 from pathlib import Path
 from types import SimpleNamespace
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")  # networks are built from the configuration, never downloaded
-
-import torch  # noqa: E402
-from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))
-from bench_train import BF16_PEAK_TFLOPS, VARIANTS, device_name, synchronize  # noqa: E402
+sys.path.insert(0, str(ROOT))  # the library modules (utils/, networks/, dataloaders/)
 from networks.ldm import (STREAM_DIFFUSION, STREAM_VAE, AutoencoderPass, PatchDiscriminator,  # noqa: E402
                           build_unet, build_vae, check_architecture, count_parameters, latent_size, noise_scheduler,
                           optimizer_and_schedule, sampling_scheduler)
 from networks.ldm_losses import LatentDiffusionLoss, discriminator_loss, vae_losses  # noqa: E402
 from networks.ldm_sampling import generate  # noqa: E402
-from train_ldm import OPTIONS  # noqa: E402
-from utils.training import optimizer_update  # noqa: E402
-from utils.config import ConfigError, read_yaml  # noqa: E402
+from utils.benchmarking import (VARIANTS, bf16_peak, counted_flops, default_variants, device_name,  # noqa: E402
+                                memory_format, time_steps)
+from utils.config import ConfigError, parse_config  # noqa: E402
+from utils.ldm_config import OPTIONS  # noqa: E402
 from utils.runtime import step_generator  # noqa: E402
+from utils.training import optimizer_update  # noqa: E402
 
 WHAT = ("vae", "diffusion", "sampling")
 SCHEDULE_CONFIGS = ("ldm_busi.yaml", "ldm_medfusion.yaml")  # the two GPU configurations
@@ -110,8 +105,8 @@ def parse_args(argv=None):
                         help="untimed steps first (default on CUDA: 10 training steps, 1 sampling batch; "
                              "on CPU: 1 and 1; 2 more for a compiled variant, whose first calls compile)")
     parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=None,
-                        help="variants to run (default: all on CUDA; the eager ones on CPU, where compiling "
-                             "is slow)")
+                        help="variants to run (default: all on CUDA; on CPU fp32 eager, what train_ldm.py "
+                             "trains with there)")
     parser.add_argument("--compile-mode", default="default",
                         help="torch.compile mode (default, max-autotune-no-cudagraphs, ...)")
     parser.add_argument("--json", action="store_true", help="print one JSON line per row instead of a table")
@@ -152,9 +147,7 @@ def resolve(args) -> list[SimpleNamespace]:
 def resolve_config(args, device: torch.device, config: Path) -> SimpleNamespace:
     """Configuration and step counts of one table."""
     cuda = device.type == "cuda"
-    values = {o.name: (list(o.default) if o.repeatable else o.default) for o in OPTIONS}
-    values.update(read_yaml(config, OPTIONS))
-    cfg = SimpleNamespace(**values)
+    cfg = parse_config(OPTIONS, "", ["--config", str(config)])  # defaults, then the file: as train_ldm.py reads it
     if args.image_size is not None:
         cfg.image_size = args.image_size
     if args.batch_size is not None:
@@ -173,7 +166,7 @@ def resolve_config(args, device: torch.device, config: Path) -> SimpleNamespace:
         # a class-conditional denoiser has one class embedding per class plus the "no class" one;
         # classes given by a class_csv alone are only known from the data: timed unconditional
         num_classes=len(cfg.class_names) if cfg.class_conditioning else 0,
-        variants=args.variants or (list(VARIANTS) if cuda else list(VARIANTS)[:2]),
+        variants=args.variants or default_variants(device, list(VARIANTS)),
         train_steps=args.steps or (50 if cuda else 3), sampling_steps=args.steps or (5 if cuda else 1),
         train_warmup=args.warmup if args.warmup is not None else (10 if cuda else 1),
         sampling_warmup=args.warmup if args.warmup is not None else 1,
@@ -183,10 +176,6 @@ def resolve_config(args, device: torch.device, config: Path) -> SimpleNamespace:
         sampling_batch_size=args.sampling_batch_size, guidance_scale=args.guidance_scale,
         compile_mode=args.compile_mode, json=args.json, progress=args.progress,
         num_images=args.num_images, peak_tflops=args.peak_tflops, utilization=args.utilization)
-
-
-def memory_format(spec: dict) -> torch.memory_format:
-    return torch.channels_last if spec["channels_last"] else torch.contiguous_format
 
 
 def vae_benchmark(run, spec):
@@ -212,10 +201,8 @@ def vae_benchmark(run, spec):
         loss, reconstruction, _ = vae_losses(vae_pass, disc, images, noise, cfg, device, dtype, disc is not None)
         optimizer_update(loss, vae.parameters(), optimizer, schedule, cfg.grad_clip)
         if disc is not None:
-            disc_loss = discriminator_loss(disc, images, reconstruction, device, dtype)
-            disc_optimizer.zero_grad(set_to_none=True)
-            disc_loss.backward()
-            disc_optimizer.step()
+            optimizer_update(discriminator_loss(disc, images, reconstruction, device, dtype), disc.parameters(),
+                             disc_optimizer)
 
     def compile_networks():
         # in place (nn.Module.compile): the same modules, parameters and optimizer
@@ -288,15 +275,6 @@ def sampling_benchmark(run, spec, sampler: str, num_steps: int):
 # ----------------------------------------------------------------------------------------------
 # the whole schedule: FLOPs counted on the meta device, time predicted from them
 # ----------------------------------------------------------------------------------------------
-
-def counted_flops(work) -> int:
-    """FLOPs of ``work()`` as torch.utils.flop_counter counts them: 2 per multiply-add of every
-    matrix product and convolution, forward and (when ``work`` runs one) backward; elementwise
-    operations, normalisations and optimizer updates count 0."""
-    with FlopCounterMode(display=False) as counter:
-        work()
-    return counter.get_total_flops()
-
 
 def vae_step_flops(cfg, adversarial: bool) -> int:
     """One autoencoder training step, forward and backward, with the discriminator's terms when
@@ -426,26 +404,14 @@ def measure(run, build, spec, warmup: int, steps: int) -> dict:
         torch.cuda.empty_cache()
     torch.backends.cudnn.benchmark = True  # fixed sizes, as train_ldm.py sets on CUDA
     step, compile_networks, batch = build()
-    with FlopCounterMode(display=False) as counter:  # before compiling: compiled code hides the ops
-        step()
-    flops = counter.get_total_flops()
+    flops = counted_flops(step)  # before compiling: compiled code hides the ops
     if spec["compile"]:
         compile_networks()
         warmup += run.compile_warmup
-    for _ in range(warmup):
-        step()
-    synchronize(device)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    start = time.perf_counter()
-    for _ in range(steps):
-        step()
-    synchronize(device)
-    seconds = (time.perf_counter() - start) / steps
-    peak = torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda" else float("nan")
-    return {"ms_per_step": 1000 * seconds, "peak_mem_gib": peak, "tflops": flops / seconds / 1e12,
-            "tflop_per_step": flops / 1e12, "batch_size": batch, "steps": steps, "warmup": warmup,
-            "seconds": seconds}
+    timed = time_steps(step, device, warmup, steps)
+    return {"ms_per_step": timed["ms_per_step"], "peak_mem_gib": timed["peak_mem_gib"],
+            "tflops": flops / timed["seconds"] / 1e12, "tflop_per_step": flops / 1e12, "batch_size": batch,
+            "steps": steps, "warmup": warmup, "seconds": timed["seconds"]}
 
 
 def jobs(run):
@@ -468,8 +434,7 @@ def jobs(run):
 def benchmark(run) -> list[dict]:
     from tqdm import tqdm
 
-    name = device_name(run.device)
-    peak = next((v for k, v in BF16_PEAK_TFLOPS.items() if k in name), None)
+    peak = bf16_peak(device_name(run.device))
     todo = [(job, variant) for job in jobs(run) for variant in run.variants]
     rows = []
     for (title, unit, builder, warmup, steps), variant in tqdm(todo, desc="benchmarks", unit="row",

@@ -6,27 +6,26 @@
     python benchmarks/bench_train.py --method unimatch --network unet   # a comparison method's step
     python benchmarks/bench_train.py --loop --data-dir inputs/BUSI   # train.py's loop on real data
 
-The step: each variant runs train.make_train_step (same model, loss, SGD update; inputs already on
-the device, so no data is loaded) for --warmup steps, then --steps timed steps with device
-synchronisation, and prints one table at the end. FLOPs of one step are counted with
-torch.utils.flop_counter (forward and backward). warmup_s (--json) is the warm-up's wall time:
-compilation falls in it.
+The step: each variant builds train.py's method (utils.segmenter.Method: the same model, loss, SGD
+update, poly schedule and consistency weight, wrapped and compiled as train.py does; inputs already
+on the device, so no data is loaded), runs --warmup steps, then --steps timed steps with device
+synchronisation (utils.benchmarking, the runner bench_ldm.py shares), and prints one table at the
+end. FLOPs of one step are counted with torch.utils.flop_counter (forward and backward). warmup_s
+(--json) is the warm-up's wall time: compilation falls in it. The default variants are those train.py trains with: on a CPU fp32 eager alone.
 
-The loop (--loop): each variant runs train.py itself (in this process, or --train-py another
-checkout's train.py in a subprocess) on --data-dir for --warmup + --steps iterations, evaluating every
+The loop (--loop): each variant runs train.py itself (this checkout's, or --train-py another
+checkout's, in a subprocess) on --data-dir for --warmup + --steps iterations, evaluating every
 --eval-every, and times the iterations after the warm-up from the times train.py logs at its
 evaluations (metrics.jsonl): data, step, loss read-backs, periodic evaluation and checkpoints, all
 of it. Compilation and the first evaluations fall in the warm-up. --warmup and --steps must be
-multiples of --eval-every. Peak memory is CUDA's, over the whole run (in-process runs; a --train-py
-run: the peak its train.py logged at its last evaluation, where it logs one).
+multiples of --eval-every. Peak memory: CUDA's, as train.py logged it at its last evaluation (NaN on a
+CPU, or where that train.py logs none).
 """
 from __future__ import annotations
 
 import argparse
-import contextlib
 import gc
 import json
-import math
 import subprocess
 import sys
 import tempfile
@@ -34,28 +33,20 @@ import time
 from pathlib import Path
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import train  # noqa: E402
-from methods import METHODS, build_method, network_args  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # the library modules (utils/, networks/, dataloaders/, methods/)
+from methods import METHODS  # noqa: E402
 from networks.unet import NETWORKS  # noqa: E402
-from train import make_train_step  # noqa: E402
-from utils.runtime import autocast_dtype  # noqa: E402
+from utils.benchmarking import (VARIANTS, bf16_peak, counted_flops, default_variants, device_name,  # noqa: E402
+                                memory_format, time_steps)
+from utils.config import parse_config  # noqa: E402
+from utils.distributed import Context  # noqa: E402
+from utils.runtime import autocast_dtype, resolve_device  # noqa: E402
+from utils.segmenter import OPTIONS, Method  # noqa: E402
 
-# dense bf16 peak (TFLOP/s) of devices this project is measured on, for the fraction column
-BF16_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
 # the official training loop as published, on an H100 at the published size (../shared/reference)
 OFFICIAL_H100_IT_PER_S = 3.55
-# compile: None, or train.py's (compile_scope, compile_mode); --compile-mode replaces "default"
-VARIANTS = {
-    "fp32 eager": dict(dtype=None, channels_last=False, compile=None),
-    "bf16 + channels_last": dict(dtype=torch.bfloat16, channels_last=True, compile=None),
-    "bf16 + channels_last + compile": dict(dtype=torch.bfloat16, channels_last=True, compile=("model", "default")),
-    "bf16 + channels_last + compiled step + CUDA graphs": dict(dtype=torch.bfloat16, channels_last=True,
-                                                               compile=("step", "reduce-overhead")),
-}
-DEFAULT_VARIANTS = list(VARIANTS)[:3]  # CUDA graphs: ask for them by name (a CUDA feature)
 
 
 def train_flags(spec: dict, compile_mode: str) -> list[str]:
@@ -86,8 +77,8 @@ def parse_args(argv=None):
     parser.add_argument("--warmup", type=int, default=None, help="untimed steps first (default: 10 on CUDA, 2 on CPU; "
                         "--loop: one --eval-every)")
     parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=None,
-                        help="variants to run (default: the first three on CUDA; the eager ones on CPU, "
-                             "--loop: fp32 eager on CPU)")
+                        help="variants to run (default: the first three on CUDA; on CPU fp32 eager, what "
+                             "train.py trains with there)")
     parser.add_argument("--compile-mode", default="default", help="torch.compile mode of the 'compile' variant "
                         "(default, max-autotune-no-cudagraphs, ...)")
     parser.add_argument("--json", action="store_true", help="print one JSON line per variant instead of a table")
@@ -97,11 +88,11 @@ def parse_args(argv=None):
     loop.add_argument("--eval-every", type=int, default=None, help="train.py's --eval-every (default: 200 on "
                       "CUDA, train.py's default; 50 on CPU)")
     loop.add_argument("--train-py", type=Path, default=None, help="run this train.py (another checkout, e.g. "
-                      "an earlier commit) in a subprocess instead of this checkout's in-process; no peak memory then")
+                      "an earlier commit) instead of this checkout's")
     loop.add_argument("--train-args", default="", help="further train.py flags, one string, e.g. "
                       "'--data-on-device off --num-workers 4'")
     args = parser.parse_args(argv)
-    device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = resolve_device(args.device)
     cuda = device.type == "cuda"
     args.device = device
     args.method = args.method or args.mode
@@ -118,71 +109,48 @@ def parse_args(argv=None):
         if args.warmup % args.eval_every or args.steps % args.eval_every or not args.warmup:
             parser.error(f"--loop times from one evaluation to another: --warmup ({args.warmup}, > 0) and --steps "
                          f"({args.steps}) must be multiples of --eval-every ({args.eval_every})")
-        args.variants = args.variants or (DEFAULT_VARIANTS if cuda else DEFAULT_VARIANTS[:1])
+        args.variants = args.variants or default_variants(device, list(VARIANTS)[:3])  # CUDA graphs: ask by name
         return args
     args.steps = args.steps or (50 if cuda else 5)
     args.warmup = args.warmup if args.warmup is not None else (10 if cuda else 2)
-    args.variants = args.variants or (DEFAULT_VARIANTS if cuda else DEFAULT_VARIANTS[:2])
+    args.variants = args.variants or default_variants(device, list(VARIANTS)[:3])  # CUDA graphs: ask by name
     return args
 
 
-def synchronize(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def run_variant(name: str, args) -> dict:
-    spec = VARIANTS[name]
-    device = args.device
+    """train.py's step of one variant: its method built from train.py's options, timed on a fixed batch."""
+    spec, device = VARIANTS[name], args.device
+    cfg = parse_config(OPTIONS, "", [*train_flags(spec, args.compile_mode), "--method", args.method, "--network",
+                                     args.network, "--width", str(args.width), "--batch-size", str(args.batch_size),
+                                     "--labeled-batch-size", str(args.labeled_batch_size)])
     gc.collect()  # the previous variant's model, optimizer state and compiled code: not in this one's peak
     torch._dynamo.reset()
     if device.type == "cuda":
         torch.cuda.empty_cache()
     torch.manual_seed(0)
     torch.backends.cudnn.benchmark = True
-    method = build_method(args.method, args.network, network_args(args.network, args.method, 3, args.width, 3, 7))
-    fmt = torch.channels_last if spec["channels_last"] else torch.contiguous_format
-    method = method.to(device).train().to(memory_format=fmt)
-    cfg = train.parse_config(train.OPTIONS, "", train_flags(spec, args.compile_mode))
-    scope = cfg.compile_scope if cfg.compile else None
-    forward = torch.compile(method, mode=cfg.compile_mode) if scope == "model" else method
-    optimizer = train.make_optimizer(method, cfg, device)  # the official SGD, its learning rate as train.py holds it
+    method = Method(cfg, Context(), device, iterations=args.warmup + args.steps + 1)
+    method.begin()
     # the baseline's batch is the labeled part alone, as in train.py
-    batch_size = args.batch_size if method.uses_unlabeled else args.labeled_batch_size
+    batch_size = args.labeled_batch_size + method.unlabeled_batch_size()
+    fmt = memory_format(spec)
     images = torch.randn(batch_size, 3, args.image_size, args.image_size, device=device).contiguous(memory_format=fmt)
     masks = (torch.rand(args.labeled_batch_size, 1, args.image_size, args.image_size, device=device) > 0.5).float()
-    train_step = make_train_step(forward, optimizer, spec["dtype"], device)
-    if scope == "step":
-        train_step = torch.compile(train_step, mode=cfg.compile_mode)
-    consistency = torch.full((), method.consistency_weight(10 ** 9), device=device)  # the ramped-up weight
+    ramped = 10 ** 9  # the step at the ramped-up unlabeled weight and the EMA teacher's final decay
 
-    def step():
-        loss = train_step(images, masks, consistency)[0]
-        method.after_step(10 ** 9)  # the EMA teacher's update, at its final decay
-        return loss
-
-    started = time.perf_counter()
-    for _ in range(args.warmup):
-        step()
-    synchronize(device)
-    warmup_s = time.perf_counter() - started  # compilation falls in the first calls
-    with FlopCounterMode(display=False) as counter:  # on the eager model: compile hides the ops
+    def losses():  # on the eager method: compile hides the ops
+        consistency = torch.full((), method.module.consistency_weight(ramped), device=device)
         with torch.autocast(device.type, dtype=spec["dtype"], enabled=spec["dtype"] is not None):
-            loss = method(images, masks, consistency)["loss"]
+            loss = method.module(images, masks, consistency)["loss"]
         loss.backward()
-    optimizer.zero_grad(set_to_none=True)
-    flops = counter.get_total_flops()
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    synchronize(device)
-    start = time.perf_counter()
-    for _ in range(args.steps):
-        step()
-    synchronize(device)
-    seconds = (time.perf_counter() - start) / args.steps
-    peak = torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda" else float("nan")
-    return {"variant": name, "mode": args.mode, "method": args.method, "network": args.network, "it_per_s": 1 / seconds, "ms_per_step": 1000 * seconds, "peak_mem_gib": peak,
-            "tflops": flops / seconds / 1e12, "tflop_per_step": flops / 1e12, "warmup_s": warmup_s}
+
+    flops = counted_flops(losses)
+    method.optimizer.zero_grad(set_to_none=True)
+    timed = time_steps(lambda: method.train_step(images, masks, ramped)["loss"], device, args.warmup, args.steps)
+    seconds = timed["seconds"]
+    return {"variant": name, "mode": args.mode, "method": args.method, "network": args.network, "it_per_s": 1 / seconds,
+            "ms_per_step": timed["ms_per_step"], "peak_mem_gib": timed["peak_mem_gib"],
+            "tflops": flops / seconds / 1e12, "tflop_per_step": flops / 1e12, "warmup_s": timed["warmup_s"]}
 
 
 def method_flags(args) -> list[str]:
@@ -203,35 +171,20 @@ def run_loop(name: str, args) -> dict:
                 "--iterations", str(args.warmup + args.steps),
                 "--eval-every", str(args.eval_every), "--device", str(device), "--no-progress",
                 *train_flags(VARIANTS[name], args.compile_mode), *args.train_args.split()]
-        peak, started = float("nan"), time.time()
-        if args.train_py is None:
-            if device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats(device)
-            with contextlib.redirect_stdout(sys.stderr):  # train.py's messages: not in the table or the JSON
-                code = train.main(argv)
-            if device.type == "cuda":
-                peak = torch.cuda.max_memory_allocated(device) / 2 ** 30
-        else:
-            script = args.train_py.resolve()
-            code = subprocess.run([sys.executable, str(script), *argv], cwd=script.parent, stdout=sys.stderr).returncode
+        started = time.time()
+        script = (args.train_py or ROOT / "train.py").resolve()
+        # train.py's messages go to stderr: not in the table or the JSON
+        code = subprocess.run([sys.executable, str(script), *argv], cwd=script.parent, stdout=sys.stderr).returncode
         if code != 0:
             raise SystemExit(f"error: train.py exited {code} for variant {name!r}")
         records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
         times = {r["iteration"]: r["time"] for r in records}
-        if math.isnan(peak):  # another process: the peak train.py logged at its last evaluation (CUDA)
-            peak = records[-1].get("peak_mem_gib", peak)
+        peak = records[-1].get("peak_mem_gib", float("nan"))  # CUDA's, as train.py logged it at its last evaluation
     seconds = (times[args.warmup + args.steps] - times[args.warmup]) / args.steps
     # start-up (data, compilation) and the warm-up iterations: decides whether compiling pays on a run
     warmup_s = times[args.warmup] - started
     return {"variant": name, "it_per_s": 1 / seconds, "ms_per_step": 1000 * seconds, "peak_mem_gib": peak,
             "warmup_s": warmup_s, "train_flags": " ".join(train_flags(VARIANTS[name], args.compile_mode))}
-
-
-def device_name(device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    import platform
-    return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
 
 
 def published_size(args) -> bool:
@@ -267,7 +220,7 @@ def main(argv=None) -> int:
         if not args.json:
             print_loop_table(rows, args, name)
         return 0
-    peak = next((v for k, v in BF16_PEAK_TFLOPS.items() if k in name), None)
+    peak = bf16_peak(name)
     rows = []
     for variant in args.variants:
         row = run_variant(variant, args)

@@ -22,7 +22,6 @@ from pathlib import Path
 from .io import DataError, note, read_image
 
 MANIFEST = "manifest.csv"  # written by sample_ldm.py beside images/
-RUN_INFO = "ldm.json"  # written by train_ldm.py in its run folder (networks.ldm.RUN_INFO)
 _SHOWN = 5  # ids named in the error
 
 
@@ -65,6 +64,8 @@ def generator_runs(manifest: Path) -> list[Path]:
 
 def generator_train_ids(run: Path, manifest: Path) -> set[str]:
     """The ids a generator run folder trained on (its ldm.json's ``train_ids``); anything else is an error."""
+    from utils.ldm_run import RUN_INFO  # late: utils.ldm_run reads training sets with dataloaders
+
     info_path = run / RUN_INFO
     where = f"the generator {run} named in {manifest}"
     if not info_path.is_file():

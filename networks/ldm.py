@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from networks import count_parameters
 from utils.config import ConfigError
 
 IMAGE_CHANNELS = 1  # ultrasound images are grayscale
@@ -93,10 +94,6 @@ def optimizer_and_schedule(parameters, lr: float, cfg: SimpleNamespace, betas=(0
     optimizer = torch.optim.AdamW(parameters, lr=lr, betas=betas,
                                   weight_decay=cfg.weight_decay if weight_decay is None else weight_decay)
     return optimizer, get_constant_schedule_with_warmup(optimizer, cfg.warmup_steps)
-
-
-def count_parameters(module: nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())
 
 
 def parameter_counts(cfg: SimpleNamespace, num_classes: int) -> dict[str, int]:

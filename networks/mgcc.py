@@ -187,7 +187,3 @@ class MGCCNet(nn.Module):
         for mixer in self.mixers:
             bottleneck = mixer(bottleneck)
         return [*skips, bottleneck]
-
-
-def count_parameters(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)

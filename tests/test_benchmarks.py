@@ -13,7 +13,7 @@ import torch
 from conftest import ROOT, run_script, write_dataset
 
 KEYS = ("variant", "it_per_s", "ms_per_step", "peak_mem_gib", "tflops")
-EAGER_VARIANTS = ["fp32 eager", "bf16 + channels_last"]  # the CPU default: compiling is left out there
+EAGER_VARIANTS = ["fp32 eager", "bf16 + channels_last"]  # both eager variants (the CPU default: fp32 eager alone)
 
 
 def json_rows(stdout: str) -> list[dict]:
@@ -31,7 +31,7 @@ def check_row(row: dict) -> None:
 
 def test_bench_train_json_rows():
     result = run_script("benchmarks/bench_train.py", "--device", "cpu", "--width", "4", "--image-size", "32",
-                        "--steps", "1", "--warmup", "0", "--json")
+                        "--steps", "1", "--warmup", "0", "--variants", *EAGER_VARIANTS, "--json")
     rows = json_rows(result.stdout)
     assert [r["variant"] for r in rows] == EAGER_VARIANTS
     for row in rows:
@@ -60,7 +60,8 @@ def test_bench_train_loop_times_train_py(tmp_path):
 def test_bench_ldm_json_rows():
     common = ("--device", "cpu", "--config", "configs/ldm_tiny.yaml", "--image-size", "32", "--batch-size", "2",
               "--sampling-batch-size", "3", "--ddim-steps", "2", "--dpmsolver-steps", "2", "--json")
-    result = run_script("benchmarks/bench_ldm.py", *common, "--steps", "1", "--warmup", "0", "--no-progress")
+    result = run_script("benchmarks/bench_ldm.py", *common, "--steps", "1", "--warmup", "0", "--no-progress",
+                        "--variants", *EAGER_VARIANTS)
     rows = json_rows(result.stdout)
     benchmarks = ["autoencoder training", "denoiser training", "sampling DDIM 2", "sampling DPM-Solver++ 2"]
     assert [(r["benchmark"], r["variant"]) for r in rows] == [(b, v) for b in benchmarks for v in EAGER_VARIANTS]
@@ -263,3 +264,16 @@ def test_compare_runs_names_a_folder_without_metrics(tmp_path):
     result = run_script("benchmarks/compare_runs.py", tmp_path / "empty", check=False)
     assert result.returncode == 2
     assert result.stderr.strip() == f"error: {tmp_path / 'empty'} is not a train.py run folder: metrics.jsonl not found"
+
+
+def test_cpu_defaults_are_what_the_cpu_trains_with():
+    """On a CPU train.py and train_ldm.py train in fp32 without channels_last (--precision auto,
+    --channels-last auto): the benchmarks' default variants there are that alone."""
+    spec = importlib.util.spec_from_file_location("bench_train", ROOT / "benchmarks" / "bench_train.py")
+    bench_train = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench_train)
+    assert bench_train.parse_args(["--device", "cpu"]).variants == ["fp32 eager"]
+    bench = load_bench_ldm()
+    run, = bench.resolve(bench.parse_args(["--device", "cpu", "--config", "configs/ldm_tiny.yaml"]))
+    assert run.variants == ["fp32 eager"]
+    assert bench_train.VARIANTS["fp32 eager"] == {"dtype": None, "channels_last": False, "compile": None}

@@ -19,6 +19,8 @@ from dataloaders.splits import load_run_data
 from methods import build_method
 from networks.mgcc import MGCCNet
 from utils.evaluation import evaluate
+from utils.losses import consistency_weight, poly_lr_factor
+from utils.segmenter import make_optimizer, make_train_step
 from utils.training import LossLog
 
 CPU = torch.device("cpu")
@@ -155,15 +157,15 @@ def test_the_step_with_resident_data_never_reads_back(items, tmp_path, mode):
     method = build_method(mode, "mgcc", {"in_channels": 3, "width": 4})
     model = method.student
     cfg = train.parse_config(train.OPTIONS, "", ["--lr", "0.01"])
-    optimizer = train.make_optimizer(method, cfg, CPU)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: train.poly_lr_factor(it, 10))
-    step = train.make_train_step(method, optimizer, None, CPU)
+    optimizer = make_optimizer(method, cfg, CPU)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: poly_lr_factor(it, 10))
+    step = make_train_step(method, optimizer, None, CPU)
     consistency, losses = torch.zeros(()), LossLog(CPU, 0)
     before = [p.detach().clone() for p in model.parameters()]
     with ReadBack():
         for it in range(3):
             images, masks = batches(it)
-            consistency.fill_(train.consistency_weight(it))
+            consistency.fill_(consistency_weight(it))
             loss, sup, cons = step(images, masks, consistency)
             scheduler.step()
             losses.add(it, loss=loss, sup=sup, cons=cons)
@@ -182,17 +184,17 @@ def test_the_whole_step_compiles_once_while_lr_and_consistency_change(monkeypatc
     torch.manual_seed(0)
     method = build_method("mgcc", "mgcc", {"in_channels": 3, "width": 4})
     cfg = train.parse_config(train.OPTIONS, "", ["--compile", "--compile-scope", "step"])
-    optimizer = train.make_optimizer(method, cfg, CPU)
+    optimizer = make_optimizer(method, cfg, CPU)
     assert isinstance(optimizer.param_groups[0]["lr"], torch.Tensor)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: train.poly_lr_factor(it, 10))
-    step = torch.compile(train.make_train_step(method, optimizer, None, CPU), backend="eager")
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: poly_lr_factor(it, 10))
+    step = torch.compile(make_train_step(method, optimizer, None, CPU), backend="eager")
     images, masks, consistency = torch.randn(4, 3, 32, 32), (torch.rand(2, 1, 32, 32) > 0.5).float(), torch.zeros(())
     lrs = []
     for it in range(4):
         # the optimizer's first step creates its momentum buffers: one recompile of its update, then none
         monkeypatch.setattr(torch._dynamo.config, "error_on_recompile", it >= 2)
-        consistency.fill_(train.consistency_weight(it * 1000))
+        consistency.fill_(consistency_weight(it * 1000))
         step(images, masks, consistency)
         scheduler.step()
         lrs.append(float(optimizer.param_groups[0]["lr"]))
-    assert lrs == pytest.approx([0.01 * train.poly_lr_factor(it + 1, 10) for it in range(4)])
+    assert lrs == pytest.approx([0.01 * poly_lr_factor(it + 1, 10) for it in range(4)])

@@ -6,7 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from networks.mgcc import MGCCNet, count_parameters
+from networks import count_parameters
+from networks.mgcc import MGCCNet
 from networks.official import (convert_official_state_dict, infer_official_architecture, is_official_state_dict,
                                official_to_ours)
 from networks.perturbations import AlwaysOnDropout, FeatureDropout, FeatureNoise

@@ -10,6 +10,7 @@ import yaml
 from conftest import ROOT, run_script, write_dataset
 import train
 from utils.evaluation import evaluate
+from utils.segmenter import build_training
 
 TINY = ["--width", "4", "--image-size", "32", "--batch-size", "4", "--labeled-batch-size", "2",
         "--eval-every", "3", "--eval-batch-size", "4", "--num-workers", "0", "--no-progress"]
@@ -157,7 +158,7 @@ def test_busi_config_holds_the_official_defaults():
     # consistency null: each method's reference weight, MGCC's official 7 for mgcc
     cfg = train.parse_config(train.OPTIONS, "", ["--config", str(ROOT / "configs" / "busi.yaml"), "--width", "2"])
     train.resolve_method(cfg)
-    assert config["consistency"] is None and train.build_training(cfg).consistency == 7.0
+    assert config["consistency"] is None and build_training(cfg).consistency == 7.0
 
 
 def test_any_dataset_in_the_layout(tmp_path):

@@ -26,11 +26,12 @@ from types import SimpleNamespace
 
 from dataloaders.io import dataset_name
 from dataloaders.ldm_data import load_training_set
-from networks.ldm import IMAGE_CHANNELS, check_architecture, latent_size
+from networks.ldm import IMAGE_CHANNELS, latent_size
 from utils.checkpoint import CheckpointError, UnsafeCheckpointError, check_finite, load_checkpoint
 from utils import distributed
-from utils.config import ConfigError, file_values, read_yaml, save_yaml
+from utils.config import ConfigError, file_values, save_yaml
 from utils.files import atomic_write_text, write_error
+from utils.ldm_config import DIFFUSION_KEYS, OPTIONS, absolute_paths, check_values, merged_config
 from utils.locks import hold
 from utils.runtime import autocast_dtype
 from utils.tensorboard import LOG_DIR
@@ -42,15 +43,6 @@ VAE_DIR, UNET_DIR, EMA_DIR, SCHEDULER_DIR = "vae", "unet", "unet_ema", "schedule
 VAE_STATE, DIFFUSION_STATE = "state_vae.pt", "state_diffusion.pt"
 VAE_METRICS = "vae_metrics.json"
 PREVIEW_DIR = "previews"
-# May differ on --resume: they change how long or how visibly the run goes, not what it learns.
-FREE_KEYS = {"vae_steps", "diffusion_steps", "precision", "num_workers", "log_every", "sample_every",
-             "checkpoint_every", "preview_images", "preview_steps",
-             "data_dir", "class_csv"}  # moved files: the ids and classes are checked against ldm.json
-# May differ from the run's config.yaml when the diffusion stage starts fresh on a trained autoencoder.
-DIFFUSION_KEYS = {"unet_channels", "unet_layers_per_block", "unet_norm_groups", "unet_mid_attention",
-                  "unet_dropout", "batch_size", "lr", "train_timesteps", "beta_schedule", "beta_start", "beta_end",
-                  "prediction_type", "diffusion_loss", "class_dropout", "ema_decay", "ema_power",
-                  "class_conditioning"}
 # each stage's state file (for --resume) and the kind recorded in it
 STATE_FILES = {"vae": (VAE_STATE, "mgcc-ldm-vae-state"), "diffusion": (DIFFUSION_STATE, "mgcc-ldm-diffusion-state")}
 
@@ -211,50 +203,6 @@ def load_sampling_models(run_dir: Path, info: dict):
 # what a command means for the run folder: new, continued, its diffusion stage started over
 # ----------------------------------------------------------------------------------------------
 
-def check_values(cfg: SimpleNamespace, world_size: int = 1) -> None:
-    def require(condition: bool, message: str) -> None:
-        if not condition:
-            raise ConfigError(message)
-
-    for name in ("image_size", "vae_layers_per_block", "vae_latent_channels", "vae_batch_size",
-                 "unet_layers_per_block", "batch_size", "log_every", "checkpoint_every",
-                 "disc_channels", "disc_layers", "preview_steps"):
-        require(getattr(cfg, name) >= 1, f"{name} must be at least 1, got {getattr(cfg, name)}")
-    for name in ("vae_steps", "diffusion_steps", "disc_start", "num_workers", "sample_every",
-                 "preview_images", "warmup_steps", "l1_weight", "ssim_weight", "kl_weight",
-                 "disc_weight", "weight_decay", "grad_clip"):
-        require(getattr(cfg, name) >= 0, f"{name} must not be negative, got {getattr(cfg, name)}")
-    for name in ("vae_lr", "lr", "disc_lr"):
-        require(getattr(cfg, name) > 0, f"{name} must be positive, got {getattr(cfg, name)}")
-    if cfg.stage in ("vae", "all"):
-        require(cfg.vae_steps >= 1, f"vae_steps must be at least 1 to train the autoencoder, got {cfg.vae_steps}")
-    if cfg.stage in ("diffusion", "all"):
-        require(cfg.diffusion_steps >= 1, f"diffusion_steps must be at least 1, got {cfg.diffusion_steps}")
-    require(cfg.train_timesteps >= 2, f"train_timesteps must be at least 2, got {cfg.train_timesteps}")
-    require(cfg.preview_steps <= cfg.train_timesteps,
-            f"preview_steps {cfg.preview_steps} exceeds train_timesteps {cfg.train_timesteps}")
-    require(0 < cfg.beta_start < cfg.beta_end < 1,
-            f"need 0 < beta_start < beta_end < 1, got {cfg.beta_start}, {cfg.beta_end}")
-    require(0 <= cfg.class_dropout < 1, f"class_dropout must be in [0, 1), got {cfg.class_dropout}")
-    require(0 <= cfg.unet_dropout < 1, f"unet_dropout must be in [0, 1), got {cfg.unet_dropout}")
-    require(0 <= cfg.ema_decay <= 1, f"ema_decay must be in [0, 1], got {cfg.ema_decay}")
-    require(cfg.ema_power > 0, f"ema_power must be positive, got {cfg.ema_power}")
-    require(not (cfg.resume and cfg.overwrite), "give --resume or --overwrite, not both")
-    for name in ("vae_batch_size", "batch_size"):
-        require(getattr(cfg, name) % world_size == 0,
-                f"{name} {getattr(cfg, name)} is the global batch under torchrun and must split evenly over "
-                f"the {world_size} processes")
-    check_architecture(cfg)
-
-
-def absolute_paths(values: dict) -> dict:
-    """Paths are kept absolute, so that a run compares and resumes from any working folder."""
-    for key in ("data_dir", "class_csv"):
-        if values.get(key) is not None:
-            values[key] = str(Path(values[key]).expanduser().resolve())
-    return values
-
-
 def run_folder(cfg: SimpleNamespace) -> Path:
     """The run folder (--out-dir, else runs/ldm_<dataset>_<split>); the data paths made absolute in ``cfg``."""
     cfg.data_dir = absolute_paths({"data_dir": cfg.data_dir})["data_dir"]
@@ -264,30 +212,6 @@ def run_folder(cfg: SimpleNamespace) -> Path:
             raise ConfigError("give --out-dir (the run folder) or --data-dir (to name it runs/ldm_<dataset>_<split>)")
         cfg.out_dir = f"runs/ldm_{dataset_name(cfg.data_dir)}_{cfg.split}"
     return Path(cfg.out_dir)
-
-
-def merged_config(cfg: SimpleNamespace, run_dir: Path, may_change: set[str], options) -> SimpleNamespace:
-    """The configuration of a run that is continued: its config.yaml, then the values given now.
-
-    A value given now that differs from the run's is an error unless it only changes the length or
-    the output of the run (FREE_KEYS) or belongs to a stage that starts afresh (``may_change``).
-    """
-    saved = absolute_paths(read_yaml(run_dir / "config.yaml", options))
-    given = {}
-    if cfg.config is not None:
-        given.update(read_yaml(Path(cfg.config), options))
-    given.update({name: getattr(cfg, name) for name in cfg.explicit if name in {o.name for o in options if o.in_file}})
-    given = absolute_paths(given)
-    changed = [f"  {key}: {saved[key]!r} in the run, {value!r} now" for key, value in sorted(given.items())
-               if key in saved and value != saved[key] and key not in FREE_KEYS | may_change]
-    if changed:
-        raise ConfigError(f"the run in {run_dir} was made with other settings (its config.yaml); a "
-                          "continued run keeps them:\n" + "\n".join(changed)
-                          + "\n(use another --out-dir, or --overwrite to start over)")
-    values = {o.name: getattr(cfg, o.name) for o in options}
-    values.update(saved)
-    values.update(given)
-    return SimpleNamespace(**values, config=cfg.config, explicit=cfg.explicit)
 
 
 def load_data(cfg: SimpleNamespace):
@@ -320,9 +244,8 @@ def remove_diffusion_outputs(run_dir: Path, info: dict) -> None:
     write_run_info(run_dir, info)
 
 
-def prepare_run(cfg: SimpleNamespace, run_dir: Path, options, world_size: int = 1):
+def prepare_run(cfg: SimpleNamespace, run_dir: Path, world_size: int = 1):
     """Decide what the command means for the run folder; return (cfg, ldm.json dict, training set).
-    ``options``: train_ldm.py's Option list (config.yaml holds its in-file values).
 
     Nothing is written or deleted before the configuration and the data have been checked. Under
     torchrun rank 0 alone calls this (see utils.distributed.on_main_rank).
@@ -358,12 +281,12 @@ def prepare_run(cfg: SimpleNamespace, run_dir: Path, options, world_size: int = 
             shutil.rmtree(run_dir)
         run_dir.mkdir(parents=True)
         info = new_run_info(cfg, data)
-        save_yaml(file_values(cfg, options), run_dir / "config.yaml")
+        save_yaml(file_values(cfg, OPTIONS), run_dir / "config.yaml")
         write_run_info(run_dir, info)
         return cfg, info, data
 
     fresh_diffusion = wants_diffusion and (cfg.overwrite or not has_diffusion)
-    cfg = merged_config(cfg, run_dir, DIFFUSION_KEYS if fresh_diffusion else set(), options)
+    cfg = merged_config(cfg, run_dir, DIFFUSION_KEYS if fresh_diffusion else set())
     check_values(cfg, world_size)
     vae_step, diffusion_step = info["vae_step"], 0 if fresh_diffusion else info["diffusion_step"]
     if cfg.vae_steps < vae_step:
@@ -390,7 +313,7 @@ def prepare_run(cfg: SimpleNamespace, run_dir: Path, options, world_size: int = 
                           f"({info['class_names']} then, {data.class_names} now)")
     if cfg.overwrite:
         remove_diffusion_outputs(run_dir, info)
-    save_yaml(file_values(cfg, options), run_dir / "config.yaml")
+    save_yaml(file_values(cfg, OPTIONS), run_dir / "config.yaml")
     write_run_info(run_dir, info)
     return cfg, info, data
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import random
 import signal
 import sys
@@ -11,6 +12,15 @@ import numpy as np
 import torch
 
 from .config import ConfigError
+
+
+def hub_offline(env=None):
+    """Hugging Face Hub offline in ``env`` (default: this process's environment), unless set there:
+    the project's networks are built from its configurations or read from its run folders, never
+    downloaded. Returns ``env``."""
+    env = os.environ if env is None else env
+    env.setdefault("HF_HUB_OFFLINE", "1")
+    return env
 
 
 def resolve_device(name: str) -> torch.device:

@@ -26,14 +26,15 @@ import shlex
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable, Sequence
 
+from .files import atomic_write_text
 from .config import ConfigError
+from .runtime import hub_offline
 
 # flags that change how a stage runs or shows progress, not what it makes
 PRESENTATION_FLAGS = {"--device": 1, "--progress": 0, "--no-progress": 0, "--overwrite": 0}
@@ -162,13 +163,9 @@ class Ledger:
                 raise ConfigError(f"{path} is not a stage ledger ({error}); move it away to start over") from None
 
     def save(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         used = {entry.get("reads", {}).get("files") for entry in self.stages.values()}
         self.file_sets = {key: files for key, files in self.file_sets.items() if key in used}
-        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.")
-        with os.fdopen(fd, "w") as f:
-            json.dump({"stages": self.stages, "file_sets": self.file_sets}, f, indent=1)
-        os.replace(tmp, self.path)
+        atomic_write_text(self.path, json.dumps({"stages": self.stages, "file_sets": self.file_sets}, indent=1))
 
     @staticmethod
     def read_now(stage: Stage) -> tuple[dict | None, dict[str, str | None]] | None:
@@ -255,9 +252,7 @@ def check_plan(stages: Sequence[Stage], ledger: Ledger) -> dict[str, str]:
 
 
 def child_environment() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in TORCHRUN_VARIABLES}
-    env.setdefault("HF_HUB_OFFLINE", "1")
-    return env
+    return hub_offline({k: v for k, v in os.environ.items() if k not in TORCHRUN_VARIABLES})
 
 
 def _parent_death_signal() -> Callable[[], None] | None:

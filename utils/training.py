@@ -1,4 +1,5 @@
-"""The skeleton every training loop of the project shares: train.py and both stages of train_ldm.py.
+"""The skeleton every training loop of the project shares: train.py and both stages of train_ldm.py
+(sample_ldm.py stops on a signal through :func:`stop_requested` and :func:`stop_status` too).
 
 A script subclasses :class:`Trainer` and fills in its hooks (nnU-Net's ``nnUNetTrainer`` shape):
 
@@ -137,13 +138,12 @@ class LossLog:
     keeps one row per reading ({"step": done, name: mean...}).
     """
 
-    def __init__(self, device, start: int = 0, history: list[dict] | None = None):
+    def __init__(self, device, history: list[dict] | None = None):
         self.device = device
         self.history = list(history or [])
         self.sums: dict[str, torch.Tensor] = {}
         self.counts: dict[str, int] = {}
         self.first_bad = torch.full((), -1, device=device, dtype=torch.long)
-        self.last_read = start
         self.marked: dict[str, list[float]] = {}  # sums and counts since mark() (e.g. the last evaluation)
 
     def add(self, step: int, **losses: torch.Tensor) -> None:
@@ -172,7 +172,7 @@ class LossLog:
         for name, mean in means.items():
             total, count = self.marked.get(name, (0.0, 0))
             self.marked[name] = [total + mean * self.counts[name], count + self.counts[name]]
-        self.sums, self.counts, self.last_read = {}, {}, done
+        self.sums, self.counts = {}, {}
         self.history.append({"step": done, **means})
         return means
 
@@ -228,7 +228,7 @@ class Trainer:
         self.state, self.kind, self.checkpoint_path = state, kind, checkpoint_path
         self.log_every, self.checkpoint_every, self.eval_every = log_every, checkpoint_every, eval_every
         self.progress, self.stop_after = progress, stop_after
-        self.losses = LossLog(device, start, history)
+        self.losses = LossLog(device, history)
         self.done, self.stopping, self.pausing, self.timer = start, False, False, None
 
     # -- the hooks --------------------------------------------------------------------------------
