@@ -62,10 +62,10 @@ from utils import distributed
 from utils.image_quality import c2st_accuracy, calibrated_memorisation, closest_pairs_image, describe_memorisation
 from utils.ldm_run import load_sampling_models, open_run, write_json
 from utils.locks import hold, release_held
-from utils.cli import run_cli
+from utils.cli import run_cli, run_on_device
 from utils.config import ConfigError, Option, optional, parse_config
 from utils.plots import image_grid, save_image
-from utils.runtime import autocast_dtype, resolve_device, StopRequest
+from utils.runtime import autocast_dtype, StopRequest
 from utils.training import stop_requested, stop_status
 
 EPILOG = """examples:
@@ -401,8 +401,8 @@ def main(argv: list[str] | None = None) -> int:
     utils.cli.run_cli turns into one error line and status 2."""
 
     cfg = parse_config(OPTIONS, __doc__, argv, epilog=EPILOG)
-    set_max_image_pixels(cfg.max_image_pixels)
-    if cfg.report_only:
+    if cfg.report_only:  # no device and no process group: run_on_device's pixel limit and lock release alone
+        set_max_image_pixels(cfg.max_image_pixels)
         if cfg.checkpoint is None or cfg.out_dir is None:
             raise ConfigError("--report-only needs --checkpoint (the run whose training and val images are compared "
                               "with) and --out-dir (the folder of images)")
@@ -411,12 +411,7 @@ def main(argv: list[str] | None = None) -> int:
             return report_only(cfg)
         finally:
             release_held()
-    ctx, device = distributed.setup(resolve_device(cfg.device))
-    try:
-        return sample(cfg, ctx, device)
-    finally:
-        release_held()
-        distributed.teardown()
+    return run_on_device(cfg, sample)
 
 
 if __name__ == "__main__":

@@ -33,25 +33,24 @@ from pathlib import Path
 import torch
 
 from dataloaders.datasets import SegmentationDataset
-from dataloaders.io import DataError, dataset_name, set_max_image_pixels
+from dataloaders.io import DataError, dataset_name
 from dataloaders.samplers import batches_per_epoch
 from dataloaders.splits import load_run_data
 from dataloaders.training_batches import TrainingBatches
 from methods import CONSISTENCY_DEFAULTS, METHODS
 from networks import count_parameters
 from networks.unet import build_network
-from utils import distributed
 from utils.checkpoint import CheckpointError, check_finite, load_checkpoint, require_fields, weights_misfit
-from utils.cli import run_cli
+from utils.cli import run_cli, run_on_device
 from utils.config import ConfigError, file_values, parse_config, save_yaml
 from utils.evaluation import evaluate, overlay_grid
 from utils.files import atomic_write_text, check_writable
-from utils.locks import hold, release_held
+from utils.locks import hold
 from utils.losses import consistency_weight
 from utils.run import RunRecord, claim_run_folder
-from utils.runtime import StopRequest, resolve_device, seed_everything
+from utils.runtime import StopRequest, seed_everything
 from utils.schedule import final_consistency_weight, scaled_schedule
-from utils.segmenter import (CHECKPOINT_KIND, OPTIONS, Method, model_args, resolve_method,  # noqa: F401 (tests)
+from utils.segmenter import (CHECKPOINT_KIND, OPTIONS, Method, model_args, resolve_method,
                              use_channels_last)
 from utils.tensorboard import LOG_DIR
 from utils.training import Trainer, restore
@@ -151,18 +150,6 @@ def check_config(cfg, run_data, world_size: int, device: torch.device) -> None:
                           f"({unlabeled_batch if semi else 0}) batches must split evenly over {world_size} processes")
     if cfg.iterations is not None and cfg.iterations < 1:
         raise ConfigError(f"iterations must be positive, got {cfg.iterations}")
-
-
-def main(argv=None) -> int:
-    cfg = parse_config(OPTIONS, __doc__, argv)
-    set_max_image_pixels(cfg.max_image_pixels)
-    resolve_method(cfg)
-    ctx, device = distributed.setup(resolve_device(cfg.device))
-    try:
-        return train(cfg, ctx, device)
-    finally:
-        release_held()
-        distributed.teardown()
 
 
 class SegmenterTraining(Trainer):
@@ -287,6 +274,12 @@ def finish(cfg, model, record, run_data, out_dir, iterations, device, val_batche
     atomic_write_text(out_dir / "metrics.json", json.dumps(summary, indent=2))
     print(f"done: val IoU {summary['val']['iou']:.4f} Dice {summary['val']['dice']:.4f} "
           f"(checkpoint_best at iteration {best['iteration']}); wrote {out_dir}")
+
+
+def main(argv=None) -> int:
+    cfg = parse_config(OPTIONS, __doc__, argv)
+    resolve_method(cfg)
+    return run_on_device(cfg, train)
 
 
 if __name__ == "__main__":

@@ -39,7 +39,6 @@ from diffusers.training_utils import EMAModel
 from diffusers.utils import logging as diffusers_logging
 from torch.utils.data import DataLoader
 
-from dataloaders.io import set_max_image_pixels
 from dataloaders.ldm_data import StepBatchSampler, TrainingImages
 from networks.ldm import (STREAM_DIFFUSION, STREAM_PREVIEW, STREAM_VAE, AutoencoderPass, PatchDiscriminator,
                           build_unet, build_vae, encode_training_set, latent_scaling_factor, latent_size,
@@ -47,16 +46,15 @@ from networks.ldm import (STREAM_DIFFUSION, STREAM_PREVIEW, STREAM_VAE, Autoenco
 from networks.ldm_losses import LatentDiffusionLoss, discriminator_loss, vae_losses
 from networks.ldm_sampling import generate, to_uint8
 from utils import distributed
-from utils.cli import run_cli
+from utils.cli import run_cli, run_on_device
 from utils.config import parse_config
 from utils.distributed import wrap_ddp
 from utils.image_quality import evaluate_vae, reconstruct
 from utils.ldm_config import OPTIONS, check_values
 from utils.ldm_run import (EMA_DIR, PREVIEW_DIR, SCHEDULER_DIR, UNET_DIR, VAE_DIR, VAE_METRICS, LdmStage, load_model,
                            prepare_run, run_folder, save_model, write_run_info)
-from utils.locks import release_held
 from utils.plots import image_grid, save_image
-from utils.runtime import derived_seed, ignore_stop_signals, resolve_device, step_generator, StopRequest
+from utils.runtime import derived_seed, ignore_stop_signals, step_generator, StopRequest
 from utils.training import ema_weights, optimizer_update
 
 EPILOG = """examples:
@@ -282,13 +280,7 @@ def main(argv: list[str] | None = None) -> int:
     diverged run FloatingPointError: utils.cli.run_cli turns them into one error line (status 2, 3)."""
 
     cfg = parse_config(OPTIONS, __doc__, argv, epilog=EPILOG)
-    set_max_image_pixels(cfg.max_image_pixels)
-    ctx, device = distributed.setup(resolve_device(cfg.device))
-    try:
-        return train(cfg, ctx, device)
-    finally:
-        release_held()
-        distributed.teardown()
+    return run_on_device(cfg, train)
 
 
 if __name__ == "__main__":

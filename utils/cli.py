@@ -4,12 +4,28 @@ from __future__ import annotations
 import sys
 from typing import Callable
 
-from dataloaders.io import DataError
+from dataloaders.io import DataError, set_max_image_pixels
+from . import distributed
 from .checkpoint import CheckpointError
 from .config import ConfigError
 from .files import WriteError
+from .locks import release_held
+from .runtime import resolve_device
 
 USER_ERRORS = (ConfigError, DataError, CheckpointError, WriteError)
+
+
+def run_on_device(cfg, work: Callable[..., int]) -> int:
+    """``work(cfg, ctx, device)`` on this process's device (under torchrun: its rank's, in the process
+    group), with the pixel limit of --max-image-pixels; then the folder locks are released and the
+    process group is left, whatever happened."""
+    set_max_image_pixels(cfg.max_image_pixels)
+    ctx, device = distributed.setup(resolve_device(cfg.device))
+    try:
+        return work(cfg, ctx, device)
+    finally:
+        release_held()
+        distributed.teardown()
 
 
 def run_cli(main: Callable[[], int | None]) -> None:
