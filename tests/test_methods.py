@@ -22,7 +22,8 @@ from methods.fixmatch import FixMatch
 from methods.losses import hard_label_and_confidence, reference_supervised_loss, two_class_dice_loss
 from methods.mean_teacher import MeanTeacher, ema_update
 from methods.unimatch import UniMatch
-from networks.mgcc import MGCCNet, count_parameters
+from networks import count_parameters
+from networks.mgcc import MGCCNet
 from networks.unet import UNet
 
 S = 1e-5  # the references' Dice smoothing
