@@ -46,7 +46,6 @@ from utils.config import ConfigError, file_values, parse_config, save_yaml
 from utils.evaluation import evaluate, overlay_grid
 from utils.files import atomic_write_text, check_writable
 from utils.locks import hold
-from utils.losses import consistency_weight
 from utils.run import RunRecord, claim_run_folder
 from utils.runtime import StopRequest, seed_everything
 from utils.schedule import final_consistency_weight, scaled_schedule
