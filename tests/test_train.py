@@ -178,6 +178,7 @@ def test_a_scaled_run_follows_the_published_lambda_and_lr_curves(tmp_path, datas
     """--schedule-scale 0.25 of a 40-iteration schedule with a ramp step every 6 iterations: 10 iterations,
     a ramp step every 1.5. At every iteration it of the scaled run, lambda and the learning rate are the
     published schedule's at iteration it / 0.25 (the same t/T); the evaluations are as many."""
+    import methods.base
     from utils.losses import consistency_weight, poly_lr_factor
 
     weights = {}
@@ -186,7 +187,7 @@ def test_a_scaled_run_follows_the_published_lambda_and_lr_curves(tmp_path, datas
         weights[iteration] = consistency_weight(iteration, weight, rampup, ramp_every)
         return weights[iteration]
 
-    monkeypatch.setattr(train, "consistency_weight", spy)
+    monkeypatch.setattr(methods.base, "consistency_weight", spy)  # the method's schedule (methods/base.py)
     code, out = run_train(tmp_path, dataset, "--iterations", "40", "--consistency-ramp-every", "6",
                           "--consistency-rampup", "5", "--eval-every", "8", "--schedule-scale", "0.25")
     assert code == 0
