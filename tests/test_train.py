@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -211,7 +212,7 @@ def test_busi_config_scaled_keeps_the_official_curves():
 
     cfg = train.parse_config(train.OPTIONS, "", ["--config", str(ROOT / "configs" / "busi.yaml"),
                                                  "--schedule-scale", "0.05"])
-    schedule = train.run_schedule(cfg, labeled=226)
+    schedule = train.run_schedule(cfg, SimpleNamespace(labeled=range(226)))  # run_data's labeled ids (issue 20)
     assert (schedule.iterations, schedule.ramp_every, schedule.eval_every) == (1000, 7.5, 3)
     for it in range(1000):
         assert consistency_weight(it, 7.0, 200.0, schedule.ramp_every) == consistency_weight(20 * it, 7.0, 200.0, 150)
