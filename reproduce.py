@@ -26,6 +26,11 @@ stops the running stage at a checkpoint). An option changed since, or a change i
 stale: that is an error naming the stage and what changed, never a silent reuse. Before starting, the planned stages are
 printed with an estimated time (from a short benchmark of each step on the device, or from stages of
 the same kind already finished in --out-dir); at the end, the measured times.
+
+Stages side by side: --jobs N runs up to N ready stages at once on this node, each on its own GPU or
+share of the CPU's threads (utils/parallel.py); --launcher slurm submits each stage as a SLURM job
+through submitit, with the stages' dependencies, and returns; rerun to see the jobs and, once they
+have ended, to collect the results (utils/cluster.py). The results are the sequential run's.
 """
 from __future__ import annotations
 
@@ -53,6 +58,8 @@ from utils import results
 from utils.cli import run_cli
 from utils.config import ConfigError, file_values, parse_config, read_yaml, save_yaml
 from utils.runtime import resolve_device
+from utils.cluster import LAUNCHERS
+from utils.locks import hold
 from utils.stages import Ledger, Stage, check_plan, child_environment, execute, format_seconds
 
 ROOT = Path(__file__).resolve().parent
@@ -191,12 +198,47 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--nproc-per-node", type=int, default=None,
                         help="processes per training stage, each run under torchrun (default: 1; under torchrun, "
                              "its --nproc_per_node)")
+    parallel = parser.add_argument_group(
+        "running stages side by side (README: The protocol on a node or a cluster)")
+    parallel.add_argument("--jobs", type=int, default=1, metavar="N",
+                          help="run up to N ready stages at once on this node, each on its own GPU (--gpus) or, on "
+                               "the CPU, with 1/N of the cores' threads; a stage's output goes to <its folder>.log "
+                               "(default: 1, one stage after another, its output here)")
+    parallel.add_argument("--gpus", default=None, metavar="LIST",
+                          help="with --jobs: the GPUs to use, e.g. 0,1,2,3 (indices of the visible ones; default: all)")
+    parallel.add_argument("--launcher", choices=LAUNCHERS, default="local",
+                          help="local: run the stages here; slurm: submit every stage not done as a SLURM job "
+                               "through submitit, with the stages' dependencies, and return (rerun the command to "
+                               "see the jobs, and once they have ended to collect the results); submitit-local: "
+                               "the same jobs through submitit's local executor, on this machine (default: local)")
+    parallel.add_argument("--slurm-partition", default=None, help="SLURM partition of the jobs (default: the cluster's)")
+    parallel.add_argument("--slurm-time", type=int, default=24 * 60, metavar="MINUTES",
+                          help="time limit of each job; a stage still running at its end checkpoints and its job "
+                               "is requeued to resume it (default: 1440)")
+    parallel.add_argument("--slurm-gpus-per-job", type=int, default=None, metavar="N",
+                          help="GPUs of each job (default: --nproc-per-node with --device cuda or auto on a GPU "
+                               "machine, else 0)")
+    parallel.add_argument("--slurm-options", type=Path, default=None, metavar="YAML",
+                          help="more submitit SlurmExecutor options, e.g. mem: 32G, cpus_per_task: 8, account: X, "
+                               "additional_parameters: {constraint: a100} (default: none)")
+    parallel.add_argument("--stage", default=None, metavar="NAME",
+                          help="run only this stage of the plan (what each cluster job runs), e.g. "
+                               "split1/mgcc-real; the stages it reads must be done")
     parser.add_argument("--estimate", action=argparse.BooleanOptionalAction, default=True,
                         help="benchmark the steps on the device to print an estimated time first (default: on)")
     parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
                         help="progress bars of the stages (default: on)")
     args = parser.parse_args(argv)
-    args.command_line = shlex.join(["python", "reproduce.py", *(sys.argv[1:] if argv is None else argv)])
+    args.argv = list(sys.argv[1:] if argv is None else argv)
+    args.command_line = shlex.join(["python", "reproduce.py", *args.argv])
+    try:
+        args.gpus = None if args.gpus is None else [int(g) for g in args.gpus.split(",") if g.strip()]
+    except ValueError:
+        raise ConfigError(f"--gpus {args.gpus}: a comma-separated list of GPU indices was expected, e.g. 0,1") from None
+    if args.jobs < 1:
+        raise ConfigError(f"--jobs must be at least 1, got {args.jobs}")
+    if args.jobs > 1 and args.launcher != "local":
+        raise ConfigError(f"--jobs {args.jobs} is for --launcher local: with {args.launcher}, the cluster runs the jobs")
     preset = PRESETS[args.preset]
     args.config = args.config or preset["config"]
     args.ldm_config = args.ldm_config or preset["ldm_config"]
@@ -668,6 +710,7 @@ def write_results(args, splits: list[int], ledger: Ledger, device: str) -> Path:
     rows, generators = collect(args, splits, ledger)
     out = args.out_dir.resolve()
     results.write_csv(rows, out / "results.csv")
+    results.write_csv(rows, out / "times.csv", results.TIME_COLUMNS)
     protocol = (f"checkpoint selected on the last {args.holdout:g} of each training list (holdout); the val ids "
                 "evaluated once, by the selected checkpoint" if args.holdout else
                 "checkpoint selected on the val ids, which are also the ids reported (the official protocol: "
@@ -696,6 +739,44 @@ def write_results(args, splits: list[int], ledger: Ledger, device: str) -> Path:
     return out
 
 
+def run_one_stage(args, stages: list[Stage], ledger: Ledger) -> int:
+    """--stage NAME: that stage alone, as a local run would run it (what each cluster job does)."""
+    by_name = {stage.name: stage for stage in stages}
+    if args.stage not in by_name:
+        raise ConfigError(f"--stage {args.stage}: no such stage in this plan; its stages are "
+                          + ", ".join(by_name))
+    stage = by_name[args.stage]
+    missing = [dep for dep in stage.depends if not ledger.stages.get(dep, {}).get("finished")]
+    if missing:
+        raise ConfigError(f"--stage {stage.name} reads {', '.join(missing)}, which {'is' if len(missing) == 1 else 'are'} "
+                          "not done yet")
+    statuses = check_plan([stage], ledger)
+    return execute([stage], ledger, statuses, ROOT)
+
+
+def submit_jobs(args, stages: list[Stage], ledger: Ledger, statuses: dict[str, str], device: str) -> int:
+    """--launcher slurm | submitit-local: a job per stage not done; the number of jobs not ended."""
+    from utils import cluster
+    from utils.parallel import log_path
+
+    gpus = args.slurm_gpus_per_job
+    if gpus is None:
+        gpus = args.nproc_per_node if resolve_device(device).type == "cuda" else 0
+    executor = cluster.make_executor(args.launcher, args.out_dir.resolve() / "submitit", args.slurm_time,
+                                     args.slurm_partition, gpus, args.slurm_options)
+    command = lambda stage: [sys.executable, str(ROOT / "reproduce.py"), *args.argv, "--stage", stage.name,
+                             "--no-estimate"]
+    states = cluster.submit(stages, ledger, statuses, executor, args.launcher, command, Path.cwd(), log_path)
+    if states:
+        print(f"\n{'stage':32s} {'job':>10s}  state")
+        for name, state in states.items():
+            print(f"{name:32s} {ledger.jobs[name]['id']:>10s}  {state}")
+        submitted = sum(state == "SUBMITTED" for state in states.values())
+        print(f"\n{submitted} jobs submitted, {len(states) - submitted} queued or running before; rerun this command "
+              f"to see them, and once they have ended to collect the results (job logs: {executor.folder})", flush=True)
+    return len(states)
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     if os.environ.get("LOCAL_RANK", "0") != "0":
@@ -708,16 +789,39 @@ def main(argv=None) -> int:
     name, splits = find_splits(args.data_dir, args.splits, args.split_name)
     stages = plan(args, name, splits, device)
     ledger = Ledger(args.out_dir.resolve() / "stages.json")
+    slots = None
+    if args.jobs > 1 or args.gpus is not None:
+        from utils.parallel import node_slots
+        slots = node_slots(args.jobs, device, args.gpus, args.nproc_per_node)
+    if args.stage:
+        return run_one_stage(args, stages, ledger)
+    # one command drives a folder at a time (the jobs it submitted update the ledger themselves)
+    hold(args.out_dir.resolve(), "protocol folder")
+    if args.launcher == "local" and ledger.jobs:
+        from utils.cluster import active_jobs
+        if running := active_jobs(ledger):
+            raise ConfigError(f"{len(running)} cluster jobs of {args.out_dir} have not ended ("
+                              + ", ".join(f"{n}: job {i}" for n, i in list(running.items())[:5])
+                              + "): rerun with their --launcher to see them, or cancel them first")
     statuses = check_plan(stages, ledger)
     print(f"reproduce: {args.data_dir} -> {args.out_dir} | splits {', '.join(map(str, splits))} | arms "
           f"{', '.join(args.arms)} | {args.labels} | "
           f"{'holdout ' + format(args.holdout, 'g') if args.holdout else 'selection on val (official)'}", flush=True)
-    if args.estimate and any(status != "done" for status in statuses.values()):
-        estimate(stages, statuses, ledger, device, args.nproc_per_node)
-    print_plan(stages, statuses)
-    code = execute(stages, ledger, statuses, ROOT)
-    if code != 0:
-        return code
+    if args.launcher != "local":
+        if submit_jobs(args, stages, ledger, statuses, device):
+            return 0
+    else:
+        if args.estimate and any(status != "done" for status in statuses.values()):
+            estimate(stages, statuses, ledger, device, args.nproc_per_node)
+        print_plan(stages, statuses)
+        if args.jobs > 1:
+            from utils.parallel import run_side_by_side
+            code = run_side_by_side(stages, ledger, statuses, ROOT, slots, live=args.progress and sys.stdout.isatty())
+        else:
+            code = execute(stages, ledger, statuses, ROOT)
+        if code != 0:
+            return code
+    ledger.reload()
     out = write_results(args, splits, ledger, device)
     print(f"\n{'stage':32s} {'estimate':>10s} {'measured':>10s}")
     for stage in stages:
@@ -726,7 +830,8 @@ def main(argv=None) -> int:
     estimated = [(s.estimate, ledger.seconds(s.name)) for s in stages if s.estimate is not None and ledger.seconds(s.name)]
     print(f"total measured: {format_seconds(total)}" + (
         f"; the stages estimated took {sum(m for _, m in estimated) / sum(e for e, _ in estimated):.2f} x their "
-        "estimate" if estimated else ""))
+        "estimate" if estimated else "") + (f" (stage time summed: with --jobs {args.jobs} they overlapped)"
+                                            if args.jobs > 1 else ""))
     print(f"\n{(out / 'results.md').read_text()}\nwrote {out / 'results.csv'}, {out / 'results.md'}, "
           f"{out / 'results.png'}")
     return 0

@@ -21,6 +21,7 @@ import json
 import os
 import socket
 import sys
+from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -100,6 +101,26 @@ def release_held() -> None:
     """Release every lock this process took through :func:`hold` (a script's main, in its ``finally``)."""
     while _HELD:
         _HELD.popitem()[1].release()
+
+
+@contextmanager
+def exclusive(path: str | Path):
+    """Hold an exclusive ``flock`` on ``path`` (created if missing) for the ``with`` block, waiting for
+    another holder to leave it: a short critical section among processes, such as one read-change-write
+    of a shared file (the stage ledger that stages running side by side all update). The file stays; it
+    holds nothing."""
+    from .files import write_error
+
+    path = Path(path)
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as error:
+        raise write_error(path, error) from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing the descriptor releases the lock
 
 
 def _read_holder(fd: int) -> str:

@@ -27,6 +27,7 @@ import signal
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -34,6 +35,7 @@ from typing import Callable, Sequence
 
 from .files import atomic_write_text
 from .config import ConfigError
+from .locks import exclusive
 from .runtime import hub_offline
 
 # flags that change how a stage runs or shows progress, not what it makes
@@ -148,24 +150,49 @@ def describe_change(old: Sequence[str], new: Sequence[str]) -> str:
 
 
 class Ledger:
-    """``stages.json``: what each stage was made with, written atomically after every change."""
+    """``stages.json``: what each stage was made with, and the cluster job that runs it, if any.
+
+    Every change is one transaction under an exclusive lock of ``.stages.json.lock``: read the file
+    afresh, change one stage's entry, write it atomically. Stages that run side by side (``--jobs``, or
+    SLURM jobs on other nodes, each updating the ledger as it starts and ends) therefore never lose one
+    another's entries, and a reader never sees half a file. (The lock is ``flock``: on a network file
+    system it holds where the file system supports it, as NFSv4 and Lustre mounted with flock do.)
+    """
 
     def __init__(self, path: Path):
         self.path = path
+        self.lock_path = path.with_name(f".{path.name}.lock")
         self.stages: dict[str, dict] = {}
         # file lists shared by the stages that read the same files: digest of the list -> {name: SHA-256}
         self.file_sets: dict[str, dict[str, str | None]] = {}
-        if path.is_file():
-            try:
-                data = json.loads(path.read_text())
-                self.stages, self.file_sets = data["stages"], data.get("file_sets", {})
-            except (ValueError, KeyError, TypeError) as error:
-                raise ConfigError(f"{path} is not a stage ledger ({error}); move it away to start over") from None
+        # stage name -> the cluster job submitted for it: {"launcher", "id", "folder", "host", "state"}
+        self.jobs: dict[str, dict] = {}
+        self.reload()
+
+    def reload(self) -> None:
+        if not self.path.is_file():
+            return
+        try:
+            data = json.loads(self.path.read_text())
+            self.stages, self.file_sets, self.jobs = data["stages"], data.get("file_sets", {}), data.get("jobs", {})
+        except (ValueError, KeyError, TypeError) as error:
+            raise ConfigError(f"{self.path} is not a stage ledger ({error}); move it away to start over") from None
+
+    @contextmanager
+    def transaction(self):
+        """``with ledger.transaction(): ledger.stages[name] = ...``: the change is made to the ledger as
+        it is on disk now, under its lock, and written back before the lock is released."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with exclusive(self.lock_path):
+            self.reload()
+            yield
+            self.save()
 
     def save(self) -> None:
         used = {entry.get("reads", {}).get("files") for entry in self.stages.values()}
         self.file_sets = {key: files for key, files in self.file_sets.items() if key in used}
-        atomic_write_text(self.path, json.dumps({"stages": self.stages, "file_sets": self.file_sets}, indent=1))
+        atomic_write_text(self.path, json.dumps({"stages": self.stages, "file_sets": self.file_sets,
+                                                 **({"jobs": self.jobs} if self.jobs else {})}, indent=1))
 
     @staticmethod
     def read_now(stage: Stage) -> tuple[dict | None, dict[str, str | None]] | None:
@@ -208,21 +235,27 @@ class Ledger:
         return ("resume", "") if stage.resume and stage.resume() is not None else ("todo", "")
 
     def start(self, stage: Stage) -> None:
-        self.stages[stage.name] = {
-            "command": stage.command, "finished": None, "seconds": 0.0,
-            "inputs": {dep: self.stages[dep]["finished"] for dep in stage.depends}}
-        if (now := self.read_now(stage)) is not None:
-            config, files = now
-            self.file_sets[files_key(files)] = files
-            self.stages[stage.name]["reads"] = {"config": config, "files": files_key(files)}
-        self.save()
+        now = self.read_now(stage)  # hashed before the lock is taken: it can take a while
+        with self.transaction():
+            self.stages[stage.name] = {
+                "command": stage.command, "finished": None, "seconds": 0.0,
+                "inputs": {dep: self.stages[dep]["finished"] for dep in stage.depends}}
+            if now is not None:
+                config, files = now
+                self.file_sets[files_key(files)] = files
+                self.stages[stage.name]["reads"] = {"config": config, "files": files_key(files)}
 
     def add_time(self, stage: Stage, seconds: float, finished: bool) -> None:
-        entry = self.stages[stage.name]
-        entry["seconds"] += seconds
-        if finished:
-            entry["finished"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
-        self.save()
+        with self.transaction():
+            entry = self.stages[stage.name]
+            entry["seconds"] += seconds
+            if finished:
+                entry["finished"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+    def set_job(self, name: str, **fields) -> None:
+        """Record (or update) the cluster job of stage ``name``: its id when submitted, its state as it runs."""
+        with self.transaction():
+            self.jobs[name] = {**self.jobs.get(name, {}), **fields}
 
     def seconds(self, name: str) -> float | None:
         entry = self.stages.get(name)
@@ -255,7 +288,7 @@ def child_environment() -> dict[str, str]:
     return hub_offline({k: v for k, v in os.environ.items() if k not in TORCHRUN_VARIABLES})
 
 
-def _parent_death_signal() -> Callable[[], None] | None:
+def parent_death_signal() -> Callable[[], None] | None:
     """A preexec_fn that has the kernel send the child SIGTERM when this process dies (Linux's
     PR_SET_PDEATHSIG), or None where there is no prctl.
 
@@ -286,12 +319,12 @@ def run_stage(stage: Stage, argv: list[str], cwd: Path) -> int:
     In its own session the script sees a signal once, from here, whether the user pressed Ctrl-C,
     killed this process, or its process group: it then finishes its step and checkpoints (a second
     signal would stop it at once). If this process is killed outright (``kill -9``), the stage gets
-    SIGTERM from the kernel (see :func:`_parent_death_signal`). Returns the script's exit status.
+    SIGTERM from the kernel (see :func:`parent_death_signal`). Returns the script's exit status.
     """
     command = [sys.executable, *stage.launcher, *argv]
     print(f"\n=== {stage.name}\n$ {shlex.join(['python', *stage.launcher, *argv])}", flush=True)
     child = subprocess.Popen(command, cwd=cwd, env=child_environment(), start_new_session=True,
-                             preexec_fn=_parent_death_signal())
+                             preexec_fn=parent_death_signal())
     received: list[int] = []
 
     def forward(signum, frame):
