@@ -229,7 +229,7 @@ def train(cfg, ctx, device) -> int:
     # setup: the method's networks (the same initial weights on every rank), then its restored state
     seed_everything(cfg.seed)
     torch.backends.cudnn.benchmark = True  # fixed input size: let cuDNN pick its fastest kernels
-    method = Method(cfg, ctx, device, iterations, ramp_every=schedule.ramp_every)
+    method = Method(cfg, ctx, device, iterations, ramp_every=schedule.ramp_every, scale=schedule.scale)
     if ctx.enabled:
         torch.manual_seed(cfg.seed + ctx.rank)  # each rank its own perturbation noise
     restore(method.state, checkpoint, ctx)

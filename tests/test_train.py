@@ -217,3 +217,24 @@ def test_busi_config_scaled_keeps_the_official_curves():
     for it in range(1000):
         assert consistency_weight(it, 7.0, 200.0, schedule.ramp_every) == consistency_weight(20 * it, 7.0, 200.0, 150)
     assert train.final_consistency_weight(7.0, 200.0, schedule.ramp_every, 1000) == pytest.approx(3.99, abs=0.005)
+
+
+def test_a_scaled_mean_teacher_starts_its_unlabeled_loss_at_the_scaled_iteration():
+    """Mean-teacher's unlabeled loss starts at iteration 1,000 of the published 20,000 (SSL4MIS): x 0.01,
+    at iteration 10 of 200 (it stayed at 1,000, past the end of the run: a supervised run with a teacher)."""
+    from fractions import Fraction
+    from utils.segmenter import build_training
+
+    cfg = train.parse_config(train.OPTIONS, "", ["--config", str(ROOT / "configs" / "busi.yaml"), "--method",
+                                                 "mean-teacher", "--network", "unet", "--width", "4"])
+    schedule = train.run_schedule(cfg, SimpleNamespace(labeled=range(226)))
+    assert build_training(cfg, schedule.ramp_every).consistency_start == 1000
+    scaled = train.parse_config(train.OPTIONS, "", ["--config", str(ROOT / "configs" / "busi.yaml"), "--method",
+                                                    "mean-teacher", "--network", "unet", "--width", "4",
+                                                    "--schedule-scale", "0.01"])
+    schedule = train.run_schedule(scaled, SimpleNamespace(labeled=range(226)))
+    method = build_training(scaled, schedule.ramp_every, schedule.scale)
+    assert schedule.iterations == 200 and schedule.scale == Fraction(1, 100) and method.consistency_start == 10
+    assert method.consistency_weight(9) == 0.0 and method.consistency_weight(10) > 0.0
+    # at matching t/T, the published weight
+    assert method.consistency_weight(100) == build_training(cfg, 150).consistency_weight(10000)

@@ -86,8 +86,8 @@ OPTIONS = [
            "; fixmatch and unimatch have fixed weights in their formula). The official ramp (200 steps of 150 "
            "iterations) spans 30,000 iterations, so at the end of the official 20,000 mgcc's lambda is 3.99, not 7",
            type=optional(float), check=NON_NEGATIVE),
-    Option("consistency_start", None, "iterations before the unlabeled loss counts (weight 0); none: the method's "
-           "reference (mean-teacher 1000, others 0)", type=optional(int), check=NON_NEGATIVE),
+    Option("consistency_start", None, "iterations before the unlabeled loss counts (weight 0), at scale 1 "
+           "like every iteration count (x schedule_scale); none: the method's reference (mean-teacher 1000, others 0)", type=optional(int), check=NON_NEGATIVE),
     Option("consistency_rampup", 200.0, "lambda ramps up over this many ramp steps (sigmoid ramp-up)",
            check=NON_NEGATIVE),
     Option("consistency_ramp_every", 150, "iterations per ramp step (official: t = iteration // 150)", check=POSITIVE),
@@ -150,12 +150,17 @@ def model_args(cfg) -> dict:
     return network_args(cfg.network, cfg.method, cfg.in_channels, cfg.width, cfg.mixer_depth, cfg.mixer_kernel)
 
 
-def build_training(cfg, ramp_every=None):
+def build_training(cfg, ramp_every=None, scale=1):
     """The method (methods/) with its networks (student, EMA teacher, second network), from the global RNG;
-    ``ramp_every``: a scaled schedule's iterations per ramp step (None: the config's)."""
-    return build_method(cfg.method, cfg.network, model_args(cfg), cfg.normalization, cfg.consistency,
-                        cfg.consistency_rampup, cfg.consistency_ramp_every if ramp_every is None else ramp_every,
-                        cfg.ema_decay, cfg.conf_thresh, cfg.consistency_start)
+    ``ramp_every``: a scaled schedule's iterations per ramp step (None: the config's); ``scale``: its
+    schedule_scale, which the first iteration of the unlabeled loss (consistency_start: the config's, or
+    the method's reference value, mean-teacher's 1000) is multiplied by like every other iteration count."""
+    method = build_method(cfg.method, cfg.network, model_args(cfg), cfg.normalization, cfg.consistency,
+                          cfg.consistency_rampup, cfg.consistency_ramp_every if ramp_every is None else ramp_every,
+                          cfg.ema_decay, cfg.conf_thresh, cfg.consistency_start)
+    if getattr(method, "consistency_start", 0):
+        method.consistency_start = round(method.consistency_start * scale)
+    return method
 
 
 def make_optimizer(model, cfg, device) -> torch.optim.SGD:
@@ -217,11 +222,11 @@ class Method:
     """
     loss_names = ("loss", "sup", "cons")
 
-    def __init__(self, cfg, ctx, device, iterations: int, ramp_every=None):
+    def __init__(self, cfg, ctx, device, iterations: int, ramp_every=None, scale=1):
         self.cfg, self.ctx, self.device = cfg, ctx, device
         # iterations per step of the consistency ramp: the config's, or a scaled schedule's (a fraction)
         self.ramp_every = cfg.consistency_ramp_every if ramp_every is None else ramp_every
-        self.module = build_training(cfg, self.ramp_every).to(device)
+        self.module = build_training(cfg, self.ramp_every, scale).to(device)
         self.semi = self.module.uses_unlabeled  # the supervised baseline: the labeled images alone, no unlabeled batch
         if ctx.enabled and cfg.sync_bn:  # same parameter and buffer names: checkpoints stay plain
             self.module = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.module)
