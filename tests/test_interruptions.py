@@ -35,9 +35,10 @@ def wait_for(path, process, timeout=120.0):
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
 def test_signal_finishes_the_step_saves_and_says_how_to_resume(tmp_path, dataset, signum):
     out = tmp_path / "run"
-    process = start_training(dataset, out, "--iterations", "100000", "--eval-every", "100000")
-    wait_for(out / "config.yaml", process)
-    time.sleep(3)  # into the training loop
+    process = start_training(dataset, out, "--iterations", "100000", "--eval-every", "100000", "--checkpoint-every", "1")
+    # the first step's checkpoint: in the training loop, its signal handler installed (a fixed sleep
+    # after config.yaml came too early on a loaded machine)
+    wait_for(out / "checkpoint_last.pt", process)
     process.send_signal(signum)
     stdout, stderr = process.communicate(timeout=120)
     assert process.returncode == 128 + signum, stderr

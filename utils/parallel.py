@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import IO, Sequence
 
 from .config import ConfigError
-from .stages import Ledger, Stage, child_environment, format_seconds, parent_death_signal
+from .stages import Ledger, Stage, begin, child_environment, format_seconds, parent_death_signal
 
 POLL_SECONDS = 0.2
 REDRAW_SECONDS = 1.0
@@ -158,12 +158,7 @@ class Display:
 
 def start(stage: Stage, ledger: Ledger, statuses: dict[str, str], slot: Slot, cwd: Path) -> Running:
     """Start one stage in ``slot``, its output appended to its log (a header per attempt)."""
-    if statuses[stage.name] == "resume":
-        argv = stage.resume()
-    else:
-        leftover = stage.folder.exists() and stage.overwrite_flag
-        argv = stage.command + ([stage.overwrite_flag] if leftover else [])
-        ledger.start(stage)
+    argv = begin(stage, ledger, statuses[stage.name])
     shown = shlex.join(["python", *stage.launcher, *argv])
     path = log_path(stage)
     path.parent.mkdir(parents=True, exist_ok=True)

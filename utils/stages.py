@@ -355,18 +355,23 @@ def format_seconds(seconds: float | None) -> str:
     return f"{seconds / 3600:.1f} h"
 
 
+def begin(stage: Stage, ledger: Ledger, status: str) -> list[str]:
+    """The argv that runs ``stage`` now: its resume command, or its fresh command (with the overwrite
+    flag over a leftover folder), the ledger then recording it as started."""
+    if status == "resume":
+        return stage.resume()
+    leftover = stage.folder.exists() and stage.overwrite_flag
+    ledger.start(stage)
+    return stage.command + ([stage.overwrite_flag] if leftover else [])
+
+
 def execute(stages: Sequence[Stage], ledger: Ledger, statuses: dict[str, str], cwd: Path) -> int:
     """Run every stage that is not done, in order; stop at the first that fails or is interrupted."""
     for stage in stages:
         if statuses[stage.name] == "done":
             print(f"=== {stage.name}: done, skipped ({stage.folder})", flush=True)
             continue
-        if statuses[stage.name] == "resume":
-            argv = stage.resume()
-        else:
-            leftover = stage.folder.exists() and stage.overwrite_flag
-            argv = stage.command + ([stage.overwrite_flag] if leftover else [])
-            ledger.start(stage)
+        argv = begin(stage, ledger, statuses[stage.name])
         started = time.monotonic()
         code = run_stage(stage, argv, cwd)
         ledger.add_time(stage, time.monotonic() - started, finished=code == 0)
