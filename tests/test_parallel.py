@@ -179,7 +179,8 @@ def test_slurm_jobs_carry_the_stages_dependencies_and_are_never_submitted_twice(
         "#!/bin/sh\nn=$(($(cat \"$FAKE/count\" 2>/dev/null || echo 100) + 1)); echo $n > \"$FAKE/count\"\n"
         "cp \"$1\" \"$FAKE/job$n.sh\"; echo \"Submitted batch job $n\"\n")
     (bin_dir / "sacct").write_text(  # every job asked about: the state in $FAKE/state.<id>, else RUNNING
-        "#!/bin/sh\nids=$(echo \"$@\" | sed 's/.*-j *//; s/ .*//' | tr ',' ' ')\necho 'JobID|State|NodeList'\n"
+        "#!/bin/sh\nids=$(echo \"$@\" | grep -o -- '-j [0-9,]*' | sed 's/-j //' | tr ',' ' ')\n"
+        "echo 'JobID|State|NodeList'\n"
         "for i in $ids; do s=RUNNING; [ -f \"$FAKE/state.$i\" ] && s=$(cat \"$FAKE/state.$i\"); echo \"$i|$s|node1\"; done\n")
     (bin_dir / "srun").write_text("#!/bin/sh\nexit 1\n")  # submitit looks for it; the jobs never run here
     for tool in ("sbatch", "sacct", "srun"):

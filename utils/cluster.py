@@ -123,24 +123,33 @@ class StageJob:
                                                            self.log, self.depends))
 
 
-def job_state(record: dict) -> str:
-    """'ended', or the scheduler's state of a job that has not ended (PENDING, RUNNING, ..., UNKNOWN
-    when SLURM's accounting does not answer: then it is taken for running, never submitted twice)."""
-    if record.get("state") == "ended":
-        return "ended"
-    if record["launcher"] == "slurm":
-        import submitit
-        state = submitit.SlurmJob(folder=record["folder"], job_id=str(record["id"])).state
-        state = (state or "UNKNOWN").split()[0]  # "CANCELLED by 1234" -> CANCELLED
-        return state if state in ACTIVE_STATES else "ended"
-    # submitit's local executor: the job is its controller process, on the host that submitted it
-    if record.get("submit_host") != socket.gethostname():
-        return "UNKNOWN"
-    try:
-        command = Path(f"/proc/{int(record['id'])}/cmdline").read_bytes()
-    except (OSError, ValueError):
-        return "ended"
-    return "RUNNING" if b"submitit" in command else "ended"
+def job_states(records: dict[str, dict]) -> dict[str, str]:
+    """{stage: 'ended', or the scheduler's state of a job that has not ended (PENDING, RUNNING, ...,
+    UNKNOWN when SLURM's accounting does not answer: then it is taken for running, never submitted
+    twice)} for the recorded jobs. The SLURM ones are asked about in one sacct call."""
+    states, slurm = {}, {}
+    for name, record in records.items():
+        if record.get("state") == "ended":  # the job said so itself, as it ended
+            states[name] = "ended"
+        elif record["launcher"] == "slurm":
+            import submitit
+            slurm[name] = submitit.SlurmJob(folder=record["folder"], job_id=str(record["id"]))  # registers it
+        elif record.get("submit_host") != socket.gethostname():
+            states[name] = "UNKNOWN"
+        else:  # submitit's local executor: the job is its controller process, on the host that submitted it
+            try:
+                command = Path(f"/proc/{int(record['id'])}/cmdline").read_bytes()
+            except (OSError, ValueError):
+                command = b""
+            states[name] = "RUNNING" if b"submitit" in command else "ended"
+    if slurm:
+        # one forced update for every registered job: submitit's watcher would otherwise ask sacct about
+        # the first job only and answer UNKNOWN for the others for the next 2 s
+        next(iter(slurm.values())).watcher.update()
+        for name, job in slurm.items():
+            state = (job.watcher.get_state(job.job_id, mode="cache") or "UNKNOWN").split()[0]  # "CANCELLED by 12"
+            states[name] = state if state in ACTIVE_STATES else "ended"
+    return states
 
 
 def read_options(path: Path) -> dict:
@@ -211,11 +220,13 @@ def submit(stages: Sequence[Stage], ledger: Ledger, statuses: dict[str, str], ex
     the jobs of its inputs. Returns {stage name: state} of every stage not done (SUBMITTED for new ones)."""
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(cwd), os.environ.get("PYTHONPATH")]))
     states, ids = {}, {}
+    known = job_states({s.name: ledger.jobs[s.name] for s in stages
+                        if statuses[s.name] != "done" and "id" in ledger.jobs.get(s.name, {})})
     for stage in stages:
         if statuses[stage.name] == "done":
             continue
         record = ledger.jobs.get(stage.name)
-        state = job_state(record) if record else "ended"
+        state = known.get(stage.name, "ended")
         if state != "ended":
             states[stage.name], ids[stage.name] = state, str(record["id"])
             continue
@@ -239,5 +250,5 @@ def submit(stages: Sequence[Stage], ledger: Ledger, statuses: dict[str, str], ex
 
 def active_jobs(ledger: Ledger) -> dict[str, str]:
     """{stage: job id} of the jobs recorded in the ledger that have not ended."""
-    return {name: str(record["id"]) for name, record in ledger.jobs.items()
-            if "id" in record and job_state(record) != "ended"}
+    states = job_states({name: record for name, record in ledger.jobs.items() if "id" in record})
+    return {name: str(ledger.jobs[name]["id"]) for name, state in states.items() if state != "ended"}
