@@ -249,3 +249,25 @@ def test_bad_parallel_options_are_one_clear_error(tmp_path):
         result = run_script("reproduce.py", "--data-dir", data, "--out-dir", tmp_path / "out", "--no-generator",
                             "--device", "cpu", "--no-estimate", *flags, check=False)
         assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr, flags
+
+
+def test_each_job_gets_its_own_gpus_and_the_cpu_is_shared_out(monkeypatch):
+    """node_slots on a (pretended) 4-GPU node whose CUDA_VISIBLE_DEVICES is 4,5,6,7: --gpus indexes
+    those, a torchrun stage gets several, none is shared; on the CPU the threads are divided."""
+    import utils.runtime
+    from utils.config import ConfigError
+    from utils.parallel import node_slots
+
+    monkeypatch.setattr(utils.runtime, "resolve_device", lambda name: torch.device("cuda" if name != "cpu" else "cpu"))
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,5,6,7")
+    assert [s.env["CUDA_VISIBLE_DEVICES"] for s in node_slots(4, "cuda")] == ["4", "5", "6", "7"]
+    assert [s.env["CUDA_VISIBLE_DEVICES"] for s in node_slots(2, "cuda", gpus=[3, 1])] == ["7", "5"]
+    assert [s.env["CUDA_VISIBLE_DEVICES"] for s in node_slots(2, "auto", gpus_per_job=2)] == ["4,5", "6,7"]
+    with pytest.raises(ConfigError, match="--jobs 3 x 2 GPUs per stage needs 6 GPUs; 4 are given"):
+        node_slots(3, "cuda", gpus_per_job=2)
+    with pytest.raises(ConfigError, match="--gpus 0,4: each must be one of the 4 visible"):
+        node_slots(2, "cuda", gpus=[0, 4])
+    with pytest.raises(ConfigError, match="use --device cuda and choose the GPUs with --gpus"):
+        node_slots(2, "cuda:1")
+    monkeypatch.setenv("OMP_NUM_THREADS", "8")
+    assert [s.env["OMP_NUM_THREADS"] for s in node_slots(3, "cpu")] == ["2", "2", "2"]
