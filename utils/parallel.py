@@ -182,7 +182,6 @@ def run_side_by_side(stages: Sequence[Stage], ledger: Ledger, statuses: dict[str
         if statuses[stage.name] == "done":
             print(f"=== {stage.name}: done, skipped ({stage.folder})", flush=True)
     waiting = [stage for stage in stages if statuses[stage.name] != "done"]
-    known = {stage.name for stage in stages}
     free, running = list(slots), {}
     display = Display(live, len(stages))
     finished = len(stages) - len(waiting)
@@ -203,8 +202,8 @@ def run_side_by_side(stages: Sequence[Stage], ledger: Ledger, statuses: dict[str
     try:
         while True:
             while waiting and free and not failed and not received:
-                ready = next((s for s in waiting if all(statuses.get(d, "done") == "done" or d not in known
-                                                        for d in s.depends)), None)
+                # a dependency outside the plan (none in reproduce.py's) counts as done
+                ready = next((s for s in waiting if all(statuses.get(d, "done") == "done" for d in s.depends)), None)
                 if ready is None:
                     break
                 waiting.remove(ready)
