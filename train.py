@@ -232,7 +232,7 @@ def train(cfg, ctx, device) -> int:
     method = Method(cfg, ctx, device, iterations, ramp_every=schedule.ramp_every, scale=schedule.scale)
     if ctx.enabled:
         torch.manual_seed(cfg.seed + ctx.rank)  # each rank its own perturbation noise
-    restore(method.state, checkpoint, ctx)
+    restore(method.state, checkpoint, ctx, device)
     method.begin()
     start = checkpoint["iteration"] if checkpoint else 0
     data = TrainingBatches(cfg, run_data, device, ctx, start, method.unlabeled_batch_size())

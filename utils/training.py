@@ -104,11 +104,12 @@ def rank_rng_state(saved, ctx) -> dict:
     return states[ctx.rank] if len(states) == ctx.world_size else states[0]
 
 
-def restore(state: TrainingState, saved: dict | None, ctx) -> None:
-    """Load ``state`` and this rank's RNG state from checkpoint ``saved`` (None: a fresh run, nothing to do)."""
+def restore(state: TrainingState, saved: dict | None, ctx, device: torch.device | None = None) -> None:
+    """Load ``state`` and this rank's RNG state from checkpoint ``saved`` (None: a fresh run, nothing to do);
+    a GPU's RNG state goes to ``device``, the training device."""
     if saved is not None:
         state.load_state_dict(saved)
-        set_rng_state(rank_rng_state(saved["rng"], ctx))
+        set_rng_state(rank_rng_state(saved["rng"], ctx), device)
 
 
 def stop_requested(stop, ctx, device) -> bool:
@@ -252,7 +253,7 @@ class Trainer:
 
     # -- the skeleton -----------------------------------------------------------------------------
     def restore(self, saved: dict | None) -> None:
-        restore(self.state, saved, self.ctx)
+        restore(self.state, saved, self.ctx, self.device)
 
     def stop_requested(self, read_now: bool) -> bool:
         if self.ctx.enabled and not (self.agree_every_step or read_now):
@@ -263,7 +264,7 @@ class Trainer:
         """Check the weights, gather every rank's RNG state, write the state file (rank 0), then on_checkpoint."""
         check_finite_weights(self.state.modules(), f"at {self.unit} {done}", self.checkpoint_path, self.device,
                              self.advice)
-        rng = distributed.gather_objects(rng_state())  # one per rank
+        rng = distributed.gather_objects(rng_state(self.device))  # one per rank
         extra = self.checkpoint_extra(done)  # on every rank: it may keep the step (e.g. in the run description)
         if self.ctx.is_main:
             atomic_save({"kind": self.kind, **self.state.state_dict(), **extra, "rng": rng}, self.checkpoint_path)

@@ -1,0 +1,112 @@
+"""What a CUDA machine meets, checked on the CPU: the install check (a stand-in nvidia-smi), the RNG state
+of the training device across GPU counts (a mocked torch.cuda), the host-to-device copies of each method's
+step, the checkpoint interval."""
+from __future__ import annotations
+
+import os
+import stat
+
+import pytest
+import torch
+
+import utils.runtime
+from conftest import run_script
+from utils.config import ConfigError
+from utils.runtime import resolve_device, rng_state, set_rng_state
+
+
+def stand_in_nvidia_smi(folder, listing: str, status: int = 0):
+    """An executable nvidia-smi in ``folder`` that prints ``listing`` and exits with ``status``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    tool = folder / "nvidia-smi"
+    tool.write_text(f"#!/bin/sh\ncat <<'LIST'\n{listing}\nLIST\nexit {status}\n")
+    tool.chmod(tool.stat().st_mode | stat.S_IXUSR)
+    return folder
+
+
+H200 = "GPU 0: NVIDIA H200 (UUID: GPU-0000)\nGPU 1: NVIDIA H200 (UUID: GPU-0001)"
+
+
+def test_auto_device_refuses_gpus_that_torch_cannot_use(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setenv("PATH", f"{stand_in_nvidia_smi(tmp_path / 'bin', H200)}:{os.environ['PATH']}")
+    with pytest.raises(ConfigError, match=r"nvidia-smi lists 2 GPU\(s\) but torch .* cannot use them.*--device cpu"):
+        resolve_device("auto")
+    with pytest.raises(ConfigError, match="nvidia-smi lists 2 GPU"):
+        resolve_device("cuda:1")
+    assert resolve_device("cpu") == torch.device("cpu")  # asked for: no check
+
+
+@pytest.mark.parametrize("listing, status", [("No devices were found", 6), ("", 0)], ids=["fails", "empty"])
+def test_auto_device_is_the_cpu_where_the_driver_sees_no_gpu(tmp_path, monkeypatch, listing, status):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setenv("PATH", f"{stand_in_nvidia_smi(tmp_path / 'bin', listing, status)}:{os.environ['PATH']}")
+    assert resolve_device("auto") == torch.device("cpu")
+    monkeypatch.setenv("PATH", str(tmp_path / "nothing"))  # no nvidia-smi at all
+    assert resolve_device("auto") == torch.device("cpu")
+
+
+@pytest.mark.slow
+def test_train_says_so_in_one_error_line(tmp_path, dataset):
+    bin_dir = stand_in_nvidia_smi(tmp_path / "bin", H200)
+    path = os.environ["PATH"]
+    os.environ["PATH"] = f"{bin_dir}:{path}"
+    try:
+        result = run_script("train.py", "--data-dir", dataset, "--out-dir", tmp_path / "run", "--iterations", "2",
+                            check=False, timeout=300)
+    finally:
+        os.environ["PATH"] = path
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert lines[-1].startswith("error: --device auto: nvidia-smi lists 2 GPU(s)") and "Traceback" not in result.stderr
+
+
+class FakeCudaGenerators:
+    """torch.cuda's RNG functions over ``count`` visible GPUs, each state a distinct tensor."""
+
+    def __init__(self, count: int):
+        self.states = [torch.full((8,), 10 + k, dtype=torch.uint8) for k in range(count)]
+
+    def get_rng_state(self, device="cuda"):
+        return self.states[torch.device("cuda", device).index if isinstance(device, int) else device.index].clone()
+
+    def set_rng_state(self, state, device="cuda"):
+        index = device if isinstance(device, int) else torch.device(device).index
+        self.states[index] = state.clone()  # IndexError past the visible GPUs, as torch's
+
+    def install(self, monkeypatch):
+        def refuse(*args, **kwargs):
+            raise AssertionError("every GPU's state is neither saved nor restored")
+        monkeypatch.setattr(torch.cuda, "get_rng_state", self.get_rng_state)
+        monkeypatch.setattr(torch.cuda, "set_rng_state", self.set_rng_state)
+        monkeypatch.setattr(torch.cuda, "get_rng_state_all", refuse)
+        monkeypatch.setattr(torch.cuda, "set_rng_state_all", refuse)
+        monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+        return self
+
+
+def test_rng_state_is_the_training_device_s_own(monkeypatch):
+    four = FakeCudaGenerators(4).install(monkeypatch)
+    saved = rng_state(torch.device("cuda", 3))  # rank 3 of a torchrun stage on four GPUs
+    assert torch.equal(saved["cuda_device"], four.states[3]) and "cuda" not in saved
+    one = FakeCudaGenerators(1).install(monkeypatch)  # resumed in one process, one GPU visible
+    set_rng_state(saved, torch.device("cuda"))
+    assert torch.equal(one.states[0], torch.full((8,), 13, dtype=torch.uint8))
+    assert "cuda_device" not in rng_state(torch.device("cpu"))
+
+
+def test_rng_state_of_older_checkpoints_restores_with_fewer_gpus(monkeypatch):
+    older = {"torch": torch.get_rng_state(), "cuda": [torch.full((8,), 20 + k, dtype=torch.uint8) for k in range(4)]}
+    two = FakeCudaGenerators(2).install(monkeypatch)
+    set_rng_state(older, torch.device("cuda", 1))  # its own index where the list has it
+    assert torch.equal(two.states[1], older["cuda"][1]) and torch.equal(two.states[0], torch.full((8,), 10, dtype=torch.uint8))
+    six = FakeCudaGenerators(6).install(monkeypatch)
+    set_rng_state(older, torch.device("cuda", 5))  # past the list: the first
+    assert torch.equal(six.states[5], older["cuda"][0])
+
+
+def test_cpu_rng_state_round_trips():
+    saved = rng_state(torch.device("cpu"))
+    first = torch.rand(5)
+    set_rng_state(saved, torch.device("cpu"))
+    assert torch.equal(torch.rand(5), first)
