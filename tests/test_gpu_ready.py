@@ -3,15 +3,20 @@ of the training device across GPU counts (a mocked torch.cuda), the host-to-devi
 step, the checkpoint interval."""
 from __future__ import annotations
 
+import contextlib
 import os
 import stat
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
-import utils.runtime
 from conftest import run_script
-from utils.config import ConfigError
+from methods import METHODS
+from utils.config import ConfigError, parse_config
+from utils.distributed import Context
+from utils.segmenter import OPTIONS, Method
 from utils.runtime import resolve_device, rng_state, set_rng_state
 
 
@@ -110,3 +115,56 @@ def test_cpu_rng_state_round_trips():
     first = torch.rand(5)
     set_rng_state(saved, torch.device("cpu"))
     assert torch.equal(torch.rand(5), first)
+
+
+# -- host-to-device copies of a training step ---------------------------------------------------------
+
+class DeviceCopies(TorchDispatchMode):
+    """Records every operation that takes a CPU tensor and gives a tensor on the stand-in device (meta):
+    on a GPU each is a blocking host-to-device copy (a CPU constant made or moved per call)."""
+
+    def __init__(self):
+        super().__init__()
+        self.copies: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = [t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+        outputs = [t for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
+        if any(t.device.type == "cpu" for t in inputs) and any(t.device.type == "meta" for t in outputs):
+            self.copies.append(f"{func}{[tuple(t.shape) for t in inputs if t.device.type == 'cpu']}")
+        return out
+
+
+def meta_autocast(monkeypatch):
+    """torch.autocast has no meta device type: a no-op there (the copies counted do not depend on it)."""
+    real = torch.autocast
+    monkeypatch.setattr(torch, "autocast", lambda device_type, *args, **kwargs: contextlib.nullcontext()
+                        if device_type == "meta" else real(device_type, *args, **kwargs))
+
+
+@pytest.mark.parametrize("name", list(METHODS))
+def test_a_training_step_copies_nothing_from_the_host(name, monkeypatch):
+    """Every method's whole step (forward, backward, SGD, EMA, lambda, scheduler) on the meta device standing
+    for a GPU: after the first step no CPU constant reaches the device (the official normalisation's constants
+    and lambda included), and nothing is read back (a meta tensor cannot be: .item() or .cpu() would raise).
+    What does reach it: kornia's per-image random factors, drawn on the CPU by design (methods/augment.py),
+    five small copies per strong view."""
+    meta_autocast(monkeypatch)
+    network = "mgcc" if name == "mgcc" else "unet"
+    cfg = parse_config(OPTIONS, "", ["--method", name, "--network", network, "--width", "4", "--mixer-depth", "1",
+                                     "--precision", "fp32", "--channels-last", "off"])
+    device = torch.device("meta")
+    method = Method(cfg, Context(), device, iterations=100)
+    method.begin()
+    images = torch.randn(8 if method.semi else 4, 3, 32, 32, device=device)
+    masks = (torch.rand(4, 1, 32, 32, device=device) > 0.5).float()
+    method.train_step(images, masks, 0)  # the first step may set things up
+    with DeviceCopies() as seen:
+        for it in (1, 2, 3):
+            losses = method.train_step(images, masks, it)
+    assert all(v.device == device for v in losses.values())
+    kornia_factors = ["(4,)", "(4,)", "(4, 1, 1, 1)", "(4, 2)", "(4, 1, 1, 1)"]  # brightness, contrast, their
+    # broadcast forms, the blur's sigmas: one call of jitter and blur on the 4 unlabeled images
+    views = getattr(method.module, "strong_views", 0)
+    assert [c.split("[")[1].rstrip("]") for c in seen.copies] == kornia_factors * views * 3, seen.copies
