@@ -19,7 +19,8 @@ intervals), so that lambda(t/T) and lr(t/T) are the published curves (utils/sche
 "Methods"), on --network mgcc or unet (MGCCNet without its ConvMixer stages), in this same loop.
 
 Writes to the run folder: config.yaml (resolved), metrics.jsonl (one line per evaluation),
-metrics.json (final), curves.png, checkpoint_last.pt (for --resume), checkpoint_best.pt and
+metrics.json (final), curves.png, checkpoint_last.pt (for --resume: every --checkpoint-minutes, default 10, or
+--checkpoint-every iterations, at the end and at a stop), checkpoint_best.pt (at each evaluation that improves) and
 tensorboard/ (losses, lambda, learning rate, metrics and overlays; --no-tensorboard: none).
 """
 # Where the pieces live: the options, the network, the step and the method in utils/segmenter.py,
@@ -161,7 +162,8 @@ class SegmenterTraining(Trainer):
                  eval_every: int, start: int, ctx, device, stop, out_dir: Path, checkpoint_every: int | None = None):
         super().__init__(iterations, start, ctx, device, stop, method.state, CHECKPOINT_KIND,
                          out_dir / "checkpoint_last.pt", log_every=cfg.log_every,
-                         checkpoint_every=checkpoint_every or cfg.checkpoint_every or eval_every, eval_every=eval_every,
+                         checkpoint_every=checkpoint_every or cfg.checkpoint_every or 0, eval_every=eval_every,
+                         checkpoint_minutes=cfg.checkpoint_minutes,
                          progress=cfg.progress, stop_after=cfg.stop_after,
                          board_dir=out_dir / LOG_DIR if cfg.tensorboard else None)
         self.cfg, self.method, self.data, self.record = cfg, method, data, record

@@ -17,6 +17,8 @@ from methods import METHODS
 from utils.config import ConfigError, parse_config
 from utils.distributed import Context
 from utils.segmenter import OPTIONS, Method
+from utils.training import Trainer, TrainingState
+import utils.training
 from utils.runtime import resolve_device, rng_state, set_rng_state
 
 
@@ -168,3 +170,48 @@ def test_a_training_step_copies_nothing_from_the_host(name, monkeypatch):
     # broadcast forms, the blur's sigmas: one call of jitter and blur on the 4 unlabeled images
     views = getattr(method.module, "strong_views", 0)
     assert [c.split("[")[1].rstrip("]") for c in seen.copies] == kornia_factors * views * 3, seen.copies
+
+
+# -- the checkpoint interval ------------------------------------------------------------------------------
+
+class CountingRun(Trainer):
+    """A loop of a one-weight model whose clock advances ``seconds_per_step`` each step."""
+
+    def __init__(self, tmp_path, clock, seconds_per_step, **kwargs):
+        self.model = torch.nn.Linear(1, 1)
+        super().__init__(20, 0, Context(), torch.device("cpu"), stop=False, state=TrainingState(model=self.model),
+                         kind="test", checkpoint_path=tmp_path / "last.pt", progress=False, **kwargs)
+        self.clock, self.seconds_per_step = clock, seconds_per_step
+        self.saved, self.evaluated = [], []
+
+    def train_step(self, step):
+        self.clock[0] += self.seconds_per_step
+        return {"loss": self.model.weight.sum().detach()}
+
+    def on_eval(self, done):
+        self.evaluated.append(done)
+
+    def on_checkpoint(self, done):
+        self.saved.append(done)
+
+
+@pytest.mark.parametrize("minutes, every, expected", [
+    # 25 s a step; losses read every 2 steps and at each evaluation (5, 15): the first reading 60 s or more
+    # after the last checkpoint writes one
+    (1.0, 0, [4, 8, 12, 15, 18, 20]),
+    (1.0, 6, [4, 6, 10, 12, 15, 18, 20]),  # with an iteration interval too: each checkpoint restarts the clock
+    (0.0, 0, [20]),                 # neither: the end only
+    (0.0, 5, [5, 10, 15, 20]),
+])
+def test_checkpoints_follow_wall_time_not_evaluations(tmp_path, monkeypatch, minutes, every, expected):
+    clock = [1000.0]
+    monkeypatch.setattr(utils.training.time, "monotonic", lambda: clock[0])
+    run = CountingRun(tmp_path, clock, 25.0, log_every=2, checkpoint_every=every, eval_every=5,
+                      checkpoint_minutes=minutes)
+    assert run.run("test") and run.saved == expected and run.evaluated == [5, 10, 15, 20]
+    assert torch.load(tmp_path / "last.pt", weights_only=True)["step"] == 20
+
+
+def test_train_writes_checkpoint_last_by_time_by_default():
+    option = next(o for o in OPTIONS if o.name == "checkpoint_minutes")
+    assert option.default == 10.0 and next(o for o in OPTIONS if o.name == "checkpoint_every").default is None

@@ -117,8 +117,12 @@ OPTIONS = [
     Option("eval_batch_size", 16, "images per evaluation batch", check=POSITIVE),
     Option("nsd_tolerance", None, "tolerance of the final evaluation's normalised surface Dice, in pixels at "
            "image_size; none: 2", type=optional(float)),
-    Option("checkpoint_every", None, "write checkpoint_last.pt every N iterations; none: at each evaluation",
+    Option("checkpoint_every", None, "also write checkpoint_last.pt every N iterations (x schedule_scale); none: by "
+           "checkpoint_minutes alone. It is always written at the end and at a stop (signal, --stop-after)",
            type=optional(int), check=POSITIVE),
+    Option("checkpoint_minutes", 10.0, "write checkpoint_last.pt at the first loss reading (log_every) after this many "
+           "minutes of wall time since the last one (0: by checkpoint_every alone); what a crash or kill -9 can lose. "
+           "checkpoint_best.pt is written at each evaluation that improves", type=float, check=NON_NEGATIVE),
     Option("log_every", 10, "read the losses back from the device every N iterations (progress bar, NaN check)",
            check=POSITIVE),
     Option("out_dir", None, "run folder; none: runs/<dataset>_split<i>_<method>[-unet]_l<fraction>",
