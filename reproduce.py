@@ -216,8 +216,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                           help="time limit of each job; a stage still running at its end checkpoints and its job "
                                "is requeued to resume it (default: 1440)")
     parallel.add_argument("--slurm-gpus-per-job", type=int, default=None, metavar="N",
-                          help="GPUs of each job (default: --nproc-per-node with --device cuda or auto on a GPU "
-                               "machine, else 0)")
+                          help="GPUs of each job (default: --nproc-per-node, 0 with --device cpu; each job "
+                               "resolves --device auto on its own node, so a login node without a GPU submits GPU "
+                               "jobs; submitit-local: --nproc-per-node where this machine has CUDA, else 0)")
     parallel.add_argument("--slurm-options", type=Path, default=None, metavar="YAML",
                           help="more submitit SlurmExecutor options, e.g. mem: 32G, cpus_per_task: 8, account: X, "
                                "additional_parameters: {constraint: a100} (default: none)")
@@ -660,6 +661,11 @@ def device_description(device: str) -> str:
     return f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
 
 
+def stage_devices(ledger: Ledger) -> str:
+    """The devices the cluster jobs recorded for their stages ('' for a local run, whose device is this host's)."""
+    return "; ".join(sorted({entry["device"] for entry in ledger.stages.values() if entry.get("device")}))
+
+
 def collect(args, splits: list[int], ledger: Ledger) -> tuple[list[dict], dict[int, dict]]:
     """results rows (one per run: arm, split, seed) from each run's metrics.json files, and each
     split's generator figures."""
@@ -730,7 +736,7 @@ def write_results(args, splits: list[int], ledger: Ledger, device: str) -> Path:
               seeds,
               f"- Schedule: x {stage2_config(args).schedule_scale:g} of the published one (train.py --schedule-scale; "
               f"the iterations each run made are in the per-run table)",
-              f"- Device: {device_description(device)}; {date.today().isoformat()}",
+              f"- Device: {stage_devices(ledger) or device_description(device)}; {date.today().isoformat()}",
               f"- Project version: {project_version()}",
               f"- Command: `{args.command_line}`"]
     (out / "results.md").write_text(results.markdown(rows, args.arms, generators, header, BASELINES))
@@ -751,7 +757,13 @@ def run_one_stage(args, stages: list[Stage], ledger: Ledger) -> int:
         raise ConfigError(f"--stage {stage.name} reads {', '.join(missing)}, which {'is' if len(missing) == 1 else 'are'} "
                           "not done yet")
     statuses = check_plan([stage], ledger)
-    return execute([stage], ledger, statuses, ROOT)
+    code = execute([stage], ledger, statuses, ROOT)
+    if code == 0:  # the device the job ran on (results.md names it, not the device of the host that collects)
+        described = device_description(args.device)
+        with ledger.transaction():
+            if stage.name in ledger.stages:
+                ledger.stages[stage.name]["device"] = described
+    return code
 
 
 def submit_jobs(args, stages: list[Stage], ledger: Ledger, statuses: dict[str, str], device: str) -> int:
@@ -759,9 +771,7 @@ def submit_jobs(args, stages: list[Stage], ledger: Ledger, statuses: dict[str, s
     from utils import cluster
     from utils.parallel import log_path
 
-    gpus = args.slurm_gpus_per_job
-    if gpus is None:
-        gpus = args.nproc_per_node if resolve_device(device).type == "cuda" else 0
+    gpus = cluster.job_gpus(args.launcher, device, args.slurm_gpus_per_job, args.nproc_per_node)
     executor = cluster.make_executor(args.launcher, args.out_dir.resolve() / "submitit", args.slurm_time,
                                      args.slurm_partition, gpus, args.slurm_options)
     command = lambda stage: [sys.executable, str(ROOT / "reproduce.py"), *args.argv, "--stage", stage.name,

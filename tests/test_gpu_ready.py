@@ -215,3 +215,44 @@ def test_checkpoints_follow_wall_time_not_evaluations(tmp_path, monkeypatch, min
 def test_train_writes_checkpoint_last_by_time_by_default():
     option = next(o for o in OPTIONS if o.name == "checkpoint_minutes")
     assert option.default == 10.0 and next(o for o in OPTIONS if o.name == "checkpoint_every").default is None
+
+
+# -- SLURM from a login node without a GPU ----------------------------------------------------------------
+
+def test_slurm_jobs_ask_for_gpus_whatever_the_submitting_host_has(monkeypatch):
+    from utils.cluster import job_gpus
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # a login node
+    monkeypatch.setenv("PATH", "/nonexistent")  # and no nvidia-smi there
+    assert job_gpus("slurm", "auto", None, 2) == 2 and job_gpus("slurm", "cuda", None, 1) == 1
+    assert job_gpus("slurm", "cpu", None, 2) == 0 and job_gpus("slurm", "auto", 4, 1) == 4
+    assert job_gpus("submitit-local", "auto", None, 2) == 0  # its jobs run here: this host's device
+
+
+@pytest.mark.slow
+def test_slurm_scripts_from_a_cpu_host_request_gpus_and_resolve_the_device_in_the_job(tmp_path):
+    """reproduce.py --launcher slurm --device auto on this CPU machine, against stand-ins for sbatch and sacct:
+    each job asks for a GPU and passes --device auto on, to be resolved on its node."""
+    import subprocess
+    import sys
+    from conftest import ROOT, write_dataset
+    data = write_dataset(tmp_path / "toy", n=15, size=(40, 48))
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "sbatch").write_text(
+        "#!/bin/sh\nn=$(($(cat \"$FAKE/count\" 2>/dev/null || echo 100) + 1)); echo $n > \"$FAKE/count\"\n"
+        "cp \"$1\" \"$FAKE/job$n.sh\"; echo \"Submitted batch job $n\"\n")
+    (bin_dir / "sacct").write_text("#!/bin/sh\necho 'JobID|State|NodeList'\n")
+    (bin_dir / "srun").write_text("#!/bin/sh\nexit 1\n")
+    for tool in ("sbatch", "sacct", "srun"):
+        (bin_dir / tool).chmod(0o755)
+    env = dict(os.environ, PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}", FAKE=str(tmp_path))
+    command = [sys.executable, str(ROOT / "reproduce.py"), "--data-dir", str(data), "--out-dir", str(tmp_path / "out"),
+               "--preset", "demo", "--no-generator", "--arms", "supervised", "--labeled-fraction", "0.5",
+               "--launcher", "slurm", "--device", "auto", "--no-progress", "--no-estimate"]
+    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    for job in ("job101.sh", "job102.sh"):
+        script = (tmp_path / job).read_text()
+        assert "#SBATCH --gpus-per-node=1" in script, script
+    pickled = list((tmp_path / "out" / "submitit").rglob("*_submitted.pkl"))
+    assert pickled and all(b"--device" in p.read_bytes() and b"auto" in p.read_bytes() for p in pickled)
