@@ -256,3 +256,13 @@ def test_slurm_scripts_from_a_cpu_host_request_gpus_and_resolve_the_device_in_th
         assert "#SBATCH --gpus-per-node=1" in script, script
     pickled = list((tmp_path / "out" / "submitit").rglob("*_submitted.pkl"))
     assert pickled and all(b"--device" in p.read_bytes() and b"auto" in p.read_bytes() for p in pickled)
+
+
+def test_the_denoiser_s_batch_reaches_the_device_in_one_copy():
+    from networks.ldm_losses import batch_on_device
+    batch = [(5, True), (2, False), (7, True)]
+    with DeviceCopies() as seen:
+        index, flip = batch_on_device(batch, torch.device("meta"))
+    assert len(seen.copies) == 1 and index.shape == flip.shape == (3,) and index.device.type == "meta"
+    index, flip = batch_on_device(batch, torch.device("cpu"))
+    assert index.tolist() == [5, 2, 7] and flip.tolist() == [1, 0, 1]
