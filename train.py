@@ -241,7 +241,7 @@ def train(cfg, ctx, device) -> int:
     if ctx.is_main:
         print(f"data: {data.describe()}", flush=True)
     record = RunRecord(out_dir, run_data.selection_name, ctx.is_main, *(
-        (checkpoint["history"], checkpoint["best"]) if checkpoint else ()))
+        (checkpoint["history"], checkpoint["best"]) if checkpoint else (None, None)), device=device)
 
     # the loop, then the final evaluation of the selected checkpoint
     with StopRequest() as stop:

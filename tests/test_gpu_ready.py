@@ -266,3 +266,31 @@ def test_the_denoiser_s_batch_reaches_the_device_in_one_copy():
     assert len(seen.copies) == 1 and index.shape == flip.shape == (3,) and index.device.type == "meta"
     index, flip = batch_on_device(batch, torch.device("cpu"))
     assert index.tolist() == [5, 2, 7] and flip.tolist() == [1, 0, 1]
+
+
+def test_peak_memory_is_the_training_device_s(tmp_path, monkeypatch):
+    from utils.run import RunRecord
+    asked = []
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: asked.append(device) or 3 * 2 ** 30)
+    record = RunRecord(tmp_path, "val", writer=False, device=torch.device("cuda", 1))
+    record.add(10, {"iou": 0.5, "dice": 0.6}, {"loss": 1.0}, 0.01)
+    assert asked == [torch.device("cuda", 1)] and record.history[-1]["peak_mem_gib"] == 3.0
+    record = RunRecord(tmp_path, "val", writer=False, device=torch.device("cpu"))
+    record.add(10, {"iou": 0.5, "dice": 0.6}, {"loss": 1.0}, 0.01)
+    assert "peak_mem_gib" not in record.history[-1] and len(asked) == 1
+
+
+def test_loader_batches_are_joined_on_the_device():
+    """Each (pinned) part is copied, then concatenated on the device; a host torch.cat would copy an unpinned
+    tensor."""
+    from types import SimpleNamespace
+    from dataloaders.training_batches import TrainingBatches
+    labeled = iter([{"image": torch.ones(2, 3, 4, 4), "mask": torch.ones(2, 1, 4, 4)}])
+    unlabeled = iter([{"image": torch.zeros(3, 3, 4, 4)}])
+    fake = SimpleNamespace(on_device=False, loaders=[labeled, unlabeled], device=torch.device("meta"))
+    with DeviceCopies() as seen:
+        images, masks = TrainingBatches.batch(fake, 0)
+    assert images.shape == (5, 3, 4, 4) and images.device.type == "meta" and masks.device.type == "meta"
+    assert sorted(seen.copies) == sorted(["aten._to_copy.default[(2, 3, 4, 4)]", "aten._to_copy.default[(3, 3, 4, 4)]",
+                                          "aten._to_copy.default[(2, 1, 4, 4)]"])
