@@ -294,3 +294,34 @@ def test_loader_batches_are_joined_on_the_device():
     assert images.shape == (5, 3, 4, 4) and images.device.type == "meta" and masks.device.type == "meta"
     assert sorted(seen.copies) == sorted(["aten._to_copy.default[(2, 3, 4, 4)]", "aten._to_copy.default[(3, 3, 4, 4)]",
                                           "aten._to_copy.default[(2, 1, 4, 4)]"])
+
+
+class HostReads(TorchDispatchMode):
+    """Counts reads of a tensor's value by the host (.item(), bool(), float()): on a GPU each waits for it."""
+
+    def __init__(self):
+        super().__init__()
+        self.reads = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.reads += func is torch.ops.aten._local_scalar_dense.default
+        return func(*args, **(kwargs or {}))
+
+
+def test_a_checkpoint_checks_its_weights_with_one_read_and_copies_with_one_wait(tmp_path, monkeypatch):
+    from utils.checkpoint import to_host
+    from utils.training import check_finite_weights
+    modules = [torch.nn.Sequential(*[torch.nn.Conv2d(2, 2, 3) for _ in range(40)]), torch.nn.BatchNorm2d(4)]
+    with HostReads() as seen:
+        check_finite_weights(modules, "at step 1", tmp_path / "last.pt", torch.device("cpu"))
+    assert seen.reads == 1
+    with torch.no_grad():
+        modules[0][7].bias[1] = float("nan")
+    with pytest.raises(FloatingPointError, match="non-finite weights at step 1"):
+        check_finite_weights(modules, "at step 1", tmp_path / "last.pt", torch.device("cpu"))
+    waits = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: waits.append(device))
+    state = {"model": modules[1].state_dict(), "steps": [1, 2], "lr": torch.tensor(0.1)}
+    moved = to_host(state, torch.device("cuda", 1))
+    assert waits == [torch.device("cuda", 1)] and torch.equal(moved["model"]["weight"], state["model"]["weight"])
+    assert moved["steps"] == [1, 2] and to_host(state, torch.device("cpu")) is state

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from . import distributed
-from .checkpoint import atomic_save
+from .checkpoint import atomic_save, to_host
 from .config import ConfigError
 from .plots import plot_curves
 from .tensorboard import LOG_DIR
@@ -89,7 +89,7 @@ class RunRecord:
 
     def save(self, name: str, checkpoint: dict) -> None:
         if self.writer:
-            atomic_save(checkpoint, self.out_dir / name)
+            atomic_save(to_host(checkpoint, self.device) if self.device is not None else checkpoint, self.out_dir / name)
 
     def describe_last(self) -> str:
         r, b = self.history[-1], self.best

@@ -31,7 +31,7 @@ import torch
 from tqdm import tqdm
 
 from . import distributed
-from .checkpoint import atomic_save
+from .checkpoint import atomic_save, to_host
 from .plots import plot_curves
 from .runtime import rng_state, set_rng_state
 from .tensorboard import TensorBoardLog
@@ -92,7 +92,9 @@ def check_finite_weights(modules, where: str, path: Path, device, advice: str = 
     """Never checkpoint non-finite weights (a finite loss can still step to them): they would
     poison --resume. Parameters and buffers (batch-norm statistics) are checked; every rank raises
     together."""
-    bad = any(not torch.isfinite(t).all() for m in modules for t in m.state_dict().values() if t.is_floating_point())
+    # one flag per tensor, reduced on the device: a single read back, not one per tensor
+    flags = [torch.isfinite(t).all() for m in modules for t in m.state_dict().values() if t.is_floating_point()]
+    bad = bool(flags) and not bool(torch.stack(flags).all())
     if distributed.any_rank(bad, device):
         raise FloatingPointError(f"non-finite weights {where}: stopped; {kept_checkpoint(path)}{advice}")
 
@@ -281,7 +283,8 @@ class Trainer:
         rng = distributed.gather_objects(rng_state(self.device))  # one per rank
         extra = self.checkpoint_extra(done)  # on every rank: it may keep the step (e.g. in the run description)
         if self.ctx.is_main:
-            atomic_save({"kind": self.kind, **self.state.state_dict(), **extra, "rng": rng}, self.checkpoint_path)
+            state = to_host(self.state.state_dict(), self.device)  # one wait for the device, not one per tensor
+            atomic_save({"kind": self.kind, **state, **extra, "rng": rng}, self.checkpoint_path)
             self.on_checkpoint(done)
         self.last_checkpoint_time = time.monotonic()
 
