@@ -325,3 +325,26 @@ def test_a_checkpoint_checks_its_weights_with_one_read_and_copies_with_one_wait(
     moved = to_host(state, torch.device("cuda", 1))
     assert waits == [torch.device("cuda", 1)] and torch.equal(moved["model"]["weight"], state["model"]["weight"])
     assert moved["steps"] == [1, 2] and to_host(state, torch.device("cpu")) is state
+
+
+def test_dropout_and_noise_draw_the_same_numbers_in_channels_last():
+    """check_bf16's 'same draw' rows compare contiguous fp32 with channels_last: the perturbations must draw
+    the same mask there (F.dropout draws in memory order); on a contiguous fp32 batch, F.dropout's numbers."""
+    import torch.nn.functional as F
+    from networks.perturbations import AlwaysOnDropout
+    x = torch.randn(2, 3, 5, 7)
+    drop = AlwaysOnDropout(0.3)
+    torch.manual_seed(4)
+    plain = drop(x)
+    torch.manual_seed(4)
+    last = drop(x.contiguous(memory_format=torch.channels_last))
+    torch.manual_seed(4)
+    reference = F.dropout(x, 0.3, training=True)
+    assert torch.equal(plain, last) and torch.equal(plain, reference)
+    from methods import build_method, network_args
+    teacher = build_method("mean-teacher", "unet", network_args("unet", "mean-teacher", 3, 2, 1, 3))
+    torch.manual_seed(5)
+    a = teacher.noised(x)
+    torch.manual_seed(5)
+    b = teacher.noised(x.contiguous(memory_format=torch.channels_last))
+    torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
