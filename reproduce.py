@@ -489,7 +489,7 @@ def forward_flops_per_image(cfg) -> float:
 
 def c2st_seconds(count: int, device: str) -> float:
     """The C2ST of sample_ldm.py on ``count`` images per set: its classifier's steps, timed here."""
-    from utils.image_quality import C2ST_EPOCHS, TwoSampleClassifier
+    from generation.image_quality import C2ST_EPOCHS, TwoSampleClassifier
     import sample_ldm
 
     if count < sample_ldm.C2ST_FOLDS:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from utils.losses import consistency_weight
+from utils.schedule import consistency_weight
 
 
 class Method(nn.Module):

@@ -177,11 +177,11 @@ def test_bench_ldm_steps_compute_train_ldm_losses(tmp_path):
     """The benchmark times copies of train_ldm.py's inline training steps: they must stay the same
     math. Replayed on the data and seeds of a real two-step run, they give the losses it logged."""
     import train_ldm
-    from dataloaders.ldm_data import StepBatchSampler, TrainingImages, load_training_set
+    from generation.data import StepBatchSampler, TrainingImages, load_training_set
     from networks.ldm import (STREAM_DIFFUSION, STREAM_VAE, AutoencoderPass, PatchDiscriminator, build_unet, build_vae,
                               latent_size, noise_scheduler)
-    from networks.ldm_losses import LatentDiffusionLoss
-    from utils.ldm_run import VAE_DIR, load_model
+    from generation.losses import LatentDiffusionLoss
+    from generation.run import VAE_DIR, load_model
     from utils.runtime import step_generator
     from utils.config import parse_config
 

@@ -13,10 +13,10 @@ from conftest import run_script, write_dataset
 from dataloaders.datasets import SegmentationDataset, normalize
 from dataloaders.io import DataError, check_pairs, find_cases, read_image, read_mask, unlabeled_images
 from dataloaders.samplers import StreamBatchSampler
-from dataloaders.ldm_data import load_training_set
+from generation.data import load_training_set
 from dataloaders.splits import load_run_data
 from utils.config import parse_config
-from utils.ldm_run import load_data
+from generation.run import load_data
 import train
 import train_ldm
 

@@ -19,7 +19,7 @@ from dataloaders.splits import load_run_data
 from networks.mgcc import MGCCNet
 from test_train import TINY
 from torch.utils.data import DataLoader
-from utils.evaluation import evaluate
+from segmenter.evaluation import evaluate
 
 
 def torchrun(script: str, *args, nproc: int = 2) -> subprocess.CompletedProcess:

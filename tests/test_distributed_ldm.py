@@ -10,11 +10,11 @@ import pytest
 import torch
 
 from conftest import ROOT, run_script, write_dataset
-from dataloaders.ldm_data import StepBatchSampler, TrainingImages, load_training_set
+from generation.data import StepBatchSampler, TrainingImages, load_training_set
 from networks.ldm import latent_scaling_factor
 from test_distributed import torchrun
 from train_ldm import encode_training_set
-from utils.ldm_run import load_model
+from generation.run import load_model
 
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")  # diffusers + numpy 2
 

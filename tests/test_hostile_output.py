@@ -179,7 +179,7 @@ def test_a_nan_denoiser_is_refused_where_it_is_loaded(tmp_path):
     """sample_ldm.py loads its networks through load_model: a NaN denoiser sampled black images, exit 0."""
     from diffusers import UNet2DModel
 
-    from utils.ldm_run import load_model, save_model
+    from generation.run import load_model, save_model
 
     unet = UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(4, 4), layers_per_block=1,
                        norm_num_groups=2, down_block_types=("DownBlock2D", "DownBlock2D"),

@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 from conftest import ROOT, run_script, write_dataset
 import sample_ldm
 import train_ldm
-from utils.ldm_run import save_model
+from generation.run import save_model
 from utils.checkpoint import atomic_save, load_checkpoint
 from utils.cli import run_cli
 

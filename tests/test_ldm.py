@@ -18,9 +18,9 @@ from conftest import ROOT, run_script, write_dataset
 import sample_ldm
 import train_ldm
 from dataloaders.io import DataError, check_images, read_id_list, unlabeled_images
-from dataloaders.ldm_data import StepBatchSampler, TrainingImages, class_labels, load_training_set, thumbnails
+from generation.data import StepBatchSampler, TrainingImages, class_labels, load_training_set, thumbnails
 from networks.ldm import build_unet, build_vae, count_parameters, parameter_counts
-from utils.image_quality import nearest_training_images, ssim, typical_training_distance
+from generation.image_quality import nearest_training_images, ssim, typical_training_distance
 from utils.checkpoint import atomic_save
 from utils.cli import run_cli
 from utils.config import parse_config
@@ -201,12 +201,12 @@ def test_validation_images_never_reach_the_generator(tmp_path: Path, monkeypatch
     sampled too); the validation images are opened only to measure the trained autoencoder."""
     import json
 
-    import dataloaders.ldm_data as ldm_data
+    import generation.data as generation_data
 
     root = write_dataset(tmp_path / "toy", n=9)
     opened, measured = [], []
-    real_read, real_evaluate = ldm_data.read_image, train_ldm.evaluate_vae
-    monkeypatch.setattr(ldm_data, "read_image", lambda path, channels: opened.append(Path(path).stem)
+    real_read, real_evaluate = generation_data.read_image, train_ldm.evaluate_vae
+    monkeypatch.setattr(generation_data, "read_image", lambda path, channels: opened.append(Path(path).stem)
                         or real_read(path, channels))
 
     def evaluate_vae(*args, **kwargs):

@@ -10,8 +10,8 @@ import yaml
 
 from conftest import ROOT, run_script, write_dataset
 import train
-from utils.evaluation import evaluate
-from utils.segmenter import build_training
+from segmenter.evaluation import evaluate
+from segmenter.training import build_training
 
 TINY = ["--width", "4", "--image-size", "32", "--batch-size", "4", "--labeled-batch-size", "2",
         "--eval-every", "3", "--eval-batch-size", "4", "--num-workers", "0", "--no-progress"]
@@ -180,7 +180,7 @@ def test_a_scaled_run_follows_the_published_lambda_and_lr_curves(tmp_path, datas
     a ramp step every 1.5. At every iteration it of the scaled run, lambda and the learning rate are the
     published schedule's at iteration it / 0.25 (the same t/T); the evaluations are as many."""
     import methods.base
-    from utils.losses import consistency_weight, poly_lr_factor
+    from utils.schedule import consistency_weight, poly_lr_factor
 
     weights = {}
 
@@ -208,7 +208,7 @@ def test_a_scaled_run_follows_the_published_lambda_and_lr_curves(tmp_path, datas
 def test_busi_config_scaled_keeps_the_official_curves():
     """busi.yaml x 0.05 on a BUSI split (226 labeled images): 1,000 iterations, a ramp step every 7.5,
     evaluation every 3 (the official 56 x 0.05); lambda(t/T) the official one, 3.99 at the end."""
-    from utils.losses import consistency_weight
+    from utils.schedule import consistency_weight
 
     cfg = train.parse_config(train.OPTIONS, "", ["--config", str(ROOT / "configs" / "busi.yaml"),
                                                  "--schedule-scale", "0.05"])
@@ -223,7 +223,7 @@ def test_a_scaled_mean_teacher_starts_its_unlabeled_loss_at_the_scaled_iteration
     """Mean-teacher's unlabeled loss starts at iteration 1,000 of the published 20,000 (SSL4MIS): x 0.01,
     at iteration 10 of 200 (it stayed at 1,000, past the end of the run: a supervised run with a teacher)."""
     from fractions import Fraction
-    from utils.segmenter import build_training
+    from segmenter.training import build_training
 
     cfg = train.parse_config(train.OPTIONS, "", ["--config", str(ROOT / "configs" / "busi.yaml"), "--method",
                                                  "mean-teacher", "--network", "unet", "--width", "4"])

@@ -25,20 +25,20 @@ from pathlib import Path
 from types import SimpleNamespace
 
 from dataloaders.io import dataset_name
-from dataloaders.ldm_data import load_training_set
+from dataloaders.provenance import RUN_INFO
+from generation.data import load_training_set
 from networks.ldm import IMAGE_CHANNELS, latent_size
 from utils.checkpoint import CheckpointError, UnsafeCheckpointError, check_finite, load_checkpoint
 from utils import distributed
 from utils.config import ConfigError, file_values, save_yaml
 from utils.files import atomic_write_text, write_error
-from utils.ldm_config import DIFFUSION_KEYS, OPTIONS, absolute_paths, check_values, merged_config
+from generation.config import DIFFUSION_KEYS, OPTIONS, absolute_paths, check_values, merged_config
 from utils.locks import hold
 from utils.runtime import autocast_dtype
 from utils.tensorboard import LOG_DIR
 from utils.training import Trainer, TrainingState
 
 KIND = "mgcc-ldm"
-RUN_INFO = "ldm.json"
 VAE_DIR, UNET_DIR, EMA_DIR, SCHEDULER_DIR = "vae", "unet", "unet_ema", "scheduler"
 VAE_STATE, DIFFUSION_STATE = "state_vae.pt", "state_diffusion.pt"
 VAE_METRICS = "vae_metrics.json"
