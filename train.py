@@ -15,8 +15,8 @@ Each iteration (paper Sec. 3.2-3.3, official schedule):
 --schedule-scale S: S x every iteration count (the iterations, the ramp step, the evaluation and checkpoint
 intervals), so that lambda(t/T) and lr(t/T) are the published curves (utils/schedule.py).
 --mode supervised: labeled images only, main decoder only, L = (0.5 BCE + Dice)(main, mask).
---method mean-teacher | cct | cps | fixmatch | unimatch: the comparison methods (methods/, README
-"Methods"), on --network mgcc or unet (MGCCNet without its ConvMixer stages), in this same loop.
+--method mean-teacher | cct | cps | fixmatch | unimatch: the comparison methods (methods/,
+docs/methods.md), on --network mgcc or unet (MGCCNet without its ConvMixer stages), in this same loop.
 
 Writes to the run folder: config.yaml (resolved), metrics.jsonl (one line per evaluation),
 metrics.json (final), curves.png, checkpoint_last.pt (for --resume), checkpoint_best.pt and

@@ -78,8 +78,8 @@ def parse_args(argv=None):
                         help="what to time: vae, diffusion, sampling or all; or schedule: FLOPs and "
                              "predicted time of the whole schedule, nothing timed (default: all)")
     parser.add_argument("--num-images", type=int, default=1000,
-                        help="--what schedule: images sampled after training (default: 1000, as the README's "
-                             "sample_ldm.py command)")
+                        help="--what schedule: images sampled after training (default: 1000, as the "
+                             "sample_ldm.py command of docs/generation.md)")
     parser.add_argument("--peak-tflops", type=float, default=790.0,
                         help="--what schedule: the GPU's peak TFLOP/s in bf16 (default: 790, the H100 figure "
                              "of the stage-1 issue)")

@@ -47,7 +47,7 @@ OPTIONS = [
            f"DataLoader with num_workers processes), or auto (on when they take at most {DEVICE_DATA_BUDGET_GIB:g} GiB)",
            choices=("auto", "on", "off")),
     # model
-    Option("method", None, "training method (README, Methods): " + ", ".join(METHODS) + "; none: --mode's",
+    Option("method", None, "training method (docs/methods.md): " + ", ".join(METHODS) + "; none: --mode's",
            type=optional(str), choices=tuple(METHODS)),
     Option("mode", "mgcc", "the first two methods, by their earlier name: mgcc (semi-supervised MGCC) or supervised "
            "(the baseline on the labeled images alone); --method wins", choices=("mgcc", "supervised")),

@@ -153,7 +153,7 @@ def test_bench_ldm_schedule_table(tmp_path, capsys):
 
 
 def test_bench_ldm_schedule_of_the_gpu_configs(capsys):
-    """The figures the README and the configs' comments give (default: both GPU configs, 40 % of
+    """The figures docs/generation.md and the configs' comments give (default: both GPU configs, 40 % of
     790 TFLOP/s): ldm_busi.yaml's schedule fits 15 minutes with room to spare, medfusion's does not."""
     bench = load_bench_ldm()
     assert bench.main(["--what", "schedule", "--json"]) == 0

@@ -154,7 +154,7 @@ def test_classes_from_id_prefix_or_csv(tmp_path: Path):
 
 
 def test_networks_of_the_configs():
-    # the figures the README gives; both GPU configs make the reference system's 8x32x32 latents
+    # the figures docs/generation.md gives; both GPU configs make the reference system's 8x32x32 latents
     for config, counts, dropout in ((BUSI, {"vae": 13_491_337, "unet": 34_177_288}, 0.1),
                                     (MEDFUSION, {"vae": 53_807_017, "unet": 236_538_376}, 0.0)):
         cfg = parse_config(train_ldm.OPTIONS, "", ["--config", config])
