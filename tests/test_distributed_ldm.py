@@ -44,6 +44,7 @@ def test_ranks_slice_each_global_batch_without_overlap():
         StepBatchSampler(7, 3, seed=3, start_step=0, end_step=1, rank=0, world_size=2)
 
 
+@pytest.mark.slow
 def test_two_process_training_resumes_across_process_counts_and_samples_in_one(tmp_path: Path, monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # as torchrun's processes: two threads on two busy cores crawl
     data = write_dataset(tmp_path / "toy", n=12, size=(64, 80))
