@@ -12,14 +12,15 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
+import utils.training
 from conftest import run_script
 from methods import METHODS
+from segmenter.options import OPTIONS
+from segmenter.training import MethodTraining
 from utils.config import ConfigError, parse_config
 from utils.distributed import Context
-from utils.segmenter import OPTIONS, Method
-from utils.training import Trainer, TrainingState
-import utils.training
 from utils.runtime import resolve_device, rng_state, set_rng_state
+from utils.training import Trainer, TrainingState
 
 
 def stand_in_nvidia_smi(folder, listing: str, status: int = 0):
@@ -157,7 +158,7 @@ def test_a_training_step_copies_nothing_from_the_host(name, monkeypatch):
     cfg = parse_config(OPTIONS, "", ["--method", name, "--network", network, "--width", "4", "--mixer-depth", "1",
                                      "--precision", "fp32", "--channels-last", "off"])
     device = torch.device("meta")
-    method = Method(cfg, Context(), device, iterations=100)
+    method = MethodTraining(cfg, Context(), device, iterations=100)
     method.begin()
     images = torch.randn(8 if method.semi else 4, 3, 32, 32, device=device)
     masks = (torch.rand(4, 1, 32, 32, device=device) > 0.5).float()
@@ -259,7 +260,7 @@ def test_slurm_scripts_from_a_cpu_host_request_gpus_and_resolve_the_device_in_th
 
 
 def test_the_denoiser_s_batch_reaches_the_device_in_one_copy():
-    from networks.ldm_losses import batch_on_device
+    from generation.losses import batch_on_device
     batch = [(5, True), (2, False), (7, True)]
     with DeviceCopies() as seen:
         index, flip = batch_on_device(batch, torch.device("meta"))
@@ -269,7 +270,7 @@ def test_the_denoiser_s_batch_reaches_the_device_in_one_copy():
 
 
 def test_peak_memory_is_the_training_device_s(tmp_path, monkeypatch):
-    from utils.run import RunRecord
+    from segmenter.run import RunRecord
     asked = []
     monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
     monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: asked.append(device) or 3 * 2 ** 30)

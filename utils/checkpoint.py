@@ -15,11 +15,8 @@ from typing import Any
 import torch
 import torch.utils._pytree
 
+from .errors import CheckpointError
 from .files import atomic_write
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that is missing, truncated, or written by another script or architecture."""
 
 
 class UnsafeCheckpointError(CheckpointError):
