@@ -146,6 +146,7 @@ def meta_autocast(monkeypatch):
                         if device_type == "meta" else real(device_type, *args, **kwargs))
 
 
+@pytest.mark.slow  # training steps (on the meta device)
 @pytest.mark.parametrize("name", list(METHODS))
 def test_a_training_step_copies_nothing_from_the_host(name, monkeypatch):
     """Every method's whole step (forward, backward, SGD, EMA, lambda, scheduler) on the meta device standing
