@@ -12,7 +12,7 @@ import torch
 from dataloaders.datasets import NORMALIZATIONS
 from dataloaders.device_data import DEVICE_DATA_BUDGET_GIB
 from dataloaders.io import MASK_VALUES, MAX_IMAGE_PIXELS_OPTION
-from methods import CONSISTENCY_DEFAULTS, METHODS, build_method, network_args
+from methods import CONSISTENCY_DEFAULTS, METHODS, PRETRAIN_SHARE, U_WEIGHT, build_method, network_args
 from networks.unet import NETWORKS
 from utils import distributed
 from utils.config import (NON_NEGATIVE, POSITIVE, ConfigError, Option, between, count_or, greater_than, if_number,
@@ -83,7 +83,8 @@ OPTIONS = [
     Option("weight_decay", 1e-4, "SGD weight decay", check=NON_NEGATIVE),
     Option("consistency", None, "final weight lambda of the unlabeled loss, which the ramp tends to; none: the "
            "method's reference value (" + ", ".join(f"{m} {w:g}" for m, w in CONSISTENCY_DEFAULTS.items()) +
-           "; fixmatch and unimatch have fixed weights in their formula). The official ramp (200 steps of 150 "
+           f"; fixmatch and unimatch have fixed weights in their formula; bcp {U_WEIGHT:g}, the pseudo-labelled parts' "
+           "fixed weight from its self-training phase on, no ramp). The official ramp (200 steps of 150 "
            "iterations) spans 30,000 iterations, so at the end of the official 20,000 mgcc's lambda is 3.99, not 7",
            type=optional(float), check=NON_NEGATIVE),
     Option("consistency_start", None, "iterations before the unlabeled loss counts (weight 0), at scale 1 "
@@ -91,7 +92,11 @@ OPTIONS = [
     Option("consistency_rampup", 200.0, "lambda ramps up over this many ramp steps (sigmoid ramp-up)",
            check=NON_NEGATIVE),
     Option("consistency_ramp_every", 150, "iterations per ramp step (official: t = iteration // 150)", check=POSITIVE),
-    Option("ema_decay", 0.99, "mean-teacher: EMA decay of the teacher (SSL4MIS)", check=between(0, 1)),
+    Option("ema_decay", 0.99, "mean-teacher, bcp: EMA decay of the teacher (SSL4MIS, BCP: 0.99; mean-teacher's "
+           "starts as the true average, min(1 - 1/(it + 1), decay), bcp's is fixed)", check=between(0, 1)),
+    Option("pretrain_share", PRETRAIN_SHARE, "bcp: share of the iterations (after schedule_scale) spent in its "
+           "pre-training phase, copy-paste among the labeled images, before self-training with the EMA teacher (BCP's "
+           "10,000 of 10,000 + 30,000 iterations: 0.25)", check=between(0, 1)),
     Option("conf_thresh", 0.95, "fixmatch, unimatch: confidence threshold of the pseudo-labels (UniMatch)",
            check=between(0, 1)),
     Option("seed", 1337, "random seed of weights, data order, augmentation and perturbations",
@@ -150,14 +155,15 @@ def model_args(cfg) -> dict:
     return network_args(cfg.network, cfg.method, cfg.in_channels, cfg.width, cfg.mixer_depth, cfg.mixer_kernel)
 
 
-def build_training(cfg, ramp_every=None, scale=1):
+def build_training(cfg, ramp_every=None, scale=1, iterations=0):
     """The method (methods/) with its networks (student, EMA teacher, second network), from the global RNG;
     ``ramp_every``: a scaled schedule's iterations per ramp step (None: the config's); ``scale``: its
     schedule_scale, which the first iteration of the unlabeled loss (consistency_start: the config's, or
-    the method's reference value, mean-teacher's 1000) is multiplied by like every other iteration count."""
+    the method's reference value, mean-teacher's 1000) is multiplied by like every other iteration count;
+    ``iterations``: the run's (scaled) iterations, of which bcp pre-trains for pretrain_share."""
     method = build_method(cfg.method, cfg.network, model_args(cfg), cfg.normalization, cfg.consistency,
                           cfg.consistency_rampup, cfg.consistency_ramp_every if ramp_every is None else ramp_every,
-                          cfg.ema_decay, cfg.conf_thresh, cfg.consistency_start)
+                          cfg.ema_decay, cfg.conf_thresh, cfg.consistency_start, iterations, cfg.pretrain_share)
     if getattr(method, "consistency_start", 0):
         method.consistency_start = round(method.consistency_start * scale)
     return method
@@ -209,7 +215,7 @@ def wrap_for_training(method, cfg, ctx, device):
 
 
 class Method:
-    """A training method (methods/: supervised, mgcc, mean-teacher, cct, cps, fixmatch, unimatch) as
+    """A training method (methods/: supervised, mgcc, mean-teacher, cct, cps, fixmatch, unimatch, bcp) as
     train.py's loop sees it.
 
     A method supplies its networks and what a checkpoint holds (``state``: name -> module,
@@ -217,7 +223,7 @@ class Method:
     checkpoint_best's "model" (``evaluated``), and ``train_step(images, masks, it)``: one update on a
     batch whose first len(masks) images are labeled, returning its named losses ("loss" their
     total), detached and on the device (the step never waits for the host). A method with a
-    per-step update of its own (an EMA teacher) does it there too. ``module`` is the method itself
+    per-step update of its own (an EMA teacher, a phase switch) does it there too. ``module`` is the method itself
     (methods.base.Method): its networks, its losses, its schedule of the unlabeled weight, its EMA.
     """
     loss_names = ("loss", "sup", "cons")
@@ -226,7 +232,7 @@ class Method:
         self.cfg, self.ctx, self.device = cfg, ctx, device
         # iterations per step of the consistency ramp: the config's, or a scaled schedule's (a fraction)
         self.ramp_every = cfg.consistency_ramp_every if ramp_every is None else ramp_every
-        self.module = build_training(cfg, self.ramp_every, scale).to(device)
+        self.module = build_training(cfg, self.ramp_every, scale, iterations).to(device)
         self.semi = self.module.uses_unlabeled  # the supervised baseline: the labeled images alone, no unlabeled batch
         if ctx.enabled and cfg.sync_bn:  # same parameter and buffer names: checkpoints stay plain
             self.module = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.module)
@@ -253,6 +259,7 @@ class Method:
         self.module.train()
 
     def train_step(self, images: torch.Tensor, masks: torch.Tensor, it: int) -> dict[str, torch.Tensor]:
+        self.module.before_step(it)  # bcp's phase switch
         self.consistency.fill_(self.module.consistency_weight(it))
         losses = self.step(images, masks, self.consistency)
         self.module.after_step(it)  # the EMA teacher's update
