@@ -18,9 +18,9 @@ from dataloaders.samplers import StreamBatchSampler
 from dataloaders.splits import load_run_data
 from methods import build_method
 from networks.mgcc import MGCCNet
-from utils.evaluation import evaluate
-from utils.losses import consistency_weight, poly_lr_factor
-from utils.segmenter import make_optimizer, make_train_step
+from segmenter.evaluation import evaluate
+from utils.schedule import consistency_weight, poly_lr_factor
+from segmenter.training import make_optimizer, make_train_step
 from utils.training import LossLog
 
 CPU = torch.device("cpu")

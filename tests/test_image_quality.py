@@ -1,4 +1,4 @@
-"""Image-quality measures of stage 1 (utils/image_quality.py) and the KL weighting of the
+"""Image-quality measures of stage 1 (generation/image_quality.py) and the KL weighting of the
 autoencoder's loss, against hand-computed cases and sets whose answer is known."""
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from conftest import ROOT
 import train_ldm
 from networks.ldm import AutoencoderPass, build_vae
-from networks.ldm_losses import kl_per_pixel
+from generation.losses import kl_per_pixel
 from utils.config import parse_config
-from utils.image_quality import c2st_accuracy, calibrated_memorisation, closest_pairs_image, describe_memorisation, psnr
+from generation.image_quality import c2st_accuracy, calibrated_memorisation, closest_pairs_image, describe_memorisation, psnr
 
 
 def test_psnr_matches_hand_computed_values():
