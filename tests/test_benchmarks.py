@@ -124,6 +124,7 @@ def test_flop_count_of_a_convolution_by_hand():
     assert bench.counted_flops(lambda: conv(image).sum().backward()) == 3 * forward  # + input gradient
 
 
+@pytest.mark.slow  # runs training steps for seconds to minutes: out of the fast tier
 def test_bench_ldm_schedule_table(tmp_path, capsys):
     """The schedule of a tiny config with a discriminator from step 3 of 5: each part's FLOPs, the
     totals and the predicted minutes add up; the printed table names every part."""
@@ -158,6 +159,7 @@ def test_bench_ldm_schedule_table(tmp_path, capsys):
         assert part in out
 
 
+@pytest.mark.slow  # runs training steps for seconds to minutes: out of the fast tier
 def test_bench_ldm_schedule_of_the_gpu_configs(capsys):
     """The figures docs/generation.md and the configs' comments give (default: both GPU configs, 40 % of
     790 TFLOP/s): ldm_busi.yaml's schedule fits 15 minutes with room to spare, medfusion's does not."""

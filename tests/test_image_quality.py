@@ -55,6 +55,7 @@ def blobs(count: int, seed: int, lesion: float = 50.0, size: int = 32) -> np.nda
     return images
 
 
+@pytest.mark.slow  # runs training steps for seconds to minutes: out of the fast tier
 def test_c2st_is_chance_for_one_distribution_and_certain_for_two():
     same = c2st_accuracy(blobs(60, seed=1), blobs(60, seed=2), epochs=10)
     assert 0.3 <= same <= 0.7  # chance is 0.5 (120 held-out predictions: ±0.09 is two standard deviations)
@@ -73,6 +74,7 @@ def phantoms(count: int, seed: int) -> np.ndarray:
     return np.stack([make_phantom(rng, (64, 64), malignant=bool(k % 2))[0] for k in range(count)])
 
 
+@pytest.mark.slow  # runs training steps for seconds to minutes: out of the fast tier
 def test_memorisation_is_calibrated_on_held_out_real_images_and_one_on_copies():
     """Real images the generator never saw, standing in for its samples, score the level itself; copies
     of training images score 1.

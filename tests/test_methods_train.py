@@ -69,6 +69,7 @@ def test_mean_teacher_teacher_follows_the_student_by_ema(tmp_path, dataset):
         assert (teacher[k] - checkpoint["model"][k]).abs().max() < 0.05
 
 
+@pytest.mark.slow  # runs training steps for seconds to minutes: out of the fast tier
 def test_sigterm_checkpoints_the_teacher_and_resumes(tmp_path, dataset):
     out = tmp_path / "run"
     process = start_training(dataset, out, "--iterations", "100000", "--eval-every", "100000", "--checkpoint-every",
