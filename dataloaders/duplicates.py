@@ -252,3 +252,15 @@ def closest_pairs_image(pairs: Sequence[Pair], paths: dict[str, Path], count: in
     if not tiles:
         tiles = [np.full((side, 2 * side + 4, 3), 255, np.uint8)]
     return image_grid(tiles, columns=columns, pad=4)
+
+
+def near_duplicates_in(evaluated: dict[str, Path], trained: dict[str, Path],
+                       threshold: float = DEFAULT_THRESHOLD) -> dict[str, list[str]]:
+    """evaluated id -> the trained ids it is an exact or near-duplicate of (itself when it was trained on),
+    for the evaluated ids that have one: what the clean subset leaves out."""
+    found: dict[str, list[str]] = {i: [i] for i in evaluated if i in trained}
+    others = {i: p for i, p in trained.items() if i not in evaluated}  # an evaluated id is compared as itself
+    if evaluated and others:
+        for pair in find_pairs(fingerprint(evaluated.items()), fingerprint(others.items()), threshold):
+            found.setdefault(pair.a, []).append(pair.b)
+    return {i: sorted(set(found[i])) for i in evaluated if i in found}
