@@ -75,9 +75,14 @@ class Pair:
     exact: bool = False
     flipped: bool = False
 
+    def kind(self) -> str:
+        return "same pixels" if self.exact else f"score {self.score:.3f}" + (", mirrored" if self.flipped else "")
+
     def describe(self) -> str:
-        kind = "same pixels" if self.exact else f"score {self.score:.3f}" + (", mirrored" if self.flipped else "")
-        return f"{self.a!r} ~ {self.b!r} ({kind})"
+        return f"{self.a!r} ~ {self.b!r} ({self.kind()})"
+
+    def other(self, case_id: str) -> str:
+        return self.b if case_id == self.a else self.a
 
 
 @dataclass
