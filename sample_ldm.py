@@ -21,7 +21,7 @@ system every process sees.
 Two quality figures, both on by default, read the run's training images:
 - memorisation: each sample's distance to its nearest training image (normalised L2 at 64x64,
   mirror images included), against the same distance for the split's val images (real images the
-  generator never trained on): the fraction of samples nearer to a training image than the closest
+  generator never trained on, less those with a near-duplicate among the training images): the fraction of samples nearer to a training image than the closest
   1 % (5 %) of val images are, about 0.01 (0.05) for a generator that copies nothing and 1 for one
   that copies; both distributions' quantiles (memorisation.txt) and the closest sample/training
   pairs (closest_pairs.png);
@@ -59,6 +59,7 @@ from dataloaders.ldm_data import thumbnails
 from networks.ldm import sampling_scheduler
 from networks.ldm_sampling import generate, image_class, image_noise
 from utils import distributed
+from dataloaders.duplicates import near_duplicates_in
 from utils.image_quality import c2st_accuracy, calibrated_memorisation, closest_pairs_image, describe_memorisation
 from utils.ldm_run import load_sampling_models, open_run, write_json
 from utils.locks import hold, release_held
@@ -167,14 +168,21 @@ def training_thumbnails(info: dict):
 
 def val_thumbnails(info: dict):
     """The split's val images at 64x64 (never trained on): the memorisation report's reference of how
-    near a real image comes to a training image. None when the run has no val list."""
+    near a real image comes to a training image. None when the run has no val list. A val image with an
+    exact or near-duplicate among the generator's training images (dataloaders/duplicates.py; BUSI has
+    many) is left out: it sits as near to a training image as a copy does, and would calibrate the
+    figure to call copies normal."""
     if not info.get("val_file"):
         return None
     try:
         cases = find_cases(info["data_dir"])
         val_file = Path(info["data_dir"]) / Path(info["val_file"]).name  # the split file beside the data
-        paths = [image for _, image, _ in select_cases(cases, read_id_list(val_file), str(val_file))]
-        return thumbnails(paths, MEMORISATION_SIZE)
+        val = {i: image for i, image, _ in select_cases(cases, read_id_list(val_file), str(val_file))}
+        leaks = near_duplicates_in(val, {i: cases[i][0] for i in info["train_ids"] if i in cases})
+        if leaks:
+            print(f"memorisation: calibrated on {len(val) - len(leaks)} of the {len(val)} val images ({len(leaks)} "
+                  "with an exact or near-duplicate among the training images left out)", flush=True)
+        return thumbnails([image for i, image in val.items() if i not in leaks], MEMORISATION_SIZE)
     except DataError as error:
         raise DataError(f"{error}\n(the memorisation check reads the split's val images; give "
                         "--no-check-memorisation to sample without it)") from None

@@ -269,3 +269,22 @@ def near_duplicates_in(evaluated: dict[str, Path], trained: dict[str, Path],
         for pair in find_pairs(fingerprint(evaluated.items()), fingerprint(others.items()), threshold):
             found.setdefault(pair.a, []).append(pair.b)
     return {i: sorted(set(found[i])) for i in evaluated if i in found}
+
+
+def split_leak_note(data_dir: str | Path, split: int, split_name: str | None = None,
+                    threshold: float = DEFAULT_THRESHOLD) -> str:
+    """One line for train.py and reproduce.py: how many of the split's val ids have an exact or
+    near-duplicate in its training list."""
+    from .io import find_cases, read_id_list, select_cases, split_files
+
+    cases = find_cases(data_dir)
+    train_file, val_file = split_files(data_dir, split, split_name)
+    train = [i for i, *_ in select_cases(cases, read_id_list(train_file), str(train_file))]
+    val = [i for i, *_ in select_cases(cases, read_id_list(val_file), str(val_file))]
+    prints = fingerprint((i, cases[i][0]) for i in dict.fromkeys(train + val))
+    leaks = partners(val, train, find_pairs(prints, threshold=threshold))
+    return f"split {split}: {len(leaks)} of {len(val)} val ids have an exact or near-duplicate in {train_file.name}"
+
+
+DUPLICATES_ADVICE = ("their scores are partly memory (split.py --check lists them, --grouped writes splits without "
+                     "them; predict.py --trained-ids scores the clean subset)")

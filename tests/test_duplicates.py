@@ -170,3 +170,34 @@ def test_lossy_resized_and_mirrored_val_copies_in_an_unlabeled_folder_are_refuse
     with pytest.raises(DataError, match=rf"holds 1 copy of images this run evaluates .* e.g. mine\.(jpg|png) = "
                                         rf"val image '{re.escape(ids[7])}' \(near-duplicate, score"):
         load_run_data(data, 1, unlabeled_dirs=[own])
+
+
+def test_clean_section_of_results_md():
+    from utils.clean_subset import clean_fields, clean_section
+
+    metrics = {"images": 10, "iou": 0.5, "clean_subset": {"images": 7, "dropped": 3, "iou": 0.4, "dice": 0.6}}
+    fields = clean_fields(metrics)
+    assert (fields["val_images"], fields["clean_images"], fields["clean_iou"], fields["clean_hd95"]) == (10, 7, 0.4, None)
+    assert clean_fields({"images": 10, "iou": 0.5}) == {}  # a predict.py run without --trained-ids
+    rows = [{"arm": "a", "split": 1, "seed": s, "iou": 0.5 + s / 10, "dice": 0.7, **fields, "clean_iou": 0.4 + s / 10}
+            for s in (1, 2)]
+    text = clean_section(rows, ["a"])
+    assert "split 1: 7 of 10 (3 dropped)" in text
+    assert "| a | 2 | 0.6500 ± 0.0707 | 0.5500 ± 0.0707 | 0.7000 ± 0.0000 | 0.6000 ± 0.0000 | n/a | n/a |" in text
+    assert "| 1 | 2 | a | 10 | 0.7000 | 7 | 0.6000 |" in text
+    assert clean_section([{"arm": "a", "split": 1, "iou": 0.5}], ["a"]) == ""
+
+
+def test_the_memorisation_figure_is_calibrated_on_val_images_without_a_training_duplicate(tmp_path, capsys):
+    from dataloaders.phantom import make_phantom_dataset
+    from sample_ldm import val_thumbnails
+
+    data = tmp_path / "ph"
+    ids = make_phantom_dataset(data, num_images=8, preview_count=0)
+    (data / "ph_val1.txt").write_text("".join(f"{i}\n" for i in ids[5:]))
+    info = {"data_dir": str(data), "val_file": str(data / "ph_val1.txt"), "train_ids": ids[:5]}
+    assert len(val_thumbnails(info)) == 3 and "calibrated on" not in capsys.readouterr().out
+    picture = cv2.imread(str(data / "images" / f"{ids[1]}.png"), cv2.IMREAD_GRAYSCALE)
+    cv2.imwrite(str(data / "images" / f"{ids[6]}.png"), jpeg(picture, 95))  # a val image: a training one re-encoded
+    assert len(val_thumbnails(info)) == 2
+    assert "calibrated on 2 of the 3 val images (1 with an exact or near-duplicate" in capsys.readouterr().out
