@@ -16,7 +16,8 @@ anchor code base (CMU-Net, MGCC, SSL4MIS, UniMatch, nnU-Net) checks for this; th
    images: the dot product is Pearson's correlation. Pairs above ``threshold - CANDIDATE_SLACK`` go on.
 2. *Score*: the normalised cross-correlation of one image's inner 32x32 with the other's 40x40
    thumbnail at every shift up to 4 thumbnail pixels (OpenCV ``matchTemplate``, TM_CCOEFF_NORMED),
-   the mirror image included, best of both directions. A pair is a near-duplicate when its score is
+   the mirror image included, best of both directions (the second only when the first comes within
+   ``SECOND_DIRECTION_SLACK`` of the threshold). A pair is a near-duplicate when its score is
    at least ``threshold`` (``DEFAULT_THRESHOLD``), or ``threshold + MIRROR_MARGIN`` when the mirror
    image matched (on BUSI the five mirrored matches between 0.96 and 0.97 were all different
    lesions by eye; a flipped copy scores about 1).
@@ -57,7 +58,9 @@ from .io import DataError, read_image
 
 DEFAULT_THRESHOLD = 0.96  # stage-2 score at or above which two images are near-duplicates
 MIRROR_MARGIN = 0.01  # a mirrored match needs threshold + this: twice the comparisons, twice the chance matches
-CANDIDATE_SLACK = 0.12  # stage 1 keeps pairs within this of the threshold (stage 1 has no shift search)
+CANDIDATE_SLACK = 0.16  # stage 1 keeps pairs within this of the threshold (stage 1 has no shift search; on
+#                         BUSI the lowest stage-1 correlation of a pair scoring >= 0.96 was 0.837)
+SECOND_DIRECTION_SLACK = 0.05  # the second direction of stage 2 only for pairs within this of the threshold
 MARGIN = 0.1  # fraction of each side dropped before the thumbnail (marks, text, crop edges)
 SIZE = 32  # inner thumbnail side
 SHIFT = 4  # largest shift searched, in thumbnail pixels (12 % of the crop)
@@ -138,20 +141,25 @@ def fingerprint(items: Iterable[tuple[str, Path]]) -> Fingerprints:
     return fingerprint_images([i for i, _ in items], grays, [p for _, p in items])
 
 
-def _pair_score(ta: np.ndarray, tb: np.ndarray) -> tuple[float, bool]:
-    """(stage-2 score, mirrored) of two padded thumbnails: best shifted correlation, both directions."""
-    best, flipped = -1.0, False
-    for mirror in (False, True):
-        b = np.ascontiguousarray(tb[:, ::-1]) if mirror else tb
-        a = np.ascontiguousarray(ta[:, ::-1]) if mirror else ta
-        for template, image in ((ta[SHIFT:SHIFT + SIZE, SHIFT:SHIFT + SIZE], b),
-                                (tb[SHIFT:SHIFT + SIZE, SHIFT:SHIFT + SIZE], a)):
-            if float(template.std()) == 0.0:
-                continue  # flat: correlation undefined, no match
-            score = float(cv2.matchTemplate(image, np.ascontiguousarray(template), cv2.TM_CCOEFF_NORMED).max())
-            if score > best:
-                best, flipped = score, mirror
-    return best, flipped
+def _shifted_correlation(template_from: np.ndarray, image: np.ndarray) -> float:
+    """Best normalised correlation of ``template_from``'s inner SIZE^2 with ``image`` at every shift."""
+    template = np.ascontiguousarray(template_from[SHIFT:SHIFT + SIZE, SHIFT:SHIFT + SIZE])
+    if float(template.std()) == 0.0:
+        return -1.0  # flat: correlation undefined, no match
+    return float(cv2.matchTemplate(image, template, cv2.TM_CCOEFF_NORMED).max())
+
+
+def _pair_score(ta: np.ndarray, tb: np.ndarray, floor: float = -1.0) -> tuple[float, bool]:
+    """(stage-2 score, mirrored) of two padded thumbnails: the best shifted correlation, direct or mirrored,
+    of a's centre in b and, unless that is below ``floor`` (too low to matter), of b's centre in a."""
+    mirror_b = np.ascontiguousarray(tb[:, ::-1])
+    scores = {False: _shifted_correlation(ta, tb), True: _shifted_correlation(ta, mirror_b)}
+    if max(scores.values()) >= floor:  # the other direction: a crop's centre lies inside the original
+        mirror_a = np.ascontiguousarray(ta[:, ::-1])
+        scores[False] = max(scores[False], _shifted_correlation(tb, ta))
+        scores[True] = max(scores[True], _shifted_correlation(tb, mirror_a))
+    flipped = scores[True] > scores[False]
+    return scores[flipped], flipped
 
 
 def check_threshold(threshold: float) -> float:
@@ -191,7 +199,7 @@ def find_pairs(a: Fingerprints, b: Fingerprints | None = None, threshold: float 
         for i, j in _candidates(a, b, threshold - CANDIDATE_SLACK, same):
             if (i, j) in pairs or a.ids[i] == b.ids[j]:
                 continue
-            score, flipped = _pair_score(a.thumbs[i], b.thumbs[j])
+            score, flipped = _pair_score(a.thumbs[i], b.thumbs[j], floor=threshold - SECOND_DIRECTION_SLACK)
             if score >= threshold + (MIRROR_MARGIN if flipped else 0.0):
                 pairs[(i, j)] = Pair(a.ids[i], b.ids[j], min(score, 1.0), flipped=flipped)
     return sorted(pairs.values(), key=lambda p: (-p.score, p.a, p.b))
