@@ -156,6 +156,7 @@ def test_ids_file_restricts_the_images(tmp_path, trained):
     assert result.returncode == 2 and "nobody (0)" in result.stderr
 
 
+@pytest.mark.slow
 def test_trained_ids_give_the_metrics_on_the_clean_subset_too(tmp_path, trained):
     """Issue 30: a val image that is a (mirrored, re-encoded) copy of a training image is left out of the
     clean subset, and so is a val id listed as trained; the clean means are over the other val ids."""

@@ -243,6 +243,7 @@ def with_planted_duplicates(root: Path) -> tuple[Path, list[set[str]]]:
     return root, [{"benign (1)", "benign (11)", "malignant (9)"}, {"malignant (2)", "malignant (7)"}]
 
 
+@pytest.mark.slow
 def test_check_reports_the_val_ids_with_a_duplicate_in_training(tmp_path):
     data, planted = with_planted_duplicates(tmp_path / "toy")
     before = {p.name: p.read_bytes() for p in data.glob("*.txt")}
@@ -262,6 +263,7 @@ def test_check_reports_the_val_ids_with_a_duplicate_in_training(tmp_path):
     assert result.returncode == 2 and "--check writes nothing" in result.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("folds", [None, 3])
 def test_grouped_splits_never_separate_a_group(tmp_path, folds):
     data, planted = with_planted_duplicates(tmp_path / "toy")
