@@ -21,10 +21,11 @@ system every process sees.
 Two quality figures, both on by default, read the run's training images:
 - memorisation: each sample's distance to its nearest training image (normalised L2 at 64x64,
   mirror images included), against the same distance for the split's val images (real images the
-  generator never trained on, less those with a near-duplicate among the training images): the fraction of samples nearer to a training image than the closest
-  1 % (5 %) of val images are, about 0.01 (0.05) for a generator that copies nothing and 1 for one
-  that copies; both distributions' quantiles (memorisation.txt) and the closest sample/training
-  pairs (closest_pairs.png);
+  generator never trained on, less those with a near-duplicate among its training images): the
+  fraction of samples nearer to a training image than the closest 1 % (5 %) of val images are,
+  about 0.01 (0.05) for a generator that copies nothing and 1 for one that copies; both
+  distributions' quantiles (memorisation.txt) and the closest sample/training pairs
+  (closest_pairs.png);
 - C2ST, a classifier two-sample test (Lopez-Paz & Oquab, 2017): a small CNN learns to tell the
   samples from the training images (64x64, as many of each, 5 folds); its held-out accuracy is 0.5
   when they cannot be told apart and 1.0 when they trivially can. About a minute on a CPU for a
@@ -53,15 +54,15 @@ import torch
 from diffusers.utils import logging as diffusers_logging
 from tqdm import tqdm
 
+from dataloaders.duplicates import near_duplicates_in
 from dataloaders.io import (MAX_IMAGE_PIXELS_OPTION, DataError, find_cases, image_folder, read_id_list, select_cases,
                             set_max_image_pixels)
-from dataloaders.ldm_data import thumbnails
+from generation.data import thumbnails
 from networks.ldm import sampling_scheduler
-from networks.ldm_sampling import generate, image_class, image_noise
+from generation.sampling import generate, image_class, image_noise
 from utils import distributed
-from dataloaders.duplicates import near_duplicates_in
-from utils.image_quality import c2st_accuracy, calibrated_memorisation, closest_pairs_image, describe_memorisation
-from utils.ldm_run import load_sampling_models, open_run, write_json
+from generation.image_quality import c2st_accuracy, calibrated_memorisation, closest_pairs_image, describe_memorisation
+from generation.run import load_sampling_models, open_run, write_json
 from utils.locks import hold, release_held
 from utils.cli import run_cli, run_on_device
 from utils.config import ConfigError, Option, optional, parse_config
