@@ -175,14 +175,15 @@ def test_lossy_resized_and_mirrored_val_copies_in_an_unlabeled_folder_are_refuse
 def test_clean_section_of_results_md():
     from utils.clean_subset import clean_fields, clean_section
 
-    metrics = {"images": 10, "iou": 0.5, "clean_subset": {"images": 7, "dropped": 3, "iou": 0.4, "dice": 0.6}}
+    metrics = {"images": 10, "iou": 0.5,
+               "clean_subset": {"images": 7, "dropped": 3, "iou": 0.4, "dice": 0.6, "threshold": 0.97}}
     fields = clean_fields(metrics)
     assert (fields["val_images"], fields["clean_images"], fields["clean_iou"], fields["clean_hd95"]) == (10, 7, 0.4, None)
     assert clean_fields({"images": 10, "iou": 0.5}) == {}  # a predict.py run without --trained-ids
     rows = [{"arm": "a", "split": 1, "seed": s, "iou": 0.5 + s / 10, "dice": 0.7, **fields, "clean_iou": 0.4 + s / 10}
             for s in (1, 2)]
     text = clean_section(rows, ["a"])
-    assert "split 1: 7 of 10 (3 dropped)" in text
+    assert "split 1: 7 of 10 (3 dropped)" in text and "(score >= 0.97," in text
     assert "| a | 2 | 0.6500 ± 0.0707 | 0.5500 ± 0.0707 | 0.7000 ± 0.0000 | 0.6000 ± 0.0000 | n/a | n/a |" in text
     assert "| 1 | 2 | a | 10 | 0.7000 | 7 | 0.6000 |" in text
     assert clean_section([{"arm": "a", "split": 1, "iou": 0.5}], ["a"]) == ""

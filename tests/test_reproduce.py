@@ -177,4 +177,5 @@ def test_results_on_all_val_ids_and_the_clean_subset(tmp_path):
     clean_iou = float(row["clean_iou"])
     report = (out / "results.md").read_text()
     assert "## All val ids and the clean subset" in report and "split 1: 3 of 4 (1 dropped)" in report
+    assert "(score >= 0.96," in report
     assert f"| 1 | {row['seed']} | supervised | 4 | {val['iou']:.4f} | 3 | {clean_iou:.4f} |" in report

@@ -24,14 +24,16 @@ def clean_fields(val_metrics: dict) -> dict:
     if not isinstance(clean, dict):
         return {}
     return {"val_images": val_metrics.get("images"), "clean_images": clean.get("images"),
+            "duplicate_threshold": clean.get("threshold"),
             **{f"clean_{m}": clean.get(m) for m in METRIC_NAMES}}
 
 
-def clean_section(rows: list[dict], arms: Sequence[str], threshold: float | None = None) -> str:
+def clean_section(rows: list[dict], arms: Sequence[str]) -> str:
     """results.md's section: per arm each metric on all val ids and on the clean subset, side by side,
     with the count of each per split; '' when no run has clean-subset figures."""
     if not any("clean_images" in r for r in rows):
         return ""
+    thresholds = sorted({r["duplicate_threshold"] for r in rows if r.get("duplicate_threshold") is not None})
     per_split = {}
     for r in rows:
         if "clean_images" in r:
@@ -40,7 +42,7 @@ def clean_section(rows: list[dict], arms: Sequence[str], threshold: float | None
                        for s, (n_all, n_clean) in sorted(per_split.items()))
     lines = ["", "## All val ids and the clean subset", "",
              f"The clean subset leaves out each val id that has an exact or near-duplicate (score >= "
-             f"{'the default' if threshold is None else format(threshold, 'g')}, dataloaders/duplicates.py) "
+             f"{', '.join(format(t, 'g') for t in thresholds) or 'the default'}, dataloaders/duplicates.py) "
              "among the split's training ids: the labeled and unlabeled images of every arm and the generator's "
              "training images all come from that list, so every arm of a split is scored on the same ids. Those "
              "val images, or a copy of them, were trained on: their scores measure memory as much as "
@@ -52,8 +54,10 @@ def clean_section(rows: list[dict], arms: Sequence[str], threshold: float | None
         cells = [f"{mean_std([r.get(m) for r in runs])} | {mean_std([r.get('clean_' + m) for r in runs])}"
                  for m in SHOWN]
         lines.append(f"| {arm} | {len(runs)} | " + " | ".join(cells) + " |")
-    lines += ["", "A metric that drops from 'all' to 'clean' was helped by the duplicates; an arm whose gain over "
-              "the baseline shrinks on the clean subset gained partly from seeing them (e.g. unlabeled)."]
+    lines += ["", "A metric that is better on 'all' than on 'clean' was helped by the duplicates; an arm whose gain "
+              "over the baseline shrinks on the clean subset gained partly from seeing them (semi-supervised arms "
+              "also train on the unlabeled part of the training list). The clean subset is not a random sample of "
+              "the val ids: compare arms within a column."]
     keys = sorted({run_key(r) for r in rows}, key=lambda k: (k[0], -1 if k[1] is None else k[1]))
     lines += ["", "| split | seed | arm | val ids | IoU all | clean ids | IoU clean |", "| --- | --- | --- | --- | --- | --- | --- |"]
     for key in keys:
