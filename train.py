@@ -33,7 +33,8 @@ from pathlib import Path
 import torch
 
 from dataloaders.datasets import SegmentationDataset
-from dataloaders.io import DataError, dataset_name
+from dataloaders.duplicates import DUPLICATES_ADVICE, split_leak_note
+from dataloaders.io import DataError, dataset_name, note
 from dataloaders.samplers import batches_per_epoch
 from dataloaders.splits import load_run_data
 from dataloaders.training_batches import TrainingBatches
@@ -224,6 +225,9 @@ def train(cfg, ctx, device) -> int:
                              cfg.unlabeled_from_train, need_unlabeled=semi, progress=cfg.progress and ctx.is_main,
                              mask_values=cfg.mask_values, split_name=cfg.split_name, labeled_list=cfg.labeled_list)
     check_config(cfg, run_data, ctx.world_size, device)
+    if ctx.is_main:  # a note, not an error: the published protocol keeps its splits
+        note(f"near-duplicates across the split: {split_leak_note(cfg.data_dir, cfg.split, cfg.split_name)}: "
+             f"{DUPLICATES_ADVICE}")
     schedule = run_schedule(cfg, run_data)
     iterations, eval_every = schedule.iterations, schedule.eval_every
     if ctx.is_main:
