@@ -11,7 +11,7 @@ The comparison methods' references (SSL4MIS, UniMatch's medical scenario, BCP) h
 output. With two classes a softmax over logits (0, z) is exactly sigmoid(z), so:
 
 - cross-entropy is binary cross-entropy with logits;
-- their Dice loss (SSL4MIS ``methods/losses.py`` and UniMatch ``more-scenarios/medical/util/utils.py``,
+- their Dice loss (SSL4MIS ``code/utils/losses.py`` and UniMatch ``more-scenarios/medical/util/utils.py``,
   ``DiceLoss``) is the mean over the classes, background included, of one Dice computed over the
   whole batch with squared sums in the denominator; here the two classes are p and 1 - p. BCP's
   (``code/utils/losses.py``) is the same with smoothing 1e-10 and an optional pixel mask that restricts
