@@ -51,10 +51,12 @@ from pathlib import Path
 
 import torch
 
+from dataloaders.duplicates import DUPLICATES_ADVICE, split_leak_note
 from dataloaders.io import DataError, dataset_name, find_cases, image_folder, note, read_id_list, split_file, split_files
 from dataloaders.splits import holdout_size
 from methods import METHODS
 from utils import results
+from utils.clean_subset import CLEAN_COLUMNS, clean_fields, clean_section
 from utils.cli import run_cli
 from utils.config import ConfigError, file_values, parse_config, read_yaml, save_yaml
 from utils.runtime import resolve_device
@@ -414,6 +416,8 @@ def plan(args, name: str, splits: list[int], device: str) -> list[Stage]:
                     f"{prefix}/{arm}/predict", ["predict.py", "--checkpoint", str(folder / "checkpoint_best.pt"),
                                                 "--input-dir", str(data), "--ids", str(split_file(data, "val", i, name)),
                                                 "--masks-dir", str(data / "masks" / "0"), "--mask-values", mask_values,
+                                                # every id the split's runs and generator trained on: the clean subset
+                                                "--trained-ids", str(split_file(data, "train", i, name)),
                                                 *args.predict_args, "--output-dir", str(where / f"{arm}_val"), *shown],
                     where / f"{arm}_val", depends=[f"{prefix}/{arm}"], overwrite_flag=None), i)
     return stages
@@ -683,7 +687,8 @@ def collect(args, splits: list[int], ledger: Ledger) -> tuple[list[dict], dict[i
                              "selected_iteration": run["best_iteration"], "iterations": run["iterations"],
                              "selection_set": run["selection_set"],
                              "train_seconds": round(ledger.seconds(f"{prefix}/{arm}") or 0, 1),
-                             "predict_seconds": round(ledger.seconds(f"{prefix}/{arm}/predict") or 0, 1)})
+                             "predict_seconds": round(ledger.seconds(f"{prefix}/{arm}/predict") or 0, 1),
+                             **clean_fields(val)})
         if args.generator:
             figures = {}
             for path in (out / f"split{i}" / "ldm" / "vae_metrics.json", out / f"split{i}" / "samples" / "report.json"):
@@ -715,7 +720,7 @@ def project_version() -> str:
 def write_results(args, splits: list[int], ledger: Ledger, device: str) -> Path:
     rows, generators = collect(args, splits, ledger)
     out = args.out_dir.resolve()
-    results.write_csv(rows, out / "results.csv")
+    results.write_csv(rows, out / "results.csv", [*results.CSV_COLUMNS, *CLEAN_COLUMNS])
     results.write_csv(rows, out / "times.csv", results.TIME_COLUMNS)
     protocol = (f"checkpoint selected on the last {args.holdout:g} of each training list (holdout); the val ids "
                 "evaluated once, by the selected checkpoint" if args.holdout else
@@ -739,7 +744,8 @@ def write_results(args, splits: list[int], ledger: Ledger, device: str) -> Path:
               f"- Device: {stage_devices(ledger) or device_description(device)}; {date.today().isoformat()}",
               f"- Project version: {project_version()}",
               f"- Command: `{args.command_line}`"]
-    (out / "results.md").write_text(results.markdown(rows, args.arms, generators, header, BASELINES))
+    (out / "results.md").write_text(results.markdown(rows, args.arms, generators, header, BASELINES)
+                                    + clean_section(rows, args.arms))
     results.plot(rows, args.arms, out / "results.png",
                  f"{dataset_name(args.data_dir)}, {args.labels}: one point per run")
     return out
@@ -817,6 +823,8 @@ def main(argv=None) -> int:
     print(f"reproduce: {args.data_dir} -> {args.out_dir} | splits {', '.join(map(str, splits))} | arms "
           f"{', '.join(args.arms)} | {args.labels} | "
           f"{'holdout ' + format(args.holdout, 'g') if args.holdout else 'selection on val (official)'}", flush=True)
+    note("near-duplicates across the splits: " + "; ".join(split_leak_note(args.data_dir, i, name) for i in splits)
+         + f": {DUPLICATES_ADVICE}")
     if args.launcher != "local":
         if submit_jobs(args, stages, ledger, statuses, device):
             return 0
