@@ -10,11 +10,13 @@
 #   --wheels DIR     the wheels, DIR/*.whl and DIR/<group>/*.whl (default: .whl)
 #   --site DIR       where they are installed, put first on PYTHONPATH (default: .whl/site, inside
 #                    the checkout: a later call on the same machine finds it there)
-#   --out DIR        gpu_check.json, gpu_check.md, logs/, preflight.txt (default: $OUT if set, else
-#                    runs/gpu_check)
-#   --budget-s S     gpu_check's budget (default: 330 s: with the install and the machine's start, a
+#   --out DIR        gpu_check.json and gpu_check.md (rewritten after every benchmark), preflight.txt
+#                    and logs.tar.gz (every command's output, at the end): four files, as the device
+#                    tool brings back (default: $OUT if set, else runs/gpu_check)
+#   --budget-s S     gpu_check's budget (default: 240 s: with the machine's start and the installs, a
 #                    rerun still fits a 15-minute GPU lease; the command ends within --limit-s)
-#   --limit-s S      hard limit on gpu_check's wall time, SIGTERM then SIGKILL (default: budget + 60)
+#   --limit-s S      hard limit on gpu_check's wall time, SIGTERM then SIGKILL 10 s later (default:
+#                    budget + 30: gpu_check's own ending after its last part)
 #   --install-only   install and stop (a first call that carries one group of wheels)
 #   --dry-run        print what would be installed and run, change nothing
 # The image's torch is never touched: a torch, triton or nvidia-* wheel is refused (exit 2), a wheel
@@ -22,20 +24,22 @@
 # --no-index --no-deps --target: nothing is fetched, nothing is resolved, site-packages is unchanged.
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
+CALLER=$PWD
+absolute() { case $1 in /*) echo "$1" ;; *) echo "$CALLER/$1" ;; esac; }  # a path given: from the caller's folder
 cd "$ROOT"
 WHEELS=.whl
 SITE=.whl/site
 OUT_DIR=${OUT:-runs/gpu_check}
-BUDGET=330
+BUDGET=240
 LIMIT=
 INSTALL_ONLY=0
 DRY_RUN=0
 PASS=()
 while [ $# -gt 0 ]; do
     case $1 in
-        --wheels) WHEELS=$2; shift 2 ;;
-        --site) SITE=$2; shift 2 ;;
-        --out|--out-dir) OUT_DIR=$2; shift 2 ;;
+        --wheels) WHEELS=$(absolute "$2"); shift 2 ;;
+        --site) SITE=$(absolute "$2"); shift 2 ;;
+        --out|--out-dir) OUT_DIR=$(absolute "$2"); shift 2 ;;
         --budget-s) BUDGET=$2; shift 2 ;;
         --limit-s) LIMIT=$2; shift 2 ;;
         --install-only) INSTALL_ONLY=1; shift ;;
@@ -44,7 +48,7 @@ while [ $# -gt 0 ]; do
         *) PASS+=("$1"); shift ;;
     esac
 done
-LIMIT=${LIMIT:-$(python3 -c "print(int(float('$BUDGET')) + 60)")}
+LIMIT=${LIMIT:-$(python3 -c "print(int(float('$BUDGET')) + 30)")}
 SITE_ABS=$(python3 -c "import os, sys; print(os.path.abspath(sys.argv[1]))" "$SITE")
 export PYTHONPATH="$SITE_ABS${PYTHONPATH:+:$PYTHONPATH}" HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
 
@@ -78,11 +82,13 @@ else
 fi
 [ $INSTALL_ONLY = 1 ] && exit 0
 
-CHECK=(timeout --signal=TERM --kill-after=20 "$LIMIT" python3 benchmarks/gpu_check.py --budget-s "$BUDGET"
-       --out-dir "$OUT_DIR" "${PASS[@]}")
+LOGS=runs/gpu_run_logs  # in the checkout (runs/ is git-ignored): packed into OUT at the end
+CHECK=(timeout --signal=TERM --kill-after=10 "$LIMIT" python3 benchmarks/gpu_check.py --budget-s "$BUDGET"
+       --out-dir "$OUT_DIR" --logs-dir "$LOGS" "${PASS[@]}")
 echo "\$ PYTHONPATH=$PYTHONPATH HF_HUB_OFFLINE=1 ${CHECK[*]}"
 [ $DRY_RUN = 1 ] && exit 0
 mkdir -p "$OUT_DIR"
+rm -rf "$LOGS"
 # what the image has: torch's build and devices, each dependency importable or not (gpu_check says it too)
 python3 - > "$OUT_DIR/preflight.txt" 2>&1 <<'EOF' || true
 import importlib, subprocess
@@ -104,5 +110,6 @@ EOF
 cat "$OUT_DIR/preflight.txt"
 status=0
 "${CHECK[@]}" || status=$?
-echo "gpu_check exit $status; table in $OUT_DIR/gpu_check.md"
+tar -czf "$OUT_DIR/logs.tar.gz" -C "$(dirname "$LOGS")" "$(basename "$LOGS")" 2>/dev/null || true
+echo "gpu_check exit $status; table in $OUT_DIR/gpu_check.md, every command's output in $OUT_DIR/logs.tar.gz"
 exit $status

@@ -204,11 +204,12 @@ def test_smoke_part_on_the_cpu_runs_every_script(tmp_path):
     rows = report["rows"]
     assert report["environment"]["finished"] is True and report["parts"] == ["smoke"]
     names = [r["step"] for r in rows]
-    expected = {f"train.py --method {m} --network {n}" for m in smoke.METHODS for n in smoke.NETWORKS}
+    expected = {f"train.py --method {m} --network {n}" for m in smoke.METHODS for n in smoke.NETWORKS
+                if (m, n) != ("mgcc", "unet")}  # train.py refuses MGCC on the U-Net
     expected |= {"train_ldm.py --stage vae", "train_ldm.py --stage diffusion", "sample_ldm.py with its report",
                  "train.py stopped by SIGTERM", "train.py --resume after SIGTERM", "predict.py on a checkpoint",
                  "torchrun --nproc_per_node 1 train.py", "reproduce.py --jobs 1"}
-    assert sorted(names) == sorted(expected)  # 14 train.py runs: 7 methods x 2 networks
+    assert sorted(names) == sorted(expected) and len(names) == 13 + 8  # 7 methods x 2 networks, less one
     for r in rows:
         assert r["part"] == 0 and r["status"] == "ok", (r["step"], r["reason"], result.stderr[-3000:])
         assert finite(r["seconds"]) and r["seconds"] > 0 and Path(r["log"]).read_text().startswith("$ "), r
