@@ -37,8 +37,8 @@ the CI test's run).
 Data: the loops and the accuracy runs train on --data-dir (train.py's layout, split files included,
 e.g. inputs/BUSI); without it on a phantom dataset made by ``python -m dataloaders.phantom`` and
 split.py in a temporary folder (its own images: the speed rows hold, the accuracy rows are on
-phantoms). Nothing else outside the working tree is read. diffusers (part 3) is imported by the
-stage-1 benchmark's process only; without it part 3 is skipped with that reason.
+phantoms). Nothing else outside the working tree is read. Before part 3, diffusers, huggingface_hub
+and safetensors are imported here (no CUDA context): where one cannot be, part 3 is skipped naming it.
 
 Budget (--budget-s, default 540 s of wall time): the parts smoke, 1, 2, 3, 4 may run until their cumulative
 share of the budget (35, 65, 80, 92, 100 %) is spent, so the time a part leaves unused goes to the next. Each

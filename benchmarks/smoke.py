@@ -138,13 +138,14 @@ def chains(data: Path, work: Path, device: str, gpus: int) -> list[list[Step]]:
              expect=(stopped / "metrics.json",)),
     ]
     ddp = work / "torchrun"
+    every = "cuda" if device.startswith("cuda") else device  # every visible GPU: each rank its own, each job its own
     torchrun_step = Step(f"torchrun --nproc_per_node {gpus} train.py", torchrun(
-        gpus, "train.py", *train_args(data, ddp, device, "mgcc", "mgcc", gpus=gpus)), expect=(ddp / "metrics.json",))
+        gpus, "train.py", *train_args(data, ddp, every, "mgcc", "mgcc", gpus=gpus)), expect=(ddp / "metrics.json",))
     protocol = work / "reproduce"
     tiny = "--iterations 2 --eval-every 2 " + " ".join(TRAIN_TINY)
     reproduce_step = Step(f"reproduce.py --jobs {gpus}", python(
         "reproduce.py", "--data-dir", data, "--out-dir", protocol, "--preset", "demo", "--no-generator", "--splits", 1,
-        "--arms", "supervised", "mgcc-real", "--train-args", tiny, "--jobs", gpus, "--device", device, "--no-progress",
+        "--arms", "supervised", "mgcc-real", "--train-args", tiny, "--jobs", gpus, "--device", every, "--no-progress",
         "--no-estimate"), expect=(protocol / "results.md",))
     # the longest chains first, so that they start while the others fill the remaining slots
     return [ldm_chain, resume_chain, [reproduce_step], [torchrun_step], *train_rows]

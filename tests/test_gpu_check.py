@@ -266,6 +266,7 @@ def test_sigterm_row_expects_a_clean_stop(tmp_path):
     assert crude.row["status"] == "failed" and "exit -15 after SIGTERM" in crude.row["reason"], crude.row
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="a CUDA GPU is here: --device auto is fine")
 def test_device_auto_without_a_gpu_is_refused_not_a_silent_cpu_run(tmp_path):
     result = run_script("benchmarks/gpu_check.py", "--out-dir", str(tmp_path), check=False)

@@ -35,6 +35,7 @@ def make_wheel(folder: Path, name: str, version: str = "1.0") -> Path:
     return path
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("refused", ["torch-2.11.0-cp312-cp312-manylinux_2_28_x86_64.whl",
                                      "nvidia_cudnn_cu12-9.1.0.70-py3-none-manylinux2014_x86_64.whl",
                                      "triton-3.5.0-cp312-cp312-manylinux_2_27_x86_64.whl"])
@@ -48,6 +49,7 @@ def test_a_wheel_that_would_replace_the_images_torch_is_refused(tmp_path, refuse
     assert "pip install" not in result.stdout and not (tmp_path / "site").exists()
 
 
+@pytest.mark.slow
 def test_dry_run_shows_the_install_and_the_check_and_changes_nothing(tmp_path):
     wheels = tmp_path / "wheels"
     fake = make_wheel(wheels / "run", "mgcc_fake_dependency")
@@ -68,6 +70,7 @@ def test_dry_run_shows_the_install_and_the_check_and_changes_nothing(tmp_path):
     assert not (tmp_path / "site").exists() and not out.exists()
 
 
+@pytest.mark.slow
 def test_install_only_puts_the_missing_wheels_on_the_path_and_a_second_call_skips_them(tmp_path):
     wheels = tmp_path / "wheels"
     make_wheel(wheels / "run", "mgcc_fake_dependency", "2.5")
