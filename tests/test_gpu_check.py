@@ -150,6 +150,7 @@ def test_budget_marks_later_parts_skipped_with_the_reason(tmp_path):
     assert report["recommendation"] is None
 
 
+@pytest.mark.slow  # runs training steps for seconds to minutes: out of the fast tier
 def test_a_benchmark_past_its_deadline_is_cut_keeping_its_rows(tmp_path):
     """The process is killed at the part's deadline; the rows it printed are kept, the rest are cut."""
     script = ("import json, time; print(json.dumps({'variant': 'a', 'it_per_s': 2.0}), flush=True); "
