@@ -322,6 +322,7 @@ def run_process(command: list[str], deadline: float, log: Path, env: dict) -> tu
         err.flush()
         process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=err, text=True, env=env,
                                    start_new_session=True)  # its own process group: workers are ended with it
+        smoke.LIVE.add(process.pid)  # killed by gpu_check's SIGTERM handler
         try:
             out, _ = process.communicate(timeout=max(deadline - time.monotonic(), 0.0))
             code = process.returncode
@@ -329,7 +330,11 @@ def run_process(command: list[str], deadline: float, log: Path, env: dict) -> tu
             os.killpg(process.pid, signal.SIGKILL)
             out, _ = process.communicate()
             code = None
+        finally:
+            smoke.LIVE.discard(process.pid)
     lines = out.splitlines()
+    if smoke.STOPPED.is_set():
+        return None, lines, smoke.STOP_REASON
     if code is None:
         return None, lines, "budget: its part's time ran out"
     if code != 0:  # the line that says what went wrong ("missing kornia", "error: ...", the exception)
@@ -352,6 +357,8 @@ def parse_json_lines(lines: list[str]) -> list[dict]:
 def run_job(job: Job, deadline: float, logs: Path, env: dict, data: DataFolder) -> list[dict]:
     """Run one job (or skip it), fill its rows and return them."""
     left = deadline - time.monotonic()
+    if smoke.STOPPED.is_set():
+        return mark(job.rows or [row(job.part, job.name)], "skipped", smoke.STOP_REASON)
     if left < MIN_START_S:
         return mark(job.rows or [row(job.part, job.name)], "skipped",
                     f"budget: {max(left, 0):.0f} s left of part {job.part}'s time")
@@ -867,6 +874,8 @@ def main(argv=None) -> int:
     methods = args.methods or comparison_methods()
     report = Report(args, methods, date)
     report.save()
+    # a command limit's SIGTERM (gpu_run.sh's timeout): end the running benchmark, keep the table, finish
+    signal.signal(signal.SIGTERM, lambda signum, frame: smoke.stop_all())
     with tempfile.TemporaryDirectory(prefix="gpu_check_") as tmp:
         work = Path(tmp)
         env = child_environment(args, work)
@@ -885,7 +894,7 @@ def main(argv=None) -> int:
     print_table(report.env, args, report.rows, advice)
     print(f"\nwrote {args.out_dir / 'gpu_check.json'} and {args.out_dir / 'gpu_check.md'} "
           f"({report.env['wall_s']:.0f} s of the {args.budget_s:g} s budget)")
-    return 0
+    return 128 + signal.SIGTERM if smoke.STOPPED.is_set() else 0
 
 
 if __name__ == "__main__":

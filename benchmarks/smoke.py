@@ -47,6 +47,19 @@ LDM_TINY = ("--config", str(ROOT / "configs" / "ldm_tiny.yaml"), "--image-size",
             "--sample-every", "0", "--disc-weight", "0.1", "--disc-start", "1")
 SIGTERM_ITERATIONS = 12  # the interrupted run: long enough that the signal lands before its end
 SIGNAL_POLL_S = 0.02
+# gpu_check's SIGTERM (a command limit): every command running is killed, the rows say so
+STOPPED = threading.Event()
+STOP_REASON = "stopped: gpu_check got SIGTERM"
+LIVE: set[int] = set()  # the process groups running now
+
+
+def stop_all() -> None:
+    STOPPED.set()
+    for group in list(LIVE):
+        try:
+            os.killpg(group, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
 
 @dataclass
@@ -61,17 +74,19 @@ class Step:
 
 
 def first_error(text: str) -> str:
-    """The line that says what went wrong: the project's one-line ``error:``, else the exception line of
-    a traceback (its last line naming an Error or Exception), else the last line; a missing module is
-    named as such ("missing kornia"), the row's reason in the table."""
-    lines = [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("$ ")]
+    """The line that says what went wrong: the project's one-line ``error:``, else the first exception
+    line (a traceback's cause before what it led to; under torchrun a rank's error before the agent's
+    ChildFailedError), else the last line; a missing module is named as such ("missing kornia")."""
+    # torchrun prefixes each rank's lines with "[rank<N>]:"
+    lines = [re.sub(r"^\[rank\d+\]:\s*", "", line.strip()) for line in text.splitlines()
+             if line.strip() and not line.startswith("$ ")]
     missing = next((m for m in (re.search(r"No module named '([\w.]+)'", line) for line in lines) if m), None)
     if missing:
         return f"missing {missing.group(1).split('.')[0]} (No module named '{missing.group(1)}')"
     found = next((line for line in lines if line.startswith("error:")), None)
     if found is None:
         exceptions = [line for line in lines if re.match(r"^([\w.]+(Error|Exception|Interrupt)|\w+Error)\b", line)]
-        found = exceptions[-1] if exceptions else (lines[-1] if lines else "no output")
+        found = exceptions[0] if exceptions else (lines[-1] if lines else "no output")
     return found[:300]
 
 
@@ -142,9 +157,10 @@ def chains(data: Path, work: Path, device: str, gpus: int) -> list[list[Step]]:
     torchrun_step = Step(f"torchrun --nproc_per_node {gpus} train.py", torchrun(
         gpus, "train.py", *train_args(data, ddp, every, "mgcc", "mgcc", gpus=gpus)), expect=(ddp / "metrics.json",))
     protocol = work / "reproduce"
-    tiny = "--iterations 2 --eval-every 2 " + " ".join(TRAIN_TINY)
+    tiny = "--iterations 2 --eval-every 2 --batch-size 4 --labeled-batch-size 2 " + " ".join(TRAIN_TINY)
     reproduce_step = Step(f"reproduce.py --jobs {gpus}", python(
         "reproduce.py", "--data-dir", data, "--out-dir", protocol, "--preset", "demo", "--no-generator", "--splits", 1,
+        "--labeled-fraction", 0.5,  # 5 of the 11 training images: a labeled batch of 2
         "--arms", "supervised", "mgcc-real", "--train-args", tiny, "--jobs", gpus, "--device", every, "--no-progress",
         "--no-estimate"), expect=(protocol / "results.md",))
     # the longest chains first, so that they start while the others fill the remaining slots
@@ -159,9 +175,13 @@ def run_step(step: Step, deadline: float, log: Path, env: dict) -> tuple[str, st
         out.flush()
         process = subprocess.Popen(step.command, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, env=env,
                                    start_new_session=True)  # its own process group: workers, torchrun's ranks
-        code, signalled = wait(process, step.interrupt, deadline)
-    if code is None:
-        return "cut", "budget: the smoke part's time ran out"
+        LIVE.add(process.pid)
+        try:
+            code, signalled = wait(process, step.interrupt, deadline)
+        finally:
+            LIVE.discard(process.pid)
+    if code is None or STOPPED.is_set():
+        return "cut", STOP_REASON if STOPPED.is_set() else "budget: the smoke part's time ran out"
     text = log.read_text(errors="replace")
     if step.interrupt is not None:
         if not signalled and code == 0:
@@ -183,7 +203,7 @@ def wait(process: subprocess.Popen, interrupt: Path | None, deadline: float) -> 
     """(exit status or None when killed at the deadline, whether SIGTERM was sent)."""
     signalled = False
     while process.poll() is None:
-        if time.monotonic() >= deadline:
+        if time.monotonic() >= deadline or STOPPED.is_set():
             os.killpg(process.pid, signal.SIGKILL)
             process.wait()
             return None, signalled
@@ -198,7 +218,9 @@ def run_chain(chain: list[Step], deadline: float, logs: Path, env: dict) -> None
     failed = None
     for step in chain:
         started = time.monotonic()
-        if failed is not None:
+        if STOPPED.is_set():
+            status, reason = "skipped", STOP_REASON
+        elif failed is not None:
             status, reason = "skipped", f"needs the row {failed!r}, which did not run"
         elif deadline - time.monotonic() < 1:
             status, reason = "skipped", "budget: the smoke part's time ran out"

@@ -228,6 +228,11 @@ def test_first_error_line():
                  "RuntimeError: CUDA error: no kernel image is available\nsecond line of the message\n")
     assert smoke.first_error(traceback) == "RuntimeError: CUDA error: no kernel image is available"
     assert smoke.first_error("warming up\nerror: --data-dir x: no images\nTraceback\n") == "error: --data-dir x: no images"
+    torchrun = ("[rank0]: Traceback (most recent call last):\n[rank0]: ValueError: bad batch\nE1202 failed\n"
+                "Traceback (most recent call last):\ntorch.distributed.elastic.multiprocessing.errors.ChildFailedError: \n")
+    assert smoke.first_error(torchrun) == "ValueError: bad batch"  # the rank's error, not the agent's
+    chained = "Traceback\nKeyError: 'x'\nDuring handling of the above exception\nRuntimeError: while loading\n"
+    assert smoke.first_error(chained) == "KeyError: 'x'"  # the cause
     missing = "Traceback (most recent call last):\nModuleNotFoundError: No module named 'kornia.augmentation'\n"
     assert smoke.first_error(missing) == "missing kornia (No module named 'kornia.augmentation')"
     assert smoke.first_error("$ cmd\n\nKilled\n") == "Killed" and smoke.first_error("") == "no output"
@@ -356,3 +361,25 @@ def test_parts_by_name_and_number():
     assert gpu_check.parse_args(["--device", "cpu"]).parts == [0, 1, 2, 3, 4]
     with pytest.raises(SystemExit):
         gpu_check.parse_args(["--device", "cpu", "--parts", "5"])
+
+
+@pytest.mark.slow
+def test_sigterm_ends_the_running_commands_and_keeps_the_table(tmp_path):
+    """A command limit's SIGTERM (gpu_run.sh's timeout): the running rows are cut, the others skipped, each
+    saying so; the table is written complete and gpu_check exits 143."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1")
+    process = subprocess.Popen([sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), "--device", "cpu", "--size",
+                                "tiny", "--parts", "smoke", "--budget-s", "3600", "--out-dir", str(tmp_path)],
+                               cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while not list((tmp_path / "logs" / "smoke").glob("*.log")):  # the first smoke command has started
+        assert process.poll() is None and time.monotonic() < deadline, process.communicate()
+        time.sleep(0.2)
+    process.terminate()
+    _, stderr = process.communicate(timeout=300)
+    assert process.returncode == 143, stderr[-3000:]
+    report = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert report["environment"]["finished"] is True, stderr[-3000:]
+    rows = report["rows"]
+    assert len(rows) == 21 and all(r["reason"] == smoke.STOP_REASON for r in rows), (rows, stderr[-3000:])
+    assert {r["status"] for r in rows} <= {"cut", "skipped"} and any(r["status"] == "cut" for r in rows)
