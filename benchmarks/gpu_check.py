@@ -820,8 +820,8 @@ def run_smoke(args, report: Report, work: Path, env: dict, deadline: float, logs
 
         gpus = max(torch.cuda.device_count(), 1)  # no CUDA context: the count alone
     env = dict(env)
-    if not cuda and args.smoke_jobs > 1 and "OMP_NUM_THREADS" not in env:
-        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // args.smoke_jobs))  # the cores shared out
+    if args.smoke_jobs > 1 and "OMP_NUM_THREADS" not in env:  # the cores shared out among the commands
+        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // args.smoke_jobs))
     others = list(report.rows)
 
     def show(rows):

@@ -72,7 +72,7 @@ except m.PackageNotFoundError: pass" "$name")
         NEEDED+=("$wheel")
     fi
 done
-INSTALL=(python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target "$SITE_ABS")
+INSTALL=(python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE_ABS")
 if [ ${#NEEDED[@]} -gt 0 ]; then
     echo "\$ ${INSTALL[*]} <${#NEEDED[@]} wheels>"
     printf '  %s\n' "${NEEDED[@]}"

@@ -60,8 +60,8 @@ def test_dry_run_shows_the_install_and_the_check_and_changes_nothing(tmp_path):
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     install = next(line for line in lines if "pip install" in line)
-    assert install.startswith("$ python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target "
-                              f"{tmp_path / 'site'} ")
+    assert install.startswith("$ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir "
+                              f"--upgrade --target {tmp_path / 'site'} ")
     assert f"  {fake}" in lines and f"  {present}" not in lines
     assert any(line.startswith("have pyyaml ") for line in lines)
     check = next(line for line in lines if "gpu_check.py" in line)
