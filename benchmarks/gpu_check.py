@@ -4,8 +4,15 @@
     python benchmarks/gpu_check.py --data-dir inputs/BUSI --out-dir runs/gpu_check # the loop and accuracy on BUSI
     python benchmarks/gpu_check.py --parts 3 4 --out-dir runs/gpu_check_34         # a second slot: the other parts
     python benchmarks/gpu_check.py --device cpu --size tiny --compile-backend eager --out-dir /tmp/gpu_check  # CI
+    bash benchmarks/gpu_run.sh     # on a bare GPU image: installs the carried wheels (.whl/), then this command
 
-Parts, in priority order (--parts chooses):
+Parts, in priority order (--parts chooses, e.g. --parts smoke,1 or --parts smoke 1 2):
+  smoke  every script end to end at a tiny size on the device, as a user calls it (benchmarks/smoke.py):
+     train_ldm.py (both stages), sample_ldm.py with its report, train.py for every method on both
+     networks with --precision auto --data-on-device auto (MGCC on its own network only), one run
+     stopped by SIGTERM and resumed, predict.py, torchrun over every visible GPU, reproduce.py --jobs
+     <GPUs> on a tiny protocol; each row ok, or failed with the first error line, or cut, and its time;
+     up to --smoke-jobs rows at once, on its own phantom data (32x32) whatever --size and --data-dir;
   1  stage 2, MGCC: train.py's step on synthetic inputs (benchmarks/bench_train.py) and train.py's own
      loop (bench_train.py --loop: data, step, read-backs, evaluation, checkpoints) for the variants fp32
      eager, bf16 + channels_last, bf16 + channels_last + compile, and the compiled whole step replayed as
@@ -30,11 +37,11 @@ the CI test's run).
 Data: the loops and the accuracy runs train on --data-dir (train.py's layout, split files included,
 e.g. inputs/BUSI); without it on a phantom dataset made by ``python -m dataloaders.phantom`` and
 split.py in a temporary folder (its own images: the speed rows hold, the accuracy rows are on
-phantoms). Nothing else outside the working tree is read. diffusers (part 3) is imported by the
-stage-1 benchmark's process only; without it part 3 is skipped with that reason.
+phantoms). Nothing else outside the working tree is read. Before part 3, diffusers, huggingface_hub
+and safetensors are imported here (no CUDA context): where one cannot be, part 3 is skipped naming it.
 
-Budget (--budget-s, default 540 s of wall time): part k may run until its cumulative share of the
-budget (60, 75, 90, 100 %) is spent, so the time a part leaves unused goes to the next. Each
+Budget (--budget-s, default 540 s of wall time): the parts smoke, 1, 2, 3, 4 may run until their cumulative
+share of the budget (35, 65, 80, 92, 100 %) is spent, so the time a part leaves unused goes to the next. Each
 benchmark runs in its own process (the benchmark script's --json command, written in the log), killed
 when its part's time runs out: its rows measured by then are kept, the rest are marked "cut", the
 rows of benchmarks not started "skipped", each with its reason; nothing is left out silently.
@@ -44,10 +51,17 @@ first compilation, as a user's first train.py run has it; the step rows after it
 
 Writes to --out-dir: gpu_check.json (environment, every row, the recommendation), gpu_check.md
 (Markdown ready to paste into benchmarks/RESULTS.md) and logs/ (each benchmark's command and its
-stderr). The recommendation is the fastest real-loop variant of part 1 that compiled within
---compile-limit-s (a compiled loop's start-up beyond the eager bf16 loop's): the candidate for
-train.py's CUDA default, with its train.py flags (the defaults of train.py's options precision,
-channels_last, compile, compile_scope and compile_mode).
+stderr); both tables are rewritten (atomically) after every benchmark, so a kill at a command limit
+keeps every row done by then. The recommendation is the fastest real-loop variant of part 1 that
+compiled within --compile-limit-s (a compiled loop's start-up beyond the eager bf16 loop's), among the
+loop rows measured: the candidate for train.py's CUDA default, with its train.py flags (the defaults of
+train.py's options precision, channels_last, compile, compile_scope and compile_mode). Where the
+budget cut or a failure lost a loop variant, it says which, and calls itself provisional.
+
+--device auto is the first CUDA GPU; without a usable one it refuses (exit 2, saying what torch and
+nvidia-smi see): a CPU run is asked for with --device cpu. A missing dependency (OpenCV, kornia,
+MONAI, diffusers, huggingface_hub, safetensors, ...) fails the rows that need it, "missing <module>",
+and the others run.
 """
 from __future__ import annotations
 
@@ -68,6 +82,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import smoke  # benchmarks/smoke.py: the smoke part's commands (this folder is on sys.path: the script's own)
+
 ROOT = Path(__file__).resolve().parents[1]
 BENCHMARKS = ROOT / "benchmarks"
 sys.path.insert(0, str(ROOT))  # the library modules (methods/: train.py's methods, where present)
@@ -78,11 +94,19 @@ VARIANTS = ("fp32 eager", "bf16 + channels_last", "bf16 + channels_last + compil
 # the official training loop as published, on an H100 at the published size (../shared/reference/README.md)
 OFFICIAL_H100_IT_PER_S = 3.55
 # the end of each part's time, as cumulative fractions of --budget-s (the issue's priority order)
-PART_ENDS = {1: 0.6, 2: 0.75, 3: 0.9, 4: 1.0}
-PART_TITLES = {1: "stage 2, MGCC: the step and train.py's loop", 2: "stage 2: supervised and the comparison methods",
+PART_ENDS = {0: 0.35, 1: 0.65, 2: 0.8, 3: 0.92, 4: 1.0}
+SMOKE = 0  # the smoke part's number in the rows ("smoke" on the command line and in the tables)
+PART_TITLES = {0: "every script end to end at a tiny size", 1: "stage 2, MGCC: the step and train.py's loop", 2: "stage 2: supervised and the comparison methods",
                3: "stage 1: latent diffusion training and sampling", 4: "accuracy: default precision against fp32"}
 MIN_START_S = 5.0  # a benchmark with less of its part's time left is not started (it could not finish)
-STATUSES = ("measured", "cut", "skipped", "failed")
+STATUSES = ("measured", "ok", "cut", "skipped", "failed")
+# the modules the scripts import beyond torch, numpy and pillow (module: distribution), reported in the
+# environment; the stage-1 part needs the last three
+DEPENDENCIES = {"cv2": "opencv-python-headless", "yaml": "pyyaml", "tqdm": "tqdm", "scipy": "scipy",
+                "sklearn": "scikit-learn", "matplotlib": "matplotlib", "monai": "monai", "kornia": "kornia",
+                "tensorboard": "tensorboard", "submitit": "submitit", "diffusers": "diffusers",
+                "huggingface_hub": "huggingface-hub", "safetensors": "safetensors"}
+STAGE1_MODULES = ("diffusers", "huggingface_hub", "safetensors")
 
 
 @dataclass(frozen=True)
@@ -154,11 +178,14 @@ def method_flags(method: str) -> list[str]:
 
 def comparison_methods() -> list[str]:
     """train.py's methods beside MGCC: the registry methods.METHODS where it exists, else the
-    supervised baseline (train.py's --mode)."""
+    supervised baseline (train.py's --mode); where the registry cannot be imported (a dependency
+    missing: kornia), the names smoke.py lists, whose rows then fail saying what is missing."""
     if importlib.util.find_spec("methods") is None:
         return ["supervised"]
-    from methods import METHODS
-
+    try:
+        from methods import METHODS
+    except ImportError:
+        METHODS = smoke.METHODS
     return [name for name in METHODS if name != "mgcc"]
 
 
@@ -183,7 +210,8 @@ def stage2_jobs(part: int, methods: list[str], args, size: Size, data: "DataFold
         jobs.append(Job(part, f"loop_{method}", python(
             "bench_train.py", *common, *method_flags(method), "--loop", "--data-dir", str(data.path),
             "--eval-every", str(size.eval_every), "--warmup", str(size.loop_warmup), "--steps", str(size.loop_steps),
-            "--train-args", f"--checkpoint-every {size.loop_warmup + size.loop_steps} --num-workers 2"),
+            # every other train.py option at its default, the checkpoint interval included: its cost is in the rows
+            "--train-args", "--num-workers 2"),
             measured, needs_data=True, unrun=unrun))
         measured, unrun = rows("step", method)
         jobs.append(Job(part, f"step_{method}", python("bench_train.py", *common, *method_flags(method),
@@ -258,8 +286,9 @@ def loss_curve(run_dir: Path, name: str) -> list[dict]:
 class DataFolder:
     """--data-dir, or a phantom dataset made on first use (python -m dataloaders.phantom, split.py)."""
 
-    def __init__(self, given: str | None, work: Path, size: Size, logs: Path):
-        self.path = Path(given) if given else work / "phantom"
+    def __init__(self, given: str | None, work: Path, size: Size, logs: Path, name: str = "phantom"):
+        self.path = Path(given) if given else work / name
+        self.name = name
         self.ready = given is not None
         self.error = ""
         self.size, self.logs = size, logs
@@ -274,7 +303,7 @@ class DataFolder:
                              str(self.size.phantom_images), "--height", side, "--width", side, "--preview-count", "0",
                              "--overwrite"]),
                 ("split", [sys.executable, str(ROOT / "split.py"), "--data-dir", str(self.path), "--overwrite"])):
-            code, _, reason = run_process(command, deadline, self.logs / f"data_{name}.log", env)
+            code, _, reason = run_process(command, deadline, self.logs / f"{self.name}_{name}.log", env)
             if code is None:
                 return False, f"phantom data: {reason}"
             if code != 0:
@@ -293,6 +322,7 @@ def run_process(command: list[str], deadline: float, log: Path, env: dict) -> tu
         err.flush()
         process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=err, text=True, env=env,
                                    start_new_session=True)  # its own process group: workers are ended with it
+        smoke.LIVE.add(process.pid)  # killed by gpu_check's SIGTERM handler
         try:
             out, _ = process.communicate(timeout=max(deadline - time.monotonic(), 0.0))
             code = process.returncode
@@ -300,12 +330,15 @@ def run_process(command: list[str], deadline: float, log: Path, env: dict) -> tu
             os.killpg(process.pid, signal.SIGKILL)
             out, _ = process.communicate()
             code = None
+        finally:
+            smoke.LIVE.discard(process.pid)
     lines = out.splitlines()
+    if smoke.STOPPED.is_set():
+        return None, lines, smoke.STOP_REASON
     if code is None:
         return None, lines, "budget: its part's time ran out"
-    if code != 0:
-        tail = [line for line in log.read_text().splitlines() if line.strip()][-1:] or [""]
-        return code, lines, f"exit {code}: {tail[0][:200]}"
+    if code != 0:  # the line that says what went wrong ("missing kornia", "error: ...", the exception)
+        return code, lines, f"exit {code}: {smoke.first_error(log.read_text(errors='replace'))[:200]}"
     return 0, lines, ""
 
 
@@ -324,6 +357,8 @@ def parse_json_lines(lines: list[str]) -> list[dict]:
 def run_job(job: Job, deadline: float, logs: Path, env: dict, data: DataFolder) -> list[dict]:
     """Run one job (or skip it), fill its rows and return them."""
     left = deadline - time.monotonic()
+    if smoke.STOPPED.is_set():
+        return mark(job.rows or [row(job.part, job.name)], "skipped", smoke.STOP_REASON)
     if left < MIN_START_S:
         return mark(job.rows or [row(job.part, job.name)], "skipped",
                     f"budget: {max(left, 0):.0f} s left of part {job.part}'s time")
@@ -443,11 +478,17 @@ def recommendation(rows: list[dict], compile_limit_s: float) -> dict | None:
         if "compile" in r["variant"] and (compile_s is None or compile_s > compile_limit_s):
             continue
         candidates.append((r, compile_s))
+    # the loop variants not measured (cut by the budget, failed, skipped): the choice is among the others only
+    unmeasured = [{"variant": r["variant"], "status": r["status"], "reason": r["reason"]} for r in rows
+                  if r["part"] == 1 and r["benchmark"] == "loop" and r["status"] != "measured"
+                  and not (r["status"] == "skipped" and "CUDA graphs" in r["reason"])]
     if not candidates:
         return None
     best, compile_s = max(candidates, key=lambda c: c[0]["it_per_s"])
     return {"variant": best["variant"], "loop_it_per_s": best["it_per_s"], "peak_mem_gib": best.get("peak_mem_gib"),
-            "compile_s": compile_s, "train_flags": best.get("train_flags"), "compile_limit_s": compile_limit_s}
+            "compile_s": compile_s, "train_flags": best.get("train_flags"), "compile_limit_s": compile_limit_s,
+            "compared": [r["variant"] for r, _ in candidates], "not_measured": unmeasured,
+            "provisional": bool(unmeasured)}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -461,23 +502,55 @@ def diffusers_version() -> str | None:
         return None
 
 
-def environment(device: str, date: str) -> dict:
-    """The machine and software; called after the benchmarks, so that this process holds no CUDA
-    context (memory) while they run."""
+def dependencies() -> dict:
+    """Each module the scripts import beyond torch: its distribution's version, or None where it is missing."""
+    found = {}
+    for module, distribution in DEPENDENCIES.items():
+        try:
+            found[module] = importlib.metadata.version(distribution) if importlib.util.find_spec(module) else None
+        except (importlib.metadata.PackageNotFoundError, ImportError, ValueError):
+            found[module] = "present" if importlib.util.find_spec(module) else None
+    return found
+
+
+def missing_modules(names) -> list[str]:
+    """The modules that cannot be imported here, each with why ("huggingface_hub", or "diffusers: ImportError:
+    ..." where it is present but broken). Imported in this process: they load no CUDA context."""
+    missing = []
+    for name in names:
+        try:
+            importlib.import_module(name)
+        except ModuleNotFoundError as error:
+            missing.append(name if error.name in (None, name) else f"{name} (needs {error.name})")
+        except Exception as error:  # present but broken (an incompatible version): the row says so
+            missing.append(f"{name}: {type(error).__name__}: {str(error)[:120]}")
+    return missing
+
+
+def nvidia_smi(query: str) -> str | None:
+    """nvidia-smi's first answer line to --query-gpu=QUERY (no CUDA context in this process), None without it."""
+    try:
+        return subprocess.run(["nvidia-smi", f"--query-gpu={query}", "--format=csv,noheader"], capture_output=True,
+                              text=True, timeout=20).stdout.split("\n")[0].strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def environment(device: str, date: str, final: bool = True) -> dict:
+    """The machine and software. With ``final`` (after the benchmarks, so that this process holds no CUDA
+    context while they run) the device's properties from torch; before, nvidia-smi's name for it."""
     import torch
 
     info = {"date": date, "torch": torch.__version__, "cuda": torch.version.cuda, "python": platform.python_version(),
-            "cpu_count": os.cpu_count(), "diffusers": diffusers_version()}
-    if device.startswith("cuda"):
+            "cpu_count": os.cpu_count(), "diffusers": diffusers_version(), "dependencies": dependencies()}
+    if device.startswith("cuda") and not final:
+        info["device"] = nvidia_smi("name") or device
+    elif device.startswith("cuda"):
         index = torch.device(device).index or 0
         props = torch.cuda.get_device_properties(index)
         info.update(device=props.name, gpu_memory_gib=round(props.total_memory / 2 ** 30, 1),
                     cudnn=torch.backends.cudnn.version(), bf16=torch.cuda.is_bf16_supported())
-        try:
-            info["driver"] = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                                            capture_output=True, text=True, timeout=20).stdout.split("\n")[0].strip()
-        except (OSError, subprocess.SubprocessError):
-            info["driver"] = None
+        info["driver"] = nvidia_smi("driver_version")
     else:
         info["device"] = f"CPU ({platform.processor() or platform.machine()})"
     try:
@@ -515,6 +588,8 @@ def status_cell(r: dict) -> str:
 
 # per part: (column header, function of the row)
 COLUMNS = {
+    0: [("row", lambda r: r["step"]), ("status", lambda r: r["status"]), ("s", lambda r: number(r.get("seconds"), 1)),
+        ("first error line / reason", lambda r: r["reason"])],
     1: [("benchmark", lambda r: r["benchmark"]), ("method", lambda r: r.get("method", "")),
         ("variant", lambda r: r["variant"]), ("it/s", lambda r: number(r.get("it_per_s"))),
         ("ms/it", lambda r: number(r.get("ms_per_step"), 1)), ("peak GiB", lambda r: number(r.get("peak_mem_gib"))),
@@ -538,6 +613,10 @@ COLUMNS = {
 COLUMNS[2] = COLUMNS[1]
 
 
+def part_name(part: int) -> str:
+    return "smoke" if part == SMOKE else str(part)
+
+
 def table_rows(part: int, rows: list[dict]) -> list[list[str]]:
     shown = [r for r in rows if r["part"] == part and not (part == 4 and r.get("curve") and r["status"] == "measured")]
     return [[cell(r) for _, cell in COLUMNS[part]] for r in shown]
@@ -549,24 +628,34 @@ def markdown(env: dict, args, rows: list[dict], advice: dict | None) -> str:
              f"size {args.size}, budget {args.budget_s:g} s, data {args.data_dir or 'phantom'}; diffusers "
              f"{env.get('diffusers')})", ""]
     for part in args.parts:
-        lines += [f"**Part {part}: {PART_TITLES[part]}**", ""]
+        lines += [f"**Part {part_name(part)}: {PART_TITLES[part]}**", ""]
         headers = [h for h, _ in COLUMNS[part]]
         lines.append("| " + " | ".join(headers) + " |")
         lines.append("| " + " | ".join("---" for _ in headers) + " |")
         for cells in table_rows(part, rows):
             lines.append("| " + " | ".join(c.replace("|", "/") for c in cells) + " |")
         lines.append("")
-    lines.append(describe(advice))
+    if SMOKE in args.parts:
+        smoke_rows = [r for r in rows if r["part"] == SMOKE]
+        ok = sum(r["status"] == "ok" for r in smoke_rows)
+        lines += [f"Smoke: {ok} of {len(smoke_rows)} rows ok.", ""]
+    if 1 in args.parts:
+        lines.append(describe(advice))
     return "\n".join(lines) + "\n"
 
 
 def describe(advice: dict | None) -> str:
     if advice is None:
         return "Recommended CUDA default: none (no part-1 loop row was measured within the compile limit)."
-    return (f"Recommended CUDA default (fastest part-1 loop variant that compiled within "
+    text = (f"Recommended CUDA default (fastest part-1 loop variant that compiled within "
             f"{advice['compile_limit_s']:g} s): {advice['variant']}, {advice['loop_it_per_s']:.2f} it/s, peak "
             f"{number(advice['peak_mem_gib'])} GiB, compile {number(advice['compile_s'], 1)} s; train.py flags: "
             f"{advice.get('train_flags') or 'see bench_train.py'}.")
+    if advice.get("provisional"):
+        lost = "; ".join(f"{r['variant']} ({r['status']}: {r['reason']})" for r in advice["not_measured"])
+        text = (f"PROVISIONAL, not a default to set: chosen among {', '.join(advice['compared'])} only; not "
+                f"measured: {lost}. Rerun with --parts 1 and a larger --budget-s. " + text)
+    return text
 
 
 def print_table(env: dict, args, rows: list[dict], advice: dict | None) -> None:
@@ -576,26 +665,57 @@ def print_table(env: dict, args, rows: list[dict], advice: dict | None) -> None:
         body = table_rows(part, rows)
         widths = [max([len(h)] + [len(c) for c in column]) for h, column in zip(headers, zip(*body))] if body \
             else [len(h) for h in headers]
-        print(f"\npart {part}: {PART_TITLES[part]}")
+        print(f"\npart {part_name(part)}: {PART_TITLES[part]}")
         print("  ".join(h.ljust(w) for h, w in zip(headers, widths)))
         for cells in body:
             print("  ".join(c.ljust(w) for c, w in zip(cells, widths)))
-    print("\n" + describe(advice))
+    if 1 in args.parts:
+        print("\n" + describe(advice))
 
 
 # ----------------------------------------------------------------------------------------------
 
+def parse_parts(parser, given: list[str]) -> list[int]:
+    """--parts smoke 1 2, or smoke,1,2: the part numbers (smoke is 0), in priority order."""
+    names = {"smoke": SMOKE, **{str(k): k for k in PART_TITLES}}
+    parts = set()
+    for name in (n.strip() for item in given for n in item.split(",") if n.strip()):
+        if name not in names:
+            parser.error(f"--parts: {name!r} is not a part (smoke, 1, 2, 3, 4)")
+        parts.add(names[name])
+    return sorted(parts)
+
+
+def no_cuda_reason() -> str:
+    """Why torch cannot use a GPU here, in one line: its build, and what nvidia-smi sees."""
+    import torch
+
+    build = f"torch {torch.__version__} " + (f"(CUDA {torch.version.cuda} build)" if torch.version.cuda
+                                           else "(a CPU-only build)")
+    gpus = nvidia_smi("name")
+    if gpus:
+        return (f"nvidia-smi sees a GPU ({gpus}, driver {nvidia_smi('driver_version')}) but {build} cannot use it "
+                "(a CPU-only torch, or a CUDA build newer than the driver)")
+    return f"{build} sees no CUDA GPU and nvidia-smi finds none"
+
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default="auto", help="auto (the first CUDA GPU if present, else CPU), cpu or cuda[:N]")
+    parser.add_argument("--device", default="auto",
+                        help="auto (the first CUDA GPU; refused where torch sees none: a CPU run needs --device "
+                             "cpu), cpu or cuda[:N] (default: auto)")
     parser.add_argument("--size", choices=list(SIZES), default="published",
                         help="published (width 64, batch 4 + 4, 256x256; stage 1 at its configurations' sizes) or "
                              "tiny (width 4, batch 2 + 2, 32x32, 2 steps: minutes on a CPU) (default: published)")
     parser.add_argument("--budget-s", type=float, default=540.0,
                         help="wall-time budget in seconds; part k may run until 60/75/90/100 %% of it are spent "
                              "(default: 540, 9 minutes)")
-    parser.add_argument("--parts", type=int, nargs="+", choices=sorted(PART_TITLES), default=sorted(PART_TITLES),
-                        help="parts to run, in priority order (default: 1 2 3 4)")
+    parser.add_argument("--parts", nargs="+", default=["smoke", "1", "2", "3", "4"], metavar="PART",
+                        help="parts to run, in priority order: smoke, 1, 2, 3, 4, separated by spaces or commas "
+                             "(default: smoke 1 2 3 4)")
+    parser.add_argument("--smoke-jobs", type=int, default=None,
+                        help="the smoke part's commands run at once (default: on CUDA half the CPU cores, at most "
+                             "8; on a CPU 1)")
     parser.add_argument("--methods", nargs="+", default=None,
                         help="part 2's methods (default: supervised and every comparison method train.py has)")
     parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS), metavar="NAME",
@@ -606,6 +726,8 @@ def parse_args(argv=None):
                              "files included); default: phantom images made in a temporary folder")
     parser.add_argument("--out-dir", type=Path, default=ROOT / "runs" / "gpu_check",
                         help="folder for gpu_check.json, gpu_check.md and logs/ (default: runs/gpu_check)")
+    parser.add_argument("--logs-dir", type=Path, default=None,
+                        help="folder for each benchmark's command and output (default: <out-dir>/logs)")
     parser.add_argument("--compile-backend", choices=("inductor", "eager"), default="inductor",
                         help="torch.compile backend of the compiled variants: inductor (what train.py uses), or "
                              "eager (dynamo's graph capture alone, through TORCH_COMPILE_OVERRIDE_BACKENDS: the "
@@ -617,10 +739,13 @@ def parse_args(argv=None):
                              "evaluations, default precision against fp32 (default: 0.1)")
     args = parser.parse_args(argv)
     args.argv = list(argv if argv is not None else sys.argv[1:])
+    args.parts = parse_parts(parser, args.parts)
     if args.device == "auto":
         import torch
 
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+        if not torch.cuda.is_available():
+            parser.error(f"--device auto: {no_cuda_reason()}; a CPU run is --device cpu")
+        args.device = "cuda"
     elif args.device.startswith("cuda"):
         import torch
 
@@ -637,7 +762,10 @@ def parse_args(argv=None):
 
         if not hasattr(dynamo_config, "debug_backend_override"):
             parser.error("--compile-backend eager needs a torch with TORCH_COMPILE_OVERRIDE_BACKENDS (2.13 or newer)")
-    args.parts = sorted(set(args.parts))
+    if args.smoke_jobs is None:
+        args.smoke_jobs = min(8, max(1, (os.cpu_count() or 2) // 2)) if args.device.startswith("cuda") else 1
+    elif args.smoke_jobs < 1:
+        parser.error(f"--smoke-jobs must be at least 1, got {args.smoke_jobs}")
     args.variants = [v for v in VARIANTS if v in args.variants]
     if args.methods is not None:
         known = comparison_methods()
@@ -647,58 +775,126 @@ def parse_args(argv=None):
     return args
 
 
+class Report:
+    """The rows so far, written as gpu_check.json and gpu_check.md after every benchmark (atomically: a
+    kill at any moment leaves the last complete table), and printed at the end."""
+
+    def __init__(self, args, methods: list[str], date: str):
+        self.args, self.methods, self.date = args, methods, date
+        self.start = time.monotonic()
+        self.rows: list[dict] = []
+        self.env = environment(args.device, date, final=False)
+
+    def save(self, final: bool = False) -> dict | None:
+        from utils.files import atomic_write_text
+
+        advice = recommendation(self.rows, self.args.compile_limit_s)
+        if final:
+            self.env = environment(self.args.device, self.date)
+        self.env["wall_s"] = round(time.monotonic() - self.start, 1)
+        self.env["finished"] = final
+        report = {"environment": self.env, "size": self.args.size, "budget_s": self.args.budget_s,
+                  "parts": [part_name(p) for p in self.args.parts], "methods": self.methods,
+                  "data_dir": self.args.data_dir, "command": ["benchmarks/gpu_check.py", *self.args.argv],
+                  "rows": self.rows, "recommendation": advice}
+        atomic_write_text(self.args.out_dir / "gpu_check.json", json.dumps(plain_json(report), indent=1))
+        atomic_write_text(self.args.out_dir / "gpu_check.md", markdown(self.env, self.args, self.rows, advice))
+        return advice
+
+
+def child_environment(args, work: Path) -> dict:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1",
+           "TORCHINDUCTOR_CACHE_DIR": str(work / "inductor_cache"), "TRITON_CACHE_DIR": str(work / "triton_cache")}
+    if args.compile_backend == "eager":
+        env["TORCH_COMPILE_OVERRIDE_BACKENDS"] = ">=0:eager"
+    return env
+
+
+def run_smoke(args, report: Report, work: Path, env: dict, deadline: float, logs: Path) -> None:
+    """The smoke part on its own tiny phantom data (whatever --size and --data-dir say)."""
+    data = DataFolder(None, work, SIZES["tiny"], logs, name="smoke_phantom")
+    cuda = args.device.startswith("cuda")
+    gpus = 1
+    if cuda:
+        import torch
+
+        gpus = max(torch.cuda.device_count(), 1)  # no CUDA context: the count alone
+    env = dict(env)
+    if args.smoke_jobs > 1 and "OMP_NUM_THREADS" not in env:  # the cores shared out among the commands
+        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // args.smoke_jobs))
+    others = list(report.rows)
+
+    def show(rows):
+        report.rows = others + rows
+        report.save()
+
+    ready, why = data.make(deadline, env)
+    rows = smoke.smoke_rows(data.path, work / "smoke", args.device, gpus, deadline if ready else time.monotonic(),
+                            logs / "smoke", env, args.smoke_jobs, on_row=show)
+    if not ready:
+        mark(rows, "failed" if data.error else "cut", why)
+    show(rows)
+    print(f"part smoke: {sum(r['status'] == 'ok' for r in rows)} of {len(rows)} rows ok at "
+          f"{time.monotonic() - report.start:.0f} s", file=sys.stderr, flush=True)
+
+
+def run_part(part: int, args, report: Report, plan: dict, deadline: float, logs: Path, env: dict, data) -> None:
+    jobs = plan[part]()
+    if part == 3:
+        missing = missing_modules(STAGE1_MODULES)
+        if missing:
+            for job in jobs:
+                report.rows += mark(job.rows or [row(3, job.name)], "skipped",
+                                    f"missing {', '.join(missing)} (install the carried wheels: benchmarks/gpu_run.sh)")
+            report.save()
+            return
+    others, part_rows = list(report.rows), []
+    for job in jobs:
+        part_rows += run_job(job, deadline, logs, env, data) + job.unrun
+        report.rows = others + part_rows
+        report.save()
+        print(f"part {part}: {job.name} done at {time.monotonic() - report.start:.0f} s", file=sys.stderr, flush=True)
+    if part in (1, 2):
+        finish_stage2(part_rows, SIZES[args.size])
+    if part == 3:
+        finish_stage1(part_rows)
+    if part == 4:
+        part_rows = [r for r in part_rows if r.get("check") != "curves"] + finish_accuracy(part_rows,
+                                                                                            args.loss_tolerance)
+    report.rows = others + part_rows
+    report.save()
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     size = SIZES[args.size]
-    start = time.monotonic()
     date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     args.out_dir.mkdir(parents=True, exist_ok=True)
-    logs = args.out_dir / "logs"
+    logs = args.logs_dir or args.out_dir / "logs"
     methods = args.methods or comparison_methods()
+    report = Report(args, methods, date)
+    report.save()
+    # a command limit's SIGTERM (gpu_run.sh's timeout): end the running benchmark, keep the table, finish
+    signal.signal(signal.SIGTERM, lambda signum, frame: smoke.stop_all())
     with tempfile.TemporaryDirectory(prefix="gpu_check_") as tmp:
         work = Path(tmp)
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1",
-               "TORCHINDUCTOR_CACHE_DIR": str(work / "inductor_cache"), "TRITON_CACHE_DIR": str(work / "triton_cache")}
-        if args.compile_backend == "eager":
-            env["TORCH_COMPILE_OVERRIDE_BACKENDS"] = ">=0:eager"
+        env = child_environment(args, work)
         data = DataFolder(args.data_dir, work, size, logs)
         plan = {1: lambda: stage2_jobs(1, ["mgcc"], args, size, data),
                 2: lambda: stage2_jobs(2, methods, args, size, data),
                 3: lambda: stage1_jobs(args, size),
                 4: lambda: accuracy_jobs(args, size, data, work)}
-        rows = []
         for part in args.parts:
-            deadline = start + PART_ENDS[part] * args.budget_s
-            jobs = plan[part]()
-            if part == 3 and diffusers_version() is None:
-                for job in jobs:
-                    rows += mark(job.rows or [row(3, job.name)], "skipped",
-                                 "diffusers not installed (pip install the carried diffusers wheel)")
-                continue
-            part_rows = []
-            for job in jobs:
-                part_rows += run_job(job, deadline, logs, env, data) + job.unrun
-                print(f"part {part}: {job.name} done at {time.monotonic() - start:.0f} s", file=sys.stderr, flush=True)
-            if part in (1, 2):
-                finish_stage2(part_rows, size)
-            if part == 3:
-                finish_stage1(part_rows)
-            if part == 4:
-                part_rows = [r for r in part_rows if r.get("check") != "curves"] + finish_accuracy(part_rows,
-                                                                                                    args.loss_tolerance)
-            rows += part_rows
-    advice = recommendation(rows, args.compile_limit_s)
-    env_info = environment(args.device, date)
-    env_info["wall_s"] = round(time.monotonic() - start, 1)
-    report = {"environment": env_info, "size": args.size, "budget_s": args.budget_s, "parts": args.parts,
-              "methods": methods, "data_dir": args.data_dir, "command": ["benchmarks/gpu_check.py", *args.argv],
-              "rows": rows, "recommendation": advice}
-    (args.out_dir / "gpu_check.json").write_text(json.dumps(plain_json(report), indent=1))
-    (args.out_dir / "gpu_check.md").write_text(markdown(env_info, args, rows, advice))
-    print_table(env_info, args, rows, advice)
+            deadline = report.start + PART_ENDS[part] * args.budget_s
+            if part == SMOKE:
+                run_smoke(args, report, work, env, deadline, logs)
+            else:
+                run_part(part, args, report, plan, deadline, logs, env, data)
+    advice = report.save(final=True)
+    print_table(report.env, args, report.rows, advice)
     print(f"\nwrote {args.out_dir / 'gpu_check.json'} and {args.out_dir / 'gpu_check.md'} "
-          f"({env_info['wall_s']:.0f} s of the {args.budget_s:g} s budget)")
-    return 0
+          f"({report.env['wall_s']:.0f} s of the {args.budget_s:g} s budget)")
+    return 128 + signal.SIGTERM if smoke.STOPPED.is_set() else 0
 
 
 if __name__ == "__main__":

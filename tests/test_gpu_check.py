@@ -6,6 +6,7 @@ import importlib.util
 import json
 import math
 import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -16,6 +17,7 @@ from conftest import ROOT, run_script
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import gpu_check  # noqa: E402  (the script under test; its helpers are pure functions)
+import smoke  # noqa: E402  (its smoke part)
 
 VARIANTS = gpu_check.VARIANTS
 CPU_VARIANTS = VARIANTS[:3]  # the CUDA-graph variant is reported as not run on a CPU
@@ -31,7 +33,8 @@ def tiny_run(tmp_path_factory) -> tuple[dict, str]:
     out = tmp_path_factory.mktemp("gpu_check")
     # a budget no loaded CI machine reaches: the budget's own cut is tested below
     result = run_script("benchmarks/gpu_check.py", "--device", "cpu", "--size", "tiny", "--compile-backend", "eager",
-                        "--methods", "supervised", "--budget-s", "3600", "--out-dir", str(out), timeout=3600)
+                        "--methods", "supervised", "--budget-s", "3600", "--parts", "1,2,3,4", "--out-dir", str(out),
+                        timeout=3600)
     assert "part 1: stage 2" in result.stdout  # the printed table
     return json.loads((out / "gpu_check.json").read_text()), (out / "gpu_check.md").read_text()
 
@@ -135,7 +138,7 @@ def test_markdown_rows_parse(tiny_run):
 def test_budget_marks_later_parts_skipped_with_the_reason(tmp_path):
     """A budget too small to start anything: every row of every part is there, skipped, saying why."""
     run_script("benchmarks/gpu_check.py", "--device", "cpu", "--size", "tiny", "--budget-s", "1",
-               "--methods", "supervised", "--out-dir", str(tmp_path))
+               "--methods", "supervised", "--parts", "1", "2", "3", "4", "--out-dir", str(tmp_path))
     report = json.loads((tmp_path / "gpu_check.json").read_text())
     rows = report["rows"]
     assert sorted({r["part"] for r in rows}) == [1, 2, 3, 4]
@@ -189,3 +192,194 @@ def test_recommendation_is_the_fastest_loop_that_compiles_in_time():
     assert gpu_check.recommendation(rows, compile_limit_s=10)["variant"] == VARIANTS[1]
     rows[3]["compile_s"] = 100.0  # the loop's own compile time wins over its step's
     assert gpu_check.recommendation(rows, compile_limit_s=120)["variant"] == VARIANTS[2]
+
+
+@pytest.mark.slow
+def test_smoke_part_on_the_cpu_runs_every_script(tmp_path):
+    """The smoke part as CI runs it: every script end to end on phantom data, every row ok, with its time;
+    the table written as JSON and Markdown."""
+    # two commands at once: CI's runners have two cores or more, each command one thread
+    result = run_script("benchmarks/gpu_check.py", "--device", "cpu", "--size", "tiny", "--parts", "smoke",
+                        "--smoke-jobs", "2", "--budget-s", "7200", "--out-dir", str(tmp_path), timeout=3600)
+    report = json.loads((tmp_path / "gpu_check.json").read_text())
+    rows = report["rows"]
+    assert report["environment"]["finished"] is True and report["parts"] == ["smoke"]
+    names = [r["step"] for r in rows]
+    expected = {f"train.py --method {m} --network {n}" for m in smoke.METHODS for n in smoke.NETWORKS
+                if (m, n) != ("mgcc", "unet")}  # train.py refuses MGCC on the U-Net
+    expected |= {"train_ldm.py --stage vae", "train_ldm.py --stage diffusion", "sample_ldm.py with its report",
+                 "train.py stopped by SIGTERM", "train.py --resume after SIGTERM", "predict.py on a checkpoint",
+                 "torchrun --nproc_per_node 1 train.py", "reproduce.py --jobs 1"}
+    assert sorted(names) == sorted(expected) and len(names) == 13 + 8  # 7 methods x 2 networks, less one
+    for r in rows:
+        assert r["part"] == 0 and r["status"] == "ok", (r["step"], r["reason"], result.stderr[-3000:])
+        assert finite(r["seconds"]) and r["seconds"] > 0 and Path(r["log"]).read_text().startswith("$ "), r
+    assert "--precision auto --data-on-device auto" in next(r["command"] for r in rows if r["step"].endswith(
+        "--method cps --network unet"))
+    text = (tmp_path / "gpu_check.md").read_text()
+    assert f"Smoke: {len(rows)} of {len(rows)} rows ok." in text and "Recommended" not in text
+    table = markdown_tables(text)[0]
+    assert table[0] == ["row", "status", "s", "first error line / reason"] and len(table) == len(rows) + 1
+    assert "part smoke:" in result.stdout
+
+
+def test_first_error_line():
+    traceback = ("$ python train.py\nstarting\nTraceback (most recent call last):\n  File \"x.py\", line 1\n"
+                 "RuntimeError: CUDA error: no kernel image is available\nsecond line of the message\n")
+    assert smoke.first_error(traceback) == "RuntimeError: CUDA error: no kernel image is available"
+    assert smoke.first_error("warming up\nerror: --data-dir x: no images\nTraceback\n") == "error: --data-dir x: no images"
+    torchrun = ("[rank0]: Traceback (most recent call last):\n[rank0]: ValueError: bad batch\nE1202 failed\n"
+                "Traceback (most recent call last):\ntorch.distributed.elastic.multiprocessing.errors.ChildFailedError: \n")
+    assert smoke.first_error(torchrun) == "ValueError: bad batch"  # the rank's error, not the agent's
+    chained = "Traceback\nKeyError: 'x'\nDuring handling of the above exception\nRuntimeError: while loading\n"
+    assert smoke.first_error(chained) == "KeyError: 'x'"  # the cause
+    missing = "Traceback (most recent call last):\nModuleNotFoundError: No module named 'kornia.augmentation'\n"
+    assert smoke.first_error(missing) == "missing kornia (No module named 'kornia.augmentation')"
+    assert smoke.first_error("$ cmd\n\nKilled\n") == "Killed" and smoke.first_error("") == "no output"
+
+
+def test_a_failing_row_does_not_stop_the_others_and_skips_what_needs_it(tmp_path):
+    ok = smoke.Step("ok", [sys.executable, "-c", "print('fine')"])
+    bad = smoke.Step("bad", [sys.executable, "-c", "raise ValueError('broken input')"])
+    after = smoke.Step("after bad", [sys.executable, "-c", "print('never')"])
+    unwritten = smoke.Step("no file", [sys.executable, "-c", "pass"], expect=(tmp_path / "never.txt",))
+    deadline = time.monotonic() + 120
+    for chain in ([bad, after], [ok], [unwritten]):
+        smoke.run_chain(chain, deadline, tmp_path, dict(os.environ))
+    assert bad.row["status"] == "failed" and bad.row["reason"] == "exit 1: ValueError: broken input"
+    assert after.row["status"] == "skipped" and "'bad'" in after.row["reason"]
+    assert ok.row["status"] == "ok" and ok.row["reason"] == "" and ok.row["seconds"] >= 0
+    assert unwritten.row["status"] == "failed" and "never.txt not written" in unwritten.row["reason"]
+    slow = smoke.Step("slow", [sys.executable, "-c", "import time; time.sleep(60)"])
+    started = time.monotonic()
+    smoke.run_chain([slow], started + 3, tmp_path, dict(os.environ))
+    assert slow.row["status"] == "cut" and "budget" in slow.row["reason"] and time.monotonic() - started < 30
+
+
+def test_sigterm_row_expects_a_clean_stop(tmp_path):
+    """The interrupted row: SIGTERM once its file exists; exit 143 with "stopped by SIGTERM" is ok, a run
+    that dies of the signal (no handler) fails saying so."""
+    flag = tmp_path / "ready"
+    handled = ("import pathlib, signal, sys, time\n"
+               "signal.signal(signal.SIGTERM, lambda *a: (print('stopped by SIGTERM', flush=True), sys.exit(143)))\n"
+               f"pathlib.Path({str(flag)!r}).touch()\ntime.sleep(60)\n")
+    good = smoke.Step("handled", [sys.executable, "-c", handled], interrupt=flag)
+    smoke.run_chain([good], time.monotonic() + 60, tmp_path, dict(os.environ))
+    assert good.row["status"] == "ok", good.row
+    flag.unlink()
+    crude = smoke.Step("unhandled", [sys.executable, "-c", handled.replace("signal.signal(", "(lambda *a: None)(")], interrupt=flag)
+    smoke.run_chain([crude], time.monotonic() + 60, tmp_path, dict(os.environ))
+    assert crude.row["status"] == "failed" and "exit -15 after SIGTERM" in crude.row["reason"], crude.row
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="a CUDA GPU is here: --device auto is fine")
+def test_device_auto_without_a_gpu_is_refused_not_a_silent_cpu_run(tmp_path):
+    result = run_script("benchmarks/gpu_check.py", "--out-dir", str(tmp_path), check=False)
+    assert result.returncode == 2 and "--device auto:" in result.stderr and "--device cpu" in result.stderr
+    assert "CPU-only build" in result.stderr or "cannot use it" in result.stderr or "sees no CUDA" in result.stderr
+    assert not (tmp_path / "gpu_check.json").exists()
+
+
+@pytest.mark.slow
+def test_missing_dependencies_fail_their_rows_and_the_table_is_written(tmp_path):
+    """kornia and huggingface_hub made unimportable (a module that raises as a missing one does): part 1's
+    rows fail "missing kornia", part 3 is skipped naming huggingface_hub; the table is there."""
+    blocked = tmp_path / "blocked"
+    for name in ("kornia", "huggingface_hub"):
+        (blocked / name).mkdir(parents=True)
+        (blocked / name / "__init__.py").write_text(f"raise ModuleNotFoundError(\"No module named '{name}'\", "
+                                                     f"name={name!r})\n")
+    out = tmp_path / "out"
+    env = dict(os.environ, PYTHONPATH=f"{blocked}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", HF_HUB_OFFLINE="1")
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), "--device", "cpu", "--size",
+                             "tiny", "--parts", "1,3", "--variants", "fp32 eager", "--budget-s", "1200", "--out-dir",
+                             str(out)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((out / "gpu_check.json").read_text())
+    part1 = [r for r in report["rows"] if r["part"] == 1 and r["variant"] == "fp32 eager"]
+    assert len(part1) == 2 and all(r["status"] == "failed" and "missing kornia" in r["reason"] for r in part1), part1
+    part3 = [r for r in report["rows"] if r["part"] == 3]
+    assert part3 and all(r["status"] == "skipped" and "huggingface_hub" in r["reason"] for r in part3), part3
+    assert report["environment"]["dependencies"]["kornia"] is not None  # installed, yet not importable here
+    assert "missing kornia" in (out / "gpu_check.md").read_text()
+
+
+def test_the_table_is_written_after_every_benchmark(tmp_path, monkeypatch):
+    """A kill at the command limit keeps what was done: the JSON and Markdown exist, complete, after each job."""
+    args = gpu_check.parse_args(["--device", "cpu", "--size", "tiny", "--parts", "1", "--out-dir", str(tmp_path)])
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    report = gpu_check.Report(args, ["supervised"], "2026-12-02 00:00 UTC")
+    report.save()  # as main() does before the first part
+    seen = []
+
+    def fake_run_job(job, deadline, logs, env, data):
+        seen.append(json.loads((tmp_path / "gpu_check.json").read_text())["rows"])  # the file as it is now
+        return [{**r, "it_per_s": 1.0} for r in gpu_check.mark(job.rows, "measured", "")]
+
+    monkeypatch.setattr(gpu_check, "run_job", fake_run_job)
+    plan = {1: lambda: [gpu_check.Job(1, "a", ["true"], [gpu_check.row(1, "loop", method="mgcc", variant="x")]),
+                        gpu_check.Job(1, "b", ["true"], [gpu_check.row(1, "step", method="mgcc", variant="y")])]}
+    monkeypatch.setattr(gpu_check, "finish_stage2", lambda rows, size: None)
+    gpu_check.run_part(1, args, report, plan, time.monotonic() + 60, tmp_path / "logs", {}, None)
+    assert [len(rows) for rows in seen] == [0, 1]  # job b saw job a's row already written
+    written = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert [r["variant"] for r in written["rows"]] == ["x", "y"] and written["environment"]["finished"] is False
+    assert not list(tmp_path.glob("*.tmp*"))  # written by rename: no half-written file left beside it
+
+
+def test_recommendation_is_provisional_when_the_budget_cut_loop_variants():
+    def loop(variant, status="measured", **values):
+        return {**gpu_check.row(1, "loop", method="mgcc", variant=variant), "status": status, **values}
+
+    rows = [loop(VARIANTS[0], it_per_s=5.0), loop(VARIANTS[1], "cut", reason="budget: its part's time ran out"),
+            loop(VARIANTS[2], "skipped", reason="budget: 0 s left of part 1's time"),
+            loop(VARIANTS[3], "skipped", reason="CUDA graphs: a CUDA device only")]
+    advice = gpu_check.recommendation(rows, compile_limit_s=120)
+    assert advice["variant"] == VARIANTS[0] and advice["provisional"] is True and advice["compared"] == [VARIANTS[0]]
+    assert [r["variant"] for r in advice["not_measured"]] == [VARIANTS[1], VARIANTS[2]]  # not the CPU's CUDA graphs
+    text = gpu_check.describe(advice)
+    assert text.startswith("PROVISIONAL, not a default to set") and "bf16 + channels_last (cut: budget" in text
+    rows[1].update(status="measured", reason="", it_per_s=9.0)
+    rows[2].update(status="measured", reason="", it_per_s=12.0, compile_s=30.0)
+    advice = gpu_check.recommendation(rows, compile_limit_s=120)
+    assert advice["variant"] == VARIANTS[2] and advice["provisional"] is False
+    assert not gpu_check.describe(advice).startswith("PROVISIONAL")
+
+
+def test_loop_rows_run_train_py_with_its_own_checkpoint_interval():
+    args = gpu_check.parse_args(["--device", "cpu", "--size", "tiny", "--parts", "1"])
+    data = gpu_check.DataFolder("/tmp", Path("/tmp"), gpu_check.SIZES["tiny"], Path("/tmp"))
+    loop = next(j for j in gpu_check.stage2_jobs(1, ["mgcc"], args, gpu_check.SIZES["tiny"], data)
+                if j.name == "loop_mgcc")
+    train_args = loop.command[loop.command.index("--train-args") + 1]
+    assert "--checkpoint" not in train_args and train_args == "--num-workers 2"
+
+
+def test_parts_by_name_and_number():
+    assert gpu_check.parse_args(["--device", "cpu", "--parts", "smoke,1", "3"]).parts == [0, 1, 3]
+    assert gpu_check.parse_args(["--device", "cpu"]).parts == [0, 1, 2, 3, 4]
+    with pytest.raises(SystemExit):
+        gpu_check.parse_args(["--device", "cpu", "--parts", "5"])
+
+
+@pytest.mark.slow
+def test_sigterm_ends_the_running_commands_and_keeps_the_table(tmp_path):
+    """A command limit's SIGTERM (gpu_run.sh's timeout): the running rows are cut, the others skipped, each
+    saying so; the table is written complete and gpu_check exits 143."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1")
+    process = subprocess.Popen([sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), "--device", "cpu", "--size",
+                                "tiny", "--parts", "smoke", "--budget-s", "3600", "--out-dir", str(tmp_path)],
+                               cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while not list((tmp_path / "logs" / "smoke").glob("*.log")):  # the first smoke command has started
+        assert process.poll() is None and time.monotonic() < deadline, process.communicate()
+        time.sleep(0.2)
+    process.terminate()
+    _, stderr = process.communicate(timeout=300)
+    assert process.returncode == 143, stderr[-3000:]
+    report = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert report["environment"]["finished"] is True, stderr[-3000:]
+    rows = report["rows"]
+    assert len(rows) == 21 and all(r["reason"] == smoke.STOP_REASON for r in rows), (rows, stderr[-3000:])
+    assert {r["status"] for r in rows} <= {"cut", "skipped"} and any(r["status"] == "cut" for r in rows)
