@@ -34,6 +34,7 @@ import numpy as np
 
 from dataloaders.io import (DataError, add_pixel_limit_flag, check_pairs, dataset_name, find_cases, read_id_list,
                             select_cases, set_max_image_pixels)
+from utils.files import umask
 
 DEFAULT_SEEDS = (41, 64, 1337)
 DEFAULT_VAL_FRACTION = 0.3
@@ -143,6 +144,7 @@ def write_atomically(data_dir: Path, contents: dict[Path, str], existing: list[P
         for path, text in contents.items():
             fd, tmp = tempfile.mkstemp(dir=data_dir, prefix=f".{path.name}.", suffix=".tmp")
             temporary[path] = Path(tmp)
+            os.fchmod(fd, 0o666 & ~umask())  # as open() would make it (mkstemp: 0600)
             with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
                 f.write(text)
                 f.flush()

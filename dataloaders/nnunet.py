@@ -19,13 +19,13 @@ import json
 import os
 import re
 import shutil
-import tempfile
 from pathlib import Path
 
 import cv2
 import numpy as np
 
 from .io import IMAGE_EXTENSIONS, MASK_SUBDIR, DataError, _decode, check_pairs, listing, require_dir
+from utils.files import make_temp_dir
 
 CHANNEL_SUFFIX = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
 
@@ -157,8 +157,7 @@ def convert(root: str | Path, out_dir: str | Path, foreground: str | int = 1, co
     masks = read_masks(images, labels, meta, value)
     empty = sorted(case for case, mask in masks.items() if not mask.any())
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}."))
+    staging = make_temp_dir(out_dir.parent, prefix=f".{out_dir.name}.")
     try:
         def place(source: Path, folder: str, case: str) -> None:
             target = staging / folder / f"{case}{source.suffix}"

@@ -30,7 +30,6 @@ import os
 import re
 import shutil
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,7 +41,7 @@ if __package__ in (None, ""):  # run as a file (python dataloaders/phantom.py): 
 
 from dataloaders.io import MASK_SUBDIR, DataError  # noqa: E402
 from utils.config import ConfigError  # noqa: E402
-from utils.files import WriteError  # noqa: E402
+from utils.files import WriteError, make_temp_dir  # noqa: E402
 
 MIN_SIDE = 32  # smaller images leave no room for tissue layers around a lesion
 CLASSES = ("benign", "malignant")
@@ -484,8 +483,7 @@ def make_phantom_dataset(out_dir: str | Path, num_images: int = 200, size: tuple
     is_malignant = np.random.default_rng(seeds[0]).permutation(
         np.arange(num_images) < n_malignant)
 
-    out_dir.resolve().parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=out_dir.resolve().parent, prefix=f".{out_dir.resolve().name}.phantom-"))
+    staging = make_temp_dir(out_dir.resolve().parent, prefix=f".{out_dir.resolve().name}.phantom-")
     try:
         (staging / "images").mkdir()
         (staging / MASK_SUBDIR).mkdir(parents=True)

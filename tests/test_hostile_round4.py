@@ -2,8 +2,14 @@
 value and what to do, or correct behaviour; nothing lost, half-written or followed out of its folder."""
 from __future__ import annotations
 
+import json
+import os
+import signal
+import stat
+
 import pytest
 
+from conftest import write_dataset
 from dataloaders.io import DataError
 from dataloaders.splits import load_run_data
 from test_data import generated_folder
@@ -23,3 +29,104 @@ def test_a_link_to_leaky_samples_is_refused_as_their_real_path_is(dataset, tmp_p
     link.symlink_to(synth / target if target else synth)
     with pytest.raises(DataError, match="a generator trained on 3 of the 3 val ids"):
         load_run_data(dataset, 2, unlabeled_dirs=[link])
+
+
+# --- 3, 4. predict.py replaces its own output folder as a whole, and nothing else ---------------------
+
+def predict_case(tmp_path):
+    from test_hostile_output import segmenter_checkpoint
+    data = write_dataset(tmp_path / "pe", n=4, splits=False)
+    return data, segmenter_checkpoint(tmp_path / "model.pt")
+
+
+def predict_into(data, checkpoint, out, *extra):
+    import predict
+    return predict.main(["--checkpoint", str(checkpoint), "--input-dir", str(data), "--masks-dir",
+                         str(data / "masks" / "0"), "--output-dir", str(out), "--num-workers", "0", "--no-progress",
+                         "--batch-size", "1", *map(str, extra)])
+
+
+def tree(folder):
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("run_files", [["checkpoint_last.pt", "config.yaml", "metrics.json"], ["metrics.json"]])
+def test_predict_never_writes_into_a_training_run_folder(tmp_path, run_files):
+    data, checkpoint = predict_case(tmp_path)
+    run = tmp_path / "run"
+    run.mkdir()
+    for name in run_files:
+        (run / name).write_text(json.dumps({"selected_iteration": 40, "val": {"dice": 0.8}}))
+    before = tree(run)
+    with pytest.raises(DataError, match=rf"--output-dir {run} holds files predict.py does not write \(.*\): .*"
+                                        rf"choose a new or empty --output-dir \(e.g. {run}/predictions\)"):
+        predict_into(data, checkpoint, run)  # was: the run's metrics.json replaced, exit 0
+    assert tree(run) == before and sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+    assert predict_into(data, checkpoint, run / "predictions") == 0  # inside it, a folder of its own
+
+
+def test_a_rerun_replaces_the_output_folder_as_a_whole(tmp_path):
+    data, checkpoint = predict_case(tmp_path)
+    out = tmp_path / "out"
+    assert predict_into(data, checkpoint, out) == 0
+    assert len(list((out / "masks").iterdir())) == 4
+    ids = tmp_path / "ids.txt"
+    ids.write_text("benign (1)\nmalignant (2)\n")
+    assert predict_into(data, checkpoint, out, "--ids", ids, "--no-overlays") == 0
+    # was: the other two masks, all four overlays and their metrics left beside the new ones
+    assert sorted(p.name for p in (out / "masks").iterdir()) == ["benign (1).png", "malignant (2).png"]
+    assert not (out / "overlays").exists() and json.loads((out / "metrics.json").read_text())["images"] == 2
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_a_signal_while_predicting_leaves_the_previous_folder_and_says_so(tmp_path, monkeypatch, capsys):
+    import predict
+    data, checkpoint = predict_case(tmp_path)
+    out = tmp_path / "out"
+    assert predict_into(data, checkpoint, out) == 0
+    before = tree(out)
+    real_save = predict.save_image
+    written = []
+
+    def save_then_signal(path, image):
+        real_save(path, image)
+        written.append(path)
+        if len(written) == 3:
+            os.kill(os.getpid(), signal.SIGTERM)  # as `kill` or a scheduler's preemption would
+
+    monkeypatch.setattr(predict, "save_image", save_then_signal)
+    with pytest.raises(SystemExit) as stopped:
+        predict_into(data, checkpoint, out, "--threshold", "0.9")
+    assert stopped.value.code == 128 + signal.SIGTERM
+    assert f"stopped by SIGTERM: nothing was written to {out}; its previous contents" in capsys.readouterr().err
+    assert tree(out) == before and [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+# --- 13. files written atomically get the mode a plain write gives --------------------------------------
+
+@pytest.mark.parametrize("mask", [0o022, 0o002, 0o077])
+def test_atomic_files_and_staged_folders_get_the_umask_mode(tmp_path, mask):
+    from utils.files import atomic_write_text, make_temp_dir
+    previous = os.umask(mask)
+    try:
+        atomic_write_text(tmp_path / "a.json", "{}")
+        (tmp_path / "plain.json").write_text("{}")
+        folder = make_temp_dir(tmp_path, ".x.")
+        (tmp_path / "plain").mkdir()
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE((tmp_path / "a.json").stat().st_mode) == 0o666 & ~mask  # was 0600 whatever the umask
+    assert stat.S_IMODE((tmp_path / "a.json").stat().st_mode) == stat.S_IMODE((tmp_path / "plain.json").stat().st_mode)
+    assert stat.S_IMODE(folder.stat().st_mode) == stat.S_IMODE((tmp_path / "plain").stat().st_mode) == 0o777 & ~mask
+
+
+def test_predict_outputs_are_readable_by_the_group_with_umask_022(tmp_path):
+    data, checkpoint = predict_case(tmp_path)
+    previous = os.umask(0o022)
+    try:
+        assert predict_into(data, checkpoint, tmp_path / "out") == 0
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE((tmp_path / "out").stat().st_mode) == 0o755
+    modes = {stat.S_IMODE(p.stat().st_mode) for p in (tmp_path / "out").rglob("*") if p.is_file()}
+    assert modes == {0o644}
