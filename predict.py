@@ -51,7 +51,7 @@ from dataloaders.io import (MASK_VALUES, DataError, add_pixel_limit_flag, check_
 from networks.mgcc import MGCCNet
 from networks.unet import build_network
 from networks.official import convert_official_state_dict, infer_official_architecture, is_official_state_dict
-from utils.checkpoint import CheckpointError, check_finite, load_checkpoint, require_fields
+from utils.checkpoint import CheckpointError, check_finite, load_checkpoint, require_fields, retyped
 from utils.cli import run_cli
 from utils.config import NON_NEGATIVE, POSITIVE, between, checked
 from utils.files import WriteError, atomic_write_text, make_temp_dir, write_error
@@ -109,6 +109,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
+def refuse_retyped(model: torch.nn.Module, weights: dict, path: Path) -> None:
+    """Weights of another dtype than the network's (int64, complex64...) are refused, not cast."""
+    wrong = retyped(model.state_dict(), weights)
+    if wrong:
+        raise CheckpointError(f"{path}: {len(wrong)} of its weights are not of the network's dtype, e.g. "
+                              f"{'; '.join(wrong[:2])}: loading would convert them silently (whole numbers or "
+                              "complex values predict nothing meaningful); the file was converted or edited, use the "
+                              "checkpoint train.py wrote")
+
+
 def load_segmenter(path: Path) -> tuple[torch.nn.Module, dict, str]:
     """(model in eval mode, preprocessing options, description) from either kind of checkpoint."""
     if path.is_dir():
@@ -119,7 +129,9 @@ def load_segmenter(path: Path) -> tuple[torch.nn.Module, dict, str]:
     if is_official_state_dict(checkpoint):
         check_finite(checkpoint, path)
         model = MGCCNet(**infer_official_architecture(checkpoint))
-        model.load_state_dict(convert_official_state_dict(checkpoint))
+        weights = convert_official_state_dict(checkpoint)
+        refuse_retyped(model, weights, path)
+        model.load_state_dict(weights)
         return model.eval(), dict(OFFICIAL_PREPROCESSING), "official MGCC checkpoint"
     kind = checkpoint.get("kind") if isinstance(checkpoint, dict) else None
     if kind != SEGMENTER_KIND:
@@ -137,6 +149,7 @@ def load_segmenter(path: Path) -> tuple[torch.nn.Module, dict, str]:
     except (TypeError, ValueError) as error:
         raise CheckpointError(f"{path}: its model_args {checkpoint['model_args']} do not describe the network "
                               f"({network!r}): {error}") from None
+    refuse_retyped(model, checkpoint["model"], path)
     try:
         model.load_state_dict(checkpoint["model"])
     except RuntimeError as error:

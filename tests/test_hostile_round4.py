@@ -8,11 +8,13 @@ import signal
 import stat
 
 import pytest
+import torch
 
 from conftest import write_dataset
 from dataloaders.io import DataError
 from dataloaders.splits import load_run_data
 from test_data import generated_folder
+from utils.checkpoint import CheckpointError
 
 
 # --- 1. a link does not hide a generator's manifest --------------------------------------------------
@@ -130,3 +132,47 @@ def test_predict_outputs_are_readable_by_the_group_with_umask_022(tmp_path):
     assert stat.S_IMODE((tmp_path / "out").stat().st_mode) == 0o755
     modes = {stat.S_IMODE(p.stat().st_mode) for p in (tmp_path / "out").rglob("*") if p.is_file()}
     assert modes == {0o644}
+
+
+# --- 5. weights of another dtype are refused, not cast ------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.complex64, torch.float64])
+def test_predict_refuses_weights_of_another_dtype(tmp_path, dtype):
+    from test_hostile_output import MODEL_ARGS, segmenter_checkpoint
+    from networks.mgcc import MGCCNet
+    data = write_dataset(tmp_path / "pe", n=2, splits=False)
+    state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in MGCCNet(**MODEL_ARGS).state_dict().items()}
+    checkpoint = segmenter_checkpoint(tmp_path / "cast.pt", model=state)
+    with pytest.raises(CheckpointError, match=rf"cast.pt: \d+ of its weights are not of the network's dtype, e.g. "
+                                              rf"\S+ is {dtype}, expected torch.float32"):
+        predict_into(data, checkpoint, tmp_path / "out")  # was: int64 IoU 0.0000, exit 0; complex64 a warning
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_official_state_dict_of_another_dtype_is_refused(tmp_path):
+    from reference_weights import official_reference_state_dict
+    data = write_dataset(tmp_path / "pe", n=2, splits=False)
+    state = {k: v.long() if v.is_floating_point() else v for k, v in official_reference_state_dict().items()}
+    torch.save(state, tmp_path / "official.pt")
+    with pytest.raises(CheckpointError, match="official.pt: .* of its weights are not of the network's dtype"):
+        predict_into(data, tmp_path / "official.pt", tmp_path / "out")
+
+
+def test_a_resumed_or_sampled_network_of_another_dtype_is_refused(tmp_path):
+    from diffusers import UNet2DModel
+    from networks.mgcc import MGCCNet
+    from test_hostile_output import MODEL_ARGS
+    from utils.checkpoint import weights_misfit
+    from utils.ldm_run import load_model, save_model
+
+    expected = MGCCNet(**MODEL_ARGS).state_dict()
+    assert weights_misfit(expected, expected) == []
+    misfit = weights_misfit(expected, {k: v.long() if v.is_floating_point() else v for k, v in expected.items()})
+    assert misfit and all(", expected torch.float32" in m for m in misfit)  # train.py --resume refuses on these
+    unet = UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(4, 4), layers_per_block=1,
+                       norm_num_groups=2, down_block_types=("DownBlock2D", "DownBlock2D"),
+                       up_block_types=("UpBlock2D", "UpBlock2D"))
+    save_model(unet.to(torch.float16), tmp_path / "unet_ema")
+    with pytest.raises(CheckpointError, match=r"does not fit the network .*weights of another dtype, e.g. \S+ is "
+                                              r"torch.float16, expected torch.float32"):
+        load_model("unet", tmp_path / "unet_ema", "EMA denoiser")

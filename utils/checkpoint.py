@@ -103,4 +103,13 @@ def weights_misfit(expected: dict, weights: dict) -> list[str]:
     resized = [f"{k} is {tuple(weights[k].shape)}, expected {tuple(expected[k].shape)}" for k in expected
                if k in weights and isinstance(weights[k], torch.Tensor) and weights[k].shape != expected[k].shape]
     wrong_type = [f"{k} is not a tensor" for k in expected if k in weights and not isinstance(weights[k], torch.Tensor)]
-    return missing + unknown + resized + wrong_type
+    return missing + unknown + resized + wrong_type + retyped(expected, weights)
+
+
+def retyped(expected: dict, weights: dict) -> list[str]:
+    """The tensors of ``weights`` whose dtype is not the network's: ``load_state_dict`` casts them silently
+    (int64 weights, truncated to whole numbers, predicted empty masks scored IoU 0 with exit 0; complex64
+    ones loaded with a warning only)."""
+    return [f"{k} is {weights[k].dtype}, expected {expected[k].dtype}" for k in expected
+            if isinstance(weights.get(k), torch.Tensor) and isinstance(expected[k], torch.Tensor)
+            and weights[k].dtype != expected[k].dtype]

@@ -27,7 +27,7 @@ from types import SimpleNamespace
 from dataloaders.io import dataset_name
 from dataloaders.ldm_data import load_training_set
 from networks.ldm import IMAGE_CHANNELS, latent_size
-from utils.checkpoint import CheckpointError, UnsafeCheckpointError, check_finite, load_checkpoint
+from utils.checkpoint import CheckpointError, UnsafeCheckpointError, check_finite, load_checkpoint, retyped
 from utils import distributed
 from utils.config import ConfigError, file_values, save_yaml
 from utils.files import atomic_write_text, write_error
@@ -101,10 +101,11 @@ def load_model(kind: str, folder: Path, what: str):
     own = model.state_dict()
     missing, unexpected = sorted(own.keys() - weights.keys()), sorted(weights.keys() - own.keys())
     resized = sorted(k for k in own.keys() & weights.keys() if own[k].shape != weights[k].shape)
-    if missing or unexpected or resized:
+    other_dtype = sorted(retyped(own, weights))  # load_state_dict would cast them silently
+    if missing or unexpected or resized or other_dtype:
         found = "; ".join(f"{len(names)} {label}, e.g. {names[0]}" for label, names in
                           (("weights missing", missing), ("unknown weights", unexpected),
-                           ("weights of another shape", resized)) if names)
+                           ("weights of another shape", resized), ("weights of another dtype", other_dtype)) if names)
         raise CheckpointError(f"{folder / WEIGHTS_FILE} does not fit the network of {folder / 'config.json'} "
                               f"({found}): another architecture or width; {expected}")
     check_finite(weights, folder / WEIGHTS_FILE, f"{what} weights")  # NaN weights sample black images
