@@ -53,7 +53,7 @@ from networks.unet import build_network
 from networks.official import convert_official_state_dict, infer_official_architecture, is_official_state_dict
 from utils.checkpoint import CheckpointError, check_finite, load_checkpoint, require_fields, retyped
 from utils.cli import run_cli
-from utils.config import NON_NEGATIVE, POSITIVE, between, checked
+from utils.config import NON_NEGATIVE, POSITIVE, at_least, between, checked, greater_than
 from utils.files import WriteError, atomic_write_text, make_temp_dir, write_error
 from utils.metrics import DEFAULT_NSD_TOLERANCE_PX, METRIC_NAMES, per_image_metrics
 from utils.plots import overlay, save_image
@@ -88,13 +88,13 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="autocast precision (default: fp32)")
     parser.add_argument("--device", default="auto", help="auto (CUDA if present, else CPU), cpu, cuda or cuda:N")
     parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="progress bar")
-    parser.add_argument("--spacing-mm", type=float, nargs="+", default=None, metavar="MM",
+    parser.add_argument("--spacing-mm", type=checked(float, greater_than(0)), nargs="+", default=None, metavar="MM",
                         help="pixel spacing of every image in mm (one number, or two: row and column): HD95 and ASD "
                              "in mm, NSD's tolerance in mm (default: distances in pixels)")
     parser.add_argument("--spacing-csv", type=Path, default=None,
                         help="pixel spacing of each image from a CSV with header id,spacing_mm (or "
                              "id,spacing_row_mm,spacing_col_mm); every image needs a row")
-    parser.add_argument("--nsd-tolerance", type=float, default=None,
+    parser.add_argument("--nsd-tolerance", type=checked(float, at_least(0)), default=None,
                         help=f"tolerance of the normalised surface Dice, in mm with a spacing, else pixels "
                              f"(default: {DEFAULT_NSD_TOLERANCE_PX:g} pixels, i.e. {DEFAULT_NSD_TOLERANCE_PX:g} x the "
                              "spacing in mm)")

@@ -63,7 +63,7 @@ from utils.image_quality import c2st_accuracy, calibrated_memorisation, closest_
 from utils.ldm_run import load_sampling_models, open_run, write_json
 from utils.locks import hold, release_held
 from utils.cli import run_cli, run_on_device
-from utils.config import ConfigError, Option, optional, parse_config
+from utils.config import ConfigError, Option, between, optional, parse_config
 from utils.plots import image_grid, save_image
 from utils.runtime import autocast_dtype, StopRequest
 from utils.training import stop_requested, stop_status
@@ -81,6 +81,7 @@ REPORT = "report.json"
 GRID, GRID_IMAGES = "grid.png", 64  # the first images side by side, for people to look at
 PAIRS, PAIR_COUNT = "closest_pairs.png", 8  # the samples nearest to a training image, above those images
 C2ST_FOLDS = 5
+MAX_GUIDANCE = 100.0
 
 OPTIONS = [
     Option("checkpoint", None, "run folder written by train_ldm.py (holding ldm.json, vae/, unet_ema/)",
@@ -90,7 +91,9 @@ OPTIONS = [
     Option("batch_size", 16, "images denoised together (per process under torchrun)"),
     Option("scheduler", "ddim", "sampler: ddim or dpmsolver (DPM-Solver++)", choices=("ddim", "dpmsolver")),
     Option("steps", 50, "denoising steps"),
-    Option("guidance_scale", 1.0, "classifier-free guidance scale (class-conditional models; 1 = none)"),
+    Option("guidance_scale", 1.0, "classifier-free guidance scale (class-conditional models; 1 = none)",
+           check=between(0, MAX_GUIDANCE, " (beyond a few tens every image saturates; from 1e30 on the "
+                                          "denoiser's numbers overflow to black images)")),
     Option("class", "all", "class of the images for a class-conditional model, or all (classes drawn "
            "with their training frequencies)"),
     Option("seed", 0, "image n is drawn from numbers derived from (seed, n): another seed shares no image"),

@@ -42,7 +42,7 @@ from networks import count_parameters
 from networks.unet import build_network
 from utils.checkpoint import CheckpointError, check_finite, load_checkpoint, require_fields, weights_misfit
 from utils.cli import run_cli, run_on_device
-from utils.config import ConfigError, file_values, parse_config, save_yaml
+from utils.config import ConfigError, file_values, parse_config, read_yaml, save_yaml, saved_problems
 from utils.evaluation import evaluate, overlay_grid
 from utils.files import atomic_write_text, check_writable
 from utils.locks import hold
@@ -89,12 +89,15 @@ def prepare_run(cfg, ctx) -> tuple[object, Path, dict | None]:
     require_fields(checkpoint, path, RESUME_FIELDS)
     check_finite(checkpoint["model"], path)  # else the run would diverge again and call this file the last good one
     saved = checkpoint["config"]
-    for name in sorted(cfg.explicit & set(saved) - {"out_dir"}):
+    bad = resumable_config(cfg, saved, path, out_dir)
+    for name in sorted(cfg.explicit & set(saved) - {"out_dir"} - set(bad)):
         if getattr(cfg, name) != saved[name]:
             raise ConfigError(f"--resume: {name} = {getattr(cfg, name)!r} differs from the run's "
-                              f"{saved[name]!r} (see {out_dir / 'config.yaml'})")
+                              f"{saved[name]!r} (saved in {path}): a continued run keeps its options; start a new "
+                              "run to change it")
     for name, value in saved.items():
-        setattr(cfg, name, value)
+        if name not in bad:  # an invalid saved value is replaced by the flag given for it
+            setattr(cfg, name, value)
     cfg.out_dir = str(out_dir)
     resolve_method(cfg)  # a run saved before --method existed has --mode only
     with torch.device("meta"):  # the shapes only, nothing allocated
@@ -104,6 +107,29 @@ def prepare_run(cfg, ctx) -> tuple[object, Path, dict | None]:
                               f"{len(misfit)} tensor(s), e.g. {'; '.join(misfit[:2])}; the file was written by "
                               "another run or edited")
     return cfg, out_dir, checkpoint
+
+
+def resumable_config(cfg, saved: dict, path: Path, out_dir: Path) -> set[str]:
+    """Check the configuration a run resumes with, before any work: each saved value by the option schema
+    (a crafted or old checkpoint's lr -5 or eval_every 0 are errors, not tracebacks or silent loops), and
+    the run's config.yaml against it (hand edits are refused: the run keeps its options; before, they were
+    silently discarded and the file rewritten). The names of invalid saved values that flags replace."""
+    bad = saved_problems(saved, OPTIONS, f"{path}'s config")
+    unfixed = [problem for name, problem in sorted(bad.items()) if name not in cfg.explicit]
+    if unfixed:
+        flags = " ".join(o.flag for o in OPTIONS if o.name in bad and o.name not in cfg.explicit)
+        raise ConfigError(f"{'; '.join(unfixed)} (written by an older version, or edited); give {flags} with a valid "
+                          "value to continue the run with it")
+    yaml_path = out_dir / "config.yaml"
+    if yaml_path.is_file():
+        written = read_yaml(yaml_path, OPTIONS)
+        edited = [f"{k}: {v!r} in config.yaml, {saved[k]!r} in the run" for k, v in sorted(written.items())
+                  if k in saved and k != "out_dir" and k not in bad and v != saved[k]]
+        if edited:
+            raise ConfigError(f"{yaml_path} was edited after the run started ({'; '.join(edited[:4])}): --resume "
+                              f"continues the run with the options it started with (saved in {path.name}); undo the "
+                              "edit, or start a new run (--config <the edited file> --out-dir <another folder>)")
+    return set(bad)
 
 
 def run_schedule(cfg, run_data):

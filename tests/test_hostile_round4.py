@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import stat
 
@@ -176,3 +177,89 @@ def test_a_resumed_or_sampled_network_of_another_dtype_is_refused(tmp_path):
     with pytest.raises(CheckpointError, match=r"does not fit the network .*weights of another dtype, e.g. \S+ is "
                                               r"torch.float16, expected torch.float32"):
         load_model("unet", tmp_path / "unet_ema", "EMA denoiser")
+
+
+# --- 6, 7. option values are checked before any work: finite, in range ---------------------------------
+
+@pytest.mark.parametrize("script, flags, message", [
+    ("predict", ["--nsd-tolerance", "nan"], "argument --nsd-tolerance: nan must be a finite number"),
+    ("predict", ["--nsd-tolerance", "-1"], "argument --nsd-tolerance: -1.0 must be at least 0"),
+    ("predict", ["--spacing-mm", "0.5", "inf"], "argument --spacing-mm: inf must be a finite number"),
+    ("reproduce", ["--spacing-mm", "nan"], "argument --spacing-mm: nan must be a finite number"),
+    ("reproduce", ["--nsd-tolerance", "-1"], "argument --nsd-tolerance: -1.0 must be at least 0"),
+])
+def test_evaluation_flags_are_checked_when_parsed(capsys, script, flags, message):
+    import importlib
+    module = importlib.import_module(script)
+    with pytest.raises(SystemExit) as exit_:
+        module.parse_args(["--checkpoint", "c", "--input-dir", "i", "--output-dir", "o", *flags]
+                          if script == "predict" else ["--data-dir", "d", *flags])
+    assert exit_.value.code == 2 and message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("script, flags, message", [
+    ("train", ["--nsd-tolerance", "-1"], "--nsd-tolerance -1.0 must be at least 0"),
+    ("train", ["--nsd-tolerance", "nan"], "--nsd-tolerance nan must be a finite number"),
+    ("train", ["--lr", "inf"], "--lr inf must be a finite number"),
+    ("sample_ldm", ["--guidance-scale", "inf"], "--guidance-scale inf must be a finite number"),
+    ("sample_ldm", ["--guidance-scale", "nan"], "--guidance-scale nan must be a finite number"),
+    ("sample_ldm", ["--guidance-scale", "1e30"], "--guidance-scale 1e+30 must be in [0, 100.0]"),
+])
+def test_schema_options_are_finite_and_in_range(script, flags, message):
+    import importlib
+
+    from utils.config import ConfigError, parse_config
+    module = importlib.import_module(script)
+    with pytest.raises(ConfigError, match=re.escape(message)):  # before any work: train.py trained first
+        parse_config(module.OPTIONS, "", flags)
+
+
+def test_a_yaml_list_for_a_single_value_is_refused(tmp_path):
+    import train
+    from utils.config import ConfigError, parse_config
+    (tmp_path / "c.yaml").write_text("out_dir: [a, b]\n")
+    with pytest.raises(ConfigError, match=r"c.yaml: out_dir = \['a', 'b'\] is a list; it takes a single value"):
+        parse_config(train.OPTIONS, "", ["--config", str(tmp_path / "c.yaml")])
+
+
+# --- 16, 12. a resumed run's options are checked by the schema; config.yaml edits are refused ----------
+
+@pytest.mark.parametrize("key, value, message", [
+    ("lr", -5.0, "lr = -5.0 must be greater than 0"),
+    ("eval_batch_size", 0, "eval_batch_size = 0 must be at least 1"),
+    ("log_every", 0, "log_every = 0 must be at least 1"),
+    ("eval_every", 0, "eval_every = 0 is not valid"),
+    ("nsd_tolerance", float("nan"), "nsd_tolerance = nan must be a finite number"),
+    ("method", ["mgcc"], "method = \\['mgcc'\\] is a list"),
+])
+def test_a_resumed_config_is_checked_by_the_schema(tmp_path, stopped_run, key, value, message):
+    from test_hostile_runs import crafted_resume
+    from utils.config import ConfigError
+
+    error = crafted_resume(tmp_path, stopped_run, lambda c: c["config"].update({key: value}))
+    assert isinstance(error, ConfigError), error  # was: a traceback, or a run evaluating never
+    assert re.search(rf"checkpoint_last.pt's config: {message}", str(error)), str(error)
+    assert "give --" in str(error)
+
+
+def test_a_hand_edited_config_yaml_is_refused_on_resume(tmp_path, stopped_run):
+    import shutil
+
+    import train
+    from utils.config import ConfigError
+    _, run = stopped_run
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    text = (copy / "config.yaml").read_text()
+    (copy / "config.yaml").write_text(text.replace("lr: 0.01", "lr: 0.02"))
+    with pytest.raises(ConfigError, match=r"config.yaml was edited after the run started \(lr: 0.02 in config.yaml, "
+                                          r"0.01 in the run\): --resume continues the run with the options it started"):
+        train.main(["--out-dir", str(copy), "--resume", "--no-progress"])  # was: the edit silently discarded
+    (copy / "config.yaml").write_text(text)
+    assert train.main(["--out-dir", str(copy), "--resume", "--no-progress"]) == 0
+
+
+@pytest.fixture(scope="module")
+def stopped_run(tmp_path_factory):
+    from test_hostile_runs import stopped_run as make
+    return make.__wrapped__(tmp_path_factory)

@@ -10,6 +10,7 @@ does any work: ``--image-size 33`` is one error naming the flag, not a traceback
 from __future__ import annotations
 
 import argparse
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
@@ -112,22 +113,28 @@ POSITIVE = at_least(1)
 NON_NEGATIVE = at_least(0)
 
 
+def not_finite(value: Any) -> str | None:
+    """Every option's first check: no NaN or infinity (nan passes every comparison's negation, inf every
+    lower bound, and either turns a run's numbers into NaN after the work)."""
+    return "must be a finite number" if isinstance(value, float) and not math.isfinite(value) else None
+
+
 def problem_of(option: Option, value: Any) -> str | None:
-    """What is wrong with ``value`` by the option's check, or None."""
-    if option.check is None or value is None:
+    """What is wrong with ``value`` by the option's check (and :func:`not_finite`), or None."""
+    if value is None:
         return None
-    for item in (value if option.repeatable else [value]):
-        found = option.check(item)
+    for item in (value if option.repeatable and isinstance(value, list) else [value]):
+        found = not_finite(item) or (option.check(item) if option.check is not None and item is not None else None)
         if found:
             return found
     return None
 
 
-def checked(parse: Callable[[str], Any], check: Check) -> Callable[[str], Any]:
-    """An argparse type: ``parse`` then ``check`` (for scripts with plain argparse flags)."""
+def checked(parse: Callable[[str], Any], check: Check | None = None) -> Callable[[str], Any]:
+    """An argparse type: ``parse``, :func:`not_finite`, then ``check`` (for scripts with plain argparse flags)."""
     def parse_checked(text: str) -> Any:
         value = parse(text)
-        found = check(value)
+        found = not_finite(value) or (check(value) if check is not None else None)
         if found:
             raise argparse.ArgumentTypeError(f"{value!r} {found}")
         return value
@@ -182,6 +189,9 @@ def _coerce(option: Option, value: Any, source: str) -> Any:
         return [_coerce(Option(option.name, "", option.help, option.type), v, source) for v in values]
     if value is None:
         return None
+    if isinstance(value, (list, dict)):  # out_dir: [a, b] made a folder named "['a', 'b']"
+        raise ConfigError(f"{source}: {option.name} = {value!r} is a {'list' if isinstance(value, list) else 'mapping'}"
+                          f"; it takes a single value")
     if isinstance(option.default, bool) and option.type is None:
         if not isinstance(value, bool):
             raise ConfigError(f"{source}: {option.name} must be true or false, got {value!r}")
@@ -242,6 +252,25 @@ def parse_config(options: Sequence[Option], description: str, argv: Sequence[str
                      f"{config_path}: {option.name} =" if option.name in from_file else f"default {option.name} =")
             raise ConfigError(f"{where} {values[option.name]!r} {found}")
     return SimpleNamespace(**values, config=config_path, explicit=explicit)
+
+
+def saved_problems(saved: dict[str, Any], options: Sequence[Option], source: str) -> dict[str, str]:
+    """What is wrong with each value of a configuration restored from a run (a checkpoint's, a config.yaml):
+    its type and its option's check, as for a flag. Keys outside ``options`` (older runs') are left alone."""
+    by_name = {o.name: o for o in options}
+    problems = {}
+    for name, value in saved.items():
+        if name not in by_name:
+            continue
+        try:
+            value = _coerce(by_name[name], value, source)
+        except ConfigError as error:
+            problems[name] = str(error)
+            continue
+        found = problem_of(by_name[name], value)
+        if found:
+            problems[name] = f"{source}: {name} = {value!r} {found}"
+    return problems
 
 
 def file_values(cfg: SimpleNamespace, options: Sequence[Option]) -> dict[str, Any]:

@@ -116,7 +116,7 @@ OPTIONS = [
            "protocol)", type=count_or("epoch"), check=if_number(POSITIVE)),
     Option("eval_batch_size", 16, "images per evaluation batch", check=POSITIVE),
     Option("nsd_tolerance", None, "tolerance of the final evaluation's normalised surface Dice, in pixels at "
-           "image_size; none: 2", type=optional(float)),
+           "image_size; none: 2", type=optional(float), check=NON_NEGATIVE),
     Option("checkpoint_every", None, "write checkpoint_last.pt every N iterations; none: at each evaluation",
            type=optional(int), check=POSITIVE),
     Option("log_every", 10, "read the losses back from the device every N iterations (progress bar, NaN check)",
