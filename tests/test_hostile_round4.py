@@ -263,3 +263,25 @@ def test_a_hand_edited_config_yaml_is_refused_on_resume(tmp_path, stopped_run):
 def stopped_run(tmp_path_factory):
     from test_hostile_runs import stopped_run as make
     return make.__wrapped__(tmp_path_factory)
+
+
+@pytest.mark.slow
+def test_train_ldm_refuses_a_hand_edited_config_yaml_as_train_py_does(tmp_path):
+    from conftest import ROOT, run_script
+    data = write_dataset(tmp_path / "toy", n=6, size=(32, 32))
+    run = tmp_path / "ldm"
+    tiny = ("--config", ROOT / "configs" / "ldm_tiny.yaml", "--image-size", "32", "--device", "cpu",
+            "--no-progress", "--num-workers", "0", "--preview-images", "0", "--stage", "vae")
+    run_script("train_ldm.py", "--data-dir", data, "--out-dir", run, *tiny, "--vae-steps", "1")
+    text = (run / "config.yaml").read_text()
+    edited = re.sub(r"vae_latent_channels: \d+", "vae_latent_channels: 7", text)
+    assert edited != text
+    (run / "config.yaml").write_text(edited)
+    result = run_script("train_ldm.py", "--out-dir", run, "--resume", "--stage", "vae", "--vae-steps", "2",
+                        "--device", "cpu", "--no-progress", "--num-workers", "0", check=False)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]  # was: RuntimeError
+    assert re.search(r"error: .*config.yaml was edited after the run wrote it \(vae_latent_channels: 7 in config.yaml, "
+                     r"\d+ in the run\): --resume continues the run with the options it has", result.stderr)
+    (run / "config.yaml").write_text(text)
+    run_script("train_ldm.py", "--out-dir", run, "--resume", "--stage", "vae", "--vae-steps", "2", "--device", "cpu",
+               "--no-progress", "--num-workers", "0")

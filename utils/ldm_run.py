@@ -29,7 +29,7 @@ from dataloaders.ldm_data import load_training_set
 from networks.ldm import IMAGE_CHANNELS, latent_size
 from utils.checkpoint import CheckpointError, UnsafeCheckpointError, check_finite, load_checkpoint, retyped
 from utils import distributed
-from utils.config import ConfigError, file_values, save_yaml
+from utils.config import ConfigError, file_values, read_yaml, save_yaml
 from utils.files import atomic_write_text, write_error
 from utils.ldm_config import DIFFUSION_KEYS, OPTIONS, absolute_paths, check_values, merged_config
 from utils.locks import hold
@@ -282,11 +282,11 @@ def prepare_run(cfg: SimpleNamespace, run_dir: Path, world_size: int = 1):
             shutil.rmtree(run_dir)
         run_dir.mkdir(parents=True)
         info = new_run_info(cfg, data)
-        save_yaml(file_values(cfg, OPTIONS), run_dir / "config.yaml")
-        write_run_info(run_dir, info)
+        save_config(cfg, run_dir, info)
         return cfg, info, data
 
     fresh_diffusion = wants_diffusion and (cfg.overwrite or not has_diffusion)
+    check_config_unedited(run_dir, info)
     cfg = merged_config(cfg, run_dir, DIFFUSION_KEYS if fresh_diffusion else set())
     check_values(cfg, world_size)
     vae_step, diffusion_step = info["vae_step"], 0 if fresh_diffusion else info["diffusion_step"]
@@ -314,9 +314,36 @@ def prepare_run(cfg: SimpleNamespace, run_dir: Path, world_size: int = 1):
                           f"({info['class_names']} then, {data.class_names} now)")
     if cfg.overwrite:
         remove_diffusion_outputs(run_dir, info)
-    save_yaml(file_values(cfg, OPTIONS), run_dir / "config.yaml")
-    write_run_info(run_dir, info)
+    save_config(cfg, run_dir, info)
     return cfg, info, data
+
+
+def save_config(cfg: SimpleNamespace, run_dir: Path, info: dict) -> None:
+    """config.yaml, and its values in ldm.json too: the record a hand edit of config.yaml is found by."""
+    info["config"] = file_values(cfg, OPTIONS)
+    save_yaml(info["config"], run_dir / "config.yaml")
+    write_run_info(run_dir, info)
+
+
+def check_config_unedited(run_dir: Path, info: dict) -> None:
+    """Refuse a config.yaml edited since the run wrote it (as train.py does): --resume continues a run with
+    the options it has, and changes only those given as flags (FREE_KEYS, a fresh stage's); an edited
+    architecture gave a traceback on loading its weights. Runs older than the record are not checked."""
+    recorded = info.get("config")
+    if not isinstance(recorded, dict):
+        return
+    path = run_dir / "config.yaml"
+    if not path.is_file():
+        return  # merged_config names it
+    written = absolute_paths(read_yaml(path, OPTIONS))
+    recorded = absolute_paths({k: v for k, v in recorded.items() if k in {o.name for o in OPTIONS}})
+    edited = [f"{k}: {written.get(k)!r} in config.yaml, {v!r} in the run" for k, v in sorted(recorded.items())
+              if written.get(k) != v]
+    if edited:
+        raise ConfigError(f"{path} was edited after the run wrote it ({'; '.join(edited[:4])}): --resume continues "
+                          f"the run with the options it has (recorded in {RUN_INFO}); undo the edit, give a flag for "
+                          "what a continued run may change (e.g. --vae-steps, --diffusion-steps), or start a new run "
+                          "(--config <the edited file> --out-dir <another folder>)")
 
 
 def read_state(path: Path, kind: str, what: str):
