@@ -53,15 +53,15 @@ import torch
 from diffusers.utils import logging as diffusers_logging
 from tqdm import tqdm
 
-from dataloaders.io import (MAX_IMAGE_PIXELS_OPTION, DataError, find_cases, image_folder, read_id_list, select_cases,
-                            set_max_image_pixels)
+from dataloaders.io import (MAX_IMAGE_PIXELS_OPTION, DataError, check_outside_data, find_cases, image_folder,
+                            read_id_list, select_cases, set_max_image_pixels)
 from dataloaders.ldm_data import thumbnails
 from networks.ldm import sampling_scheduler
 from networks.ldm_sampling import generate, image_class, image_noise
 from utils import distributed
 from utils.image_quality import c2st_accuracy, calibrated_memorisation, closest_pairs_image, describe_memorisation
 from utils.ldm_run import load_sampling_models, open_run, write_json
-from utils.locks import hold, release_held
+from utils.locks import carry_into, hold, holds_files, release_held
 from utils.cli import run_cli, run_on_device
 from utils.config import ConfigError, Option, between, optional, parse_config
 from utils.plots import image_grid, save_image
@@ -135,7 +135,7 @@ def check_values(cfg: SimpleNamespace) -> None:
 def check_out_dir(out_dir: Path, overwrite: bool) -> None:
     if out_dir.exists() and not out_dir.is_dir():
         raise ConfigError(f"--out-dir {out_dir} is a file, not a folder")
-    if not out_dir.is_dir() or not any(out_dir.iterdir()):
+    if not out_dir.is_dir() or not holds_files(out_dir):  # (its own lock file aside)
         return
     if not overwrite:
         raise ConfigError(f"--out-dir {out_dir} already holds files; give --overwrite to replace it or "
@@ -200,8 +200,14 @@ def publish(partial: Path, out_dir: Path) -> None:
     """Rename the finished ``partial`` folder to ``out_dir``; an existing --out-dir (--overwrite) is
     moved aside first and deleted only once the new folder is in place."""
     out_dir.parent.mkdir(parents=True, exist_ok=True)
+    if out_dir.is_dir() and not holds_files(out_dir):  # empty (the working folder, say): filled, not replaced
+        for entry in partial.iterdir():
+            entry.rename(out_dir / entry.name)
+        partial.rmdir()
+        return
     old = out_dir.parent / f".{out_dir.name}.old"
     shutil.rmtree(old, ignore_errors=True)
+    carry_into(out_dir, partial)  # the new folder is locked by this writer as soon as it is in place
     if out_dir.exists():
         out_dir.rename(old)
     partial.rename(out_dir)
@@ -216,7 +222,7 @@ def sample(cfg: SimpleNamespace, ctx, device) -> int:
         torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = False, True
     # From here a signal only sets a flag, acted on after the current batch (every rank agrees).
     with StopRequest() as stop:
-        run_dir, out_dir = Path(cfg.checkpoint), Path(cfg.out_dir)
+        run_dir, out_dir = Path(cfg.checkpoint), Path(cfg.out_dir).absolute()  # '.': a name for its siblings
         requested = getattr(cfg, "class")
         memorisation = {}
 
@@ -224,6 +230,7 @@ def sample(cfg: SimpleNamespace, ctx, device) -> int:
             """The checks (rank 0; every rank raises its errors) and the training thumbnails (rank 0)."""
             hold(out_dir, "sample folder")  # one writer: a second sample_ldm.py into this folder is refused here
             info = open_run(run_dir)
+            check_outside_data(out_dir, info.get("data_dir"))
             label = class_for_sampling(requested, info["class_names"])
             if cfg.guidance_scale != 1.0 and not info["class_names"]:
                 raise ConfigError(f"--guidance-scale {cfg.guidance_scale}: the model in {run_dir} is unconditional "

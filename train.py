@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 
 from dataloaders.datasets import SegmentationDataset
-from dataloaders.io import DataError, dataset_name
+from dataloaders.io import DataError, check_outside_data, dataset_name
 from dataloaders.samplers import batches_per_epoch
 from dataloaders.splits import load_run_data
 from dataloaders.training_batches import TrainingBatches
@@ -76,6 +76,7 @@ def prepare_run(cfg, ctx) -> tuple[object, Path, dict | None]:
     if cfg.out_dir is None:
         raise ConfigError("give --data-dir (and --out-dir, or it is derived from the data folder)")
     out_dir = Path(cfg.out_dir)
+    check_outside_data(out_dir, cfg.data_dir)
     if ctx.is_main:  # a file or a read-only file system in the way: before the data checks
         check_writable(out_dir)
         hold(out_dir, "run folder")  # one writer: a second train.py into this folder is refused here

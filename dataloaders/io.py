@@ -80,6 +80,19 @@ def list_images(folder: str | Path) -> tuple[dict[str, Path], list[str]]:
     return images, problems
 
 
+def check_outside_data(out_dir: str | Path, data_dir: str | Path | None, flag: str = "--out-dir") -> None:
+    """Refuse an output folder in a dataset's images/ or masks/: its files (config.yaml, checkpoints,
+    samples) would become images or masks of the dataset, which every script then refuses."""
+    if data_dir is None:
+        return
+    out, data = Path(out_dir).resolve(), Path(data_dir).resolve()
+    for inner in (data / "images", data / "masks"):
+        if out == inner or inner in out.parents:
+            raise DataError(f"{flag} {out_dir} lies in {inner}, a folder of the dataset {data_dir}: its files would "
+                            f"join the dataset (and every script would then refuse it); choose a folder outside "
+                            f"{data_dir}/images and {data_dir}/masks")
+
+
 def require_dir(path: str | Path, what: str) -> Path:
     path = Path(path)
     if not path.is_dir():

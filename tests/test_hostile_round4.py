@@ -285,3 +285,135 @@ def test_train_ldm_refuses_a_hand_edited_config_yaml_as_train_py_does(tmp_path):
     (run / "config.yaml").write_text(text)
     run_script("train_ldm.py", "--out-dir", run, "--resume", "--stage", "vae", "--vae-steps", "2", "--device", "cpu",
                "--no-progress", "--num-workers", "0")
+
+
+# --- 14. lock files: in the folder, removed at the end, no folders left by a refused run -----------------
+
+def test_a_writable_folder_under_a_read_only_parent_can_be_locked(tmp_path):
+    from utils.locks import FolderLock
+    (tmp_path / "mount").mkdir()
+    tmp_path.chmod(0o555)  # the parent of a container's bind mount
+    try:
+        if os.access(tmp_path, os.W_OK):
+            pytest.skip("running as root: a read-only folder stays writable")
+        with FolderLock(tmp_path / "mount", "run folder") as lock:  # was: refused, the lock went beside it
+            assert lock.path == tmp_path / "mount" / ".writer.lock" and lock.path.exists()
+    finally:
+        tmp_path.chmod(0o755)
+    assert list((tmp_path / "mount").iterdir()) == []
+
+
+def test_a_lock_lies_in_its_folder_and_folders_it_made_go_when_left_empty(tmp_path):
+    from utils.locks import FolderLock, holds_files
+    lock = FolderLock(tmp_path / "typo" / "run", "run folder").acquire()
+    assert lock.path == tmp_path / "typo" / "run" / ".writer.lock" and not holds_files(tmp_path / "typo" / "run")
+    assert not (tmp_path / "typo" / ".run.lock").exists()
+    lock.release()
+    assert list(tmp_path.iterdir()) == []  # a refused run (a --resume of a mistyped folder) leaves nothing
+    lock = FolderLock(tmp_path / "kept", "run folder").acquire()
+    (tmp_path / "kept" / "metrics.json").write_text("{}")
+    lock.release()
+    assert [p.name for p in (tmp_path / "kept").iterdir()] == ["metrics.json"]
+
+
+def test_train_resume_of_a_mistyped_folder_creates_no_folder(tmp_path):
+    import train
+    with pytest.raises(CheckpointError, match="checkpoint not found"):
+        train.main(["--out-dir", str(tmp_path / "typo" / "run"), "--resume", "--no-progress"])
+    assert list(tmp_path.iterdir()) == []  # was: typo/ and typo/run/ created, empty
+
+
+def test_run_cli_removes_the_locks_a_script_held(tmp_path):
+    """reproduce.py never released its lock: the file stayed after every run."""
+    from utils.cli import run_cli
+    from utils.locks import hold
+
+    (tmp_path / "protocol").mkdir()
+
+    def main():
+        hold(tmp_path / "protocol", "protocol folder")
+        return 0
+    with pytest.raises(SystemExit):
+        run_cli(main)
+    assert list((tmp_path / "protocol").iterdir()) == [] and not (tmp_path / ".protocol.lock").exists()
+
+
+def test_sample_ldm_into_the_empty_working_folder_is_not_refused_for_its_own_lock(tmp_path, monkeypatch):
+    import sample_ldm
+    from utils.locks import hold, release_held
+    monkeypatch.chdir(tmp_path)
+    try:
+        hold(sample_ldm.Path(".").absolute(), "sample folder")
+        sample_ldm.check_out_dir(sample_ldm.Path(".").absolute(), overwrite=False)  # was: "already holds files"
+        partial = tmp_path.parent / f".{tmp_path.name}.partial-test"
+        (partial / "images").mkdir(parents=True)
+        (partial / "manifest.csv").write_text("file\n")
+        sample_ldm.publish(partial, tmp_path)  # filled in place: the working folder is not renamed away
+    finally:
+        release_held()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["images", "manifest.csv"] and not partial.exists()
+
+
+# --- 9. an output folder inside the dataset's images/ or masks/ is refused -------------------------------
+
+@pytest.mark.parametrize("inside", ["images", "masks/0", "images/run"])
+def test_train_refuses_an_out_dir_inside_the_dataset(dataset, inside):
+    import train
+    from test_hostile_runs import TINY
+    before = sorted(p.relative_to(dataset) for p in dataset.rglob("*"))
+    with pytest.raises(DataError, match=rf"--out-dir {dataset / inside} lies in {dataset}/(images|masks), a folder of "
+                                        r"the dataset .*choose a folder outside"):
+        train.main(["--data-dir", str(dataset), "--out-dir", str(dataset / inside), *TINY])
+    assert sorted(p.relative_to(dataset) for p in dataset.rglob("*")) == before  # not even a lock file
+
+
+def test_an_output_folder_beside_the_dataset_folders_is_fine(dataset):
+    from dataloaders.io import check_outside_data
+    check_outside_data(dataset / "runs" / "a", dataset)
+    check_outside_data(dataset.parent / "images", dataset)
+    with pytest.raises(DataError, match="lies in"):
+        check_outside_data(dataset / "images" / ".." / "masks", dataset, "--out-dir")
+
+
+# --- 11, 17. YAML: aliases and other encodings ----------------------------------------------------------
+
+def test_a_yaml_alias_bomb_is_refused_before_it_expands(tmp_path):
+    import train
+    from utils.config import ConfigError, read_yaml
+    lines = ['a0: &a0 ["xxxxxxxx", "xxxxxxxx"]'] + [f"a{k}: &a{k} [*a{k - 1}, *a{k - 1}, *a{k - 1}, *a{k - 1}]"
+                                                    for k in range(1, 30)] + ["out_dir: *a29"]
+    (tmp_path / "bomb.yaml").write_text("\n".join(lines) + "\n")  # 4^29 strings once expanded
+    with pytest.raises(ConfigError, match=r"bomb.yaml, line 2: a YAML alias \(\*name\); config files take plain "
+                                          r"values only"):
+        read_yaml(tmp_path / "bomb.yaml", train.OPTIONS)
+
+
+def test_a_latin1_config_is_named_and_a_bom_is_read(tmp_path):
+    import train
+    from utils.config import ConfigError, read_yaml
+    (tmp_path / "latin.yaml").write_bytes("out_dir: runs/caf\u00e9\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match=r"latin.yaml is not UTF-8 text \(byte 17: 0xe9\); save it as UTF-8"):
+        read_yaml(tmp_path / "latin.yaml", train.OPTIONS)  # was: a UnicodeDecodeError traceback
+    (tmp_path / "bom.yaml").write_bytes(b"\xef\xbb\xbfout_dir: runs/a\n")
+    assert read_yaml(tmp_path / "bom.yaml", train.OPTIONS) == {"out_dir": "runs/a"}
+
+
+# --- 15. a checkpoint zip bomb is refused from its central directory -------------------------------------
+
+def test_a_checkpoint_zip_bomb_is_refused_before_it_is_decoded(tmp_path, monkeypatch):
+    import zipfile
+
+    from utils.checkpoint import load_checkpoint
+    plain = tmp_path / "plain.pt"
+    torch.save({"kind": "mgcc-segmenter", "model": {"w": torch.zeros(4_000_000)}}, plain)  # 16 MB of zeros
+    bomb = tmp_path / "bomb.pt"
+    with zipfile.ZipFile(plain) as source, zipfile.ZipFile(bomb, "w", zipfile.ZIP_DEFLATED) as target:
+        for entry in source.infolist():
+            target.writestr(entry.filename, source.read(entry.filename))
+    assert bomb.stat().st_size < 1_000_000
+    monkeypatch.setattr(torch, "load", lambda *a, **k: pytest.fail("decoded"))
+    with pytest.raises(CheckpointError, match=rf"refused to load {bomb}: its entries unpack to 15.3 MiB from a "
+                                              r"0.0 MiB file \(compressed\).*nothing of it was decoded"):
+        load_checkpoint(bomb)
+    monkeypatch.undo()
+    assert load_checkpoint(plain)["model"]["w"].shape == (4_000_000,)  # torch.save's own files: stored, loaded

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import pickle
 import re
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +41,7 @@ def load_checkpoint(path: str | Path, kind: str | None = None, map_location: str
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
+    check_unpacked_size(path)
     try:
         checkpoint = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as error:  # torch raises several types for truncated or foreign files
@@ -60,6 +62,24 @@ def load_checkpoint(path: str | Path, kind: str | None = None, map_location: str
         if found != kind:
             raise CheckpointError(f"{path} is not a {kind} checkpoint (found kind={found!r})")
     return checkpoint
+
+
+def check_unpacked_size(path: Path) -> None:
+    """Refuse a zip checkpoint whose entries unpack to more than the file's own size, read from its central
+    directory before anything is decoded. torch.save stores its entries uncompressed, so its files never do;
+    a crafted 8.6 MB file with a deflated 1.2 GB tensor was decoded in full (3.5 GB) before it was refused."""
+    try:
+        if not zipfile.is_zipfile(path):
+            return  # the legacy (pre-1.6) format, or not a checkpoint at all: torch.load names it
+        with zipfile.ZipFile(path) as archive:
+            unpacked = sum(entry.file_size for entry in archive.infolist())
+    except (OSError, zipfile.BadZipFile, ValueError):
+        return  # torch.load names a damaged file
+    size = path.stat().st_size
+    if unpacked > size:
+        raise CheckpointError(f"refused to load {path}: its entries unpack to {unpacked / 2**20:.1f} MiB from a "
+                              f"{size / 2**20:.1f} MiB file (compressed), which torch.save never writes: a crafted "
+                              "file (a zip bomb); nothing of it was decoded")
 
 
 def require_fields(checkpoint: dict, path: str | Path, fields: dict[str, type | tuple[type, ...]]) -> None:

@@ -210,13 +210,37 @@ def _coerce(option: Option, value: Any, source: str) -> Any:
     return value
 
 
+class _NoAliasLoader(yaml.SafeLoader):
+    """YAML's safe loader without aliases (``*name``): a config file needs none, and a 1.3 kB file of nested
+    aliases expands to gigabytes (97 s and 4 GB, then a MemoryError) before any key is checked."""
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            mark = self.peek_event().start_mark
+            raise ConfigError(f"config file {self.name}, line {mark.line + 1}: a YAML alias (*name); config files "
+                              "take plain values only (aliases can expand a small file to gigabytes): write the "
+                              "value out")
+        return super().compose_node(parent, index)
+
+
 def read_yaml(path: Path, options: Sequence[Option]) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        text = path.read_bytes().decode("utf-8")
+    except OSError as error:
+        raise ConfigError(f"cannot read config file {path}: {error.strerror or error}") from None
+    except UnicodeDecodeError as error:
+        raise ConfigError(f"config file {path} is not UTF-8 text (byte {error.start}: {error.object[error.start]:#x}); "
+                          "save it as UTF-8") from None
+    loader = _NoAliasLoader(text)
+    loader.name = str(path)
+    try:
+        data = loader.get_single_data() or {}
     except yaml.YAMLError as error:
         raise ConfigError(f"config file {path} is not valid YAML: {error}") from None
+    finally:
+        loader.dispose()
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path} must hold a mapping of option: value")
     known = {o.name: o for o in options if o.in_file}

@@ -24,7 +24,7 @@ import shutil
 from pathlib import Path
 from types import SimpleNamespace
 
-from dataloaders.io import dataset_name
+from dataloaders.io import check_outside_data, dataset_name
 from dataloaders.ldm_data import load_training_set
 from networks.ldm import IMAGE_CHANNELS, latent_size
 from utils.checkpoint import CheckpointError, UnsafeCheckpointError, check_finite, load_checkpoint, retyped
@@ -32,7 +32,7 @@ from utils import distributed
 from utils.config import ConfigError, file_values, read_yaml, save_yaml
 from utils.files import atomic_write_text, write_error
 from utils.ldm_config import DIFFUSION_KEYS, OPTIONS, absolute_paths, check_values, merged_config
-from utils.locks import hold
+from utils.locks import LOCK_NAME, hold, holds_files
 from utils.runtime import autocast_dtype
 from utils.tensorboard import LOG_DIR
 from utils.training import Trainer, TrainingState
@@ -254,9 +254,10 @@ def prepare_run(cfg: SimpleNamespace, run_dir: Path, world_size: int = 1):
 
     if run_dir.exists() and not run_dir.is_dir():
         raise ConfigError(f"--out-dir {run_dir} is a file, not a folder")
+    check_outside_data(run_dir, cfg.data_dir)
     hold(run_dir, "run folder")  # one writer: a second train_ldm.py into this folder is refused here
     is_run = (run_dir / RUN_INFO).is_file()
-    if run_dir.is_dir() and any(run_dir.iterdir()) and not is_run:
+    if run_dir.is_dir() and holds_files(run_dir) and not is_run:
         segmenter = " (it holds checkpoint_last.pt: a segmenter run of train.py?)" \
             if (run_dir / "checkpoint_last.pt").exists() else ""
         raise ConfigError(f"--out-dir {run_dir} exists and is not a train_ldm.py run folder (no {RUN_INFO})"
@@ -278,9 +279,10 @@ def prepare_run(cfg: SimpleNamespace, run_dir: Path, world_size: int = 1):
             raise ConfigError(f"--stage diffusion needs a run folder with a trained autoencoder and "
                               f"{run_dir} holds none: train it with --stage vae first, or use --stage all")
         data = load_data(cfg)
-        if run_dir.exists():
-            shutil.rmtree(run_dir)
-        run_dir.mkdir(parents=True)
+        for entry in run_dir.iterdir() if run_dir.exists() else ():  # all but the lock this writer holds
+            if entry.name != LOCK_NAME:
+                shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
+        run_dir.mkdir(parents=True, exist_ok=True)
         info = new_run_info(cfg, data)
         save_config(cfg, run_dir, info)
         return cfg, info, data
