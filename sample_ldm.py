@@ -82,11 +82,13 @@ GRID, GRID_IMAGES = "grid.png", 64  # the first images side by side, for people 
 PAIRS, PAIR_COUNT = "closest_pairs.png", 8  # the samples nearest to a training image, above those images
 C2ST_FOLDS = 5
 MAX_GUIDANCE = 100.0
+MAX_IMAGES = 1_000_000  # 1e9 spent minutes listing names before the first image, deaf to SIGTERM
 
 OPTIONS = [
     Option("checkpoint", None, "run folder written by train_ldm.py (holding ldm.json, vae/, unet_ema/)",
            type=optional(str)),
-    Option("num_images", 100, "number of images to make"),
+    Option("num_images", 100, "number of images to make",
+           check=between(1, MAX_IMAGES, " (one folder's worth: sample larger sets in several folders with --seed)")),
     Option("out_dir", None, "output folder: images/ and manifest.csv are written there", type=optional(str)),
     Option("batch_size", 16, "images denoised together (per process under torchrun)"),
     Option("scheduler", "ddim", "sampler: ddim or dpmsolver (DPM-Solver++)", choices=("ddim", "dpmsolver")),

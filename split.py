@@ -67,6 +67,10 @@ def make_splits(ids: list[str], seeds: list[int] = DEFAULT_SEEDS, val_fraction: 
         raise DataError(f"--val-fraction must be between 0 and 1 (exclusive), got {val_fraction}")
     if not seeds:
         raise DataError("--seeds needs at least one seed")
+    repeated = sorted({s for s in seeds if list(seeds).count(s) > 1})
+    if repeated:  # the same split twice, which the statistics over splits would count as independent
+        raise DataError(f"--seeds {' '.join(map(str, seeds))} repeats {', '.join(map(str, repeated))}: each seed makes "
+                        "one split, and a repeated one would be counted twice as if independent; give distinct seeds")
     splits = []
     for seed in seeds:
         try:

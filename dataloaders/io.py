@@ -279,7 +279,7 @@ def read_id_list(path: str | Path) -> list[str]:
     if not path.is_file():
         raise DataError(f"split file not found: {path}")
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # a BOM (Windows editors) is no part of the first id
     except UnicodeDecodeError as error:
         found = error.object[error.start:error.start + 4]
         raise DataError(f"split file {path} is not UTF-8 text (byte {error.start}: {found!r}): write it as UTF-8, "

@@ -526,14 +526,14 @@ def _move_into_place(staging: Path, out_dir: Path, old: list[Path]) -> None:
 # ----------------------------------------------------------------------------------------------
 
 def _options():
-    from utils.config import Option
+    from utils.config import NON_NEGATIVE, Option
 
     return [
         Option("out_dir", "inputs/phantom", "folder to write: images/, masks/0/, preview.png, phantom.yaml"),
         Option("num_images", 200, "number of image/mask pairs"),
         Option("height", 128, f"image height in pixels (at least {MIN_SIDE})"),
         Option("width", 128, f"image width in pixels (at least {MIN_SIDE})"),
-        Option("seed", 0, "random seed: the same seed and settings give byte-identical files"),
+        Option("seed", 0, "random seed: the same seed and settings give byte-identical files", check=NON_NEGATIVE),
         Option("malignant_fraction", 0.5, "fraction of malignant-like (irregular, spiculated) lesions"),
         Option("sector", False, "convex-probe fan (sector) images instead of linear-probe rectangles"),
         Option("preview_count", 16, "images in the contact sheet preview.png (0: no preview)"),

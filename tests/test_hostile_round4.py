@@ -417,3 +417,51 @@ def test_a_checkpoint_zip_bomb_is_refused_before_it_is_decoded(tmp_path, monkeyp
         load_checkpoint(bomb)
     monkeypatch.undo()
     assert load_checkpoint(plain)["model"]["w"].shape == (4_000_000,)  # torch.save's own files: stored, loaded
+
+
+# --- 10, 17, 18. bounds, seeds, repeated folders, a BOM, torch's raw write errors ------------------------
+
+@pytest.mark.parametrize("module_name, flags, message", [
+    ("sample_ldm", ["--num-images", "1000000000"], "--num-images 1000000000 must be in [1, 1000000]"),
+    ("dataloaders.phantom", ["--seed", "-1"], "--seed -1 must be at least 0"),
+])
+def test_more_options_are_bounded_by_their_schema(module_name, flags, message):
+    import importlib
+
+    from utils.config import ConfigError, parse_config
+    module = importlib.import_module(module_name)
+    options = module.OPTIONS if hasattr(module, "OPTIONS") else module._options()
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        parse_config(options, "", flags)
+
+
+def test_demo_checks_its_seed_and_out_dir(tmp_path, capsys):
+    import demo
+    from utils.config import ConfigError
+    with pytest.raises(SystemExit):
+        demo.parse_args(["--seed", "-1"])
+    assert "argument --seed: -1 must be at least 0" in capsys.readouterr().err
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ConfigError, match="--out-dir .*file is a file, not a folder"):
+        demo.main(["--out-dir", str(tmp_path / "file")])
+
+
+def test_split_refuses_repeated_seeds():
+    from split import make_splits
+    with pytest.raises(DataError, match="--seeds 1 1 repeats 1: each seed makes one split"):
+        make_splits([f"benign ({k})" for k in range(10)], seeds=[1, 1])
+
+
+def test_an_unlabeled_folder_given_twice_is_refused(dataset, tmp_path):
+    synth = tmp_path / "synth"
+    generated_folder(synth, ["some other id"], tmp_path)
+    with pytest.raises(DataError, match="--unlabeled-dir lists .*synth more than once"):
+        load_run_data(dataset, 1, unlabeled_dirs=[synth, tmp_path / "." / "synth"])  # was: every image twice
+
+
+def test_a_bom_in_a_split_file_is_not_part_of_the_first_id(dataset):
+    from dataloaders.io import read_id_list
+    path = dataset / "toy_val1.txt"
+    ids = path.read_text().splitlines()
+    path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())
+    assert read_id_list(path) == ids  # was: an error naming an id with an invisible first character

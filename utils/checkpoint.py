@@ -7,6 +7,7 @@ dicts, configs, RNG states as tensors, histories of floats) is made of those typ
 """
 from __future__ import annotations
 
+import errno
 import pickle
 import re
 import zipfile
@@ -30,10 +31,18 @@ def atomic_save(obj: Any, path: str | Path) -> None:
     """torch.save to a temporary file beside ``path``, then rename it over ``path`` (utils.files).
 
     A crash or a full disk while writing leaves the previous file intact: the rename is atomic on
-    POSIX. torch.save reports a full disk as a RuntimeError ("unexpected pos"); it becomes one
-    WriteError naming the file.
+    POSIX. torch.save reports a full disk as a RuntimeError ("[enforce fail at inline_container.cc...]
+    unexpected pos"); it becomes one WriteError naming the file, without torch's internals.
     """
-    atomic_write(path, lambda f: torch.save(obj, f), catch=(OSError, RuntimeError))
+    def save(f) -> None:
+        try:
+            torch.save(obj, f)
+        except RuntimeError as error:
+            if "PytorchStreamWriter" in str(error) or "unexpected pos" in str(error):
+                raise OSError(errno.EIO, "the file stopped part-way (torch.save could not write all of it)") from None
+            raise
+
+    atomic_write(path, save, catch=(OSError, RuntimeError))
 
 
 def load_checkpoint(path: str | Path, kind: str | None = None, map_location: str | torch.device = "cpu") -> dict:
