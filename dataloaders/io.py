@@ -183,6 +183,10 @@ def _decode(path: Path, flags: int, alpha: bool = False) -> np.ndarray:
     if path.suffix.lower() in (".jpg", ".jpeg") and not bytes(data[-16:]).rstrip(b"\0\r\n ").endswith(b"\xff\xd9"):
         raise DataError(f"cannot read {path}: truncated JPEG (no end-of-image marker)")
     header = _header(data) if data.size else None
+    if header is None and data.size:  # OpenCV would decode it, unmeasured: a 12000x12000 HDR took 2.5 GB
+        raise DataError(f"cannot read {path}: its header is not that of a PNG, JPEG, BMP or TIFF image, so its size "
+                        "cannot be checked before decoding (another format renamed, e.g. PAM or Radiance HDR, or a "
+                        "damaged file); convert it to PNG")
     if header is not None:
         (width, height), mode = header
         limit = max_image_pixels()

@@ -8,6 +8,7 @@ import re
 import signal
 import stat
 
+import numpy as np
 import pytest
 import torch
 
@@ -465,3 +466,20 @@ def test_a_bom_in_a_split_file_is_not_part_of_the_first_id(dataset):
     ids = path.read_text().splitlines()
     path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())
     assert read_id_list(path) == ids  # was: an error naming an id with an invisible first character
+
+
+# --- 8. files the pixel limit cannot measure are refused before decoding --------------------------------
+
+@pytest.mark.parametrize("ext, image", [(".pam", np.zeros((60, 50), np.uint8)),
+                                        (".hdr", np.zeros((60, 50, 3), np.float32))])
+def test_an_image_of_another_format_named_png_is_refused_before_decoding(tmp_path, monkeypatch, ext, image):
+    import cv2
+
+    from dataloaders.io import read_image
+    ok, encoded = cv2.imencode(ext, image)
+    assert ok
+    (tmp_path / "big.png").write_bytes(encoded.tobytes())  # at 30 Mpx (PAM) or 144 Mpx (HDR): the same path
+    monkeypatch.setattr(cv2, "imdecode", lambda *a: pytest.fail("decoded"))
+    with pytest.raises(DataError, match=r"big.png: its header is not that of a PNG, JPEG, BMP or TIFF image, so its "
+                                        r"size cannot be checked before decoding"):
+        read_image(tmp_path / "big.png")  # was: decoded in full, past the limit
