@@ -44,7 +44,7 @@ from utils.checkpoint import CheckpointError, check_finite, load_checkpoint, req
 from utils.cli import run_cli, run_on_device
 from utils.config import ConfigError, file_values, parse_config, read_yaml, save_yaml, saved_problems
 from utils.evaluation import evaluate, overlay_grid
-from utils.files import atomic_write_text, check_writable
+from utils.files import atomic_write_text, check_writable, remove_stale_temporaries
 from utils.locks import hold
 from utils.run import RunRecord, claim_run_folder
 from utils.runtime import StopRequest, seed_everything
@@ -80,6 +80,7 @@ def prepare_run(cfg, ctx) -> tuple[object, Path, dict | None]:
     if ctx.is_main:  # a file or a read-only file system in the way: before the data checks
         check_writable(out_dir)
         hold(out_dir, "run folder")  # one writer: a second train.py into this folder is refused here
+        remove_stale_temporaries(out_dir)  # a checkpoint write cut short by kill -9
     if not cfg.resume:
         if cfg.data_dir is None:
             raise ConfigError("--data-dir is required")

@@ -483,3 +483,16 @@ def test_an_image_of_another_format_named_png_is_refused_before_decoding(tmp_pat
     with pytest.raises(DataError, match=r"big.png: its header is not that of a PNG, JPEG, BMP or TIFF image, so its "
                                         r"size cannot be checked before decoding"):
         read_image(tmp_path / "big.png")  # was: decoded in full, past the limit
+
+
+def test_a_temporary_checkpoint_left_by_kill_9_is_removed_on_resume(tmp_path, stopped_run):
+    import shutil
+
+    import train
+    _, run = stopped_run
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    stale = copy / ".checkpoint_last.pt.x1y2z3.tmp"  # what kill -9 during torch.save leaves
+    stale.write_bytes(b"PK\x03\x04 partial")
+    assert train.main(["--out-dir", str(copy), "--resume", "--no-progress"]) == 0
+    assert not stale.exists() and not list(copy.glob(".*.tmp"))  # was: left forever

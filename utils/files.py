@@ -104,6 +104,15 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
+def remove_stale_temporaries(folder: str | Path) -> list[Path]:
+    """Remove the temporary files :func:`atomic_write` left in ``folder`` when its process was killed (kill -9,
+    a power cut: no ``finally`` ran). Only for a writer holding the folder's lock: no one else writes there."""
+    stale = [p for p in Path(folder).glob(".*.tmp") if p.is_file()] if Path(folder).is_dir() else []
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return stale
+
+
 def check_writable(folder: str | Path, what: str = "--out-dir") -> None:
     """Before any work: ``folder``, or the nearest existing folder it would be made in, is a folder this
     process can write in. (A read-only file system used to fail a run only after its data checks.)"""

@@ -30,7 +30,7 @@ from networks.ldm import IMAGE_CHANNELS, latent_size
 from utils.checkpoint import CheckpointError, UnsafeCheckpointError, check_finite, load_checkpoint, retyped
 from utils import distributed
 from utils.config import ConfigError, file_values, read_yaml, save_yaml
-from utils.files import atomic_write_text, write_error
+from utils.files import atomic_write_text, remove_stale_temporaries, write_error
 from utils.ldm_config import DIFFUSION_KEYS, OPTIONS, absolute_paths, check_values, merged_config
 from utils.locks import LOCK_NAME, hold, holds_files
 from utils.runtime import autocast_dtype
@@ -255,7 +255,8 @@ def prepare_run(cfg: SimpleNamespace, run_dir: Path, world_size: int = 1):
     if run_dir.exists() and not run_dir.is_dir():
         raise ConfigError(f"--out-dir {run_dir} is a file, not a folder")
     check_outside_data(run_dir, cfg.data_dir)
-    hold(run_dir, "run folder")  # one writer: a second train_ldm.py into this folder is refused here
+    hold(run_dir, "run folder")
+    remove_stale_temporaries(run_dir)  # a state file's write cut short by kill -9  # one writer: a second train_ldm.py into this folder is refused here
     is_run = (run_dir / RUN_INFO).is_file()
     if run_dir.is_dir() and holds_files(run_dir) and not is_run:
         segmenter = " (it holds checkpoint_last.pt: a segmenter run of train.py?)" \
