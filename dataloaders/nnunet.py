@@ -39,9 +39,16 @@ def read_dataset_json(root: Path) -> dict:
         meta = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise DataError(f"{path} is not valid JSON: {error}") from None
+    if not isinstance(meta, dict):
+        raise DataError(f"{path} holds a {type(meta).__name__}, where nnU-Net v2 writes an object of keys")
     missing = [key for key in ("channel_names", "labels", "file_ending") if key not in meta]
     if missing:
         raise DataError(f"{path} lacks {', '.join(missing)} (nnU-Net v2 dataset.json keys)")
+    wrong = [f"{key} is a {type(meta[key]).__name__}" for key in ("channel_names", "labels")
+             if not isinstance(meta[key], dict)]
+    if wrong:  # was: a traceback (len() of an int, .values() of a list)
+        raise DataError(f"{path}: {', '.join(wrong)}, where nnU-Net v2 writes an object (e.g. \"labels\": "
+                        "{\"background\": 0, \"lesion\": 1}, \"channel_names\": {\"0\": \"US\"})")
     if len(meta["channel_names"]) != 1:
         raise DataError(f"{path}: {len(meta['channel_names'])} channels ({meta['channel_names']}); this project reads "
                         "one image per case (channel 0000)")

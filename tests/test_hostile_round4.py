@@ -496,3 +496,15 @@ def test_a_temporary_checkpoint_left_by_kill_9_is_removed_on_resume(tmp_path, st
     stale.write_bytes(b"PK\x03\x04 partial")
     assert train.main(["--out-dir", str(copy), "--resume", "--no-progress"]) == 0
     assert not stale.exists() and not list(copy.glob(".*.tmp"))  # was: left forever
+
+
+@pytest.mark.parametrize("edit, message", [
+    ({"labels": ["background", "lesion"]}, "labels is a list, where nnU-Net v2 writes an object"),
+    ({"channel_names": 0}, "channel_names is a int, where nnU-Net v2 writes an object"),
+])
+def test_convert_nnunet_names_a_dataset_json_of_other_types(tmp_path, edit, message):
+    from dataloaders.nnunet import read_dataset_json
+    meta = {"channel_names": {"0": "US"}, "labels": {"background": 0, "lesion": 1}, "file_ending": ".png", **edit}
+    (tmp_path / "dataset.json").write_text(json.dumps(meta))
+    with pytest.raises(DataError, match=message):  # was: a TypeError / AttributeError traceback
+        read_dataset_json(tmp_path)
