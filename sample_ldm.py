@@ -38,6 +38,7 @@ control. It writes no manifest.csv (a manifest would claim the images came from 
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 import re
@@ -61,6 +62,7 @@ from networks.ldm_sampling import generate, image_class, image_noise
 from utils import distributed
 from utils.image_quality import c2st_accuracy, calibrated_memorisation, closest_pairs_image, describe_memorisation
 from utils.ldm_run import load_sampling_models, open_run, write_json
+from utils.files import atomic_write_text
 from utils.locks import carry_into, hold, holds_files, release_held
 from utils.cli import run_cli, run_on_device
 from utils.config import ConfigError, Option, between, optional, parse_config
@@ -339,7 +341,7 @@ def quality_report(cfg, info: dict, names: list[str], folder: Path, training, va
                        f"former figure, fraction_closer_than_median_train_nn: "
                        f"{figures['fraction_closer_than_median_train_nn']:.3f} (about 0.5 for a generator that "
                        "copies nothing: no measure of copying)")
-            (folder / "memorisation.txt").write_text(summary + "\n")
+            atomic_write_text(folder / "memorisation.txt", summary + "\n")  # a full disk: one error
             save_image(folder / PAIRS, closest_pairs_image(samples, training, d, nearest, PAIR_COUNT))
             print(summary)
     if cfg.c2st:
@@ -370,22 +372,41 @@ def write_outputs(cfg, info: dict, classes: list, names: list[str], run_dir: Pat
                                                                      [""] * len(names)))
     report.update(figures)
     checkpoint = str(run_dir.resolve())
-    with (folder / "manifest.csv").open("w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(MANIFEST_COLUMNS)
-        for n in range(cfg.num_images):
-            class_name = info["class_names"][classes[n]] if classes[n] is not None else "none"
-            writer.writerow([f"images/{names[n]}", cfg.seed, class_name, cfg.scheduler, cfg.steps,
-                             cfg.guidance_scale, checkpoint, nearest_ids[n], distances[n]])
+    table = io.StringIO(newline="")
+    writer = csv.writer(table)
+    writer.writerow(MANIFEST_COLUMNS)
+    for n in range(cfg.num_images):
+        class_name = info["class_names"][classes[n]] if classes[n] is not None else "none"
+        writer.writerow([f"images/{names[n]}", cfg.seed, class_name, cfg.scheduler, cfg.steps,
+                         cfg.guidance_scale, checkpoint, nearest_ids[n], distances[n]])
+    atomic_write_text(folder / "manifest.csv", table.getvalue())  # a full disk: one error naming it
     write_json(folder / REPORT, report)
     shown = [cv2.imread(str(folder / "images" / name), cv2.IMREAD_GRAYSCALE) for name in names[:GRID_IMAGES]]
     save_image(folder / GRID, image_grid(shown, columns=8))
+
+
+def previous_report(folder: Path) -> dict:
+    """How a sample_ldm.py folder's images were made (its report.json's diffusion_step and settings), to keep;
+    {} without a report. A report that is not a JSON object is one error, before anything is rewritten."""
+    path = folder / REPORT
+    if not path.is_file():
+        return {}
+    try:
+        report = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as error:
+        report = error
+    if not isinstance(report, dict):
+        found = f"cannot be read ({report})" if isinstance(report, Exception) else f"holds a {type(report).__name__}"
+        raise DataError(f"--report-only: {path} {found}, where sample_ldm.py writes a JSON object; move it away (the "
+                        "report is then written anew) or restore it")
+    return {k: v for k, v in report.items() if k in ("diffusion_step", "settings")}
 
 
 def report_only(cfg) -> int:
     """--report-only: the quality figures of the images already in --out-dir, against the run's data."""
     run_dir, folder = Path(cfg.checkpoint), Path(cfg.out_dir)
     info = open_run(run_dir, need_denoiser=False)
+    previous = previous_report(folder)  # before anything is rewritten
     own = {GRID, PAIRS}  # this script's pictures, when they lie among the images themselves
     paths = [p for p in image_folder(folder, "--out-dir") if (folder / "images").is_dir() or p.name not in own]
     if not paths:
@@ -396,10 +417,6 @@ def report_only(cfg) -> int:
     print(f"quality figures of the {len(paths)} images of {folder} against {run_dir}'s {len(training)} training "
           f"images{'' if val is None else f' and {len(val)} val images'}", flush=True)
     figures, _, _ = quality_report(cfg, info, [p.name for p in paths], folder, training, val, samples)
-    previous = {}
-    if (folder / REPORT).is_file():  # a sample_ldm.py folder: keep how its images were made
-        previous = {k: v for k, v in json.loads((folder / REPORT).read_text()).items()
-                    if k in ("diffusion_step", "settings")}
     write_json(folder / REPORT, {"num_images": len(paths), "checkpoint": str(run_dir.resolve()), **previous,
                                  "report_only": True, "images": str((folder / "images").resolve()
                                                                     if (folder / "images").is_dir() else folder.resolve()),

@@ -508,3 +508,33 @@ def test_convert_nnunet_names_a_dataset_json_of_other_types(tmp_path, edit, mess
     (tmp_path / "dataset.json").write_text(json.dumps(meta))
     with pytest.raises(DataError, match=message):  # was: a TypeError / AttributeError traceback
         read_dataset_json(tmp_path)
+
+
+@pytest.mark.parametrize("text, found", [("{not json", "cannot be read"), ("[1, 2]", "holds a list")])
+def test_report_only_refuses_a_damaged_report_before_rewriting_anything(tmp_path, text, found):
+    import sample_ldm
+    (tmp_path / "report.json").write_text(text)
+    with pytest.raises(DataError, match=rf"--report-only: .*report.json {found}.*, where sample_ldm.py writes a JSON"):
+        sample_ldm.previous_report(tmp_path)  # was: a traceback after memorisation.txt was rewritten
+    (tmp_path / "report.json").write_text(json.dumps({"settings": {"seed": 1}, "c2st_accuracy": 0.5}))
+    assert sample_ldm.previous_report(tmp_path) == {"settings": {"seed": 1}}
+
+
+def test_the_manifest_on_a_full_disk_is_one_error(tmp_path, monkeypatch):
+    import errno
+
+    import sample_ldm
+    from utils.files import WriteError
+    real_fsync = os.fsync
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(os, "fsync", full)
+    cfg = type("Cfg", (), {"num_images": 1, "seed": 0, "scheduler": "ddim", "steps": 2, "guidance_scale": 1.0,
+                           "class": "all", "batch_size": 1, "precision": "fp32", "prefix": "synth"})()
+    (tmp_path / "images").mkdir()
+    with pytest.raises(WriteError, match=r"could not write .*manifest.csv: no space left on the device"):
+        sample_ldm.write_outputs(cfg, {"diffusion_step": 1, "class_names": []}, [None], ["synth_0000.png"],
+                                 tmp_path, tmp_path, None, None, {})
+    monkeypatch.setattr(os, "fsync", real_fsync)
+    assert not (tmp_path / "manifest.csv").exists()
