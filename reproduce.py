@@ -199,7 +199,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="processes per training stage, each run under torchrun (default: 1; under torchrun, "
                              "its --nproc_per_node)")
     parallel = parser.add_argument_group(
-        "running stages side by side (README: The protocol on a node or a cluster)")
+        "running stages side by side (docs/gpu-and-clusters.md)")
     parallel.add_argument("--jobs", type=int, default=1, metavar="N",
                           help="run up to N ready stages at once on this node, each on its own GPU (--gpus) or, on "
                                "the CPU, with 1/N of the cores' threads; a stage's output goes to <its folder>.log "
@@ -489,7 +489,7 @@ def forward_flops_per_image(cfg) -> float:
 
 def c2st_seconds(count: int, device: str) -> float:
     """The C2ST of sample_ldm.py on ``count`` images per set: its classifier's steps, timed here."""
-    from utils.image_quality import C2ST_EPOCHS, TwoSampleClassifier
+    from generation.image_quality import C2ST_EPOCHS, TwoSampleClassifier
     import sample_ldm
 
     if count < sample_ldm.C2ST_FOLDS:
@@ -723,7 +723,7 @@ def write_results(args, splits: list[int], ledger: Ledger, device: str) -> Path:
               f"- Protocol: {protocol}. Metrics per image at the image's own size (predict.py), then averaged.",
               f"- HD95 and ASD in {'mm' if args.spacing_mm or args.spacing_csv else 'pixels'}; NSD at a tolerance of "
               + (f"{args.nsd_tolerance:g} {'mm' if args.spacing_mm or args.spacing_csv else 'pixels'}"
-                 if args.nsd_tolerance is not None else "2 pixels") + " (MONAI's definitions: README, Metrics).",
+                 if args.nsd_tolerance is not None else "2 pixels") + " (MONAI's definitions: docs/segmentation.md, Metrics).",
               f"- Stage 2 config: `{args.config.name}`{' + ' + shlex.join(args.train_args) if args.train_args else ''}"
               + (f"; stage 1: `{args.ldm_config.name}`{' + ' + shlex.join(args.ldm_args) if args.ldm_args else ''}, "
                  f"{args.num_samples} samples per split" if args.generator else "; no generator"),

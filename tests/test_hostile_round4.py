@@ -54,6 +54,7 @@ def tree(folder):
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("run_files", [["checkpoint_last.pt", "config.yaml", "metrics.json"], ["metrics.json"]])
 def test_predict_never_writes_into_a_training_run_folder(tmp_path, run_files):
     data, checkpoint = predict_case(tmp_path)
@@ -69,6 +70,7 @@ def test_predict_never_writes_into_a_training_run_folder(tmp_path, run_files):
     assert predict_into(data, checkpoint, run / "predictions") == 0  # inside it, a folder of its own
 
 
+@pytest.mark.slow
 def test_a_rerun_replaces_the_output_folder_as_a_whole(tmp_path):
     data, checkpoint = predict_case(tmp_path)
     out = tmp_path / "out"
@@ -83,6 +85,7 @@ def test_a_rerun_replaces_the_output_folder_as_a_whole(tmp_path):
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
 
 
+@pytest.mark.slow
 def test_a_signal_while_predicting_leaves_the_previous_folder_and_says_so(tmp_path, monkeypatch, capsys):
     import predict
     data, checkpoint = predict_case(tmp_path)
@@ -124,6 +127,7 @@ def test_atomic_files_and_staged_folders_get_the_umask_mode(tmp_path, mask):
     assert stat.S_IMODE(folder.stat().st_mode) == stat.S_IMODE((tmp_path / "plain").stat().st_mode) == 0o777 & ~mask
 
 
+@pytest.mark.slow
 def test_predict_outputs_are_readable_by_the_group_with_umask_022(tmp_path):
     data, checkpoint = predict_case(tmp_path)
     previous = os.umask(0o022)
@@ -138,6 +142,7 @@ def test_predict_outputs_are_readable_by_the_group_with_umask_022(tmp_path):
 
 # --- 5. weights of another dtype are refused, not cast ------------------------------------------------
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", [torch.int64, torch.complex64, torch.float64])
 def test_predict_refuses_weights_of_another_dtype(tmp_path, dtype):
     from test_hostile_output import MODEL_ARGS, segmenter_checkpoint
@@ -151,6 +156,7 @@ def test_predict_refuses_weights_of_another_dtype(tmp_path, dtype):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_an_official_state_dict_of_another_dtype_is_refused(tmp_path):
     from reference_weights import official_reference_state_dict
     data = write_dataset(tmp_path / "pe", n=2, splits=False)
@@ -165,7 +171,7 @@ def test_a_resumed_or_sampled_network_of_another_dtype_is_refused(tmp_path):
     from networks.mgcc import MGCCNet
     from test_hostile_output import MODEL_ARGS
     from utils.checkpoint import weights_misfit
-    from utils.ldm_run import load_model, save_model
+    from generation.run import load_model, save_model
 
     expected = MGCCNet(**MODEL_ARGS).state_dict()
     assert weights_misfit(expected, expected) == []
@@ -225,6 +231,7 @@ def test_a_yaml_list_for_a_single_value_is_refused(tmp_path):
 
 # --- 16, 12. a resumed run's options are checked by the schema; config.yaml edits are refused ----------
 
+@pytest.mark.slow
 @pytest.mark.parametrize("key, value, message", [
     ("lr", -5.0, "lr = -5.0 must be greater than 0"),
     ("eval_batch_size", 0, "eval_batch_size = 0 must be at least 1"),
@@ -243,6 +250,7 @@ def test_a_resumed_config_is_checked_by_the_schema(tmp_path, stopped_run, key, v
     assert "give --" in str(error)
 
 
+@pytest.mark.slow
 def test_a_hand_edited_config_yaml_is_refused_on_resume(tmp_path, stopped_run):
     import shutil
 
@@ -317,6 +325,7 @@ def test_a_lock_lies_in_its_folder_and_folders_it_made_go_when_left_empty(tmp_pa
     assert [p.name for p in (tmp_path / "kept").iterdir()] == ["metrics.json"]
 
 
+@pytest.mark.slow
 def test_train_resume_of_a_mistyped_folder_creates_no_folder(tmp_path):
     import train
     with pytest.raises(CheckpointError, match="checkpoint not found"):
@@ -357,6 +366,7 @@ def test_sample_ldm_into_the_empty_working_folder_is_not_refused_for_its_own_loc
 
 # --- 9. an output folder inside the dataset's images/ or masks/ is refused -------------------------------
 
+@pytest.mark.slow
 @pytest.mark.parametrize("inside", ["images", "masks/0", "images/run"])
 def test_train_refuses_an_out_dir_inside_the_dataset(dataset, inside):
     import train
@@ -436,6 +446,7 @@ def test_more_options_are_bounded_by_their_schema(module_name, flags, message):
         parse_config(options, "", flags)
 
 
+@pytest.mark.slow
 def test_demo_checks_its_seed_and_out_dir(tmp_path, capsys):
     import demo
     from utils.config import ConfigError
@@ -485,6 +496,7 @@ def test_an_image_of_another_format_named_png_is_refused_before_decoding(tmp_pat
         read_image(tmp_path / "big.png")  # was: decoded in full, past the limit
 
 
+@pytest.mark.slow
 def test_a_temporary_checkpoint_left_by_kill_9_is_removed_on_resume(tmp_path, stopped_run):
     import shutil
 

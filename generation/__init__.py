@@ -1,0 +1,7 @@
+"""Stage 1: the latent diffusion model that makes synthetic images.
+
+``config`` (the options of train_ldm.py), ``data`` (its training images), ``run`` (its run folder and
+the skeleton both training stages share), ``losses`` (autoencoder and denoiser), ``sampling`` (the
+denoising loop), ``image_quality`` (FID-free quality, C2ST and memorisation measures).
+The networks themselves are in ``networks/ldm.py``.
+"""
