@@ -25,6 +25,7 @@ from pathlib import Path
 
 import reproduce
 from utils.cli import run_cli
+from utils.config import NON_NEGATIVE, ConfigError, checked
 from utils.stages import Ledger, Stage, check_plan, execute
 
 ROOT = Path(__file__).resolve().parent
@@ -45,7 +46,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--out-dir", type=Path, default=Path("runs/demo"), help="where everything goes (default: runs/demo)")
     parser.add_argument("--quick", action="store_true", help="tiny sizes, two splits: checks that every stage runs (CI)")
     parser.add_argument("--device", default="cpu", help="device for every stage (default: cpu; auto uses CUDA if present)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the phantom data (default: 0)")
+    parser.add_argument("--seed", type=checked(int, NON_NEGATIVE), default=0,
+                        help="seed of the phantom data (default: 0)")
     parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=False,
                         help="progress bars of the stages (default: off, the commands and results are shown)")
     return parser.parse_args(argv)
@@ -55,6 +57,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     s = SETTINGS["quick" if args.quick else "full"]
     out = args.out_dir.resolve()
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out-dir {args.out_dir} is a file, not a folder; choose another --out-dir")
     data = out / "phantom"
     data_stages = [
         Stage("phantom", ["-m", "dataloaders.phantom", "--out-dir", str(data), "--num-images", str(s["images"]),

@@ -20,6 +20,13 @@ Outputs never replace inputs: an --output-dir that is, or holds, the input or ma
 as is a masks/ or overlays/ folder that is a link to elsewhere. Every file is written atomically
 (temporary file, fsync, size and read-back checked, rename), so a full disk is one error, not
 empty masks, and a link at an output's name is replaced, never written through.
+
+The output folder is replaced as a whole: everything is written into a hidden sibling
+``.<name>.<random>.partial`` that takes the folder's place only once complete, so a rerun never leaves
+an earlier run's masks or metrics beside the new ones, and an error, a full disk or a signal (SIGINT,
+SIGTERM: exit 128 + its number, with a message) leaves the previous folder as it was. An existing
+--output-dir that holds anything predict.py does not write (a training run's checkpoints, config.yaml
+and metrics.json) is refused: replacing it would lose them.
 """
 from __future__ import annotations
 
@@ -27,6 +34,11 @@ import argparse
 import csv
 import io
 import json
+import shutil
+import signal
+import sys
+import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -43,10 +55,10 @@ from dataloaders.io import (MASK_VALUES, DataError, add_pixel_limit_flag, check_
 from networks.mgcc import MGCCNet
 from networks.unet import build_network
 from networks.official import convert_official_state_dict, infer_official_architecture, is_official_state_dict
-from utils.checkpoint import CheckpointError, check_finite, load_checkpoint, require_fields
+from utils.checkpoint import CheckpointError, check_finite, load_checkpoint, require_fields, retyped
 from utils.cli import run_cli
-from utils.config import NON_NEGATIVE, POSITIVE, between, checked
-from utils.files import atomic_write_text, write_error
+from utils.config import NON_NEGATIVE, POSITIVE, at_least, between, checked, greater_than
+from utils.files import WriteError, atomic_write_text, make_temp_dir, write_error
 from utils.metrics import DEFAULT_NSD_TOLERANCE_PX, METRIC_NAMES, per_image_metrics
 from utils.plots import overlay, save_image
 from utils.runtime import autocast_dtype, ignore_stop_signals, resolve_device
@@ -80,13 +92,13 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="autocast precision (default: fp32)")
     parser.add_argument("--device", default="auto", help="auto (CUDA if present, else CPU), cpu, cuda or cuda:N")
     parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="progress bar")
-    parser.add_argument("--spacing-mm", type=float, nargs="+", default=None, metavar="MM",
+    parser.add_argument("--spacing-mm", type=checked(float, greater_than(0)), nargs="+", default=None, metavar="MM",
                         help="pixel spacing of every image in mm (one number, or two: row and column): HD95 and ASD "
                              "in mm, NSD's tolerance in mm (default: distances in pixels)")
     parser.add_argument("--spacing-csv", type=Path, default=None,
                         help="pixel spacing of each image from a CSV with header id,spacing_mm (or "
                              "id,spacing_row_mm,spacing_col_mm); every image needs a row")
-    parser.add_argument("--nsd-tolerance", type=float, default=None,
+    parser.add_argument("--nsd-tolerance", type=checked(float, at_least(0)), default=None,
                         help=f"tolerance of the normalised surface Dice, in mm with a spacing, else pixels "
                              f"(default: {DEFAULT_NSD_TOLERANCE_PX:g} pixels, i.e. {DEFAULT_NSD_TOLERANCE_PX:g} x the "
                              "spacing in mm)")
@@ -113,6 +125,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
+def refuse_retyped(model: torch.nn.Module, weights: dict, path: Path) -> None:
+    """Weights of another dtype than the network's (int64, complex64...) are refused, not cast."""
+    wrong = retyped(model.state_dict(), weights)
+    if wrong:
+        raise CheckpointError(f"{path}: {len(wrong)} of its weights are not of the network's dtype, e.g. "
+                              f"{'; '.join(wrong[:2])}: loading would convert them silently (whole numbers or "
+                              "complex values predict nothing meaningful); the file was converted or edited, use the "
+                              "checkpoint train.py wrote")
+
+
 def load_segmenter(path: Path) -> tuple[torch.nn.Module, dict, str]:
     """(model in eval mode, preprocessing options, description) from either kind of checkpoint."""
     if path.is_dir():
@@ -123,7 +145,9 @@ def load_segmenter(path: Path) -> tuple[torch.nn.Module, dict, str]:
     if is_official_state_dict(checkpoint):
         check_finite(checkpoint, path)
         model = MGCCNet(**infer_official_architecture(checkpoint))
-        model.load_state_dict(convert_official_state_dict(checkpoint))
+        weights = convert_official_state_dict(checkpoint)
+        refuse_retyped(model, weights, path)
+        model.load_state_dict(weights)
         return model.eval(), dict(OFFICIAL_PREPROCESSING), "official MGCC checkpoint"
     kind = checkpoint.get("kind") if isinstance(checkpoint, dict) else None
     if kind != SEGMENTER_KIND:
@@ -141,6 +165,7 @@ def load_segmenter(path: Path) -> tuple[torch.nn.Module, dict, str]:
     except (TypeError, ValueError) as error:
         raise CheckpointError(f"{path}: its model_args {checkpoint['model_args']} do not describe the network "
                               f"({network!r}): {error}") from None
+    refuse_retyped(model, checkpoint["model"], path)
     try:
         model.load_state_dict(checkpoint["model"])
     except RuntimeError as error:
@@ -177,6 +202,71 @@ def check_output_dir(output_dir: Path, inputs: dict[str, Path]) -> None:
         raise DataError(problems[0] if len(problems) == 1 else "; ".join(problems))
 
 
+PREDICT_OUTPUTS = ("masks", "overlays", "metrics.csv", "metrics.json")  # all predict.py writes in its folder
+
+
+def check_replaceable(output_dir: Path) -> None:
+    """Refuse an existing --output-dir that the whole-folder replacement would lose anything of: a file,
+    or a folder holding more than predict.py's own outputs (a training run folder: its checkpoints,
+    config.yaml and the metrics.json of its selected iteration)."""
+    if output_dir.exists() and not output_dir.is_dir():
+        raise WriteError(f"--output-dir {output_dir} is a file, not a folder; choose another --output-dir")
+    if not output_dir.is_dir():
+        return
+    foreign = sorted(p.name for p in output_dir.iterdir() if p.name not in PREDICT_OUTPUTS)
+    metrics = output_dir / "metrics.json"
+    if not foreign and metrics.exists():
+        try:
+            written_here = "evaluated_at" in json.loads(metrics.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, ValueError, TypeError):
+            written_here = False
+        foreign = [] if written_here else ["metrics.json (not predict.py's)"]
+    if foreign:
+        raise DataError(f"--output-dir {output_dir} holds files predict.py does not write ({', '.join(foreign[:5])}"
+                        f"{', ...' if len(foreign) > 5 else ''}): a training run's folder or other results, which "
+                        "would be replaced as a whole and lost; choose a new or empty --output-dir (e.g. "
+                        f"{output_dir / 'predictions'})")
+
+
+class Stopped(Exception):
+    """SIGINT or SIGTERM while predicting: the partial folder is dropped, the previous one kept."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+@contextmanager
+def stop_on_signals():
+    """SIGINT/SIGTERM raise :class:`Stopped` (the partial folder is then removed by the caller)."""
+    def handle(signum, frame):
+        raise Stopped(signum)
+    previous = {s: signal.signal(s, handle) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+def publish(partial: Path, output_dir: Path) -> None:
+    """Put the finished ``partial`` folder in ``output_dir``'s place; the previous folder is moved aside first
+    and deleted only once the new one is in place. Signals wait until this is done (never half-swapped)."""
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    try:
+        old = None
+        if output_dir.exists():
+            old = Path(tempfile.mkdtemp(dir=output_dir.parent, prefix=f".{output_dir.name}.", suffix=".old"))
+            output_dir.rename(old / "previous")
+        partial.rename(output_dir)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except OSError as error:
+        raise write_error(output_dir, error) from None
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+
+
 def match_masks(images: list[Path], masks_dir: Path) -> dict[str, Path]:
     if not masks_dir.is_dir():
         raise DataError(f"mask folder not found: {masks_dir}")
@@ -210,6 +300,77 @@ def clean_subset(rows: list[dict], leaks: dict[str, list[str]], args) -> dict:
             "dropped_ids": {r["id"]: leaks[r["id"]] for r in rows if r["id"] in leaks}, **means}
 
 
+def predict_into(folder: Path, args, model, loader, device, amp_dtype, masks, spacing, image_paths) -> list[dict]:
+    """Write the masks (and overlays) of every image into ``folder``; the metric rows when masks are given."""
+    for sub in ("masks", "overlays") if args.overlays else ("masks",):
+        (folder / sub).mkdir(parents=True, exist_ok=True)
+    rows = []
+    for batch in tqdm(loader, desc="predicting", disable=not args.progress):
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            logits = model(batch["image"].to(device)).float()
+        for case_id, size, logit in zip(batch["id"], batch["size"].tolist(), logits):
+            # probabilities back to the image's own size, then the threshold
+            prob = torch.sigmoid(F.interpolate(logit[None], size=size, mode="bilinear", align_corners=False))[0, 0]
+            pred = (prob > args.threshold).cpu().numpy()
+            save_image(folder / "masks" / f"{case_id}.png", pred.astype(np.uint8) * 255)
+            truth = read_mask(masks[case_id], args.mask_values) if masks else None
+            if truth is not None:
+                values = per_image_metrics(torch.from_numpy(pred)[None], torch.from_numpy(truth)[None],
+                                           spacing.get(case_id), args.nsd_tolerance)
+                rows.append({"id": case_id, **{k: float(v[0]) for k, v in values.items()}})
+            if args.overlays:
+                original = read_image(image_paths[case_id], 3)
+                save_image(folder / "overlays" / f"{case_id}.png", overlay(original, pred, truth))
+    return rows
+
+
+def write_metrics(folder: Path, args, rows: list[dict], spacing: dict, leaks: dict | None) -> tuple[dict, dict | None]:
+    """metrics.csv (per image) and metrics.json (means and how they were computed, and with --trained-ids the
+    clean subset's); (the means, the clean subset or None)."""
+    table = io.StringIO(newline="")
+    if leaks is not None:  # which images the clean subset leaves out, and why
+        rows = [{**r, DUPLICATE_COLUMN: ";".join(leaks.get(r["id"], []))} for r in rows]
+    writer = csv.DictWriter(table, fieldnames=["id", *METRIC_NAMES, *([DUPLICATE_COLUMN] if leaks is not None else [])])
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(folder / "metrics.csv", table.getvalue())
+    means = {k: float(np.mean([r[k] for r in rows])) for k in METRIC_NAMES}
+    clean = clean_subset(rows, leaks, args) if leaks is not None else None
+    unit = "mm" if spacing else "px"
+    tolerance = (f"{args.nsd_tolerance:g} {unit}" if args.nsd_tolerance is not None else
+                 f"{DEFAULT_NSD_TOLERANCE_PX:g} px" + (" (in mm: x each image's spacing)" if spacing else ""))
+    atomic_write_text(folder / "metrics.json", json.dumps(
+        {"checkpoint": str(args.checkpoint), "images": len(rows), "evaluated_at": "each image's own size",
+         "threshold": args.threshold, "distance_unit": unit, "nsd_tolerance": tolerance,
+         "spacing": ("--spacing-mm " + " ".join(f"{v:g}" for v in args.spacing_mm) if args.spacing_mm else
+                     str(args.spacing_csv) if spacing else None), **means,
+         **({"clean_subset": clean} if clean is not None else {})}, indent=2))
+    return means, clean
+
+
+def write_outputs(output_dir: Path, work) -> dict | None:
+    """``work(folder)`` into a new hidden sibling of ``output_dir``, which then replaces it as a whole. A
+    signal or an error removes the sibling and leaves ``output_dir`` as it was."""
+    try:
+        partial = make_temp_dir(output_dir.parent, prefix=f".{output_dir.name}.", suffix=".partial")
+    except OSError as error:  # a file in the way, a read-only folder
+        raise write_error(output_dir, error) from None
+    untouched = f"nothing was written to {output_dir}; its previous contents, if any, are untouched"
+    try:
+        with stop_on_signals():
+            try:
+                result = work(partial)
+            except WriteError as error:
+                raise WriteError(f"{str(error).replace(str(partial), str(output_dir))}; {untouched}") from None
+            publish(partial, output_dir)
+        return result
+    except Stopped as stop:
+        print(f"stopped by {stop}: {untouched}; run the same command again to predict", file=sys.stderr)
+        raise SystemExit(128 + stop.signum) from None
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
+
+
 @torch.no_grad()
 def main(argv=None) -> int:
     args = parse_args(argv)
@@ -232,6 +393,9 @@ def main(argv=None) -> int:
         spacing = read_spacing_csv(args.spacing_csv, [p.stem for p in images])
     check_output_dir(args.output_dir, {"input folder": images[0].parent, **({"mask folder": args.masks_dir}
                                                                             if args.masks_dir else {})})
+    # a link given as the output folder is followed once, here: the folder it names is replaced, not the link
+    output_dir = args.output_dir.resolve() if args.output_dir.is_symlink() else args.output_dir
+    check_replaceable(output_dir)
     # every file is opened once (and each mask's size checked) before anything is written
     if masks:
         check_pairs([(p.stem, p, masks[p.stem]) for p in images], mask_values=args.mask_values)
@@ -246,47 +410,13 @@ def main(argv=None) -> int:
                         worker_init_fn=ignore_stop_signals)
     print(f"{description}: {len(images)} images -> {args.output_dir}", flush=True)
 
-    for sub in ("masks", "overlays") if args.overlays else ("masks",):
-        try:
-            (args.output_dir / sub).mkdir(parents=True, exist_ok=True)
-        except OSError as error:  # a file in the way, a read-only folder
-            raise write_error(args.output_dir / sub, error) from None
-    rows = []
-    for batch in tqdm(loader, desc="predicting", disable=not args.progress):
-        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            logits = model(batch["image"].to(device)).float()
-        for case_id, size, logit in zip(batch["id"], batch["size"].tolist(), logits):
-            # probabilities back to the image's own size, then the threshold
-            prob = torch.sigmoid(F.interpolate(logit[None], size=size, mode="bilinear", align_corners=False))[0, 0]
-            pred = (prob > args.threshold).cpu().numpy()
-            save_image(args.output_dir / "masks" / f"{case_id}.png", pred.astype(np.uint8) * 255)
-            truth = read_mask(masks[case_id], args.mask_values) if masks else None
-            if truth is not None:
-                values = per_image_metrics(torch.from_numpy(pred)[None], torch.from_numpy(truth)[None],
-                                           spacing.get(case_id), args.nsd_tolerance)
-                rows.append({"id": case_id, **{k: float(v[0]) for k, v in values.items()}})
-            if args.overlays:
-                original = read_image(image_paths[case_id], 3)
-                save_image(args.output_dir / "overlays" / f"{case_id}.png", overlay(original, pred, truth))
-    if rows:
-        table = io.StringIO(newline="")
-        if leaks is not None:  # which images the clean subset leaves out, and why
-            rows = [{**r, DUPLICATE_COLUMN: ";".join(leaks.get(r["id"], []))} for r in rows]
-        writer = csv.DictWriter(table, fieldnames=["id", *METRIC_NAMES, *([DUPLICATE_COLUMN] if leaks is not None else [])])
-        writer.writeheader()
-        writer.writerows(rows)
-        atomic_write_text(args.output_dir / "metrics.csv", table.getvalue())
-        means = {k: float(np.mean([r[k] for r in rows])) for k in METRIC_NAMES}
-        clean = clean_subset(rows, leaks, args) if leaks is not None else None
-        unit = "mm" if spacing else "px"
-        tolerance = (f"{args.nsd_tolerance:g} {unit}" if args.nsd_tolerance is not None else
-                     f"{DEFAULT_NSD_TOLERANCE_PX:g} px" + (" (in mm: x each image's spacing)" if spacing else ""))
-        atomic_write_text(args.output_dir / "metrics.json", json.dumps(
-            {"checkpoint": str(args.checkpoint), "images": len(rows), "evaluated_at": "each image's own size",
-             "threshold": args.threshold, "distance_unit": unit, "nsd_tolerance": tolerance,
-             "spacing": ("--spacing-mm " + " ".join(f"{v:g}" for v in args.spacing_mm) if args.spacing_mm else
-                         str(args.spacing_csv) if spacing else None), **means,
-             **({"clean_subset": clean} if clean is not None else {})}, indent=2))
+    def work(folder: Path):
+        rows = predict_into(folder, args, model, loader, device, amp_dtype, masks, spacing, image_paths)
+        return (rows, *write_metrics(folder, args, rows, spacing, leaks)) if rows else None
+
+    outcome = write_outputs(output_dir, work)
+    if outcome:
+        rows, means, clean = outcome
         print("  ".join(f"{k} {v:.4f}" for k, v in means.items()))
         if clean is not None:
             print(f"clean subset: {clean['images']} of {len(rows)} images ({clean['dropped']} with an exact or "

@@ -58,7 +58,7 @@ from methods import METHODS
 from utils import results
 from utils.clean_subset import CLEAN_COLUMNS, clean_fields, clean_section
 from utils.cli import run_cli
-from utils.config import ConfigError, file_values, parse_config, read_yaml, save_yaml
+from utils.config import ConfigError, at_least, checked, file_values, greater_than, parse_config, read_yaml, save_yaml
 from utils.runtime import resolve_device
 from utils.cluster import LAUNCHERS
 from utils.locks import hold
@@ -189,12 +189,12 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="more flags for train_ldm.py, e.g. \"--vae-steps 2000 --image-size 64\"")
     parser.add_argument("--sample-args", default="", metavar="FLAGS",
                         help="more flags for sample_ldm.py, e.g. \"--scheduler dpmsolver --steps 20\"")
-    parser.add_argument("--spacing-mm", type=float, nargs="+", default=None, metavar="MM",
+    parser.add_argument("--spacing-mm", type=checked(float, greater_than(0)), nargs="+", default=None, metavar="MM",
                         help="pixel spacing in mm (one number, or row and column), passed to predict.py: HD95 and ASD "
                              "in mm (default: pixels)")
     parser.add_argument("--spacing-csv", type=Path, default=None,
                         help="per-image pixel spacing (CSV id,spacing_mm), passed to predict.py")
-    parser.add_argument("--nsd-tolerance", type=float, default=None,
+    parser.add_argument("--nsd-tolerance", type=checked(float, at_least(0)), default=None,
                         help="NSD tolerance passed to predict.py, in mm with a spacing, else pixels (default: 2 pixels)")
     parser.add_argument("--device", default="auto", help="auto (CUDA if present, else CPU), cpu, cuda or cuda:N")
     parser.add_argument("--nproc-per-node", type=int, default=None,

@@ -39,6 +39,7 @@ control. It writes no manifest.csv (a manifest would claim the images came from 
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 import re
@@ -55,17 +56,18 @@ from diffusers.utils import logging as diffusers_logging
 from tqdm import tqdm
 
 from dataloaders.duplicates import near_duplicates_in
-from dataloaders.io import (MAX_IMAGE_PIXELS_OPTION, DataError, find_cases, image_folder, read_id_list, select_cases,
-                            set_max_image_pixels)
+from dataloaders.io import (MAX_IMAGE_PIXELS_OPTION, DataError, check_outside_data, find_cases, image_folder,
+                            read_id_list, select_cases, set_max_image_pixels)
 from generation.data import thumbnails
 from networks.ldm import sampling_scheduler
 from generation.sampling import generate, image_class, image_noise
 from utils import distributed
 from generation.image_quality import c2st_accuracy, calibrated_memorisation, closest_pairs_image, describe_memorisation
 from generation.run import load_sampling_models, open_run, write_json
-from utils.locks import hold, release_held
+from utils.files import atomic_write_text
+from utils.locks import carry_into, hold, holds_files, release_held
 from utils.cli import run_cli, run_on_device
-from utils.config import ConfigError, Option, optional, parse_config
+from utils.config import ConfigError, Option, between, optional, parse_config
 from utils.plots import image_grid, save_image
 from utils.runtime import autocast_dtype, StopRequest
 from utils.training import stop_requested, stop_status
@@ -83,16 +85,21 @@ REPORT = "report.json"
 GRID, GRID_IMAGES = "grid.png", 64  # the first images side by side, for people to look at
 PAIRS, PAIR_COUNT = "closest_pairs.png", 8  # the samples nearest to a training image, above those images
 C2ST_FOLDS = 5
+MAX_GUIDANCE = 100.0
+MAX_IMAGES = 1_000_000  # 1e9 spent minutes listing names before the first image, deaf to SIGTERM
 
 OPTIONS = [
     Option("checkpoint", None, "run folder written by train_ldm.py (holding ldm.json, vae/, unet_ema/)",
            type=optional(str)),
-    Option("num_images", 100, "number of images to make"),
+    Option("num_images", 100, "number of images to make",
+           check=between(1, MAX_IMAGES, " (one folder's worth: sample larger sets in several folders with --seed)")),
     Option("out_dir", None, "output folder: images/ and manifest.csv are written there", type=optional(str)),
     Option("batch_size", 16, "images denoised together (per process under torchrun)"),
     Option("scheduler", "ddim", "sampler: ddim or dpmsolver (DPM-Solver++)", choices=("ddim", "dpmsolver")),
     Option("steps", 50, "denoising steps"),
-    Option("guidance_scale", 1.0, "classifier-free guidance scale (class-conditional models; 1 = none)"),
+    Option("guidance_scale", 1.0, "classifier-free guidance scale (class-conditional models; 1 = none)",
+           check=between(0, MAX_GUIDANCE, " (beyond a few tens every image saturates; from 1e30 on the "
+                                          "denoiser's numbers overflow to black images)")),
     Option("class", "all", "class of the images for a class-conditional model, or all (classes drawn "
            "with their training frequencies)"),
     Option("seed", 0, "image n is drawn from numbers derived from (seed, n): another seed shares no image"),
@@ -134,7 +141,7 @@ def check_values(cfg: SimpleNamespace) -> None:
 def check_out_dir(out_dir: Path, overwrite: bool) -> None:
     if out_dir.exists() and not out_dir.is_dir():
         raise ConfigError(f"--out-dir {out_dir} is a file, not a folder")
-    if not out_dir.is_dir() or not any(out_dir.iterdir()):
+    if not out_dir.is_dir() or not holds_files(out_dir):  # (its own lock file aside)
         return
     if not overwrite:
         raise ConfigError(f"--out-dir {out_dir} already holds files; give --overwrite to replace it or "
@@ -206,8 +213,14 @@ def publish(partial: Path, out_dir: Path) -> None:
     """Rename the finished ``partial`` folder to ``out_dir``; an existing --out-dir (--overwrite) is
     moved aside first and deleted only once the new folder is in place."""
     out_dir.parent.mkdir(parents=True, exist_ok=True)
+    if out_dir.is_dir() and not holds_files(out_dir):  # empty (the working folder, say): filled, not replaced
+        for entry in partial.iterdir():
+            entry.rename(out_dir / entry.name)
+        partial.rmdir()
+        return
     old = out_dir.parent / f".{out_dir.name}.old"
     shutil.rmtree(old, ignore_errors=True)
+    carry_into(out_dir, partial)  # the new folder is locked by this writer as soon as it is in place
     if out_dir.exists():
         out_dir.rename(old)
     partial.rename(out_dir)
@@ -222,7 +235,7 @@ def sample(cfg: SimpleNamespace, ctx, device) -> int:
         torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = False, True
     # From here a signal only sets a flag, acted on after the current batch (every rank agrees).
     with StopRequest() as stop:
-        run_dir, out_dir = Path(cfg.checkpoint), Path(cfg.out_dir)
+        run_dir, out_dir = Path(cfg.checkpoint), Path(cfg.out_dir).absolute()  # '.': a name for its siblings
         requested = getattr(cfg, "class")
         memorisation = {}
 
@@ -230,6 +243,7 @@ def sample(cfg: SimpleNamespace, ctx, device) -> int:
             """The checks (rank 0; every rank raises its errors) and the training thumbnails (rank 0)."""
             hold(out_dir, "sample folder")  # one writer: a second sample_ldm.py into this folder is refused here
             info = open_run(run_dir)
+            check_outside_data(out_dir, info.get("data_dir"))
             label = class_for_sampling(requested, info["class_names"])
             if cfg.guidance_scale != 1.0 and not info["class_names"]:
                 raise ConfigError(f"--guidance-scale {cfg.guidance_scale}: the model in {run_dir} is unconditional "
@@ -336,7 +350,7 @@ def quality_report(cfg, info: dict, names: list[str], folder: Path, training, va
                        f"former figure, fraction_closer_than_median_train_nn: "
                        f"{figures['fraction_closer_than_median_train_nn']:.3f} (about 0.5 for a generator that "
                        "copies nothing: no measure of copying)")
-            (folder / "memorisation.txt").write_text(summary + "\n")
+            atomic_write_text(folder / "memorisation.txt", summary + "\n")  # a full disk: one error
             save_image(folder / PAIRS, closest_pairs_image(samples, training, d, nearest, PAIR_COUNT))
             print(summary)
     if cfg.c2st:
@@ -367,22 +381,41 @@ def write_outputs(cfg, info: dict, classes: list, names: list[str], run_dir: Pat
                                                                      [""] * len(names)))
     report.update(figures)
     checkpoint = str(run_dir.resolve())
-    with (folder / "manifest.csv").open("w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(MANIFEST_COLUMNS)
-        for n in range(cfg.num_images):
-            class_name = info["class_names"][classes[n]] if classes[n] is not None else "none"
-            writer.writerow([f"images/{names[n]}", cfg.seed, class_name, cfg.scheduler, cfg.steps,
-                             cfg.guidance_scale, checkpoint, nearest_ids[n], distances[n]])
+    table = io.StringIO(newline="")
+    writer = csv.writer(table)
+    writer.writerow(MANIFEST_COLUMNS)
+    for n in range(cfg.num_images):
+        class_name = info["class_names"][classes[n]] if classes[n] is not None else "none"
+        writer.writerow([f"images/{names[n]}", cfg.seed, class_name, cfg.scheduler, cfg.steps,
+                         cfg.guidance_scale, checkpoint, nearest_ids[n], distances[n]])
+    atomic_write_text(folder / "manifest.csv", table.getvalue())  # a full disk: one error naming it
     write_json(folder / REPORT, report)
     shown = [cv2.imread(str(folder / "images" / name), cv2.IMREAD_GRAYSCALE) for name in names[:GRID_IMAGES]]
     save_image(folder / GRID, image_grid(shown, columns=8))
+
+
+def previous_report(folder: Path) -> dict:
+    """How a sample_ldm.py folder's images were made (its report.json's diffusion_step and settings), to keep;
+    {} without a report. A report that is not a JSON object is one error, before anything is rewritten."""
+    path = folder / REPORT
+    if not path.is_file():
+        return {}
+    try:
+        report = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as error:
+        report = error
+    if not isinstance(report, dict):
+        found = f"cannot be read ({report})" if isinstance(report, Exception) else f"holds a {type(report).__name__}"
+        raise DataError(f"--report-only: {path} {found}, where sample_ldm.py writes a JSON object; move it away (the "
+                        "report is then written anew) or restore it")
+    return {k: v for k, v in report.items() if k in ("diffusion_step", "settings")}
 
 
 def report_only(cfg) -> int:
     """--report-only: the quality figures of the images already in --out-dir, against the run's data."""
     run_dir, folder = Path(cfg.checkpoint), Path(cfg.out_dir)
     info = open_run(run_dir, need_denoiser=False)
+    previous = previous_report(folder)  # before anything is rewritten
     own = {GRID, PAIRS}  # this script's pictures, when they lie among the images themselves
     paths = [p for p in image_folder(folder, "--out-dir") if (folder / "images").is_dir() or p.name not in own]
     if not paths:
@@ -393,10 +426,6 @@ def report_only(cfg) -> int:
     print(f"quality figures of the {len(paths)} images of {folder} against {run_dir}'s {len(training)} training "
           f"images{'' if val is None else f' and {len(val)} val images'}", flush=True)
     figures, _, _ = quality_report(cfg, info, [p.name for p in paths], folder, training, val, samples)
-    previous = {}
-    if (folder / REPORT).is_file():  # a sample_ldm.py folder: keep how its images were made
-        previous = {k: v for k, v in json.loads((folder / REPORT).read_text()).items()
-                    if k in ("diffusion_step", "settings")}
     write_json(folder / REPORT, {"num_images": len(paths), "checkpoint": str(run_dir.resolve()), **previous,
                                  "report_only": True, "images": str((folder / "images").resolve()
                                                                     if (folder / "images").is_dir() else folder.resolve()),

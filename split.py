@@ -46,6 +46,7 @@ from dataloaders.duplicates import (DEFAULT_THRESHOLD, Pair, check_threshold, cl
                                     fingerprint, groups, partners)
 from dataloaders.io import (DataError, add_pixel_limit_flag, check_pairs, dataset_name, find_cases, read_id_list,
                             select_cases, set_max_image_pixels)
+from utils.files import umask
 
 DEFAULT_SEEDS = (41, 64, 1337)
 DEFAULT_VAL_FRACTION = 0.3
@@ -78,6 +79,10 @@ def make_splits(ids: list[str], seeds: list[int] = DEFAULT_SEEDS, val_fraction: 
         raise DataError(f"--val-fraction must be between 0 and 1 (exclusive), got {val_fraction}")
     if not seeds:
         raise DataError("--seeds needs at least one seed")
+    repeated = sorted({s for s in seeds if list(seeds).count(s) > 1})
+    if repeated:  # the same split twice, which the statistics over splits would count as independent
+        raise DataError(f"--seeds {' '.join(map(str, seeds))} repeats {', '.join(map(str, repeated))}: each seed makes "
+                        "one split, and a repeated one would be counted twice as if independent; give distinct seeds")
     splits = []
     for seed in seeds:
         try:
@@ -202,6 +207,7 @@ def write_atomically(data_dir: Path, contents: dict[Path, str], existing: list[P
         for path, text in contents.items():
             fd, tmp = tempfile.mkstemp(dir=data_dir, prefix=f".{path.name}.", suffix=".tmp")
             temporary[path] = Path(tmp)
+            os.fchmod(fd, 0o666 & ~umask())  # as open() would make it (mkstemp: 0600)
             with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
                 f.write(text)
                 f.flush()

@@ -35,7 +35,7 @@ import torch
 
 from dataloaders.datasets import SegmentationDataset
 from dataloaders.duplicates import DUPLICATES_ADVICE, split_leak_note
-from dataloaders.io import DataError, dataset_name, note
+from dataloaders.io import DataError, check_outside_data, dataset_name, note
 from dataloaders.samplers import batches_per_epoch
 from dataloaders.splits import load_run_data
 from dataloaders.training_batches import TrainingBatches
@@ -48,8 +48,8 @@ from networks import count_parameters
 from networks.unet import build_network
 from utils.checkpoint import CheckpointError, check_finite, load_checkpoint, require_fields, weights_misfit
 from utils.cli import run_cli, run_on_device
-from utils.config import ConfigError, file_values, parse_config, save_yaml
-from utils.files import atomic_write_text, check_writable
+from utils.config import ConfigError, file_values, parse_config, read_yaml, save_yaml, saved_problems
+from utils.files import atomic_write_text, check_writable, remove_stale_temporaries
 from utils.locks import hold
 from utils.runtime import StopRequest, seed_everything
 from utils.schedule import final_consistency_weight, scaled_schedule
@@ -78,9 +78,11 @@ def prepare_run(cfg, ctx) -> tuple[object, Path, dict | None]:
     if cfg.out_dir is None:
         raise ConfigError("give --data-dir (and --out-dir, or it is derived from the data folder)")
     out_dir = Path(cfg.out_dir)
+    check_outside_data(out_dir, cfg.data_dir)
     if ctx.is_main:  # a file or a read-only file system in the way: before the data checks
         check_writable(out_dir)
         hold(out_dir, "run folder")  # one writer: a second train.py into this folder is refused here
+        remove_stale_temporaries(out_dir)  # a checkpoint write cut short by kill -9
     if not cfg.resume:
         if cfg.data_dir is None:
             raise ConfigError("--data-dir is required")
@@ -91,12 +93,15 @@ def prepare_run(cfg, ctx) -> tuple[object, Path, dict | None]:
     require_fields(checkpoint, path, RESUME_FIELDS)
     check_finite(checkpoint["model"], path)  # else the run would diverge again and call this file the last good one
     saved = checkpoint["config"]
-    for name in sorted(cfg.explicit & set(saved) - {"out_dir"}):
+    bad = resumable_config(cfg, saved, path, out_dir)
+    for name in sorted(cfg.explicit & set(saved) - {"out_dir"} - set(bad)):
         if getattr(cfg, name) != saved[name]:
             raise ConfigError(f"--resume: {name} = {getattr(cfg, name)!r} differs from the run's "
-                              f"{saved[name]!r} (see {out_dir / 'config.yaml'})")
+                              f"{saved[name]!r} (saved in {path}): a continued run keeps its options; start a new "
+                              "run to change it")
     for name, value in saved.items():
-        setattr(cfg, name, value)
+        if name not in bad:  # an invalid saved value is replaced by the flag given for it
+            setattr(cfg, name, value)
     cfg.out_dir = str(out_dir)
     resolve_method(cfg)  # a run saved before --method existed has --mode only
     with torch.device("meta"):  # the shapes only, nothing allocated
@@ -106,6 +111,29 @@ def prepare_run(cfg, ctx) -> tuple[object, Path, dict | None]:
                               f"{len(misfit)} tensor(s), e.g. {'; '.join(misfit[:2])}; the file was written by "
                               "another run or edited")
     return cfg, out_dir, checkpoint
+
+
+def resumable_config(cfg, saved: dict, path: Path, out_dir: Path) -> set[str]:
+    """Check the configuration a run resumes with, before any work: each saved value by the option schema
+    (a crafted or old checkpoint's lr -5 or eval_every 0 are errors, not tracebacks or silent loops), and
+    the run's config.yaml against it (hand edits are refused: the run keeps its options; before, they were
+    silently discarded and the file rewritten). The names of invalid saved values that flags replace."""
+    bad = saved_problems(saved, OPTIONS, f"{path}'s config")
+    unfixed = [problem for name, problem in sorted(bad.items()) if name not in cfg.explicit]
+    if unfixed:
+        flags = " ".join(o.flag for o in OPTIONS if o.name in bad and o.name not in cfg.explicit)
+        raise ConfigError(f"{'; '.join(unfixed)} (written by an older version, or edited); give {flags} with a valid "
+                          "value to continue the run with it")
+    yaml_path = out_dir / "config.yaml"
+    if yaml_path.is_file():
+        written = read_yaml(yaml_path, OPTIONS)
+        edited = [f"{k}: {v!r} in config.yaml, {saved[k]!r} in the run" for k, v in sorted(written.items())
+                  if k in saved and k != "out_dir" and k not in bad and v != saved[k]]
+        if edited:
+            raise ConfigError(f"{yaml_path} was edited after the run started ({'; '.join(edited[:4])}): --resume "
+                              f"continues the run with the options it started with (saved in {path.name}); undo the "
+                              "edit, or start a new run (--config <the edited file> --out-dir <another folder>)")
+    return set(bad)
 
 
 def run_schedule(cfg, run_data):

@@ -70,6 +70,19 @@ def list_images(folder: str | Path) -> tuple[dict[str, Path], list[str]]:
     return images, problems
 
 
+def check_outside_data(out_dir: str | Path, data_dir: str | Path | None, flag: str = "--out-dir") -> None:
+    """Refuse an output folder in a dataset's images/ or masks/: its files (config.yaml, checkpoints,
+    samples) would become images or masks of the dataset, which every script then refuses."""
+    if data_dir is None:
+        return
+    out, data = Path(out_dir).resolve(), Path(data_dir).resolve()
+    for inner in (data / "images", data / "masks"):
+        if out == inner or inner in out.parents:
+            raise DataError(f"{flag} {out_dir} lies in {inner}, a folder of the dataset {data_dir}: its files would "
+                            f"join the dataset (and every script would then refuse it); choose a folder outside "
+                            f"{data_dir}/images and {data_dir}/masks")
+
+
 def require_dir(path: str | Path, what: str) -> Path:
     path = Path(path)
     if not path.is_dir():
@@ -135,6 +148,10 @@ def _decode(path: Path, flags: int, alpha: bool = False) -> np.ndarray:
     if path.suffix.lower() in (".jpg", ".jpeg") and not bytes(data[-16:]).rstrip(b"\0\r\n ").endswith(b"\xff\xd9"):
         raise DataError(f"cannot read {path}: truncated JPEG (no end-of-image marker)")
     header = _header(data) if data.size else None
+    if header is None and data.size:  # OpenCV would decode it, unmeasured: a 12000x12000 HDR took 2.5 GB
+        raise DataError(f"cannot read {path}: its header is not that of a PNG, JPEG, BMP or TIFF image, so its size "
+                        "cannot be checked before decoding (another format renamed, e.g. PAM or Radiance HDR, or a "
+                        "damaged file); convert it to PNG")
     if header is not None:
         (width, height), mode = header
         limit = max_image_pixels()
@@ -231,7 +248,7 @@ def read_id_list(path: str | Path) -> list[str]:
     if not path.is_file():
         raise DataError(f"split file not found: {path}")
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # a BOM (Windows editors) is no part of the first id
     except UnicodeDecodeError as error:
         found = error.object[error.start:error.start + 4]
         raise DataError(f"split file {path} is not UTF-8 text (byte {error.start}: {found!r}): write it as UTF-8, "

@@ -19,13 +19,13 @@ import json
 import os
 import re
 import shutil
-import tempfile
 from pathlib import Path
 
 import cv2
 import numpy as np
 
 from .io import IMAGE_EXTENSIONS, MASK_SUBDIR, DataError, _decode, check_pairs, listing, require_dir
+from utils.files import make_temp_dir
 
 CHANNEL_SUFFIX = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
 
@@ -39,9 +39,16 @@ def read_dataset_json(root: Path) -> dict:
         meta = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise DataError(f"{path} is not valid JSON: {error}") from None
+    if not isinstance(meta, dict):
+        raise DataError(f"{path} holds a {type(meta).__name__}, where nnU-Net v2 writes an object of keys")
     missing = [key for key in ("channel_names", "labels", "file_ending") if key not in meta]
     if missing:
         raise DataError(f"{path} lacks {', '.join(missing)} (nnU-Net v2 dataset.json keys)")
+    wrong = [f"{key} is a {type(meta[key]).__name__}" for key in ("channel_names", "labels")
+             if not isinstance(meta[key], dict)]
+    if wrong:  # was: a traceback (len() of an int, .values() of a list)
+        raise DataError(f"{path}: {', '.join(wrong)}, where nnU-Net v2 writes an object (e.g. \"labels\": "
+                        "{\"background\": 0, \"lesion\": 1}, \"channel_names\": {\"0\": \"US\"})")
     if len(meta["channel_names"]) != 1:
         raise DataError(f"{path}: {len(meta['channel_names'])} channels ({meta['channel_names']}); this project reads "
                         "one image per case (channel 0000)")
@@ -157,8 +164,7 @@ def convert(root: str | Path, out_dir: str | Path, foreground: str | int = 1, co
     masks = read_masks(images, labels, meta, value)
     empty = sorted(case for case, mask in masks.items() if not mask.any())
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}."))
+    staging = make_temp_dir(out_dir.parent, prefix=f".{out_dir.name}.")
     try:
         def place(source: Path, folder: str, case: str) -> None:
             target = staging / folder / f"{case}{source.suffix}"

@@ -30,7 +30,6 @@ import os
 import re
 import shutil
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,7 +41,7 @@ if __package__ in (None, ""):  # run as a file (python dataloaders/phantom.py): 
 
 from dataloaders.io import MASK_SUBDIR, DataError  # noqa: E402
 from utils.config import ConfigError  # noqa: E402
-from utils.files import WriteError  # noqa: E402
+from utils.files import WriteError, make_temp_dir  # noqa: E402
 
 MIN_SIDE = 32  # smaller images leave no room for tissue layers around a lesion
 CLASSES = ("benign", "malignant")
@@ -484,8 +483,7 @@ def make_phantom_dataset(out_dir: str | Path, num_images: int = 200, size: tuple
     is_malignant = np.random.default_rng(seeds[0]).permutation(
         np.arange(num_images) < n_malignant)
 
-    out_dir.resolve().parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=out_dir.resolve().parent, prefix=f".{out_dir.resolve().name}.phantom-"))
+    staging = make_temp_dir(out_dir.resolve().parent, prefix=f".{out_dir.resolve().name}.phantom-")
     try:
         (staging / "images").mkdir()
         (staging / MASK_SUBDIR).mkdir(parents=True)
@@ -528,14 +526,14 @@ def _move_into_place(staging: Path, out_dir: Path, old: list[Path]) -> None:
 # ----------------------------------------------------------------------------------------------
 
 def _options():
-    from utils.config import Option
+    from utils.config import NON_NEGATIVE, Option
 
     return [
         Option("out_dir", "inputs/phantom", "folder to write: images/, masks/0/, preview.png, phantom.yaml"),
         Option("num_images", 200, "number of image/mask pairs"),
         Option("height", 128, f"image height in pixels (at least {MIN_SIDE})"),
         Option("width", 128, f"image width in pixels (at least {MIN_SIDE})"),
-        Option("seed", 0, "random seed: the same seed and settings give byte-identical files"),
+        Option("seed", 0, "random seed: the same seed and settings give byte-identical files", check=NON_NEGATIVE),
         Option("malignant_fraction", 0.5, "fraction of malignant-like (irregular, spiculated) lesions"),
         Option("sector", False, "convex-probe fan (sector) images instead of linear-probe rectangles"),
         Option("preview_count", 16, "images in the contact sheet preview.png (0: no preview)"),

@@ -108,7 +108,8 @@ def check_unlabeled_provenance(folder: str | Path, evaluated: dict[str, tuple[Pa
         if folder.resolve() in (data, data / "images"):
             raise DataError(f"unlabeled folder {folder} is the data folder {data_dir} itself: it holds the val images "
                             "this run evaluates; give a folder of other images (e.g. sample_ldm.py's output)")
-    manifest = find_manifest(folder)
+    # by the folder's real path: a link named otherwise to a samples' images/ hides the manifest beside it
+    manifest = find_manifest(folder.resolve())
     if manifest is not None:
         for run in generator_runs(manifest):
             trained = generator_train_ids(run, manifest)

@@ -95,6 +95,11 @@ def load_run_data(data_dir: str | Path, split: int, labeled_fraction: float = 0.
     if need_unlabeled:
         if unlabeled_from_train:
             unlabeled += [(case_id, image, None) for case_id, image, _ in rest]
+        repeated = [f for n, f in enumerate(unlabeled_dirs)
+                    if Path(f).resolve() in [Path(g).resolve() for g in unlabeled_dirs[:n]]]
+        if repeated:  # each image would be used twice, as if twice as many
+            raise DataError(f"--unlabeled-dir lists {repeated[0]} more than once (as itself or by another path): its "
+                            "images would be used twice; give each folder once")
         # the generator of a synthetic folder must not have seen an image this run evaluates
         folders = [(folder, unlabeled_images(folder)) for folder in unlabeled_dirs]
         for folder, images in folders:

@@ -24,16 +24,16 @@ import shutil
 from pathlib import Path
 from types import SimpleNamespace
 
-from dataloaders.io import dataset_name
+from dataloaders.io import check_outside_data, dataset_name
 from dataloaders.provenance import RUN_INFO
 from generation.data import load_training_set
 from networks.ldm import IMAGE_CHANNELS, latent_size
-from utils.checkpoint import CheckpointError, UnsafeCheckpointError, check_finite, load_checkpoint
+from utils.checkpoint import CheckpointError, UnsafeCheckpointError, check_finite, load_checkpoint, retyped
 from utils import distributed
-from utils.config import ConfigError, file_values, save_yaml
-from utils.files import atomic_write_text, write_error
+from utils.config import ConfigError, file_values, read_yaml, save_yaml
+from utils.files import atomic_write_text, remove_stale_temporaries, write_error
 from generation.config import DIFFUSION_KEYS, OPTIONS, absolute_paths, check_values, merged_config
-from utils.locks import hold
+from utils.locks import LOCK_NAME, hold, holds_files
 from utils.runtime import autocast_dtype
 from utils.tensorboard import LOG_DIR
 from utils.training import Trainer, TrainingState
@@ -101,10 +101,11 @@ def load_model(kind: str, folder: Path, what: str):
     own = model.state_dict()
     missing, unexpected = sorted(own.keys() - weights.keys()), sorted(weights.keys() - own.keys())
     resized = sorted(k for k in own.keys() & weights.keys() if own[k].shape != weights[k].shape)
-    if missing or unexpected or resized:
+    other_dtype = sorted(retyped(own, weights))  # load_state_dict would cast them silently
+    if missing or unexpected or resized or other_dtype:
         found = "; ".join(f"{len(names)} {label}, e.g. {names[0]}" for label, names in
                           (("weights missing", missing), ("unknown weights", unexpected),
-                           ("weights of another shape", resized)) if names)
+                           ("weights of another shape", resized), ("weights of another dtype", other_dtype)) if names)
         raise CheckpointError(f"{folder / WEIGHTS_FILE} does not fit the network of {folder / 'config.json'} "
                               f"({found}): another architecture or width; {expected}")
     check_finite(weights, folder / WEIGHTS_FILE, f"{what} weights")  # NaN weights sample black images
@@ -249,9 +250,11 @@ def claim_out_dir(cfg: SimpleNamespace, run_dir: Path) -> bool:
     run; True when it holds one."""
     if run_dir.exists() and not run_dir.is_dir():
         raise ConfigError(f"--out-dir {run_dir} is a file, not a folder")
+    check_outside_data(run_dir, cfg.data_dir)
     hold(run_dir, "run folder")  # one writer: a second train_ldm.py into this folder is refused here
+    remove_stale_temporaries(run_dir)  # a state file's write cut short by kill -9
     is_run = (run_dir / RUN_INFO).is_file()
-    if run_dir.is_dir() and any(run_dir.iterdir()) and not is_run:
+    if run_dir.is_dir() and holds_files(run_dir) and not is_run:
         segmenter = " (it holds checkpoint_last.pt: a segmenter run of train.py?)" \
             if (run_dir / "checkpoint_last.pt").exists() else ""
         raise ConfigError(f"--out-dir {run_dir} exists and is not a train_ldm.py run folder (no {RUN_INFO})"
@@ -263,12 +266,12 @@ def claim_out_dir(cfg: SimpleNamespace, run_dir: Path) -> bool:
 def start_run(cfg: SimpleNamespace, run_dir: Path):
     """A new run folder, once the data are checked: (cfg, its ldm.json dict, the training set)."""
     data = load_data(cfg)
-    if run_dir.exists():
-        shutil.rmtree(run_dir)
-    run_dir.mkdir(parents=True)
+    for entry in run_dir.iterdir() if run_dir.exists() else ():  # all but the lock this writer holds
+        if entry.name != LOCK_NAME:
+            shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
+    run_dir.mkdir(parents=True, exist_ok=True)
     info = new_run_info(cfg, data)
-    save_yaml(file_values(cfg, OPTIONS), run_dir / "config.yaml")
-    write_run_info(run_dir, info)
+    save_config(cfg, run_dir, info)
     return cfg, info, data
 
 
@@ -312,6 +315,7 @@ def prepare_run(cfg: SimpleNamespace, run_dir: Path, world_size: int = 1):
         return start_run(cfg, run_dir)
 
     fresh_diffusion = wants_diffusion and (cfg.overwrite or not has_diffusion)
+    check_config_unedited(run_dir, info)
     cfg = merged_config(cfg, run_dir, DIFFUSION_KEYS if fresh_diffusion else set())
     check_values(cfg, world_size)
     check_steps_done(cfg, info["vae_step"], 0 if fresh_diffusion else info["diffusion_step"], has_diffusion)
@@ -328,9 +332,36 @@ def prepare_run(cfg: SimpleNamespace, run_dir: Path, world_size: int = 1):
                           f"({info['class_names']} then, {data.class_names} now)")
     if cfg.overwrite:
         remove_diffusion_outputs(run_dir, info)
-    save_yaml(file_values(cfg, OPTIONS), run_dir / "config.yaml")
-    write_run_info(run_dir, info)
+    save_config(cfg, run_dir, info)
     return cfg, info, data
+
+
+def save_config(cfg: SimpleNamespace, run_dir: Path, info: dict) -> None:
+    """config.yaml, and its values in ldm.json too: the record a hand edit of config.yaml is found by."""
+    info["config"] = file_values(cfg, OPTIONS)
+    save_yaml(info["config"], run_dir / "config.yaml")
+    write_run_info(run_dir, info)
+
+
+def check_config_unedited(run_dir: Path, info: dict) -> None:
+    """Refuse a config.yaml edited since the run wrote it (as train.py does): --resume continues a run with
+    the options it has, and changes only those given as flags (FREE_KEYS, a fresh stage's); an edited
+    architecture gave a traceback on loading its weights. Runs older than the record are not checked."""
+    recorded = info.get("config")
+    if not isinstance(recorded, dict):
+        return
+    path = run_dir / "config.yaml"
+    if not path.is_file():
+        return  # merged_config names it
+    written = absolute_paths(read_yaml(path, OPTIONS))
+    recorded = absolute_paths({k: v for k, v in recorded.items() if k in {o.name for o in OPTIONS}})
+    edited = [f"{k}: {written.get(k)!r} in config.yaml, {v!r} in the run" for k, v in sorted(recorded.items())
+              if written.get(k) != v]
+    if edited:
+        raise ConfigError(f"{path} was edited after the run wrote it ({'; '.join(edited[:4])}): --resume continues "
+                          f"the run with the options it has (recorded in {RUN_INFO}); undo the edit, give a flag for "
+                          "what a continued run may change (e.g. --vae-steps, --diffusion-steps), or start a new run "
+                          "(--config <the edited file> --out-dir <another folder>)")
 
 
 def read_state(path: Path, kind: str, what: str):

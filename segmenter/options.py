@@ -117,7 +117,7 @@ OPTIONS = [
            "protocol)", type=count_or("epoch"), check=if_number(POSITIVE)),
     Option("eval_batch_size", 16, "images per evaluation batch", check=POSITIVE),
     Option("nsd_tolerance", None, "tolerance of the final evaluation's normalised surface Dice, in pixels at "
-           "image_size; none: 2", type=optional(float)),
+           "image_size; none: 2", type=optional(float), check=NON_NEGATIVE),
     Option("checkpoint_every", None, "also write checkpoint_last.pt every N iterations (x schedule_scale); none: by "
            "checkpoint_minutes alone. It is always written at the end and at a stop (signal, --stop-after)",
            type=optional(int), check=POSITIVE),

@@ -236,12 +236,14 @@ def test_a_second_train_py_into_a_folder_being_written_is_refused(tmp_path):
         with pytest.raises(FolderInUseError, match=rf"run folder {tmp_path / 'run'} is being written by another "
                                                    rf"process \(pid {process.pid} "):
             train.main(["--data-dir", str(data), "--out-dir", str(tmp_path / "run"), *TINY])
-        assert not (tmp_path / "run").exists()  # nothing of the second run was written
+        # nothing of the second run was written: the folder holds the first writer's lock alone
+        assert [p.name for p in (tmp_path / "run").iterdir()] == [".writer.lock"]
     finally:
         process.kill()
         process.wait(timeout=60)
     assert train.main(["--data-dir", str(data), "--out-dir", str(tmp_path / "run"), *TINY]) == 0
-    assert not (tmp_path / ".run.lock").exists()  # a writer that ends removes its lock file
+    assert not (tmp_path / "run" / ".writer.lock").exists()  # a writer that ends removes its lock file
+    assert not (tmp_path / ".run.lock").exists()  # and takes none beside its folder (issue 33)
 
 
 @pytest.mark.slow
@@ -290,4 +292,4 @@ def test_a_second_train_ldm_py_into_a_folder_being_written_is_refused(tmp_path):
     finally:
         process.kill()
         process.wait(timeout=60)
-    assert not (tmp_path / "ldm").exists()
+    assert [p.name for p in (tmp_path / "ldm").iterdir()] == [".writer.lock"]  # the killed first writer's

@@ -114,7 +114,7 @@ def test_a_killed_parallel_run_resumes_every_stage(sequential, tmp_path):
     finally:
         driver.kill()
         driver.wait()
-    wait_for(lambda: not any((out / "split1" / f".{arm}.lock").exists() for arm in ("supervised", "mgcc-real")),
+    wait_for(lambda: not any((out / "split1" / arm / ".writer.lock").exists() for arm in ("supervised", "mgcc-real")),
              "the stages to checkpoint and end", timeout=120)
     ledger = Ledger(out / "stages.json")
     assert [ledger.stages[f"split1/{arm}"]["finished"] for arm in ("supervised", "mgcc-real")] == [None, None]

@@ -7,8 +7,10 @@ dicts, configs, RNG states as tensors, histories of floats) is made of those typ
 """
 from __future__ import annotations
 
+import errno
 import pickle
 import re
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -27,10 +29,18 @@ def atomic_save(obj: Any, path: str | Path) -> None:
     """torch.save to a temporary file beside ``path``, then rename it over ``path`` (utils.files).
 
     A crash or a full disk while writing leaves the previous file intact: the rename is atomic on
-    POSIX. torch.save reports a full disk as a RuntimeError ("unexpected pos"); it becomes one
-    WriteError naming the file.
+    POSIX. torch.save reports a full disk as a RuntimeError ("[enforce fail at inline_container.cc...]
+    unexpected pos"); it becomes one WriteError naming the file, without torch's internals.
     """
-    atomic_write(path, lambda f: torch.save(obj, f), catch=(OSError, RuntimeError))
+    def save(f) -> None:
+        try:
+            torch.save(obj, f)
+        except RuntimeError as error:
+            if "PytorchStreamWriter" in str(error) or "unexpected pos" in str(error):
+                raise OSError(errno.EIO, "the file stopped part-way (torch.save could not write all of it)") from None
+            raise
+
+    atomic_write(path, save, catch=(OSError, RuntimeError))
 
 
 def to_host(state: Any, device: torch.device) -> Any:
@@ -52,6 +62,7 @@ def load_checkpoint(path: str | Path, kind: str | None = None, map_location: str
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
+    check_unpacked_size(path)
     try:
         checkpoint = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as error:  # torch raises several types for truncated or foreign files
@@ -72,6 +83,24 @@ def load_checkpoint(path: str | Path, kind: str | None = None, map_location: str
         if found != kind:
             raise CheckpointError(f"{path} is not a {kind} checkpoint (found kind={found!r})")
     return checkpoint
+
+
+def check_unpacked_size(path: Path) -> None:
+    """Refuse a zip checkpoint whose entries unpack to more than the file's own size, read from its central
+    directory before anything is decoded. torch.save stores its entries uncompressed, so its files never do;
+    a crafted 8.6 MB file with a deflated 1.2 GB tensor was decoded in full (3.5 GB) before it was refused."""
+    try:
+        if not zipfile.is_zipfile(path):
+            return  # the legacy (pre-1.6) format, or not a checkpoint at all: torch.load names it
+        with zipfile.ZipFile(path) as archive:
+            unpacked = sum(entry.file_size for entry in archive.infolist())
+    except (OSError, zipfile.BadZipFile, ValueError):
+        return  # torch.load names a damaged file
+    size = path.stat().st_size
+    if unpacked > size:
+        raise CheckpointError(f"refused to load {path}: its entries unpack to {unpacked / 2**20:.1f} MiB from a "
+                              f"{size / 2**20:.1f} MiB file (compressed), which torch.save never writes: a crafted "
+                              "file (a zip bomb); nothing of it was decoded")
 
 
 def require_fields(checkpoint: dict, path: str | Path, fields: dict[str, type | tuple[type, ...]]) -> None:
@@ -115,4 +144,13 @@ def weights_misfit(expected: dict, weights: dict) -> list[str]:
     resized = [f"{k} is {tuple(weights[k].shape)}, expected {tuple(expected[k].shape)}" for k in expected
                if k in weights and isinstance(weights[k], torch.Tensor) and weights[k].shape != expected[k].shape]
     wrong_type = [f"{k} is not a tensor" for k in expected if k in weights and not isinstance(weights[k], torch.Tensor)]
-    return missing + unknown + resized + wrong_type
+    return missing + unknown + resized + wrong_type + retyped(expected, weights)
+
+
+def retyped(expected: dict, weights: dict) -> list[str]:
+    """The tensors of ``weights`` whose dtype is not the network's: ``load_state_dict`` casts them silently
+    (int64 weights, truncated to whole numbers, predicted empty masks scored IoU 0 with exit 0; complex64
+    ones loaded with a warning only)."""
+    return [f"{k} is {weights[k].dtype}, expected {expected[k].dtype}" for k in expected
+            if isinstance(weights.get(k), torch.Tensor) and isinstance(expected[k], torch.Tensor)
+            and weights[k].dtype != expected[k].dtype]

@@ -34,4 +34,6 @@ def run_cli(main: Callable[[], int | None]) -> None:
     except FloatingPointError as error:  # a diverged run: not bad input, but no traceback either
         print(f"error: {error}", file=sys.stderr)
         code = 3
+    finally:
+        release_held()  # a script's folder locks (reproduce.py's never were): their files removed
     sys.exit(code or 0)

@@ -10,6 +10,7 @@ does any work: ``--image-size 33`` is one error naming the flag, not a traceback
 from __future__ import annotations
 
 import argparse
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
@@ -109,22 +110,28 @@ POSITIVE = at_least(1)
 NON_NEGATIVE = at_least(0)
 
 
+def not_finite(value: Any) -> str | None:
+    """Every option's first check: no NaN or infinity (nan passes every comparison's negation, inf every
+    lower bound, and either turns a run's numbers into NaN after the work)."""
+    return "must be a finite number" if isinstance(value, float) and not math.isfinite(value) else None
+
+
 def problem_of(option: Option, value: Any) -> str | None:
-    """What is wrong with ``value`` by the option's check, or None."""
-    if option.check is None or value is None:
+    """What is wrong with ``value`` by the option's check (and :func:`not_finite`), or None."""
+    if value is None:
         return None
-    for item in (value if option.repeatable else [value]):
-        found = option.check(item)
+    for item in (value if option.repeatable and isinstance(value, list) else [value]):
+        found = not_finite(item) or (option.check(item) if option.check is not None and item is not None else None)
         if found:
             return found
     return None
 
 
-def checked(parse: Callable[[str], Any], check: Check) -> Callable[[str], Any]:
-    """An argparse type: ``parse`` then ``check`` (for scripts with plain argparse flags)."""
+def checked(parse: Callable[[str], Any], check: Check | None = None) -> Callable[[str], Any]:
+    """An argparse type: ``parse``, :func:`not_finite`, then ``check`` (for scripts with plain argparse flags)."""
     def parse_checked(text: str) -> Any:
         value = parse(text)
-        found = check(value)
+        found = not_finite(value) or (check(value) if check is not None else None)
         if found:
             raise argparse.ArgumentTypeError(f"{value!r} {found}")
         return value
@@ -179,6 +186,9 @@ def _coerce(option: Option, value: Any, source: str) -> Any:
         return [_coerce(Option(option.name, "", option.help, option.type), v, source) for v in values]
     if value is None:
         return None
+    if isinstance(value, (list, dict)):  # out_dir: [a, b] made a folder named "['a', 'b']"
+        raise ConfigError(f"{source}: {option.name} = {value!r} is a {'list' if isinstance(value, list) else 'mapping'}"
+                          f"; it takes a single value")
     if isinstance(option.default, bool) and option.type is None:
         if not isinstance(value, bool):
             raise ConfigError(f"{source}: {option.name} must be true or false, got {value!r}")
@@ -197,13 +207,37 @@ def _coerce(option: Option, value: Any, source: str) -> Any:
     return value
 
 
+class _NoAliasLoader(yaml.SafeLoader):
+    """YAML's safe loader without aliases (``*name``): a config file needs none, and a 1.3 kB file of nested
+    aliases expands to gigabytes (97 s and 4 GB, then a MemoryError) before any key is checked."""
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            mark = self.peek_event().start_mark
+            raise ConfigError(f"config file {self.name}, line {mark.line + 1}: a YAML alias (*name); config files "
+                              "take plain values only (aliases can expand a small file to gigabytes): write the "
+                              "value out")
+        return super().compose_node(parent, index)
+
+
 def read_yaml(path: Path, options: Sequence[Option]) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        text = path.read_bytes().decode("utf-8")
+    except OSError as error:
+        raise ConfigError(f"cannot read config file {path}: {error.strerror or error}") from None
+    except UnicodeDecodeError as error:
+        raise ConfigError(f"config file {path} is not UTF-8 text (byte {error.start}: {error.object[error.start]:#x}); "
+                          "save it as UTF-8") from None
+    loader = _NoAliasLoader(text)
+    loader.name = str(path)
+    try:
+        data = loader.get_single_data() or {}
     except yaml.YAMLError as error:
         raise ConfigError(f"config file {path} is not valid YAML: {error}") from None
+    finally:
+        loader.dispose()
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path} must hold a mapping of option: value")
     known = {o.name: o for o in options if o.in_file}
@@ -239,6 +273,25 @@ def parse_config(options: Sequence[Option], description: str, argv: Sequence[str
                      f"{config_path}: {option.name} =" if option.name in from_file else f"default {option.name} =")
             raise ConfigError(f"{where} {values[option.name]!r} {found}")
     return SimpleNamespace(**values, config=config_path, explicit=explicit)
+
+
+def saved_problems(saved: dict[str, Any], options: Sequence[Option], source: str) -> dict[str, str]:
+    """What is wrong with each value of a configuration restored from a run (a checkpoint's, a config.yaml):
+    its type and its option's check, as for a flag. Keys outside ``options`` (older runs') are left alone."""
+    by_name = {o.name: o for o in options}
+    problems = {}
+    for name, value in saved.items():
+        if name not in by_name:
+            continue
+        try:
+            value = _coerce(by_name[name], value, source)
+        except ConfigError as error:
+            problems[name] = str(error)
+            continue
+        found = problem_of(by_name[name], value)
+        if found:
+            problems[name] = f"{source}: {name} = {value!r} {found}"
+    return problems
 
 
 def file_values(cfg: SimpleNamespace, options: Sequence[Option]) -> dict[str, Any]:

@@ -6,6 +6,10 @@ previous file intact and no 0-byte or truncated file under the final name. The r
 symbolic link at the destination by the new file; it never writes through the link to its target.
 OpenCV's ``imwrite`` reports success for files it could not write on a full disk; images are
 therefore encoded in memory and written here.
+
+The temporary file (and a staging folder of :func:`make_temp_dir`) gets the mode a plain ``open`` (or
+``mkdir``) would give, 0666 (0777) less the umask: ``mkstemp`` makes files 0600, which left every
+result unreadable to the other users of a shared server whatever their umask.
 """
 from __future__ import annotations
 
@@ -28,6 +32,29 @@ def _reason(error: BaseException) -> str:
     return f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}"
 
 
+def umask() -> int:
+    """This process's umask, read without changing it where Linux tells it (/proc), else set and restored."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def make_temp_dir(parent: str | Path, prefix: str, suffix: str = "") -> Path:
+    """A new hidden staging folder in ``parent`` (created if missing), with a plain mkdir's mode (not 0700),
+    to be renamed into place once complete."""
+    Path(parent).mkdir(parents=True, exist_ok=True)
+    folder = Path(tempfile.mkdtemp(dir=parent, prefix=prefix, suffix=suffix))
+    os.chmod(folder, 0o777 & ~umask())
+    return folder
+
+
 def write_error(path: Path, error: BaseException) -> WriteError:
     return WriteError(f"could not write {path}: {_reason(error)} (is the disk full or read-only?); "
                       f"the previous {path.name}, if there was one, is untouched")
@@ -48,6 +75,7 @@ def atomic_write(path: str | Path, write: Callable[[BinaryIO], object],
     except OSError as error:
         raise write_error(path, error) from None
     try:
+        os.fchmod(fd, 0o666 & ~umask())  # as open() would make it (mkstemp: 0600)
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
@@ -72,6 +100,15 @@ def atomic_write_bytes(path: str | Path, data: bytes, verify: bool = False) -> N
 
 def atomic_write_text(path: str | Path, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def remove_stale_temporaries(folder: str | Path) -> list[Path]:
+    """Remove the temporary files :func:`atomic_write` left in ``folder`` when its process was killed (kill -9,
+    a power cut: no ``finally`` ran). Only for a writer holding the folder's lock: no one else writes there."""
+    stale = [p for p in Path(folder).glob(".*.tmp") if p.is_file()] if Path(folder).is_dir() else []
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return stale
 
 
 def check_writable(folder: str | Path, what: str = "--out-dir") -> None:

@@ -2,10 +2,12 @@
 
 Two train.py runs started with one --out-dir interleaved their metrics and mixed their checkpoints;
 two sample_ldm.py runs into one folder replaced each other's images. A writer now holds
-``<parent>/.<folder>.lock`` for its whole life: an exclusive ``fcntl.flock`` on an open descriptor of
-that file. It lies beside the folder, not in it: sample_ldm.py replaces its folder as a whole (and
-builds it in a sibling ``.<folder>.partial``), and train.py must not create its folder before its
-checks pass. The kernel releases such a lock when the descriptor is closed, however the process ends
+``<folder>/.writer.lock`` for its whole life: an exclusive ``fcntl.flock`` on an open descriptor of
+that file. It lies in the folder, never beside it (a writable folder under a read-only parent, such
+as a container's bind mount, was refused). The folders the lock had to create are removed again at
+its release when they are still empty, so a run refused by its checks (or a --resume of a mistyped
+folder) leaves no folder behind. A writer that replaces its folder as a whole (sample_ldm.py) links
+the lock file into the new folder before the swap (:func:`carry_into`). The kernel releases such a lock when the descriptor is closed, however the process ends
 (an exception, ``kill -9``, a power cut of a network file system's client aside), so a crashed or
 killed writer never leaves the folder locked and there is no stale-lock clean-up to get wrong. The file
 holds the holder's pid, host, start time and command, for the message the second writer gets.
@@ -28,6 +30,7 @@ from pathlib import Path
 from .config import ConfigError
 
 _HELD: dict[Path, "FolderLock"] = {}  # the locks this process holds through hold(), by folder
+LOCK_NAME = ".writer.lock"  # in the folder it locks; what "the folder holds files" checks leave out
 
 
 class FolderInUseError(ConfigError):
@@ -40,15 +43,16 @@ class FolderLock:
 
     def __init__(self, folder: str | Path, what: str = "folder"):
         self.folder, self.what = Path(folder), what
-        self.path = self.folder.parent / f".{self.folder.name}.lock"
+        self.path = self.folder / LOCK_NAME
         self._fd: int | None = None
+        self._made: list[Path] = []  # the folders acquire created, outermost first
 
     def acquire(self) -> "FolderLock":
         from .files import write_error
 
         while True:
             try:
-                self.folder.parent.mkdir(parents=True, exist_ok=True)
+                self._made += _make_folder(self.folder)
                 fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
             except OSError as error:
                 raise write_error(self.path, error) from None
@@ -57,6 +61,7 @@ class FolderLock:
             except OSError:  # BlockingIOError: held by a live process
                 holder = _read_holder(fd)
                 os.close(fd)
+                self._remove_made()
                 raise FolderInUseError(
                     f"{self.what} {self.folder} is being written by another process ({holder}): one writer per "
                     "folder. Wait for it to finish, stop it, or choose another --out-dir") from None
@@ -80,12 +85,42 @@ class FolderLock:
             self.path.unlink(missing_ok=True)  # still locked: a taker that opened it sees it gone
             os.close(self._fd)  # closing the descriptor releases the lock
             self._fd = None
+            self._remove_made()
+
+    def _remove_made(self) -> None:
+        """Remove the folders acquire created that are still empty (a run refused before writing anything)."""
+        for folder in reversed(self._made):
+            try:
+                folder.rmdir()
+            except OSError:  # not empty (the run wrote there), or gone
+                break
+        self._made = []
 
     def __enter__(self) -> "FolderLock":
         return self.acquire()
 
     def __exit__(self, *exc) -> None:
         self.release()
+
+
+def _make_folder(folder: Path) -> list[Path]:
+    """Create ``folder`` and its missing parents; the ones created, outermost first."""
+    missing = [p for p in (folder, *folder.parents) if not p.exists()][::-1]
+    folder.mkdir(parents=True, exist_ok=True)
+    return missing
+
+
+def holds_files(folder: str | Path) -> bool:
+    """Whether ``folder`` holds anything but a writer's lock file."""
+    return any(p.name != LOCK_NAME for p in Path(folder).iterdir())
+
+
+def carry_into(folder: str | Path, replacement: str | Path) -> None:
+    """Link the lock this process holds on ``folder`` into ``replacement``, the folder about to be renamed
+    to ``folder`` (the same file under both names, so the folder is never unlocked while it is swapped)."""
+    lock = _HELD.get(Path(folder).absolute())
+    if lock is not None and lock._fd is not None:
+        os.link(lock.path, Path(replacement) / LOCK_NAME)
 
 
 def hold(folder: str | Path, what: str = "folder") -> FolderLock:
