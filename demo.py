@@ -25,7 +25,7 @@ from pathlib import Path
 
 import reproduce
 from utils.cli import run_cli
-from utils.stages import Ledger, Stage, check_plan, execute
+from protocol.ledger import Ledger, Stage, check_plan, execute
 
 ROOT = Path(__file__).resolve().parent
 

@@ -34,7 +34,6 @@ import torch
 
 from dataloaders.datasets import SegmentationDataset
 from dataloaders.io import DataError, dataset_name
-from dataloaders.samplers import batches_per_epoch
 from dataloaders.splits import load_run_data
 from dataloaders.training_batches import TrainingBatches
 from methods import CONSISTENCY_DEFAULTS, METHODS
@@ -48,7 +47,7 @@ from utils.files import atomic_write_text, check_writable
 from utils.locks import hold
 from utils.run import RunRecord, claim_run_folder
 from utils.runtime import StopRequest, seed_everything
-from utils.schedule import final_consistency_weight, scaled_schedule
+from utils.schedule import final_consistency_weight, run_schedule
 from utils.segmenter import (CHECKPOINT_KIND, OPTIONS, Method, model_args, resolve_method,
                              use_channels_last)
 from utils.tensorboard import LOG_DIR
@@ -104,16 +103,6 @@ def prepare_run(cfg, ctx) -> tuple[object, Path, dict | None]:
                               f"{len(misfit)} tensor(s), e.g. {'; '.join(misfit[:2])}; the file was written by "
                               "another run or edited")
     return cfg, out_dir, checkpoint
-
-
-def run_schedule(cfg, run_data):
-    """The run's schedule: iterations, ramp step, evaluation and checkpoint intervals, x schedule_scale. The
-    official iterations: base_iterations x the labeled fraction (a labeled list's share of the training list)."""
-    share = run_data.labeled_share if cfg.labeled_list else cfg.labeled_fraction
-    iterations = cfg.iterations or round(cfg.base_iterations * share)
-    eval_every = (batches_per_epoch(len(run_data.labeled), cfg.labeled_batch_size) if cfg.eval_every == "epoch"
-                  else cfg.eval_every)
-    return scaled_schedule(cfg.schedule_scale, iterations, cfg.consistency_ramp_every, eval_every, cfg.checkpoint_every)
 
 
 def describe_schedule(cfg, schedule) -> str:

@@ -3,7 +3,7 @@
 One tiny protocol (the generator, its samples, a supervised and an mgcc-synthetic arm, each arm's
 predict stage) is run once one stage after another; every other way of running it must give the same
 results.csv, byte for byte, and the same weights. On the CPU that holds at the same threads per stage
-(utils/parallel.py says why), so the sequential run has one thread and --jobs 2 two cores' worth.
+(protocol/parallel.py says why), so the sequential run has one thread and --jobs 2 two cores' worth.
 """
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from conftest import ROOT, run_script, write_dataset
-from utils.stages import Ledger, Stage
+from protocol.ledger import Ledger, Stage
 
 ARMS = ("supervised", "mgcc-synthetic")
 # 200 iterations, a checkpoint every 10: long enough to be stopped in the middle, a few seconds a run
@@ -256,7 +256,7 @@ def test_each_job_gets_its_own_gpus_and_the_cpu_is_shared_out(monkeypatch):
     those, a torchrun stage gets several, none is shared; on the CPU the threads are divided."""
     import utils.runtime
     from utils.config import ConfigError
-    from utils.parallel import node_slots
+    from protocol.parallel import node_slots
 
     monkeypatch.setattr(utils.runtime, "resolve_device", lambda name: torch.device("cuda" if name != "cpu" else "cpu"))
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,5,6,7")

@@ -1,11 +1,11 @@
-"""utils/results.py: paired differences with Student-t intervals, against hand-computed numbers, and
+"""protocol/results.py: paired differences with Student-t intervals, against hand-computed numbers, and
 results.md over (split, seed) pairs."""
 from __future__ import annotations
 
 import pytest
 
 from utils.metrics import METRIC_NAMES
-from utils.results import markdown, paired_difference, reading
+from protocol.results import markdown, paired_difference, reading
 
 
 def test_paired_difference_and_its_interval_by_hand():

@@ -15,7 +15,7 @@ from typing import Sequence
 
 import numpy as np
 
-from .metrics import METRIC_NAMES
+from utils.metrics import METRIC_NAMES
 
 METRIC_TITLES = {"iou": "IoU", "dice": "Dice", "hd95": "HD95", "asd": "ASD", "nsd": "NSD",
                  "sensitivity": "sensitivity", "precision": "precision", "f1": "F1", "accuracy": "accuracy"}

@@ -1,0 +1,1 @@
+"""Stage 1: the latent diffusion model that makes synthetic images."""
