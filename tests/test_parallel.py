@@ -271,3 +271,16 @@ def test_each_job_gets_its_own_gpus_and_the_cpu_is_shared_out(monkeypatch):
         node_slots(2, "cuda:1")
     monkeypatch.setenv("OMP_NUM_THREADS", "8")
     assert [s.env["OMP_NUM_THREADS"] for s in node_slots(3, "cpu")] == ["2", "2", "2"]
+
+
+def test_a_job_pickled_before_the_move_to_protocol_still_unpickles():
+    """submitit pickled a queued job's callable by its import path, utils.cluster.StageJob before issue 27:
+    that name still resolves (utils/cluster.py's lazy shim), to the class protocol/cluster.py defines."""
+    import pickle
+    from protocol.cluster import StageJob
+
+    job = StageJob("split1/ldm", ["python", "reproduce.py"], "/tmp", "/tmp/stages.json", "/tmp/log", ["a"])
+    old = pickle.dumps(job, protocol=2).replace(b"protocol.cluster", b"utils.cluster")
+    assert b"utils.cluster" in old
+    restored = pickle.loads(old)
+    assert isinstance(restored, StageJob) and restored.name == "split1/ldm" and restored.depends == ["a"]
