@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from pathlib import Path
 
 from methods import METHODS
@@ -111,7 +112,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                              "the published curves (train.py --schedule-scale) (default: the stage-2 config's: 1 in "
                              "configs/busi.yaml, 0.03 in configs/demo.yaml)")
     parser.add_argument("--train-args", default="", metavar="FLAGS",
-                        help="more flags for every train.py run, e.g. \"--width 16\"")
+                        help="more flags for every train.py run, e.g. \"--width 16\" (one word, quoted; the word after "
+                             "--train-args, --ldm-args or --sample-args is its value even when it starts with '-', "
+                             "e.g. --train-args --no-tensorboard; each is checked against its script's options "
+                             "before any stage starts)")
     parser.add_argument("--ldm-args", default="", metavar="FLAGS",
                         help="more flags for train_ldm.py, e.g. \"--vae-steps 2000 --image-size 64\"")
     parser.add_argument("--sample-args", default="", metavar="FLAGS",
@@ -157,8 +161,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="benchmark the steps on the device to print an estimated time first (default: on)")
     parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
                         help="progress bars of the stages (default: on)")
-    args = parser.parse_args(argv)
-
+    args = parser.parse_args(options.join_passed_values(list(sys.argv[1:] if argv is None else argv)))
     options.complete(args, argv)
     return args
 

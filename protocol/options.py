@@ -2,13 +2,15 @@
 output folder, the arms, the flags passed on to the scripts. Every bad value is one ConfigError."""
 from __future__ import annotations
 
+import contextlib
+import io
 import shlex
 import sys
 from pathlib import Path
 
 from dataloaders.io import dataset_name
 from methods import METHODS
-from utils.config import ConfigError, read_yaml
+from utils.config import ConfigError, parse_config, read_yaml
 
 from .arms import NETWORKS, UNLABELED, make_arms, parse_arm
 from .plan import PRESETS, SCRIPT_OPTIONS
@@ -77,11 +79,49 @@ def choose_arms(args) -> None:
     args.arms = [arm.name for arm in args.arms]
 
 
+# reproduce.py's options whose value is a script's flags, and that script
+PASSED_FLAGS = {"--train-args": "train.py", "--ldm-args": "train_ldm.py", "--sample-args": "sample_ldm.py"}
+
+
+def join_passed_values(argv: list[str]) -> list[str]:
+    """``--ldm-args --no-class-conditioning`` as ``--ldm-args=--no-class-conditioning``: argparse would take a
+    value that starts with '-' for an option of reproduce.py ("expected one argument"), so the word after
+    one of PASSED_FLAGS is its value, whatever it starts with (as with the '=' form)."""
+    joined, k = [], 0
+    while k < len(argv):
+        if argv[k] in PASSED_FLAGS and k + 1 < len(argv):
+            joined.append(f"{argv[k]}={argv[k + 1]}")
+            k += 2
+        else:
+            joined.append(argv[k])
+            k += 1
+    return joined
+
+
 def split_passed_flags(args) -> None:
-    """--train-args, --ldm-args and --sample-args split into flags as a shell would."""
-    for name in ("train_args", "ldm_args", "sample_args"):
+    """--train-args, --ldm-args and --sample-args split into flags as a shell would, and each checked
+    against its script's options now, before any stage starts."""
+    for flag, script in PASSED_FLAGS.items():
+        name = flag[2:].replace("-", "_")
         try:
             setattr(args, name, shlex.split(getattr(args, name)))
         except ValueError as error:  # an unclosed quote: shlex says "No closing quotation"
-            raise ConfigError(f"--{name.replace('_', '-')} {getattr(args, name)!r} cannot be split into flags as a "
+            raise ConfigError(f"{flag} {getattr(args, name)!r} cannot be split into flags as a "
                               f"shell would: {error}; close the quote (or quote the whole value once)") from None
+        check_script_flags(flag, script, getattr(args, name))
+
+
+def check_script_flags(flag: str, script: str, flags: list[str]) -> None:
+    """One ConfigError naming the script and reproduce.py's flag when ``flags`` are not valid options of
+    ``script`` (an unknown flag, a missing or malformed value, a value out of range)."""
+    if not flags:
+        return
+    captured = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(captured):
+            parse_config(SCRIPT_OPTIONS[script], "", flags)
+    except SystemExit:  # argparse's own error: its last line says what was wrong
+        problem = captured.getvalue().strip().splitlines()[-1].split("error: ", 1)[-1]
+        raise ConfigError(f"{flag} {shlex.join(flags)!r}: not valid for {script}: {problem}") from None
+    except ConfigError as error:
+        raise ConfigError(f"{flag} {shlex.join(flags)!r}: not valid for {script}: {error}") from None

@@ -136,3 +136,29 @@ def test_the_estimate_adds_start_up_warm_steps_and_evaluations(tmp_path, monkeyp
     assert train.estimate == pytest.approx(3.0 + 200 * 0.05 + (40 * 5 + 5) * 0.01)
     assert predict.estimate == pytest.approx(3.0 + 5 * 0.01)
     assert calls == ["bench_train.py"]  # one benchmark for both
+
+
+def test_passed_flags_take_a_value_with_a_space_or_an_equals_sign_and_are_checked_before_any_stage(tmp_path):
+    """--ldm-args "--no-class-conditioning" as typed (argparse alone took the value for an option of
+    reproduce.py), the same as --ldm-args=...; a flag its script does not know is one error naming both."""
+    import reproduce
+    from utils.config import ConfigError
+
+    data = write_dataset(tmp_path / "toy", n=12)
+    common = ["--data-dir", str(data), "--out-dir", str(tmp_path / "out"), "--preset", "demo"]
+    spaced = reproduce.parse_args(common + ["--ldm-args", "--no-class-conditioning", "--train-args", "--no-tensorboard",
+                                            "--sample-args", "--steps 3"])
+    equals = reproduce.parse_args(common + ["--ldm-args=--no-class-conditioning", "--train-args=--no-tensorboard",
+                                            "--sample-args=--steps 3"])
+    for args in (spaced, equals):
+        assert (args.ldm_args, args.train_args, args.sample_args) == (
+            ["--no-class-conditioning"], ["--no-tensorboard"], ["--steps", "3"])
+    assert spaced.argv[-6:] == ["--ldm-args", "--no-class-conditioning", "--train-args", "--no-tensorboard",
+                                "--sample-args", "--steps 3"]  # a cluster job's command repeats them as given
+    with pytest.raises(ConfigError, match=r"--sample-args '--steps x': not valid for sample_ldm.py: argument --steps: "
+                                          r"invalid int value: 'x'"):
+        reproduce.parse_args(common + ["--sample-args", "--steps x"])
+    with pytest.raises(ConfigError, match=r"--train-args '--bogus': not valid for train.py: unrecognized arguments"):
+        reproduce.parse_args(common + ["--train-args", "--bogus"])
+    with pytest.raises(ConfigError, match=r"--ldm-args '--class-csv': not valid for train_ldm.py: .*expected one"):
+        reproduce.parse_args(common + ["--ldm-args", "--class-csv"])
