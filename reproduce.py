@@ -17,7 +17,8 @@ For each split (default: every <name>_train<i>.txt with its <name>_val<i>.txt):
 Every stage is the project's real script, run as a subprocess with its command printed. The output
 folder gets results.csv (one row per run: arm, split, seed), results.md (mean ± std over runs, the
 difference to the baseline paired by (split, seed) with a 95 % Student-t confidence interval, the
-generator's figures, the project's git commit) and results.png. --seeds A B C repeats every arm
+generator's figures, the project's git commit), results.png and results_curves.png (each run's
+selection IoU over its iterations, one panel per arm). --seeds A B C repeats every arm
 per seed; --schedule-scale S runs every arm at S x the published schedule, its curves kept.
 
 Rerunning the same command skips finished stages and resumes an interrupted one (Ctrl-C or SIGTERM
@@ -198,7 +199,7 @@ def main(argv=None) -> int:
     out = write_results(args, splits, ledger, device)
     print_times(stages, ledger, args.jobs)
     print(f"\n{(out / 'results.md').read_text()}\nwrote {out / 'results.csv'}, {out / 'results.md'}, "
-          f"{out / 'results.png'}")
+          f"{out / 'results.png'}, {out / 'results_curves.png'}")
     return 0
 
 

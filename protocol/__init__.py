@@ -8,5 +8,6 @@ ledger    stages.json: which stages are done, resume, or stale; running stages o
 parallel  stages side by side on one node (--jobs N)
 cluster   stages as SLURM jobs through submitit (--launcher slurm)
 runner    one stage alone (--stage), job submission, the closing time table
-results   results.csv, results.md and results.png of a protocol folder
+results   the results table, results.png and results_curves.png
+report    a protocol folder's results.csv, times.csv, results.md and figures
 """

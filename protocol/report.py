@@ -1,4 +1,4 @@
-"""The results of a protocol folder: results.csv, times.csv, results.md and results.png.
+"""The results of a protocol folder: results.csv, times.csv, results.md, results.png and results_curves.png.
 
 One row per run (arm, split, seed) from each run's metrics.json files (train.py's and predict.py's),
 the generator's figures per split, and a header saying how the numbers were made (the protocol, the
@@ -74,6 +74,19 @@ def project_version() -> str:
     return commit.stdout.strip() + (" + uncommitted changes" if dirty.stdout.strip() else "")
 
 
+def run_curves(args, splits: list[int]) -> dict[str, list[tuple[str, list[int], list[float]]]]:
+    """{arm: [(run label, iterations, selection IoU)]}: each run's evaluations, from its metrics.jsonl."""
+    out = args.out_dir.resolve()
+    curves = {arm: [] for arm in args.arms}
+    for i in splits:
+        for s in args.seeds or [None]:
+            where = out / f"split{i}" / f"seed{s}" if s is not None else out / f"split{i}"
+            label = f"split {i}" + (f", seed {s}" if s is not None else "")
+            for arm in args.arms:
+                curves[arm].append((label, *results.read_curve(where / arm / "metrics.jsonl")))
+    return curves
+
+
 def write_results(args, splits: list[int], ledger: Ledger, device: str) -> Path:
     rows, generators = collect(args, splits, ledger)
     out = args.out_dir.resolve()
@@ -100,8 +113,13 @@ def write_results(args, splits: list[int], ledger: Ledger, device: str) -> Path:
               f"the iterations each run made are in the per-run table)",
               f"- Device: {device_description(device)}; {date.today().isoformat()}",
               f"- Project version: {project_version()}",
-              f"- Command: `{args.command_line}`"]
+              f"- Command: `{args.command_line}`",
+              f"- Curves: every run's selection IoU over its iterations, mean and ± 1 SD band where several: "
+              f"[{results.CURVES}]({results.CURVES})"]
     (out / "results.md").write_text(results.markdown(rows, args.arms, generators, header, BASELINES))
     results.plot(rows, args.arms, out / "results.png",
                  f"{dataset_name(args.data_dir)}, {args.labels}: one point per run")
+    results.plot_curves(run_curves(args, splits), out / results.CURVES,
+                        f"{dataset_name(args.data_dir)}, {args.labels}: {rows[0]['selection_set']} IoU while training"
+                        if rows else dataset_name(args.data_dir))
     return out

@@ -9,6 +9,7 @@ point per run, the points of one (split, seed) joined.
 from __future__ import annotations
 
 import csv
+import json
 import math
 from pathlib import Path
 from typing import Sequence
@@ -179,6 +180,59 @@ def plot(rows: list[dict], arms: Sequence[str], path: Path, title: str,
         ax.set_title(METRIC_TITLES[metric] + (" (lower is better)" if metric in LOWER_IS_BETTER else ""))
         ax.grid(alpha=0.3, axis="y")
     axes[0][0].legend(fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+CURVES = "results_curves.png"  # beside results.png: every run's selection IoU over its iterations
+
+
+def read_curve(metrics_jsonl: Path) -> tuple[list[int], list[float]]:
+    """(iterations, IoU) of a train.py run's evaluations, from its metrics.jsonl (train.py's RunRecord:
+    one JSON object per evaluation on the selection set); empty lists when the file is missing."""
+    if not metrics_jsonl.is_file():
+        return [], []
+    records = [json.loads(line) for line in metrics_jsonl.read_text().splitlines() if line.strip()]
+    records = [r for r in records if "iteration" in r and "iou" in r]
+    return [r["iteration"] for r in records], [r["iou"] for r in records]
+
+
+def mean_curve(runs: Sequence[tuple[list[int], list[float]]]) -> tuple[list[int], np.ndarray, np.ndarray]:
+    """(iterations every run evaluated at, mean IoU there, standard deviation there) over several runs."""
+    common = sorted(set.intersection(*(set(its) for its, _ in runs)))
+    values = np.array([[dict(zip(its, ious))[it] for it in common] for its, ious in runs], dtype=float)
+    return common, values.mean(axis=0), values.std(axis=0, ddof=1)
+
+
+def plot_curves(curves: dict[str, list[tuple[str, list[int], list[float]]]], path: Path, title: str) -> None:
+    """One panel per arm: a thin line per run (label, iterations, IoU) and, where there are several, their
+    mean with a band of ± one standard deviation over the iterations they share."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    arms = [arm for arm, runs in curves.items() if any(its for _, its, _ in runs)]
+    columns = min(3, max(len(arms), 1))
+    rows = math.ceil(max(len(arms), 1) / columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(4.2 * columns, 3.2 * rows), squeeze=False, sharey=True)
+    for ax, arm in zip(axes.flat, arms):
+        runs = [(label, its, ious) for label, its, ious in curves[arm] if its]
+        for label, its, ious in runs:
+            ax.plot(its, ious, linewidth=1, alpha=0.6, label=label)
+        if len(runs) > 1:
+            its, mean, std = mean_curve([(its, ious) for _, its, ious in runs])
+            ax.plot(its, mean, color="black", linewidth=2, label="mean")
+            ax.fill_between(its, mean - std, mean + std, color="black", alpha=0.15, linewidth=0)
+        ax.set_title(arm, fontsize=10)
+        ax.set_xlabel("iteration")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    for ax in list(axes.flat)[len(arms):]:
+        ax.axis("off")
+    for ax in axes[:, 0]:
+        ax.set_ylabel("selection IoU")
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
