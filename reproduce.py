@@ -133,7 +133,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="processes per training stage, each run under torchrun (default: 1; under torchrun, "
                              "its --nproc_per_node)")
     parallel = parser.add_argument_group(
-        "running stages side by side (README: The protocol on a node or a cluster)")
+        "running stages side by side (docs/gpu-and-clusters.md)")
     parallel.add_argument("--jobs", type=int, default=1, metavar="N",
                           help="run up to N ready stages at once on this node, each on its own GPU (--gpus) or, on "
                                "the CPU, with 1/N of the cores' threads; a stage's output goes to <its folder>.log "

@@ -53,12 +53,12 @@ from diffusers.utils import logging as diffusers_logging
 from tqdm import tqdm
 
 from dataloaders.io import DataError, find_cases, image_folder, read_id_list, select_cases, set_max_image_pixels
-from dataloaders.ldm_data import thumbnails
+from generation.data import thumbnails
 from networks.ldm import sampling_scheduler
-from networks.ldm_sampling import generate, image_class, image_noise
+from generation.sampling import generate, image_class, image_noise
 from utils import distributed
-from utils.image_quality import c2st_accuracy, calibrated_memorisation, closest_pairs_image, describe_memorisation
-from utils.ldm_run import load_sampling_models, open_run, write_json
+from generation.image_quality import c2st_accuracy, calibrated_memorisation, closest_pairs_image, describe_memorisation
+from generation.run import load_sampling_models, open_run, write_json
 from utils.locks import hold, release_held
 from utils.cli import run_cli, run_on_device
 from generation.sampling_config import (C2ST_FOLDS, GRID, GRID_IMAGES, MANIFEST_COLUMNS, MEMORISATION_SIZE, OPTIONS,

@@ -15,15 +15,15 @@ Each iteration (paper Sec. 3.2-3.3, official schedule):
 --schedule-scale S: S x every iteration count (the iterations, the ramp step, the evaluation and checkpoint
 intervals), so that lambda(t/T) and lr(t/T) are the published curves (utils/schedule.py).
 --mode supervised: labeled images only, main decoder only, L = (0.5 BCE + Dice)(main, mask).
---method mean-teacher | cct | cps | fixmatch | unimatch: the comparison methods (methods/, README
-"Methods"), on --network mgcc or unet (MGCCNet without its ConvMixer stages), in this same loop.
+--method mean-teacher | cct | cps | fixmatch | unimatch: the comparison methods (methods/,
+docs/methods.md), on --network mgcc or unet (MGCCNet without its ConvMixer stages), in this same loop.
 
 Writes to the run folder: config.yaml (resolved), metrics.jsonl (one line per evaluation),
 metrics.json (final), curves.png, checkpoint_last.pt (for --resume), checkpoint_best.pt and
 tensorboard/ (losses, lambda, learning rate, metrics and overlays; --no-tensorboard: none).
 """
-# Where the pieces live: the options, the network, the step and the method in utils/segmenter.py,
-# the losses in utils/losses.py, the batches in dataloaders/training_batches.py, the loop's skeleton
+# Where the pieces live: the options in segmenter/options.py, the network, the step and the method's
+# training wrapper in segmenter/training.py, the losses in methods/losses.py, the batches in dataloaders/training_batches.py, the loop's skeleton
 # in utils/training.py; here the run folder, the loop's hooks and the final evaluation.
 from __future__ import annotations
 
@@ -37,19 +37,19 @@ from dataloaders.io import DataError, dataset_name
 from dataloaders.splits import load_run_data
 from dataloaders.training_batches import TrainingBatches
 from methods import CONSISTENCY_DEFAULTS, METHODS
+from segmenter.evaluation import evaluate, overlay_grid
+from segmenter.options import CHECKPOINT_KIND, OPTIONS, model_args, resolve_method
+from segmenter.run import RunRecord, claim_run_folder
+from segmenter.training import MethodTraining, use_channels_last
 from networks import count_parameters
 from networks.unet import build_network
 from utils.checkpoint import CheckpointError, check_finite, load_checkpoint, require_fields, weights_misfit
 from utils.cli import run_cli, run_on_device
 from utils.config import ConfigError, file_values, parse_config, save_yaml
-from utils.evaluation import evaluate, overlay_grid
 from utils.files import atomic_write_text, check_writable
 from utils.locks import hold
-from utils.run import RunRecord, claim_run_folder
 from utils.runtime import StopRequest, seed_everything
 from utils.schedule import final_consistency_weight, run_schedule
-from utils.segmenter import (CHECKPOINT_KIND, OPTIONS, Method, model_args, resolve_method,
-                             use_channels_last)
 from utils.tensorboard import LOG_DIR
 from utils.training import Trainer, restore
 
@@ -146,7 +146,7 @@ class SegmenterTraining(Trainer):
     unit = "iteration"
     agree_every_step = False  # the step never waits for the device: under torchrun the ranks agree at readings
 
-    def __init__(self, cfg, method: Method, data: TrainingBatches, record: RunRecord, iterations: int,
+    def __init__(self, cfg, method: MethodTraining, data: TrainingBatches, record: RunRecord, iterations: int,
                  eval_every: int, start: int, ctx, device, stop, out_dir: Path, checkpoint_every: int | None = None):
         super().__init__(iterations, start, ctx, device, stop, method.state, CHECKPOINT_KIND,
                          out_dir / "checkpoint_last.pt", log_every=cfg.log_every,
@@ -218,7 +218,7 @@ def train(cfg, ctx, device) -> int:
     # setup: the method's networks (the same initial weights on every rank), then its restored state
     seed_everything(cfg.seed)
     torch.backends.cudnn.benchmark = True  # fixed input size: let cuDNN pick its fastest kernels
-    method = Method(cfg, ctx, device, iterations, ramp_every=schedule.ramp_every, scale=schedule.scale)
+    method = MethodTraining(cfg, ctx, device, iterations, ramp_every=schedule.ramp_every, scale=schedule.scale)
     if ctx.enabled:
         torch.manual_seed(cfg.seed + ctx.rank)  # each rank its own perturbation noise
     restore(method.state, checkpoint, ctx)

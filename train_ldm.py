@@ -25,10 +25,10 @@ After kill -9 or a crash, --resume continues from the last checkpoint (--checkpo
 non-finite loss stops the run (status 3) naming the step, its last checkpoint untouched; bad
 input and unusable run folders or state files exit with status 2 and one error line.
 """
-# Where the pieces live: the options and their checks in utils/ldm_config.py, the run folder and the
-# stages' skeleton (LdmStage, on utils/training.py's Trainer) in utils/ldm_run.py, the networks in
-# networks/ldm.py, the losses in networks/ldm_losses.py, the autoencoder's evaluation in
-# utils/image_quality.py; here the two stages' method code and main.
+# Where the pieces live: the options and their checks in generation/config.py, the run folder and the
+# stages' skeleton (LdmStage, on utils/training.py's Trainer) in generation/run.py, the networks in
+# networks/ldm.py, the losses in generation/losses.py, the autoencoder's evaluation in
+# generation/image_quality.py; here the two stages' method code and main.
 from __future__ import annotations
 
 from pathlib import Path
@@ -39,19 +39,19 @@ from diffusers.training_utils import EMAModel
 from diffusers.utils import logging as diffusers_logging
 from torch.utils.data import DataLoader
 
-from dataloaders.ldm_data import StepBatchSampler, TrainingImages
+from generation.data import StepBatchSampler, TrainingImages
 from networks.ldm import (STREAM_DIFFUSION, STREAM_PREVIEW, STREAM_VAE, AutoencoderPass, PatchDiscriminator,
                           build_unet, build_vae, encode_training_set, latent_scaling_factor, latent_size,
                           noise_scheduler, optimizer_and_schedule, parameter_counts, sampling_scheduler)
-from networks.ldm_losses import LatentDiffusionLoss, discriminator_loss, vae_losses
-from networks.ldm_sampling import generate, to_uint8
+from generation.losses import LatentDiffusionLoss, discriminator_loss, vae_losses
+from generation.sampling import generate, to_uint8
 from utils import distributed
 from utils.cli import run_cli, run_on_device
 from utils.config import parse_config
 from utils.distributed import wrap_ddp
-from utils.image_quality import evaluate_vae, reconstruct
-from utils.ldm_config import OPTIONS, check_values
-from utils.ldm_run import (EMA_DIR, PREVIEW_DIR, SCHEDULER_DIR, UNET_DIR, VAE_DIR, VAE_METRICS, LdmStage, load_model,
+from generation.image_quality import evaluate_vae, reconstruct
+from generation.config import OPTIONS, check_values
+from generation.run import (EMA_DIR, PREVIEW_DIR, SCHEDULER_DIR, UNET_DIR, VAE_DIR, VAE_METRICS, LdmStage, load_model,
                            prepare_run, run_folder, save_model, write_run_info)
 from utils.plots import image_grid, save_image
 from utils.runtime import derived_seed, ignore_stop_signals, step_generator, StopRequest

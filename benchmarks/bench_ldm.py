@@ -13,7 +13,7 @@ Benchmarks (--what):
   diffusion   the denoiser's training step on latents already encoded (as train_ldm.py does): batch
               indices and flips, posterior sample, noise, timesteps, class dropout, the UNet, L1/L2
               loss, AdamW, gradient clipping, the EMA update;
-  sampling    networks.ldm_sampling.generate (the code path of sample_ldm.py): DDIM with --ddim-steps (50)
+  sampling    generation.sampling.generate (the code path of sample_ldm.py): DDIM with --ddim-steps (50)
               and DPM-Solver++ with --dpmsolver-steps (20) denoising steps, then the decoder;
   schedule    nothing is timed: for each --config, the parameters, the FLOPs of one training step of
               each stage and of one sampled image, and the time train_ldm.py's whole schedule
@@ -48,12 +48,12 @@ sys.path.insert(0, str(ROOT))  # the library modules (utils/, networks/, dataloa
 from networks.ldm import (STREAM_DIFFUSION, STREAM_VAE, AutoencoderPass, PatchDiscriminator,  # noqa: E402
                           build_unet, build_vae, check_architecture, count_parameters, latent_size, noise_scheduler,
                           optimizer_and_schedule, sampling_scheduler)
-from networks.ldm_losses import LatentDiffusionLoss, discriminator_loss, vae_losses  # noqa: E402
-from networks.ldm_sampling import generate  # noqa: E402
+from generation.losses import LatentDiffusionLoss, discriminator_loss, vae_losses  # noqa: E402
+from generation.sampling import generate  # noqa: E402
 from utils.benchmarking import (VARIANTS, bf16_peak, counted_flops, default_variants, device_name,  # noqa: E402
                                 memory_format, time_steps)
 from utils.config import ConfigError, parse_config  # noqa: E402
-from utils.ldm_config import OPTIONS  # noqa: E402
+from generation.config import OPTIONS  # noqa: E402
 from utils.runtime import step_generator  # noqa: E402
 from utils.training import optimizer_update  # noqa: E402
 
@@ -78,8 +78,8 @@ def parse_args(argv=None):
                         help="what to time: vae, diffusion, sampling or all; or schedule: FLOPs and "
                              "predicted time of the whole schedule, nothing timed (default: all)")
     parser.add_argument("--num-images", type=int, default=1000,
-                        help="--what schedule: images sampled after training (default: 1000, as the README's "
-                             "sample_ldm.py command)")
+                        help="--what schedule: images sampled after training (default: 1000, as the "
+                             "sample_ldm.py command of docs/generation.md)")
     parser.add_argument("--peak-tflops", type=float, default=790.0,
                         help="--what schedule: the GPU's peak TFLOP/s in bf16 (default: 790, the H100 figure "
                              "of the stage-1 issue)")
@@ -217,7 +217,7 @@ def diffusion_benchmark(run, spec):
     """(step, compile, batch) of the denoiser's training step on a table of encoded training latents."""
     from diffusers.training_utils import EMAModel
 
-    from dataloaders.ldm_data import StepBatchSampler
+    from generation.data import StepBatchSampler
 
     cfg, device, dtype = run.cfg, run.device, spec["dtype"]
     fmt = memory_format(spec)
@@ -250,7 +250,7 @@ def diffusion_benchmark(run, spec):
 
 
 def sampling_benchmark(run, spec, sampler: str, num_steps: int):
-    """(step, compile, batch) of one batch of networks.ldm_sampling.generate, the sampling loop of sample_ldm.py."""
+    """(step, compile, batch) of one batch of generation.sampling.generate, the sampling loop of sample_ldm.py."""
     cfg, device, dtype = run.cfg, run.device, spec["dtype"]
     fmt = memory_format(spec)
     torch.manual_seed(cfg.seed)
@@ -298,7 +298,7 @@ def vae_step_flops(cfg, adversarial: bool) -> int:
 def diffusion_step_flops(cfg, num_classes: int) -> int:
     """One denoiser training step on encoded latents, forward and backward, as train_ldm.py runs it
     (``rng`` None: the meta device has no generator, and random values do not change FLOPs)."""
-    from dataloaders.ldm_data import StepBatchSampler
+    from generation.data import StepBatchSampler
 
     size = latent_size(cfg)
     with META:

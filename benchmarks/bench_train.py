@@ -6,7 +6,7 @@
     python benchmarks/bench_train.py --method unimatch --network unet   # a comparison method's step
     python benchmarks/bench_train.py --loop --data-dir inputs/BUSI   # train.py's loop on real data
 
-The step: each variant builds train.py's method (utils.segmenter.Method: the same model, loss, SGD
+The step: each variant builds train.py's method (segmenter.training.MethodTraining: the same model, loss, SGD
 update, poly schedule and consistency weight, wrapped and compiled as train.py does; inputs already
 on the device, so no data is loaded), runs --warmup steps, then --steps timed steps with device
 synchronisation (utils.benchmarking, the runner bench_ldm.py shares), and prints one table at the
@@ -43,7 +43,8 @@ from utils.benchmarking import (VARIANTS, bf16_peak, counted_flops, default_vari
 from utils.config import parse_config  # noqa: E402
 from utils.distributed import Context  # noqa: E402
 from utils.runtime import autocast_dtype, resolve_device  # noqa: E402
-from utils.segmenter import OPTIONS, Method  # noqa: E402
+from segmenter.options import OPTIONS  # noqa: E402
+from segmenter.training import MethodTraining  # noqa: E402
 
 # the official training loop as published, on an H100 at the published size (../shared/reference)
 OFFICIAL_H100_IT_PER_S = 3.55
@@ -129,7 +130,7 @@ def run_variant(name: str, args) -> dict:
         torch.cuda.empty_cache()
     torch.manual_seed(0)
     torch.backends.cudnn.benchmark = True
-    method = Method(cfg, Context(), device, iterations=args.warmup + args.steps + 1)
+    method = MethodTraining(cfg, Context(), device, iterations=args.warmup + args.steps + 1)
     method.begin()
     # the baseline's batch is the labeled part alone, as in train.py
     batch_size = args.labeled_batch_size + method.unlabeled_batch_size()

@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from dataloaders.datasets import normalize  # noqa: E402
 from dataloaders.phantom import make_phantom  # noqa: E402
 from networks.mgcc import Float32Conv2d, MGCCNet  # noqa: E402
-from utils.losses import mgcc_losses  # noqa: E402
+from methods.losses import mgcc_losses  # noqa: E402
 
 
 def phantom_batch(rng: np.random.Generator, size: int, device) -> tuple[torch.Tensor, torch.Tensor]:

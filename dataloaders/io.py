@@ -12,7 +12,6 @@ one :class:`DataError` whose message names the offending files.
 from __future__ import annotations
 
 import io
-import os
 import sys
 import warnings
 from collections import defaultdict
@@ -21,7 +20,9 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from utils.config import Option, between, checked
+from utils.errors import DataError
+from utils.pixel_limit import (MAX_IMAGE_PIXELS, MAX_IMAGE_PIXELS_OPTION, OPENCV_MAX_IMAGE_PIXELS,  # noqa: F401
+                                 PIXEL_LIMIT_CHECK, add_pixel_limit_flag, max_image_pixels, set_max_image_pixels)
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 MASK_SUBDIR = Path("masks") / "0"
@@ -33,22 +34,11 @@ MASK_THRESHOLD = 127  # foreground where the mask value is > 127 (masks are 0/25
 #   nonzero:   foreground where > 0 (label maps with several lesion labels, 0/1 masks)
 MASK_VALUES = ("binary", "threshold", "nonzero")
 _MAX_LISTED = 20  # offenders named in one message before "... and N more"
-# Largest image (width x height) a script decodes (option max_image_pixels); ultrasound images are
-# below 2 megapixels, and one 20000 x 20000 PNG of 15 MB takes a training run to 4 GB. The limit is
-# checked on the file's header, before anything is decoded. It travels in the environment so that
-# data-loader workers started by spawn see the value the script was given.
-MAX_IMAGE_PIXELS = 25_000_000
-OPENCV_MAX_IMAGE_PIXELS = 1 << 30  # OpenCV's own CV_IO_MAX_IMAGE_PIXELS: a higher limit could not be met
-_PIXEL_LIMIT_ENV = "MGCC_MAX_IMAGE_PIXELS"
 # 16-bit files: 12-bit scanners store 0..4095 in them; a file whose largest value is at most 4095 is
 # read as 12-bit (scaled by 255 / 4095), any other as 16-bit (255 / 65535), both to the 0..255 the
 # networks' normalisation expects. OpenCV's own 16 -> 8 bit conversion keeps the high byte, which
 # turns 12-bit images into 0..15.
 _TWELVE_BIT_MAX = 4095
-
-
-class DataError(ValueError):
-    """Bad input data. The message names the file(s) or value at fault."""
 
 
 def listing(title: str, items: list[str]) -> str:
@@ -114,31 +104,6 @@ def find_cases(data_dir: str | Path) -> dict[str, tuple[Path, Path]]:
         raise DataError(f"dataset {data_dir} has no images in {image_dir} "
                         f"(extensions {', '.join(IMAGE_EXTENSIONS)})")
     return {i: (images[i], masks[i]) for i in sorted(images)}
-
-
-_PIXEL_LIMIT_HELP = ("largest image, width x height, a file may have (checked on its header, before it is decoded; "
-                     f"at most {OPENCV_MAX_IMAGE_PIXELS}, OpenCV's own limit)")
-PIXEL_LIMIT_CHECK = between(1, OPENCV_MAX_IMAGE_PIXELS)
-# the option of every script that reads images (schema scripts); argparse scripts: add_pixel_limit_flag
-MAX_IMAGE_PIXELS_OPTION = Option("max_image_pixels", MAX_IMAGE_PIXELS, _PIXEL_LIMIT_HELP, check=PIXEL_LIMIT_CHECK,
-                                 in_file=False)
-
-
-def add_pixel_limit_flag(parser) -> None:
-    parser.add_argument("--max-image-pixels", type=checked(int, PIXEL_LIMIT_CHECK), default=MAX_IMAGE_PIXELS,
-                        help=f"{_PIXEL_LIMIT_HELP} (default: {MAX_IMAGE_PIXELS})")
-
-
-def set_max_image_pixels(limit: int) -> None:
-    """The largest width x height any image may have in this process and its workers."""
-    if not 1 <= int(limit) <= OPENCV_MAX_IMAGE_PIXELS:
-        raise DataError(f"max_image_pixels must be between 1 and {OPENCV_MAX_IMAGE_PIXELS} (OpenCV's own limit), "
-                        f"got {limit}")
-    os.environ[_PIXEL_LIMIT_ENV] = str(int(limit))
-
-
-def max_image_pixels() -> int:
-    return int(os.environ.get(_PIXEL_LIMIT_ENV, MAX_IMAGE_PIXELS))
 
 
 def _header(data: np.ndarray) -> tuple[tuple[int, int], str] | None:

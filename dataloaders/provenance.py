@@ -21,6 +21,10 @@ from pathlib import Path
 
 from .io import DataError, note, read_image
 
+# The description file of a generator's run folder (written by generation/run.py), read here for the
+# ids it trained on: its name lives at the lower layer, which reads it.
+RUN_INFO = "ldm.json"
+
 MANIFEST = "manifest.csv"  # written by sample_ldm.py beside images/
 _SHOWN = 5  # ids named in the error
 
@@ -64,8 +68,6 @@ def generator_runs(manifest: Path) -> list[Path]:
 
 def generator_train_ids(run: Path, manifest: Path) -> set[str]:
     """The ids a generator run folder trained on (its ldm.json's ``train_ids``); anything else is an error."""
-    from utils.ldm_run import RUN_INFO  # late: utils.ldm_run reads training sets with dataloaders
-
     info_path = run / RUN_INFO
     where = f"the generator {run} named in {manifest}"
     if not info_path.is_file():

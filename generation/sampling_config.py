@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from types import SimpleNamespace
 
-from dataloaders.io import MAX_IMAGE_PIXELS_OPTION
+from utils.pixel_limit import MAX_IMAGE_PIXELS_OPTION
 from utils.config import ConfigError, Option, optional
 
 MANIFEST_COLUMNS = ["file", "seed", "class", "scheduler", "steps", "guidance", "checkpoint",

@@ -14,13 +14,13 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from utils.losses import consistency_weight
+from utils.schedule import consistency_weight
 
 
 class Method(nn.Module):
     name = ""
     uses_unlabeled = True
-    reference = ""  # the reference implementation's file, for the README's table and the run summary
+    reference = ""  # the reference implementation's file, for docs/methods.md's table and the run summary
 
     def __init__(self, student: nn.Module, consistency: float = 0.0, rampup: float = 200.0, ramp_every: int = 150,
                  consistency_start: int = 0):

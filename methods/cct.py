@@ -17,7 +17,7 @@ from networks.perturbations import AlwaysOnDropout, FeatureDropout, FeatureNoise
 from torch import nn
 import torch
 
-from utils.losses import consistency_loss
+from .losses import consistency_loss
 
 from .base import Method
 from .losses import reference_supervised_loss

@@ -1,10 +1,17 @@
-"""Losses of the comparison methods, for this code base's binary output (one logit per pixel, sigmoid).
+"""Every method's losses, for this code base's binary output (one logit per pixel, sigmoid).
 
-The reference implementations (SSL4MIS, UniMatch's medical scenario) have a multi-class softmax
+MGCC and the supervised baseline (paper Eq. 5-8; official defaults):
+
+    L = L_sup + lambda(t) * L_cons
+    L_sup  = mean over the 4 decoders of (0.5 * BCE + Dice loss) on the labeled images      (Eq. 5-6)
+    L_cons = mean over the 3 aux decoders of MSE(sigmoid(main), sigmoid(aux)) on unlabeled   (Eq. 7)
+    lambda(t): the ramp-up of utils/schedule.py                                              (Eq. 8)
+
+The comparison methods' references (SSL4MIS, UniMatch's medical scenario) have a multi-class softmax
 output. With two classes a softmax over logits (0, z) is exactly sigmoid(z), so:
 
 - cross-entropy is binary cross-entropy with logits;
-- their Dice loss (SSL4MIS ``utils/losses.py`` and UniMatch ``more-scenarios/medical/util/utils.py``,
+- their Dice loss (SSL4MIS ``methods/losses.py`` and UniMatch ``more-scenarios/medical/util/utils.py``,
   ``DiceLoss``) is the mean over the classes, background included, of one Dice computed over the
   whole batch with squared sums in the denominator; here the two classes are p and 1 - p;
 - the MSE of the class probabilities is MSE(sigmoid(a), sigmoid(b)): the two channels' squared
@@ -16,8 +23,52 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-DICE_SMOOTH = 1e-5  # both references' DiceLoss
+DICE_SMOOTH = 1e-5  # the official BCEDiceLoss and both references' DiceLoss
 
+
+# --- MGCC and the supervised baseline -------------------------------------------------------------
+
+def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor, smooth: float = DICE_SMOOTH) -> torch.Tensor:
+    """1 - soft Dice of sigmoid(logits) and target, computed per sample and averaged over the batch."""
+    probs = torch.sigmoid(logits).flatten(1)
+    target = target.flatten(1)
+    dice = (2 * (probs * target).sum(1) + smooth) / (probs.sum(1) + target.sum(1) + smooth)
+    return 1 - dice.mean()
+
+
+def bce_dice_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """0.5 * BCE-with-logits (mean over pixels) + soft Dice loss: CMU-Net's and MGCC's supervised loss."""
+    return 0.5 * F.binary_cross_entropy_with_logits(logits, target) + soft_dice_loss(logits, target)
+
+
+def supervised_loss(outputs: list[torch.Tensor], target: torch.Tensor) -> torch.Tensor:
+    """Mean of the BCE + Dice loss over the decoders' outputs (main and auxiliary)."""
+    return torch.stack([bce_dice_loss(o, target) for o in outputs]).mean()
+
+
+def consistency_loss(main_logits: torch.Tensor, aux_logits: list[torch.Tensor]) -> torch.Tensor:
+    """Mean over aux decoders of MSE between the main and aux probabilities; gradients reach both."""
+    main_probs = torch.sigmoid(main_logits)
+    return torch.stack([F.mse_loss(torch.sigmoid(a), main_probs) for a in aux_logits]).mean()
+
+
+def mgcc_losses(forward, images: torch.Tensor, masks: torch.Tensor, consistency: float | torch.Tensor):
+    """The MGCC objective of one batch whose first len(masks) images are labeled: (loss, sup, cons)."""
+    n = len(masks)
+    main_logits, aux_logits = forward(images, with_aux=True)
+    main_logits, aux_logits = main_logits.float(), [a.float() for a in aux_logits]
+    sup = supervised_loss([main_logits[:n]] + [a[:n] for a in aux_logits], masks)  # Eq. 5-6
+    cons = consistency_loss(main_logits[n:], [a[n:] for a in aux_logits])  # Eq. 7
+    return sup + consistency * cons, sup, cons  # Eq. 8
+
+
+def supervised_losses(forward, images: torch.Tensor, masks: torch.Tensor):
+    """The baseline's objective: BCE + Dice of the main decoder; (loss, sup, cons = 0)."""
+    sup = bce_dice_loss(forward(images).float(), masks)
+    return sup, sup, torch.zeros((), device=sup.device)
+
+
+# --- the comparison methods (SSL4MIS, UniMatch) --------------------------------------------------
 
 def two_class_dice_loss(probs: torch.Tensor, target: torch.Tensor, ignore: torch.Tensor | None = None) -> torch.Tensor:
     """The references' DiceLoss(n_classes=2) on the foreground probability ``probs`` and a 0/1 ``target``.

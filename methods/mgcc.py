@@ -1,19 +1,19 @@
 """MGCC (Tang et al., arXiv 2305.09447): multi-level perturbations of the global-context bottleneck.
 
-Official defaults (utils/losses.py): L = L_sup + lambda(t) L_cons, lambda ramping up to 7 over
+Official defaults (methods/losses.py): L = L_sup + lambda(t) L_cons, lambda ramping up to 7 over
 200 ramp steps of 150 iterations.
 """
 from __future__ import annotations
 
 from networks.mgcc import MGCCNet
-from utils.losses import mgcc_losses
+from .losses import mgcc_losses
 
 from .base import Method
 
 
 class MGCC(Method):
     name = "mgcc"
-    reference = "MGCC (official) train.py; here utils/losses.py"
+    reference = "MGCC (official) train.py; here methods/losses.py"
 
     def __init__(self, student, consistency: float = 7.0, rampup: float = 200.0, ramp_every: int = 150,
                  consistency_start: int = 0):

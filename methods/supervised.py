@@ -1,7 +1,7 @@
 """The baseline: the network's main decoder on the labeled images alone, MGCC's supervised loss."""
 from __future__ import annotations
 
-from utils.losses import supervised_losses
+from .losses import supervised_losses
 
 from .base import Method, has_unused_decoders
 
@@ -9,7 +9,7 @@ from .base import Method, has_unused_decoders
 class Supervised(Method):
     name = "supervised"
     uses_unlabeled = False
-    reference = "MGCC (official) train.py, its main decoder's loss; here utils/losses.py"
+    reference = "MGCC (official) train.py, its main decoder's loss; here methods/losses.py"
 
     def leaves_parameters_unused(self) -> bool:
         return has_unused_decoders(self.student)

@@ -1,5 +1,6 @@
-"""The networks: the MGCC segmenter (mgcc.py, official.py, perturbations.py) and stage 1's latent
-diffusion model (ldm.py, ldm_losses.py, ldm_sampling.py), never downloaded."""
+"""The networks, and nothing else: the MGCC segmenter (mgcc.py, official.py, perturbations.py), its
+U-Net (unet.py) and stage 1's latent diffusion model (ldm.py), never downloaded. Their losses are in
+methods/ and generation/, their training in segmenter/ and generation/."""
 from torch import nn
 
 from utils.runtime import hub_offline

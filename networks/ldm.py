@@ -2,10 +2,10 @@
 
 diffusers' AutoencoderKL and UNet2DModel (no hub download), the noise schedulers, the optional
 patch discriminator of the autoencoder loss, the optimizer, the encoded training set, and the
-checks of the sizes. The other concerns of stage 1 have their own homes: networks/ldm_losses.py
-(the losses of both stages), networks/ldm_sampling.py (the denoising loop and the seeds of the
-images), utils/image_quality.py (SSIM, PSNR, memorisation, C2ST, the autoencoder's evaluation),
-utils/ldm_run.py (the run folder and the stages' skeleton).
+checks of the sizes. The other concerns of stage 1 have their own homes: generation/losses.py
+(the losses of both stages), generation/sampling.py (the denoising loop and the seeds of the
+images), generation/image_quality.py (SSIM, PSNR, memorisation, C2ST, the autoencoder's evaluation),
+generation/run.py (the run folder and the stages' skeleton).
 """
 from __future__ import annotations
 

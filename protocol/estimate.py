@@ -35,8 +35,7 @@ from generation.sampling_config import C2ST_FOLDS, MEMORISATION_SIZE
 from utils.config import save_yaml, file_values
 from utils.runtime import resolve_device
 from utils.schedule import run_schedule
-# NOTE for the merge: resolve_method moves to segmenter/options.py (issue 27)
-from utils.segmenter import resolve_method
+from segmenter.options import resolve_method
 
 from .ledger import Ledger, Stage, child_environment, format_seconds
 from .plan import ROOT, SCRIPT_OPTIONS, stage_config, stage_kind
@@ -74,7 +73,7 @@ def forward_flops_per_image(cfg) -> float:
 
 def c2st_seconds(count: int, device: str) -> float:
     """The C2ST of sample_ldm.py on ``count`` images per set: its classifier's steps, timed here."""
-    from utils.image_quality import C2ST_EPOCHS, TwoSampleClassifier
+    from generation.image_quality import C2ST_EPOCHS, TwoSampleClassifier
 
     if count < C2ST_FOLDS:
         return 0.0

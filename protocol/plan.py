@@ -3,7 +3,7 @@
 A stage is one run of a project script (protocol/ledger.py): per split, train_ldm.py and sample_ldm.py
 (stage 1, unless --no-generator), then per seed and arm train.py and predict.py on the val ids. The
 scripts' option schemas come from the library modules that define them (train.py's from
-utils/segmenter.py, train_ldm.py's from utils/ldm_config.py, sample_ldm.py's from
+segmenter/options.py, train_ldm.py's from generation/config.py, sample_ldm.py's from
 generation/sampling_config.py), so that nothing here imports a script.
 """
 from __future__ import annotations
@@ -12,10 +12,8 @@ import re
 from pathlib import Path
 
 from dataloaders.io import DataError, dataset_name, find_cases, image_folder, note, read_id_list, split_file
-from generation import sampling_config
-from utils import ldm_config
-# NOTE for the merge: train.py's OPTIONS move to segmenter/options.py (issue 27); import them from there
-from utils import segmenter as segmenter_options
+from generation import config as ldm_config, sampling_config
+from segmenter import options as segmenter_options
 from utils.config import file_values, parse_config
 
 from .ledger import Stage

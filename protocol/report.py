@@ -104,7 +104,7 @@ def write_results(args, splits: list[int], ledger: Ledger, device: str) -> Path:
               f"- Protocol: {protocol}. Metrics per image at the image's own size (predict.py), then averaged.",
               f"- HD95 and ASD in {'mm' if args.spacing_mm or args.spacing_csv else 'pixels'}; NSD at a tolerance of "
               + (f"{args.nsd_tolerance:g} {'mm' if args.spacing_mm or args.spacing_csv else 'pixels'}"
-                 if args.nsd_tolerance is not None else "2 pixels") + " (MONAI's definitions: README, Metrics).",
+                 if args.nsd_tolerance is not None else "2 pixels") + " (MONAI's definitions: docs/segmentation.md, Metrics).",
               f"- Stage 2 config: `{args.config.name}`{' + ' + shlex.join(args.train_args) if args.train_args else ''}"
               + (f"; stage 1: `{args.ldm_config.name}`{' + ' + shlex.join(args.ldm_args) if args.ldm_args else ''}, "
                  f"{args.num_samples} samples per split" if args.generator else "; no generator"),

@@ -2,6 +2,8 @@
 coherent figures. Speed itself is never asserted."""
 from __future__ import annotations
 
+import pytest
+
 import csv
 import importlib.util
 import json
@@ -29,6 +31,7 @@ def check_row(row: dict) -> None:
     assert isinstance(row["peak_mem_gib"], float) and math.isnan(row["peak_mem_gib"]), row
 
 
+@pytest.mark.slow
 def test_bench_train_json_rows():
     result = run_script("benchmarks/bench_train.py", "--device", "cpu", "--width", "4", "--image-size", "32",
                         "--steps", "1", "--warmup", "0", "--variants", *EAGER_VARIANTS, "--json")
@@ -40,6 +43,7 @@ def test_bench_train_json_rows():
     assert rows[0]["tflop_per_step"] == rows[1]["tflop_per_step"]  # the same math in both variants
 
 
+@pytest.mark.slow
 def test_bench_train_loop_times_train_py(tmp_path):
     data = write_dataset(tmp_path / "toy", n=12)
     result = run_script("benchmarks/bench_train.py", "--loop", "--data-dir", data, "--device", "cpu", "--width", "4",
@@ -57,6 +61,7 @@ def test_bench_train_loop_times_train_py(tmp_path):
     assert bad.returncode == 2 and "must be multiples of --eval-every (2)" in bad.stderr
 
 
+@pytest.mark.slow
 def test_bench_ldm_json_rows():
     common = ("--device", "cpu", "--config", "configs/ldm_tiny.yaml", "--image-size", "32", "--batch-size", "2",
               "--sampling-batch-size", "3", "--ddim-steps", "2", "--dpmsolver-steps", "2", "--json")
@@ -89,6 +94,7 @@ def test_bench_ldm_json_rows():
     assert math.isclose(3 * each["sampling DDIM 2"], flops["sampling DDIM 2"].pop(), rel_tol=1e-12)  # batch 3
 
 
+@pytest.mark.slow
 def test_bench_ldm_bad_size_is_one_clear_error():
     # ldm_tiny's autoencoder halves the image twice: 30 is not a multiple of 4
     result = run_script("benchmarks/bench_ldm.py", "--device", "cpu", "--config", "configs/ldm_tiny.yaml",
@@ -118,6 +124,7 @@ def test_flop_count_of_a_convolution_by_hand():
     assert bench.counted_flops(lambda: conv(image).sum().backward()) == 3 * forward  # + input gradient
 
 
+@pytest.mark.slow  # runs training steps for seconds to minutes: out of the fast tier
 def test_bench_ldm_schedule_table(tmp_path, capsys):
     """The schedule of a tiny config with a discriminator from step 3 of 5: each part's FLOPs, the
     totals and the predicted minutes add up; the printed table names every part."""
@@ -152,8 +159,9 @@ def test_bench_ldm_schedule_table(tmp_path, capsys):
         assert part in out
 
 
+@pytest.mark.slow  # runs training steps for seconds to minutes: out of the fast tier
 def test_bench_ldm_schedule_of_the_gpu_configs(capsys):
-    """The figures the README and the configs' comments give (default: both GPU configs, 40 % of
+    """The figures docs/generation.md and the configs' comments give (default: both GPU configs, 40 % of
     790 TFLOP/s): ldm_busi.yaml's schedule fits 15 minutes with room to spare, medfusion's does not."""
     bench = load_bench_ldm()
     assert bench.main(["--what", "schedule", "--json"]) == 0
@@ -173,15 +181,16 @@ def logged_losses(path: Path) -> list[dict]:
         return [{k: float(v) for k, v in row.items() if v != ""} for row in csv.DictReader(f)]
 
 
+@pytest.mark.slow
 def test_bench_ldm_steps_compute_train_ldm_losses(tmp_path):
     """The benchmark times copies of train_ldm.py's inline training steps: they must stay the same
     math. Replayed on the data and seeds of a real two-step run, they give the losses it logged."""
     import train_ldm
-    from dataloaders.ldm_data import StepBatchSampler, TrainingImages, load_training_set
+    from generation.data import StepBatchSampler, TrainingImages, load_training_set
     from networks.ldm import (STREAM_DIFFUSION, STREAM_VAE, AutoencoderPass, PatchDiscriminator, build_unet, build_vae,
                               latent_size, noise_scheduler)
-    from networks.ldm_losses import LatentDiffusionLoss
-    from utils.ldm_run import VAE_DIR, load_model
+    from generation.losses import LatentDiffusionLoss
+    from generation.run import VAE_DIR, load_model
     from utils.runtime import step_generator
     from utils.config import parse_config
 
@@ -246,6 +255,7 @@ def write_history(run_dir: Path, ious: dict[int, float]) -> None:
     (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
 
 
+@pytest.mark.slow
 def test_compare_runs_table_and_png(tmp_path):
     write_history(tmp_path / "fp32", {100: 0.25, 200: 0.5, 300: 0.45})
     write_history(tmp_path / "bf16", {100: 0.3, 200: 0.4})  # stopped early: no row at 300
@@ -259,6 +269,7 @@ def test_compare_runs_table_and_png(tmp_path):
     assert "0.6667" in dice  # 2 * 0.5 / 1.5 at iteration 200
 
 
+@pytest.mark.slow
 def test_compare_runs_names_a_folder_without_metrics(tmp_path):
     (tmp_path / "empty").mkdir()
     result = run_script("benchmarks/compare_runs.py", tmp_path / "empty", check=False)

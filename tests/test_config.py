@@ -51,6 +51,7 @@ def test_yaml_lists_stay_and_a_flag_replaces_them(tmp_path):
     assert cfg.vae_channels == [4, 4, 4] and cfg.class_names == ["benign", "malignant"]
 
 
+@pytest.mark.slow
 def test_help_says_how_to_type_a_list():
     result = subprocess.run([sys.executable, str(ROOT / "train_ldm.py"), "--help"], capture_output=True, text=True,
                             cwd=ROOT, env=dict(os.environ, COLUMNS="200"))

@@ -13,10 +13,10 @@ from conftest import run_script, write_dataset
 from dataloaders.datasets import SegmentationDataset, normalize
 from dataloaders.io import DataError, check_pairs, find_cases, read_image, read_mask, unlabeled_images
 from dataloaders.samplers import StreamBatchSampler
-from dataloaders.ldm_data import load_training_set
+from generation.data import load_training_set
 from dataloaders.splits import load_run_data
 from utils.config import parse_config
-from utils.ldm_run import load_data
+from generation.run import load_data
 import train
 import train_ldm
 
@@ -200,6 +200,7 @@ def test_ambiguous_split_files_are_an_error_naming_them(tmp_path):
         load_run_data(data, 1, split_name="nothing")
 
 
+@pytest.mark.slow
 def test_split_name_is_a_flag_of_every_script_that_reads_split_files(tmp_path):
     data = write_dataset(tmp_path / "BUSI_2020", n=9)
     rename_split_files(data, "busi_2020", "a")
@@ -264,6 +265,7 @@ def test_a_folder_without_manifest_is_accepted_with_a_note(dataset, tmp_path, ca
     assert len(err.strip().splitlines()) == 1
 
 
+@pytest.mark.slow
 def test_train_py_refuses_a_leaking_folder(dataset, tmp_path):
     synth = tmp_path / "synth"
     generated_folder(synth, (dataset / "toy_val1.txt").read_text().splitlines()[:1], tmp_path)

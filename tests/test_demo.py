@@ -13,9 +13,6 @@ from dataloaders.io import read_id_list
 ARMS = ("supervised", "mgcc-real", "mgcc-synthetic")
 
 
-pytestmark = pytest.mark.slow  # every test here reads the demo's run
-
-
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo") / "run"
@@ -23,6 +20,7 @@ def demo(tmp_path_factory):
     return out, result
 
 
+@pytest.mark.slow
 def test_quick_demo_runs_every_arm_on_two_splits(demo):
     out, result = demo
     for stage in ("phantom", "split", "split1/ldm", "split1/samples", "split2/ldm", "split2/samples",
@@ -60,6 +58,7 @@ def test_quick_demo_runs_every_arm_on_two_splits(demo):
     assert (out / "results.png").stat().st_size > 0 and (out / "phantom" / "preview.png").is_file()
 
 
+@pytest.mark.slow
 def test_rerun_skips_everything_and_changes_nothing(demo):
     out, _ = demo
     # every stage's outputs; the results files are written again, with the same content
@@ -73,6 +72,7 @@ def test_rerun_skips_everything_and_changes_nothing(demo):
     assert {p: p.stat().st_mtime_ns for p in before} == before
 
 
+@pytest.mark.slow
 def test_changed_option_is_a_stale_stage_error(demo):
     out, _ = demo
     data = out / "phantom"

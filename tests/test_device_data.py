@@ -18,9 +18,9 @@ from dataloaders.samplers import StreamBatchSampler
 from dataloaders.splits import load_run_data
 from methods import build_method
 from networks.mgcc import MGCCNet
-from utils.evaluation import evaluate
-from utils.losses import consistency_weight, poly_lr_factor
-from utils.segmenter import make_optimizer, make_train_step
+from segmenter.evaluation import evaluate
+from utils.schedule import consistency_weight, poly_lr_factor
+from segmenter.training import make_optimizer, make_train_step
 from utils.training import LossLog
 
 CPU = torch.device("cpu")
@@ -111,6 +111,7 @@ def test_resize_does_not_commute_exactly_with_rot90_and_flips_in_opencv(items):
     assert image_diff <= 1 and 0 < mask_diff < 0.05 * len(items) * 16 * size * size
 
 
+@pytest.mark.slow  # runs training steps for seconds to minutes: out of the fast tier
 def test_device_evaluation_gives_the_loader_paths_metrics(items):
     torch.manual_seed(0)
     model = MGCCNet(in_channels=3, width=4).eval()
@@ -175,6 +176,7 @@ def test_the_step_with_resident_data_never_reads_back(items, tmp_path, mode):
         float(loss)  # the check itself catches a read-back
 
 
+@pytest.mark.slow  # runs training steps for seconds to minutes: out of the fast tier
 def test_the_whole_step_compiles_once_while_lr_and_consistency_change(monkeypatch):
     """--compile-scope step: the learning rate and the consistency weight are tensors filled in place,
     so changing them never recompiles the step (inductor's code generation is left out here: the

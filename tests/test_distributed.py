@@ -19,7 +19,7 @@ from dataloaders.splits import load_run_data
 from networks.mgcc import MGCCNet
 from test_train import TINY
 from torch.utils.data import DataLoader
-from utils.evaluation import evaluate
+from segmenter.evaluation import evaluate
 
 
 def torchrun(script: str, *args, nproc: int = 2) -> subprocess.CompletedProcess:
@@ -40,6 +40,7 @@ def test_ranks_split_each_global_batch_without_overlap():
         assert sorted(a + b) == sorted(batch) and not set(a) & set(b) and len(a) == len(b) == 2
 
 
+@pytest.mark.slow
 def test_two_process_training_resume_and_single_process_use(tmp_path, dataset):
     out = tmp_path / "ddp"
     args = ["--data-dir", dataset, "--out-dir", out, *TINY, "--iterations", "6"]
@@ -75,6 +76,7 @@ def test_two_process_training_resume_and_single_process_use(tmp_path, dataset):
     assert json.loads((single_out / "metrics.json").read_text())["iterations"] == 4
 
 
+@pytest.mark.slow
 def test_sigterm_to_the_process_group_under_torchrun_checkpoints(tmp_path, dataset):
     """The group's SIGTERM reaches each rank twice (directly, and forwarded by torchrun's agent) and
     their data-loader workers: every rank must still finish the step and the checkpoint be written."""

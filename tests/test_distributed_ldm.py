@@ -10,11 +10,11 @@ import pytest
 import torch
 
 from conftest import ROOT, run_script, write_dataset
-from dataloaders.ldm_data import StepBatchSampler, TrainingImages, load_training_set
+from generation.data import StepBatchSampler, TrainingImages, load_training_set
 from networks.ldm import latent_scaling_factor
 from test_distributed import torchrun
 from train_ldm import encode_training_set
-from utils.ldm_run import load_model
+from generation.run import load_model
 
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")  # diffusers + numpy 2
 
@@ -44,6 +44,7 @@ def test_ranks_slice_each_global_batch_without_overlap():
         StepBatchSampler(7, 3, seed=3, start_step=0, end_step=1, rank=0, world_size=2)
 
 
+@pytest.mark.slow
 def test_two_process_training_resumes_across_process_counts_and_samples_in_one(tmp_path: Path, monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # as torchrun's processes: two threads on two busy cores crawl
     data = write_dataset(tmp_path / "toy", n=12, size=(64, 80))

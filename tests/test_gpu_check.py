@@ -53,6 +53,7 @@ def markdown_tables(text: str) -> list[list[list[str]]]:
     return tables
 
 
+@pytest.mark.slow
 def test_every_part_and_variant_row_has_numbers(tiny_run):
     report, _ = tiny_run
     env = report["environment"]
@@ -107,6 +108,7 @@ def test_every_part_and_variant_row_has_numbers(tiny_run):
     assert part4["curves"]["windows"] == 2 and isinstance(part4["curves"]["within_tolerance"], bool)
 
 
+@pytest.mark.slow
 def test_markdown_rows_parse(tiny_run):
     report, text = tiny_run
     assert text.startswith("### GPU check: CPU")
@@ -129,6 +131,7 @@ def test_markdown_rows_parse(tiny_run):
     assert part1[("step", VARIANTS[3])]["status"].startswith("skipped: CUDA graphs")
 
 
+@pytest.mark.slow
 def test_budget_marks_later_parts_skipped_with_the_reason(tmp_path):
     """A budget too small to start anything: every row of every part is there, skipped, saying why."""
     run_script("benchmarks/gpu_check.py", "--device", "cpu", "--size", "tiny", "--budget-s", "1",
@@ -144,6 +147,7 @@ def test_budget_marks_later_parts_skipped_with_the_reason(tmp_path):
     assert report["recommendation"] is None
 
 
+@pytest.mark.slow  # runs training steps for seconds to minutes: out of the fast tier
 def test_a_benchmark_past_its_deadline_is_cut_keeping_its_rows(tmp_path):
     """The process is killed at the part's deadline; the rows it printed are kept, the rest are cut."""
     script = ("import json, time; print(json.dumps({'variant': 'a', 'it_per_s': 2.0}), flush=True); "

@@ -118,6 +118,7 @@ def test_the_pixel_limit_is_an_option(tmp_path, capsys, monkeypatch):
     assert exit_.value.code == 2 and "must be in [1, 1073741824]" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_train_py_takes_the_pixel_limit(dataset, tmp_path, monkeypatch):
     import train
 
@@ -282,6 +283,7 @@ def test_reproduce_names_an_unclosed_quote_in_train_args():
         reproduce.parse_args(["--data-dir", "x", "--train-args", '--iterations "4'])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("flag, value, message", [
     ("--image-size", "0", "must be a positive multiple of 16 (the network halves the image four times)"),
     ("--image-size", "-32", "must be a positive multiple of 16"),

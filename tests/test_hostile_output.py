@@ -54,6 +54,7 @@ def snapshot(folder):
 
 # --- 1. outputs never overwrite inputs ------------------------------------------------------------------
 
+@pytest.mark.slow
 @pytest.mark.parametrize("out", ["gt", "images", "images/..", "gt/masks"])
 def test_an_output_folder_holding_or_being_an_input_folder_is_refused(case, out):
     data, checkpoint = case
@@ -63,6 +64,7 @@ def test_an_output_folder_holding_or_being_an_input_folder_is_refused(case, out)
     assert snapshot(data / "gt" / "masks") == truth and snapshot(data / "images") == images
 
 
+@pytest.mark.slow
 def test_a_masks_folder_linked_to_an_input_folder_is_refused(case, tmp_path):
     data, checkpoint = case
     out = tmp_path / "out"
@@ -74,6 +76,7 @@ def test_a_masks_folder_linked_to_an_input_folder_is_refused(case, tmp_path):
     assert snapshot(data / "gt" / "masks") == truth
 
 
+@pytest.mark.slow
 def test_a_link_at_an_output_name_is_replaced_never_written_through(case, tmp_path):
     data, checkpoint = case
     elsewhere = tmp_path / "precious.png"
@@ -108,6 +111,7 @@ def fill_the_disk_after(monkeypatch, writes: int):
     monkeypatch.setattr(cv2, "imwrite", imwrite)
 
 
+@pytest.mark.slow
 def test_predict_on_a_full_disk_names_the_file_and_leaves_no_empty_mask(case, tmp_path, monkeypatch):
     data, checkpoint = case
     fill_the_disk_after(monkeypatch, writes=2)
@@ -136,6 +140,7 @@ def test_a_checkpoint_on_a_full_disk_is_one_error_and_the_previous_one_stays(tmp
     assert torch.load(path)["iteration"] == 1 and [p.name for p in tmp_path.iterdir()] == [path.name]
 
 
+@pytest.mark.slow
 def test_an_output_folder_that_is_a_file_is_one_error(case, tmp_path):
     data, checkpoint = case
     (tmp_path / "out").write_text("a file")
@@ -145,6 +150,7 @@ def test_an_output_folder_that_is_a_file_is_one_error(case, tmp_path):
 
 # --- 6. non-finite and crafted checkpoints are refused where they are loaded ---------------------------
 
+@pytest.mark.slow
 def test_predict_refuses_an_all_nan_checkpoint(case, tmp_path):
     data, _ = case
     checkpoint = segmenter_checkpoint(tmp_path / "nan.pt", poison=True)
@@ -153,6 +159,7 @@ def test_predict_refuses_an_all_nan_checkpoint(case, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("override, message", [
     ({"model": [1, 2]}, "model is a list, expected a dict"),
     ({"config": ["image_size"]}, "config is a list, expected a dict"),
@@ -167,6 +174,7 @@ def test_predict_refuses_crafted_checkpoints(case, tmp_path, override, message):
         run_predict(data, checkpoint, tmp_path / "out")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("flag, value", [("--batch-size", "0"), ("--num-workers", "-1"), ("--threshold", "2")])
 def test_predict_checks_its_flags(case, tmp_path, capsys, flag, value):
     data, checkpoint = case
@@ -179,7 +187,7 @@ def test_a_nan_denoiser_is_refused_where_it_is_loaded(tmp_path):
     """sample_ldm.py loads its networks through load_model: a NaN denoiser sampled black images, exit 0."""
     from diffusers import UNet2DModel
 
-    from utils.ldm_run import load_model, save_model
+    from generation.run import load_model, save_model
 
     unet = UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(4, 4), layers_per_block=1,
                        norm_num_groups=2, down_block_types=("DownBlock2D", "DownBlock2D"),

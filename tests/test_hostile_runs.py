@@ -40,6 +40,7 @@ def alive(pid: int) -> bool:
 
 # --- 4. kill -9 of reproduce.py ends its stage ----------------------------------------------------------
 
+@pytest.mark.slow
 def test_a_stage_ends_when_its_runner_is_killed_outright(tmp_path):
     """The stage runs in its own session, so a signal to the runner's group never reached it; after
     `kill -9` of the runner it went on writing its folder. Now the kernel sends it SIGTERM."""
@@ -104,6 +105,7 @@ def hold_lock(folder, marks):
     return process
 
 
+@pytest.mark.slow
 def test_a_second_writer_is_refused_and_a_killed_one_leaves_no_lock(tmp_path):
     from utils.locks import FolderInUseError, FolderLock
 
@@ -169,6 +171,7 @@ def wider(checkpoint):
     checkpoint["model"] = MGCCNet(**{**checkpoint["model_args"], "width": 8}).state_dict()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("change, message", [
     (nan_weights, r"checkpoint_last.pt: its weights hold NaN or infinite values in \d+ tensor\(s\)"),
     (lambda c: c.pop("rng"), "checkpoint_last.pt is not a complete checkpoint of this project: rng is missing"),
@@ -184,6 +187,7 @@ def test_resume_refuses_a_crafted_or_non_finite_checkpoint(tmp_path, stopped_run
     assert isinstance(error, CheckpointError) and re.search(message, str(error)), error
 
 
+@pytest.mark.slow
 def test_an_out_dir_that_is_a_file_or_read_only_is_named_before_the_data_checks(tmp_path, monkeypatch):
     import train
     from utils.files import WriteError
@@ -202,6 +206,7 @@ def test_an_out_dir_that_is_a_file_or_read_only_is_named_before_the_data_checks(
         train.main(["--data-dir", missing, "--out-dir", str(tmp_path / "ro" / "run"), *TINY])
 
 
+@pytest.mark.slow
 def test_a_run_that_failed_before_its_first_checkpoint_can_be_rerun_into_its_folder(tmp_path, capsys):
     import train
     from conftest import write_dataset
@@ -219,6 +224,7 @@ def test_a_run_that_failed_before_its_first_checkpoint_can_be_rerun_into_its_fol
         train.main(["--data-dir", str(data), "--out-dir", str(run), *TINY])
 
 
+@pytest.mark.slow
 def test_a_second_train_py_into_a_folder_being_written_is_refused(tmp_path):
     import train
     from conftest import write_dataset
@@ -238,6 +244,7 @@ def test_a_second_train_py_into_a_folder_being_written_is_refused(tmp_path):
     assert not (tmp_path / ".run.lock").exists()  # a writer that ends removes its lock file
 
 
+@pytest.mark.slow
 def test_a_second_sample_ldm_py_into_a_folder_being_written_is_refused(tmp_path):
     import sample_ldm
     from utils.locks import FolderInUseError
@@ -253,6 +260,7 @@ def test_a_second_sample_ldm_py_into_a_folder_being_written_is_refused(tmp_path)
         process.wait(timeout=60)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("train_ids, found", [(None, "NoneType"), ([["benign (1)"]], "a list holding non-strings")])
 def test_sample_ldm_names_an_ldm_json_with_unreadable_train_ids(tmp_path, train_ids, found):
     """Was a traceback (an unhashable list, or None, where the training ids are looked up)."""
@@ -268,6 +276,7 @@ def test_sample_ldm_names_an_ldm_json_with_unreadable_train_ids(tmp_path, train_
         sample_ldm.main(["--checkpoint", str(run), "--out-dir", str(tmp_path / "synth"), "--no-progress"])
 
 
+@pytest.mark.slow
 def test_a_second_train_ldm_py_into_a_folder_being_written_is_refused(tmp_path):
     import train_ldm
     from utils.locks import FolderInUseError

@@ -1,4 +1,4 @@
-"""Image-quality measures of stage 1 (utils/image_quality.py) and the KL weighting of the
+"""Image-quality measures of stage 1 (generation/image_quality.py) and the KL weighting of the
 autoencoder's loss, against hand-computed cases and sets whose answer is known."""
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from conftest import ROOT
 import train_ldm
 from networks.ldm import AutoencoderPass, build_vae
-from networks.ldm_losses import kl_per_pixel
+from generation.losses import kl_per_pixel
 from utils.config import parse_config
-from utils.image_quality import c2st_accuracy, calibrated_memorisation, closest_pairs_image, describe_memorisation, psnr
+from generation.image_quality import c2st_accuracy, calibrated_memorisation, closest_pairs_image, describe_memorisation, psnr
 
 
 def test_psnr_matches_hand_computed_values():
@@ -55,6 +55,7 @@ def blobs(count: int, seed: int, lesion: float = 50.0, size: int = 32) -> np.nda
     return images
 
 
+@pytest.mark.slow  # runs training steps for seconds to minutes: out of the fast tier
 def test_c2st_is_chance_for_one_distribution_and_certain_for_two():
     same = c2st_accuracy(blobs(60, seed=1), blobs(60, seed=2), epochs=10)
     assert 0.3 <= same <= 0.7  # chance is 0.5 (120 held-out predictions: ±0.09 is two standard deviations)
@@ -73,6 +74,7 @@ def phantoms(count: int, seed: int) -> np.ndarray:
     return np.stack([make_phantom(rng, (64, 64), malignant=bool(k % 2))[0] for k in range(count)])
 
 
+@pytest.mark.slow  # runs training steps for seconds to minutes: out of the fast tier
 def test_memorisation_is_calibrated_on_held_out_real_images_and_one_on_copies():
     """Real images the generator never saw, standing in for its samples, score the level itself; copies
     of training images score 1.

@@ -32,6 +32,7 @@ def wait_for(path, process, timeout=120.0):
         time.sleep(0.05)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
 def test_signal_finishes_the_step_saves_and_says_how_to_resume(tmp_path, dataset, signum):
     out = tmp_path / "run"
@@ -47,6 +48,7 @@ def test_signal_finishes_the_step_saves_and_says_how_to_resume(tmp_path, dataset
     assert 0 < checkpoint["iteration"] < 100000
 
 
+@pytest.mark.slow
 def test_sigterm_to_the_process_group_checkpoints_and_resumes_exactly(tmp_path, dataset):
     """scancel, preemption and timeout signal every process of the job, the data-loader workers
     included: the run must still finish its step, save, exit 143 without a traceback, and resume exactly."""
@@ -74,6 +76,7 @@ def test_sigterm_to_the_process_group_checkpoints_and_resumes_exactly(tmp_path, 
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.slow
 def test_kill_9_then_resume_equals_an_uninterrupted_run(tmp_path, dataset):
     args = ["--iterations", "8", "--eval-every", "4", "--checkpoint-every", "2", "--seed", "3"]
     assert train.main(["--data-dir", str(dataset), "--out-dir", str(tmp_path / "straight"), *TINY, *args]) == 0
@@ -91,6 +94,7 @@ def test_kill_9_then_resume_equals_an_uninterrupted_run(tmp_path, dataset):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.slow
 def test_divergence_stops_and_keeps_the_last_good_checkpoint(tmp_path, dataset):
     """A learning rate of 1e30 poisons the weights after the first step: the run must stop with the
     iteration named, exit status 3, and leave the checkpoint written before the divergence intact."""

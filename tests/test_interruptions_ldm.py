@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 from conftest import ROOT, run_script, write_dataset
 import sample_ldm
 import train_ldm
-from utils.ldm_run import save_model
+from generation.run import save_model
 from utils.checkpoint import atomic_save, load_checkpoint
 from utils.cli import run_cli
 
@@ -88,6 +88,7 @@ def fails(capsys, main, args: list, *expected: str) -> None:
 # train_ldm.py
 # ----------------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 @pytest.mark.parametrize("group", [False, True], ids=["process", "process-group"])
 def test_sigterm_finishes_the_step_saves_and_the_run_resumes(data: Path, tmp_path: Path, group: bool):
     """SIGTERM to the process alone, or to its whole group (scancel, timeout), data-loader workers included."""
@@ -116,6 +117,7 @@ def test_sigterm_finishes_the_step_saves_and_the_run_resumes(data: Path, tmp_pat
     assert load_checkpoint(run / "state_diffusion.pt")["step"] == 1
 
 
+@pytest.mark.slow
 def test_kill_9_then_resume_gives_the_weights_of_an_uninterrupted_run(data: Path, straight: Path, tmp_path: Path):
     run = tmp_path / "killed"
     process = start("train_ldm.py", "--data-dir", data, "--out-dir", run, *TINY, *RUN)
@@ -154,6 +156,7 @@ def test_a_crash_while_saving_a_network_keeps_its_previous_files(tmp_path: Path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["unet"]  # no temporary folder left behind
 
 
+@pytest.mark.slow
 def test_a_corrupt_training_image_is_one_error_before_training(tmp_path: Path):
     data = write_dataset(tmp_path / "toy", n=9)
     victim = data / "images" / "malignant (2).png"  # a training image
@@ -169,6 +172,7 @@ def test_a_corrupt_training_image_is_one_error_before_training(tmp_path: Path):
     assert not (tmp_path / "run").exists()  # nothing written
 
 
+@pytest.mark.slow
 def test_a_non_finite_loss_stops_with_status_3_and_keeps_the_last_good_checkpoint(data: Path, tmp_path: Path):
     """A discriminator weight beyond float32 turns the loss infinite once the discriminator starts
     (step 3): the run must stop there, name the step, and keep the checkpoint of step 2."""
@@ -184,6 +188,7 @@ def test_a_non_finite_loss_stops_with_status_3_and_keeps_the_last_good_checkpoin
     assert all(torch.isfinite(t).all() for t in saved["model"].values())
 
 
+@pytest.mark.slow
 def test_unusable_state_files_for_resume_say_what_was_expected(straight: Path, tmp_path: Path, capsys):
     truncated = tmp_path / "truncated"
     shutil.copytree(straight, truncated)
@@ -211,6 +216,7 @@ def test_unusable_state_files_for_resume_say_what_was_expected(straight: Path, t
 # sample_ldm.py
 # ----------------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_unusable_models_for_sampling_say_what_was_expected(straight: Path, tmp_path: Path, capsys):
     def broken(name: str) -> Path:
         run = tmp_path / name
@@ -242,6 +248,7 @@ def test_unusable_models_for_sampling_say_what_was_expected(straight: Path, tmp_
                  "train_ldm.py")
 
 
+@pytest.mark.slow
 def test_kill_9_sigint_or_group_sigterm_while_sampling_leaves_no_output_folder(straight: Path, tmp_path: Path):
     out = tmp_path / "synth"
     partial = tmp_path / ".synth.partial"

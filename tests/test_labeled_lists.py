@@ -104,6 +104,7 @@ def test_reproduce_gives_every_arm_the_splits_labeled_list(tmp_path):
         reproduce.parse_args(["--data-dir", str(data), "--labeled", "4", "--labeled-fraction", "0.5"])
 
 
+@pytest.mark.slow
 def test_train_py_labeled_list_errors(dataset, tmp_path):
     import train
     from utils.config import ConfigError

@@ -18,9 +18,9 @@ from conftest import ROOT, run_script, write_dataset
 import sample_ldm
 import train_ldm
 from dataloaders.io import DataError, check_images, read_id_list, unlabeled_images
-from dataloaders.ldm_data import StepBatchSampler, TrainingImages, class_labels, load_training_set, thumbnails
+from generation.data import StepBatchSampler, TrainingImages, class_labels, load_training_set, thumbnails
 from networks.ldm import build_unet, build_vae, count_parameters, parameter_counts
-from utils.image_quality import nearest_training_images, ssim, typical_training_distance
+from generation.image_quality import nearest_training_images, ssim, typical_training_distance
 from utils.checkpoint import atomic_save
 from utils.cli import run_cli
 from utils.config import parse_config
@@ -154,7 +154,7 @@ def test_classes_from_id_prefix_or_csv(tmp_path: Path):
 
 
 def test_networks_of_the_configs():
-    # the figures the README gives; both GPU configs make the reference system's 8x32x32 latents
+    # the figures docs/generation.md gives; both GPU configs make the reference system's 8x32x32 latents
     for config, counts, dropout in ((BUSI, {"vae": 13_491_337, "unet": 34_177_288}, 0.1),
                                     (MEDFUSION, {"vae": 53_807_017, "unet": 236_538_376}, 0.0)):
         cfg = parse_config(train_ldm.OPTIONS, "", ["--config", config])
@@ -177,6 +177,7 @@ def test_networks_of_the_configs():
 # the scripts, end to end
 # ----------------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_training_writes_a_complete_run_from_training_images_only(trained_run: Path, data: Path):
     import json
     info = json.loads((trained_run / "ldm.json").read_text())
@@ -196,17 +197,18 @@ def test_training_writes_a_complete_run_from_training_images_only(trained_run: P
     assert rows[0]["discriminator"] == "" and float(rows[-1]["discriminator"]) > 0  # from disc_start 1
 
 
+@pytest.mark.slow
 def test_validation_images_never_reach_the_generator(tmp_path: Path, monkeypatch, capsys):
     """Every image the training process opens to train is a training image (an unconditional run,
     sampled too); the validation images are opened only to measure the trained autoencoder."""
     import json
 
-    import dataloaders.ldm_data as ldm_data
+    import generation.data as generation_data
 
     root = write_dataset(tmp_path / "toy", n=9)
     opened, measured = [], []
-    real_read, real_evaluate = ldm_data.read_image, train_ldm.evaluate_vae
-    monkeypatch.setattr(ldm_data, "read_image", lambda path, channels: opened.append(Path(path).stem)
+    real_read, real_evaluate = generation_data.read_image, train_ldm.evaluate_vae
+    monkeypatch.setattr(generation_data, "read_image", lambda path, channels: opened.append(Path(path).stem)
                         or real_read(path, channels))
 
     def evaluate_vae(*args, **kwargs):
@@ -241,6 +243,7 @@ def test_validation_images_never_reach_the_generator(tmp_path: Path, monkeypatch
         assert "unconditional" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_resume_gives_the_weights_of_an_uninterrupted_run(trained_run: Path, data: Path):
     """The fixture ran 4 + 4 steps straight; here 2 + 2 steps of each stage with a restart between
     (in this process: the state must come from the run folder alone, not from the process)."""
@@ -266,6 +269,7 @@ def test_resume_gives_the_weights_of_an_uninterrupted_run(trained_run: Path, dat
     assert c["step"] == 4 and c["ema"]["optimization_step"] == 4
 
 
+@pytest.mark.slow
 def test_sampled_folder_is_train_py_unlabeled_data(trained_run: Path, data: Path, tmp_path: Path, capsys):
     import json
     out = tmp_path / "synth"
@@ -345,6 +349,7 @@ def test_sampled_folder_is_train_py_unlabeled_data(trained_run: Path, data: Path
     assert len(unlabeled_images(again)) == 2 and len(read_manifest(again)) == 2
 
 
+@pytest.mark.slow
 def test_conditional_model_samples_the_asked_class(trained_run: Path, tmp_path: Path):
     made = {}
     for name, extra in (("malignant", ()), ("benign", ("--scheduler", "dpmsolver", "--guidance-scale", "3"))):
@@ -362,6 +367,7 @@ def test_conditional_model_samples_the_asked_class(trained_run: Path, tmp_path: 
 # bad input: one clear error, exit status 2, nothing half-written
 # ----------------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_training_errors(tmp_path: Path, data: Path, trained_run: Path, capsys):
     def fails(args: list[str], *expected: str, status: int = 2) -> None:
         assert exit_status(train_ldm.main, args) == status
@@ -386,6 +392,7 @@ def test_training_errors(tmp_path: Path, data: Path, trained_run: Path, capsys):
     assert not (tmp_path / "r6" / "state_vae.pt").exists() and not (tmp_path / "r6" / "vae").exists()
 
 
+@pytest.mark.slow
 def test_sampling_errors(tmp_path: Path, trained_run: Path, capsys):
     def fails(args: list[str], *expected: str) -> None:
         assert exit_status(sample_ldm.main, [*args, "--out-dir", str(tmp_path / "out"), "--device", "cpu"]) == 2

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from utils.losses import (bce_dice_loss, consistency_loss, consistency_weight, poly_lr_factor, soft_dice_loss,
-                          supervised_loss)
+from methods.losses import bce_dice_loss, consistency_loss, soft_dice_loss, supervised_loss
+from utils.schedule import consistency_weight, poly_lr_factor
 from utils.metrics import MetricAverager, per_image_metrics
 
 

@@ -29,6 +29,7 @@ def states_equal(a: dict, b: dict) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method, network", CASES)
 def test_each_method_trains_and_resumes_to_the_same_weights(tmp_path, dataset, method, network):
     args = ["--data-dir", str(dataset), *TINY, "--iterations", "4", "--eval-every", "2", *method_flags(method, network)]
@@ -54,6 +55,7 @@ def test_each_method_trains_and_resumes_to_the_same_weights(tmp_path, dataset, m
         assert all(r["train_cons"] > 0 for r in log)
 
 
+@pytest.mark.slow
 def test_mean_teacher_teacher_follows_the_student_by_ema(tmp_path, dataset):
     args = ["--data-dir", str(dataset), *TINY, "--iterations", "3", "--eval-every", "3",
             *method_flags("mean-teacher", "unet"), "--ema-decay", "0.5", "--out-dir", str(tmp_path / "run")]
@@ -67,6 +69,7 @@ def test_mean_teacher_teacher_follows_the_student_by_ema(tmp_path, dataset):
         assert (teacher[k] - checkpoint["model"][k]).abs().max() < 0.05
 
 
+@pytest.mark.slow  # runs training steps for seconds to minutes: out of the fast tier
 def test_sigterm_checkpoints_the_teacher_and_resumes(tmp_path, dataset):
     out = tmp_path / "run"
     process = start_training(dataset, out, "--iterations", "100000", "--eval-every", "100000", "--checkpoint-every",
@@ -79,6 +82,7 @@ def test_sigterm_checkpoints_the_teacher_and_resumes(tmp_path, dataset):
     assert 0 < checkpoint["iteration"] < 100000 and any(k.startswith("teacher.") for k in checkpoint["method_state"])
 
 
+@pytest.mark.slow
 def test_every_method_under_torchrun_and_its_checkpoint_in_predict(tmp_path, dataset):
     """Two gloo processes: each comparison method trains (cps, with its second network, also resumes
     under torchrun), and its DDP checkpoint predicts in a single process."""
@@ -100,6 +104,7 @@ def test_every_method_under_torchrun_and_its_checkpoint_in_predict(tmp_path, dat
             assert len(list((tmp_path / f"{method}_pred" / "masks").iterdir())) == 12
 
 
+@pytest.mark.slow
 def test_bad_method_choices_are_one_clear_error(tmp_path, dataset):
     base = ["--data-dir", dataset, "--out-dir", tmp_path / "run", *TINY, "--iterations", "1"]
     result = run_script("train.py", *base, "--method", "mgcc", "--network", "unet", check=False)
@@ -110,6 +115,7 @@ def test_bad_method_choices_are_one_clear_error(tmp_path, dataset):
     assert result.returncode == 2 and "labeled_batch_size must be in [1, batch_size - 1] for cps" in result.stderr
 
 
+@pytest.mark.slow
 def test_reproduce_two_methods_on_two_networks(tmp_path, dataset):
     out = tmp_path / "out"
     run_script("reproduce.py", "--data-dir", dataset, "--out-dir", out, "--preset", "demo", "--no-generator",
@@ -127,6 +133,7 @@ def test_reproduce_two_methods_on_two_networks(tmp_path, dataset):
     assert "| cct-unet-real |" in differences and "| supervised |" in differences
 
 
+@pytest.mark.slow
 def test_bench_train_times_a_method_step():
     result = run_script("benchmarks/bench_train.py", "--device", "cpu", "--method", "mean-teacher", "--network", "unet",
                         "--width", "4", "--image-size", "32", "--steps", "1", "--warmup", "1", "--variants",

@@ -38,6 +38,7 @@ def write_nnunet(root: Path, n: int = 9) -> Path:
     return dataset
 
 
+@pytest.mark.slow
 def test_converted_dataset_is_read_like_any_other(tmp_path):
     nnunet = write_nnunet(tmp_path)
     out = tmp_path / "toy"
@@ -62,6 +63,7 @@ def test_converted_dataset_is_read_like_any_other(tmp_path):
     assert not image.is_symlink() and read_mask(mask)[:3].any() and not read_mask(mask)[3:].any()
 
 
+@pytest.mark.slow
 def test_a_case_without_a_label_is_one_clear_error(tmp_path):
     nnunet = write_nnunet(tmp_path)
     (nnunet / "labelsTr" / "toy_004.png").unlink()

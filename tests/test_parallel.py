@@ -82,6 +82,7 @@ def sequential(tmp_path_factory):
     return data, out
 
 
+@pytest.mark.slow
 def test_jobs_2_equals_the_sequential_run(sequential, tmp_path):
     data, reference = sequential
     out = tmp_path / "jobs2"
@@ -98,6 +99,7 @@ def test_jobs_2_equals_the_sequential_run(sequential, tmp_path):
     assert (out / "times.csv").is_file() and "train_seconds" not in (out / "results.csv").read_text()
 
 
+@pytest.mark.slow
 def test_a_killed_parallel_run_resumes_every_stage(sequential, tmp_path):
     """kill -9 of reproduce.py while two stages train: each gets SIGTERM from the kernel, checkpoints,
     and the rerun resumes both and gives the uninterrupted run's results."""
@@ -131,6 +133,7 @@ def test_a_killed_parallel_run_resumes_every_stage(sequential, tmp_path):
         assert all(torch.equal(a[k], b[k]) for k in a), arm
 
 
+@pytest.mark.slow
 def test_submitit_local_runs_the_protocol_with_dependencies_and_a_preemption(sequential, tmp_path):
     """--launcher submitit-local: every stage a job, submitted at once; mgcc-synthetic waits for the
     samples, which wait for the generator. Its job is preempted (SIGUSR2, as SLURM sends it) once it
@@ -168,6 +171,7 @@ def test_submitit_local_runs_the_protocol_with_dependencies_and_a_preemption(seq
     assert_same_results(out, reference)
 
 
+@pytest.mark.slow
 def test_slurm_jobs_carry_the_stages_dependencies_and_are_never_submitted_twice(tmp_path):
     """--launcher slurm against stand-ins for sbatch and sacct: each job's script names its partition,
     time limit, the USR2 warning and afterok on the jobs of its inputs; a rerun while sacct says they
@@ -223,6 +227,7 @@ def _write_entries(path: str, worker: int, count: int) -> None:
         ledger.set_job(stage.name, state="ended")
 
 
+@pytest.mark.slow
 def test_the_ledger_keeps_every_concurrent_writer_s_entries(tmp_path):
     """Four processes each recording 15 stages in one ledger at once: all 60 are there, finished."""
     path = tmp_path / "stages.json"
@@ -239,6 +244,7 @@ def test_the_ledger_keeps_every_concurrent_writer_s_entries(tmp_path):
     json.loads(path.read_text())  # whole, never half written
 
 
+@pytest.mark.slow
 def test_bad_parallel_options_are_one_clear_error(tmp_path):
     data = write_dataset(tmp_path / "toy", n=6)
     for flags, message in ((["--jobs", "0"], "--jobs must be at least 1"),

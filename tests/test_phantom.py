@@ -139,6 +139,7 @@ def test_an_interrupted_run_leaves_the_folder_as_it_was(tmp_path, monkeypatch):
     assert sorted(os.listdir(tmp_path)) == ["phantom"]  # no staging folder left behind
 
 
+@pytest.mark.slow
 def test_cli_end_to_end_then_split(tmp_path):
     out = tmp_path / "phantom"
     result = run_phantom("--out-dir", out, "--num-images", 10, "--height", 48, "--width", 64, "--seed", 1, "--sector")
@@ -170,6 +171,7 @@ def test_cli_end_to_end_then_split(tmp_path):
     assert files_of(copy / "images") == files_of(out / "images")
 
 
+@pytest.mark.slow
 def test_cli_bad_value_is_an_error(tmp_path):
     result = run_phantom("--out-dir", tmp_path / "p", "--height", 8, check=False)
     assert result.returncode == 2 and result.stderr.startswith("error: ") and "8x128" in result.stderr

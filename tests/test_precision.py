@@ -35,6 +35,7 @@ def step():
     return check, model, batch, check.step_gradient(model, batch, None, draw=1)
 
 
+@pytest.mark.slow  # runs training steps for seconds to minutes: out of the fast tier
 def test_bf16_step_loss_matches_fp32(step):
     check, model, batch, (fp32_losses, _) = step
     bf16_losses, _ = check.step_gradient(model, batch, torch.bfloat16, draw=1)
@@ -42,6 +43,7 @@ def test_bf16_step_loss_matches_fp32(step):
     assert bf16_losses != fp32_losses  # bf16 really ran
 
 
+@pytest.mark.slow  # runs training steps for seconds to minutes: out of the fast tier
 def test_bf16_step_gradient_follows_fp32(step):
     """With the image's convolution in float32 the bf16 gradient points where fp32's does; with it in
     bf16 (plain autocast) the encoder's gradient is almost unrelated to the fp32 one."""

@@ -32,6 +32,7 @@ def trained(tmp_path_factory):
     return data, tmp / "run" / "checkpoint_best.pt"
 
 
+@pytest.mark.slow
 def test_masks_overlays_and_metrics(tmp_path, trained):
     data, checkpoint = trained
     out = tmp_path / "out"
@@ -50,6 +51,7 @@ def test_masks_overlays_and_metrics(tmp_path, trained):
     assert summary["iou"] == pytest.approx(np.mean([float(r["iou"]) for r in rows]))
 
 
+@pytest.mark.slow
 def test_spacing_gives_surface_metrics_in_mm(tmp_path, trained):
     data, checkpoint = trained
     common = ["--checkpoint", str(checkpoint), "--input-dir", str(data), "--masks-dir", str(data / "masks" / "0"),
@@ -76,6 +78,7 @@ def test_spacing_gives_surface_metrics_in_mm(tmp_path, trained):
     assert not (tmp_path / "bad").exists()
 
 
+@pytest.mark.slow
 def test_official_checkpoint_gives_the_official_masks(tmp_path):
     """An official state_dict is detected and run with the official preprocessing (BGR, 256, ImageNet / 255)."""
     state = {k: v.float() if v.is_floating_point() else v for k, v in official_reference_state_dict().items()}
@@ -102,6 +105,7 @@ def test_official_checkpoint_gives_the_official_masks(tmp_path):
     assert np.array_equal(got[decided], expected[decided]) and decided.mean() > 0.99
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("make,message", [
     (lambda p: torch.save({"kind": "mgcc-ldm"}, p), "not a segmenter checkpoint"),
     (lambda p: p.write_bytes(b"\x80\x02garbage"), "cannot read checkpoint"),
@@ -115,6 +119,7 @@ def test_foreign_or_broken_checkpoints(tmp_path, trained, make, message):
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.slow
 def test_an_ldm_run_folder_is_not_a_segmenter(tmp_path, trained):
     data, _ = trained
     (tmp_path / "ldm").mkdir()
@@ -124,6 +129,7 @@ def test_an_ldm_run_folder_is_not_a_segmenter(tmp_path, trained):
     assert result.returncode == 2 and "latent diffusion run folder (for sample_ldm.py)" in result.stderr
 
 
+@pytest.mark.slow
 def test_truncated_checkpoint(tmp_path, trained):
     data, checkpoint = trained
     bad = tmp_path / "cut.pt"
@@ -132,6 +138,7 @@ def test_truncated_checkpoint(tmp_path, trained):
     assert result.returncode == 2 and "cannot read checkpoint" in result.stderr
 
 
+@pytest.mark.slow
 def test_missing_ground_truth_is_named(tmp_path, trained):
     data, checkpoint = trained
     masks = tmp_path / "masks"
@@ -144,6 +151,7 @@ def test_missing_ground_truth_is_named(tmp_path, trained):
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.slow
 def test_ids_file_restricts_the_images(tmp_path, trained):
     data, checkpoint = trained
     run_script("predict.py", "--checkpoint", checkpoint, "--input-dir", data, "--output-dir", tmp_path / "o",

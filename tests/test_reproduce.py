@@ -12,6 +12,7 @@ from conftest import run_script, write_dataset
 TINY = "--iterations 2 --eval-every 2 --width 4 --image-size 32 --num-workers 0 --schedule-scale 1"
 
 
+@pytest.mark.slow
 def test_holdout_protocol_under_torchrun(tmp_path):
     """--holdout: selection on the training list's tail, val evaluated once; --nproc-per-node 2: the
     training stage runs under torchrun with two processes, and results.md says which protocol. The
@@ -37,6 +38,7 @@ def test_holdout_protocol_under_torchrun(tmp_path):
     assert "--holdout 0.2" in report  # the command that made it
 
 
+@pytest.mark.slow
 def test_holdout_ids_are_kept_from_the_generator_too(tmp_path):
     """With --holdout, stage 1 trains without the holdout ids, so its samples pass train.py's
     provenance check and mgcc-synthetic selects on ids no image of its training came from."""
@@ -54,6 +56,7 @@ def test_holdout_ids_are_kept_from_the_generator_too(tmp_path):
     assert run["selection_set"] == "holdout"
 
 
+@pytest.mark.slow
 def test_missing_split_files_and_impossible_arms_are_one_clear_error(tmp_path):
     data = write_dataset(tmp_path / "toy", n=6, splits=False)
     result = run_script("reproduce.py", "--data-dir", data, "--no-estimate", check=False)
@@ -65,6 +68,7 @@ def test_missing_split_files_and_impossible_arms_are_one_clear_error(tmp_path):
     assert result.returncode == 2 and "mgcc-synthetic needs the generator" in result.stderr
 
 
+@pytest.mark.slow
 def test_seeds_mask_values_and_stale_content(tmp_path):
     """--seeds 1 2: every arm per seed, one results row per run, the differences paired by (split, seed).
     0/1 masks with --mask-values nonzero: the training and the predict stages all read them so (predict

@@ -5,7 +5,7 @@ import math
 
 import pytest
 
-from utils.losses import consistency_weight, poly_lr_factor
+from utils.schedule import consistency_weight, poly_lr_factor
 from utils.schedule import final_consistency_weight, scaled_schedule
 
 PUBLISHED = dict(iterations=20000, ramp_every=150, eval_every=56, checkpoint_every=None)

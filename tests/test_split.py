@@ -26,6 +26,7 @@ def all_ids(folder: Path) -> list[str]:
     return sorted(p.stem for p in (folder / "images").iterdir())
 
 
+@pytest.mark.slow
 def test_defaults_are_three_70_30_splits_with_the_published_seeds(tmp_path):
     data = write_dataset(tmp_path / "Toy", n=20, splits=False)
     result = run_script("split.py", "--data-dir", data)
@@ -45,6 +46,7 @@ def test_defaults_are_three_70_30_splits_with_the_published_seeds(tmp_path):
     assert vals[0] != vals[1] != vals[2] != vals[0]
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not (BUSI_DIR / "busi_train1.txt").is_file(), reason="BUSI data not available")
 def test_reproduces_the_published_busi_split_files(tmp_path):
     data = tmp_path / "busi"  # the data linked, not copied; the split files are written here
@@ -58,6 +60,7 @@ def test_reproduces_the_published_busi_split_files(tmp_path):
             assert read_id_list(data / name) == read_id_list(BUSI_DIR / name), name
 
 
+@pytest.mark.slow
 def test_same_folder_gives_identical_files_whatever_the_listing_order(tmp_path):
     first = write_dataset(tmp_path / "a" / "toy", n=15, splits=False)
     second = tmp_path / "b" / "toy"
@@ -77,6 +80,7 @@ def test_same_folder_gives_identical_files_whatever_the_listing_order(tmp_path):
     assert split.make_splits(shuffled, folds=3) == split.make_splits(ids, folds=3)
 
 
+@pytest.mark.slow
 def test_kfold_partitions_the_ids(tmp_path):
     data = write_dataset(tmp_path / "toy", n=12, splits=False)
     run_script("split.py", "--data-dir", data, "--folds", "5")
@@ -94,6 +98,7 @@ def test_kfold_partitions_the_ids(tmp_path):
     assert read_id_list(data / "toy_train1.txt") != sorted(read_id_list(data / "toy_train1.txt"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("ext", [".PNG", ".JPG"])
 def test_upper_case_extensions(tmp_path, ext):
     data = write_dataset(tmp_path / "toy", n=10, ext=ext, splits=False)  # .JPG images get .png masks
@@ -146,6 +151,7 @@ def test_a_bad_folder_is_one_clear_error_and_nothing_is_written(tmp_path, capsys
     assert split_files(data) == [] and not [p for p in data.iterdir() if p.name.startswith(".")]
 
 
+@pytest.mark.slow
 def test_exit_status_and_message_of_the_script(tmp_path):
     data = write_dataset(tmp_path / "toy", n=8, splits=False)
     (data / "masks/0/benign (1).png").unlink()
@@ -176,6 +182,7 @@ def test_missing_folder(tmp_path, capsys):
     assert "nowhere" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_existing_files_are_kept_unless_overwrite(tmp_path):
     data = write_dataset(tmp_path / "toy", n=12, splits=False)
     run_script("split.py", "--data-dir", data, "--name", "demo")
@@ -208,6 +215,7 @@ def test_an_interrupted_write_leaves_no_file(tmp_path, monkeypatch):
     assert sorted(os.listdir(data)) == ["images", "masks"]  # no split file, no temporary file
 
 
+@pytest.mark.slow
 def test_help_documents_every_flag():
     text = run_script("split.py", "--help").stdout
     for flag in ("--data-dir", "--name", "--seeds", "--val-fraction", "--folds", "--overwrite"):

@@ -78,6 +78,7 @@ def test_describe_change():
         "--x 1 -> 2, --z 3 added, --y removed"
 
 
+@pytest.mark.slow
 def test_a_signal_reaches_the_running_stage_once_and_its_status_is_returned(tmp_path):
     """SIGTERM to the runner's whole process group: the stage (in its own session) gets it once, from
     the runner, finishes, and its exit status (143) is the runner's; the ledger keeps it unfinished."""

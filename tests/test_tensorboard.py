@@ -37,6 +37,7 @@ def test_disabled_or_not_rank_zero_writes_nothing(tmp_path):
     assert not (tmp_path / LOG_DIR).exists()
 
 
+@pytest.mark.slow
 def test_train_py_logs_to_tensorboard_and_a_resumed_run_appends(tmp_path, dataset):
     import shutil
 
@@ -71,6 +72,7 @@ def test_train_py_logs_to_tensorboard_and_a_resumed_run_appends(tmp_path, datase
     assert not (out / LOG_DIR).exists()
 
 
+@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")  # diffusers + numpy 2
 def test_train_ldm_logs_each_stage_to_its_own_tensorboard_run(tmp_path):
     import train_ldm

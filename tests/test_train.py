@@ -10,8 +10,8 @@ import yaml
 
 from conftest import ROOT, run_script, write_dataset
 import train
-from utils.evaluation import evaluate
-from utils.segmenter import build_training
+from segmenter.evaluation import evaluate
+from segmenter.training import build_training
 
 TINY = ["--width", "4", "--image-size", "32", "--batch-size", "4", "--labeled-batch-size", "2",
         "--eval-every", "3", "--eval-batch-size", "4", "--num-workers", "0", "--no-progress"]
@@ -23,6 +23,7 @@ def run_train(tmp_path, dataset, *extra, out="run"):
     return code, out_dir
 
 
+@pytest.mark.slow
 def test_mgcc_run_writes_everything(tmp_path, dataset):
     synth = write_dataset(tmp_path / "synth", n=3, splits=False, seed=9)
     code, out = run_train(tmp_path, dataset, "--iterations", "6", "--unlabeled-dir", str(synth))
@@ -40,6 +41,7 @@ def test_mgcc_run_writes_everything(tmp_path, dataset):
     assert best["kind"] == "mgcc-segmenter" and best["iteration"] == summary["best_iteration"]
 
 
+@pytest.mark.slow
 def test_supervised_baseline_shares_the_loop(tmp_path, dataset):
     code, out = run_train(tmp_path, dataset, "--mode", "supervised", "--iterations", "3", "--labeled-fraction", "1.0")
     assert code == 0
@@ -47,6 +49,7 @@ def test_supervised_baseline_shares_the_loop(tmp_path, dataset):
     assert record["train_cons"] == 0 and record["train_sup"] == pytest.approx(record["train_loss"])
 
 
+@pytest.mark.slow
 def test_holdout_selects_on_training_ids_and_reports_val_once(tmp_path, dataset):
     code, out = run_train(tmp_path, dataset, "--iterations", "3", "--holdout", "0.25")
     assert code == 0
@@ -55,6 +58,7 @@ def test_holdout_selects_on_training_ids_and_reports_val_once(tmp_path, dataset)
     assert "holdout" in summary["note"]
 
 
+@pytest.mark.slow
 def test_bf16_training_is_evaluated_in_fp32(tmp_path, dataset, monkeypatch):
     """Metrics never depend on the training precision: every evaluation runs without autocast."""
     calls = []
@@ -69,6 +73,7 @@ def test_bf16_training_is_evaluated_in_fp32(tmp_path, dataset, monkeypatch):
     assert yaml.safe_load((out / "config.yaml").read_text())["precision"] == "bf16"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("data_on_device", ["on", "off"])
 def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path, dataset, data_on_device):
     args = ["--iterations", "6", "--seed", "5", "--data-on-device", data_on_device]
@@ -89,6 +94,7 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path, dataset
     assert [json.loads(line)["iteration"] for line in lines] == [3, 6]
 
 
+@pytest.mark.slow
 def test_iterations_default_to_the_official_schedule(tmp_path, dataset):
     code, out = run_train(tmp_path, dataset, "--base-iterations", "8", "--labeled-fraction", "0.25",
                           "--stop-after", "1")
@@ -98,6 +104,7 @@ def test_iterations_default_to_the_official_schedule(tmp_path, dataset):
     assert code == 0 and json.loads((out / "metrics.json").read_text())["iterations"] == 2  # 8 x 0.25
 
 
+@pytest.mark.slow
 def test_eval_every_epoch_evaluates_after_each_pass_over_the_labeled_images(tmp_path, dataset):
     """8 training ids, half labeled: 4 labeled images in batches of 2 are an epoch of 2 iterations."""
     config = tmp_path / "c.yaml"
@@ -114,6 +121,7 @@ def test_eval_every_epoch_evaluates_after_each_pass_over_the_labeled_images(tmp_
     assert [json.loads(line)["iteration"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [3]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("args,message", [
     (["--bogus-flag", "1"], "unrecognized arguments: --bogus-flag"),
     (["--eval-every", "0"], "expected a positive whole number or 'epoch', got 0"),
@@ -130,6 +138,7 @@ def test_bad_arguments_give_one_clear_error(tmp_path, dataset, args, message):
     assert not (tmp_path / "run" / "checkpoint_last.pt").exists()
 
 
+@pytest.mark.slow
 def test_unknown_config_key_is_an_error(tmp_path, dataset):
     config = tmp_path / "c.yaml"
     config.write_text("width: 4\nlearning_rate: 0.1\n")
@@ -137,6 +146,7 @@ def test_unknown_config_key_is_an_error(tmp_path, dataset):
     assert result.returncode == 2 and "unknown key(s) learning_rate" in result.stderr
 
 
+@pytest.mark.slow
 def test_existing_run_is_not_overwritten(tmp_path, dataset):
     assert run_train(tmp_path, dataset, "--iterations", "1")[0] == 0
     before = (tmp_path / "run" / "checkpoint_last.pt").read_bytes()
@@ -162,6 +172,7 @@ def test_busi_config_holds_the_official_defaults():
     assert config["consistency"] is None and build_training(cfg).consistency == 7.0
 
 
+@pytest.mark.slow
 def test_any_dataset_in_the_layout(tmp_path):
     """Other id names, upper-case extensions, JPEG images, sizes that are not square: split, train, predict."""
     data = write_dataset(tmp_path / "Thyroid", n=9, size=(45, 70), ext=".JPG", prefix=("case",), splits=False)
@@ -175,12 +186,13 @@ def test_any_dataset_in_the_layout(tmp_path):
                                                                                  sorted(range(1, 10), key=str)]
 
 
+@pytest.mark.slow
 def test_a_scaled_run_follows_the_published_lambda_and_lr_curves(tmp_path, dataset, monkeypatch, capsys):
     """--schedule-scale 0.25 of a 40-iteration schedule with a ramp step every 6 iterations: 10 iterations,
     a ramp step every 1.5. At every iteration it of the scaled run, lambda and the learning rate are the
     published schedule's at iteration it / 0.25 (the same t/T); the evaluations are as many."""
     import methods.base
-    from utils.losses import consistency_weight, poly_lr_factor
+    from utils.schedule import consistency_weight, poly_lr_factor
 
     weights = {}
 
@@ -208,7 +220,7 @@ def test_a_scaled_run_follows_the_published_lambda_and_lr_curves(tmp_path, datas
 def test_busi_config_scaled_keeps_the_official_curves():
     """busi.yaml x 0.05 on a BUSI split (226 labeled images): 1,000 iterations, a ramp step every 7.5,
     evaluation every 3 (the official 56 x 0.05); lambda(t/T) the official one, 3.99 at the end."""
-    from utils.losses import consistency_weight
+    from utils.schedule import consistency_weight
 
     cfg = train.parse_config(train.OPTIONS, "", ["--config", str(ROOT / "configs" / "busi.yaml"),
                                                  "--schedule-scale", "0.05"])
@@ -223,7 +235,7 @@ def test_a_scaled_mean_teacher_starts_its_unlabeled_loss_at_the_scaled_iteration
     """Mean-teacher's unlabeled loss starts at iteration 1,000 of the published 20,000 (SSL4MIS): x 0.01,
     at iteration 10 of 200 (it stayed at 1,000, past the end of the run: a supervised run with a teacher)."""
     from fractions import Fraction
-    from utils.segmenter import build_training
+    from segmenter.training import build_training
 
     cfg = train.parse_config(train.OPTIONS, "", ["--config", str(ROOT / "configs" / "busi.yaml"), "--method",
                                                  "mean-teacher", "--network", "unet", "--width", "4"])

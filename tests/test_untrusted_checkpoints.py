@@ -43,6 +43,7 @@ def test_the_payload_runs_under_full_unpickling(tmp_path):
     assert mark.exists()
 
 
+@pytest.mark.slow
 def test_predict_refuses_a_crafted_checkpoint(tmp_path):
     mark = tmp_path / "mark"
     path = crafted_checkpoint(tmp_path / "evil.pth", mark, "mgcc-segmenter")
@@ -53,6 +54,7 @@ def test_predict_refuses_a_crafted_checkpoint(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_train_resume_refuses_a_crafted_checkpoint(tmp_path):
     mark = tmp_path / "mark"
     path = crafted_checkpoint(tmp_path / "run" / "checkpoint_last.pt", mark, "mgcc-segmenter")
@@ -60,6 +62,7 @@ def test_train_resume_refuses_a_crafted_checkpoint(tmp_path):
     assert_refused(result, path, mark)
 
 
+@pytest.mark.slow
 def test_train_ldm_resume_refuses_a_crafted_state_file(tmp_path):
     data = write_dataset(tmp_path / "toy", n=6, size=(32, 32))
     run = tmp_path / "ldm"
@@ -73,6 +76,7 @@ def test_train_ldm_resume_refuses_a_crafted_state_file(tmp_path):
     assert_refused(result, path, mark)
 
 
+@pytest.mark.slow
 def test_sample_ldm_refuses_a_crafted_checkpoint(tmp_path):
     mark = tmp_path / "mark"
     path = crafted_checkpoint(tmp_path / "evil.pth", mark, "mgcc-ldm")

@@ -3,7 +3,7 @@ stage 1), after diffusers' ``benchmarks/benchmarking_utils.py``: the variants, t
 and peak, FLOP counting, and the timing of a step between device synchronisations.
 
 A benchmark script is then a scenario: it builds the step of its variant from the library modules
-the training scripts use (utils.segmenter, networks.ldm, networks.ldm_losses) and hands it here.
+the training scripts use (segmenter.training, networks.ldm, generation.losses) and hands it here.
 """
 from __future__ import annotations
 

@@ -14,11 +14,8 @@ from typing import Any
 
 import torch
 
+from .errors import CheckpointError
 from .files import atomic_write
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that is missing, truncated, or written by another script or architecture."""
 
 
 class UnsafeCheckpointError(CheckpointError):

@@ -4,15 +4,11 @@ from __future__ import annotations
 import sys
 from typing import Callable
 
-from dataloaders.io import DataError, set_max_image_pixels
 from . import distributed
-from .checkpoint import CheckpointError
-from .config import ConfigError
-from .files import WriteError
+from .errors import USER_ERRORS
 from .locks import release_held
+from .pixel_limit import set_max_image_pixels
 from .runtime import resolve_device
-
-USER_ERRORS = (ConfigError, DataError, CheckpointError, WriteError)
 
 
 def run_on_device(cfg, work: Callable[..., int]) -> int:

@@ -17,11 +17,8 @@ from typing import Any, Callable, Sequence
 
 import yaml
 
+from .errors import ConfigError
 from .files import atomic_write_text
-
-
-class ConfigError(ValueError):
-    """A bad configuration value, key or file; the message names it."""
 
 
 @dataclass(frozen=True)

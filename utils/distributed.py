@@ -14,6 +14,8 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 
+from .errors import USER_ERRORS
+
 
 @dataclass(frozen=True)
 class Context:
@@ -100,8 +102,6 @@ def on_main_rank(work: Callable[[], Any], ctx: Context) -> Any:
     all processes stop with the same message instead of waiting for rank 0 in a collective. A plain
     run (one process) just calls ``work``.
     """
-    from utils.cli import USER_ERRORS  # late: utils.cli pulls in dataloaders, which need not load with this module
-
     if not ctx.enabled:
         return work()
     outcome = None

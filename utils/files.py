@@ -15,9 +15,7 @@ import tempfile
 from pathlib import Path
 from typing import BinaryIO, Callable
 
-
-class WriteError(OSError):
-    """An output that could not be written (full disk, read-only folder...); the message names it."""
+from .errors import WriteError
 
 
 def _reason(error: BaseException) -> str:

@@ -18,10 +18,27 @@ iterations, a quarter of the labels). :func:`final_consistency_weight` gives it 
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from fractions import Fraction
 
-from .losses import consistency_weight
+
+def sigmoid_rampup(current: float, length: float) -> float:
+    """exp(-5 (1 - t/T)^2) with t clipped to [0, T] (Laine & Aila, 2017); 1 when T = 0."""
+    if length == 0:
+        return 1.0
+    phase = 1.0 - min(max(current, 0.0), length) / length
+    return float(math.exp(-5.0 * phase * phase))
+
+
+def consistency_weight(iteration: int, weight: float = 7.0, rampup_length: float = 200.0, ramp_every: int = 150) -> float:
+    """lambda(t) of Eq. 8 as the official schedule: t = iteration // 150 ramps up over 200 such steps."""
+    return weight * sigmoid_rampup(iteration // ramp_every, rampup_length)
+
+
+def poly_lr_factor(iteration: int, max_iterations: int, power: float = 0.9) -> float:
+    """(1 - it/max)^power: the official learning-rate schedule, as a factor of the base rate."""
+    return (1.0 - iteration / max_iterations) ** power
 
 
 def as_fraction(value) -> Fraction:

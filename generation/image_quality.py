@@ -176,7 +176,7 @@ def closest_pairs_image(samples: np.ndarray, training: np.ndarray, distances: np
                         count: int = 8) -> np.ndarray:
     """The ``count`` samples nearest to a training image (top row, nearest first) above their nearest
     training images (bottom row, mirrored where the mirror image was the nearer): uint8, one picture."""
-    from .plots import image_grid
+    from utils.plots import image_grid
 
     order = np.argsort(distances, kind="stable")[:count]
     partners = []
@@ -268,7 +268,7 @@ def c2st_accuracy(samples: np.ndarray, reference: np.ndarray, folds: int = 5, ep
 @torch.no_grad()
 def reconstruct(vae, images: torch.Tensor) -> torch.Tensor:
     """The autoencoder's reconstruction of ``images`` from the posterior mean, in fp32."""
-    from networks.ldm_sampling import decode
+    from generation.sampling import decode
 
     return decode(vae, vae.encode(images.float()).latent_dist.mode())
 
@@ -281,8 +281,8 @@ def evaluate_vae(vae, data, cfg, run_dir, device, batch_size: int = 16) -> dict 
 
     from tqdm import tqdm
 
-    from dataloaders.ldm_data import TrainingImages
-    from utils.ldm_run import VAE_METRICS, write_json
+    from generation.data import TrainingImages
+    from generation.run import VAE_METRICS, write_json
 
     if not data.val_paths:
         print(f"autoencoder: no validation images (no {data.val_file or 'validation list'}): "

@@ -6,7 +6,7 @@ from typing import Iterable
 import torch
 from tqdm import tqdm
 
-from .metrics import MetricAverager
+from utils.metrics import MetricAverager
 
 
 @torch.no_grad()
@@ -40,7 +40,7 @@ def overlay_grid(model: torch.nn.Module, dataset, device: torch.device, threshol
     import cv2
     from dataloaders.io import read_image
 
-    from .plots import image_grid, overlay
+    from utils.plots import image_grid, overlay
 
     was_training = model.training
     model.eval()

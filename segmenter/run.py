@@ -12,11 +12,11 @@ from pathlib import Path
 
 import torch
 
-from . import distributed
-from .checkpoint import atomic_save
-from .config import ConfigError
-from .plots import plot_curves
-from .tensorboard import LOG_DIR
+from utils import distributed
+from utils.checkpoint import atomic_save
+from utils.config import ConfigError
+from utils.plots import plot_curves
+from utils.tensorboard import LOG_DIR
 
 from dataloaders.io import note
 

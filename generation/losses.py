@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from torch import nn
 
-from utils.image_quality import ssim
+from generation.image_quality import ssim
 from utils.runtime import autocast
 
 

@@ -25,20 +25,20 @@ from pathlib import Path
 from types import SimpleNamespace
 
 from dataloaders.io import dataset_name
-from dataloaders.ldm_data import load_training_set
+from dataloaders.provenance import RUN_INFO
+from generation.data import load_training_set
 from networks.ldm import IMAGE_CHANNELS, latent_size
 from utils.checkpoint import CheckpointError, UnsafeCheckpointError, check_finite, load_checkpoint
 from utils import distributed
 from utils.config import ConfigError, file_values, save_yaml
 from utils.files import atomic_write_text, write_error
-from utils.ldm_config import DIFFUSION_KEYS, OPTIONS, absolute_paths, check_values, merged_config
+from generation.config import DIFFUSION_KEYS, OPTIONS, absolute_paths, check_values, merged_config
 from utils.locks import hold
 from utils.runtime import autocast_dtype
 from utils.tensorboard import LOG_DIR
 from utils.training import Trainer, TrainingState
 
 KIND = "mgcc-ldm"
-RUN_INFO = "ldm.json"
 VAE_DIR, UNET_DIR, EMA_DIR, SCHEDULER_DIR = "vae", "unet", "unet_ema", "scheduler"
 VAE_STATE, DIFFUSION_STATE = "state_vae.pt", "state_diffusion.pt"
 VAE_METRICS = "vae_metrics.json"
@@ -246,13 +246,9 @@ def remove_diffusion_outputs(run_dir: Path, info: dict) -> None:
     write_run_info(run_dir, info)
 
 
-def prepare_run(cfg: SimpleNamespace, run_dir: Path, world_size: int = 1):
-    """Decide what the command means for the run folder; return (cfg, ldm.json dict, training set).
-
-    Nothing is written or deleted before the configuration and the data have been checked. Under
-    torchrun rank 0 alone calls this (see utils.distributed.on_main_rank).
-    """
-
+def claim_out_dir(cfg: SimpleNamespace, run_dir: Path) -> bool:
+    """Hold --out-dir for this process (one writer) and refuse a folder of anything but a train_ldm.py
+    run; True when it holds one."""
     if run_dir.exists() and not run_dir.is_dir():
         raise ConfigError(f"--out-dir {run_dir} is a file, not a folder")
     hold(run_dir, "run folder")  # one writer: a second train_ldm.py into this folder is refused here
@@ -263,6 +259,43 @@ def prepare_run(cfg: SimpleNamespace, run_dir: Path, world_size: int = 1):
         raise ConfigError(f"--out-dir {run_dir} exists and is not a train_ldm.py run folder (no {RUN_INFO})"
                           f"{segmenter}; " + ("--resume continues a run folder of train_ldm.py" if cfg.resume
                                              else "choose another folder (nothing was changed)"))
+    return is_run
+
+
+def start_run(cfg: SimpleNamespace, run_dir: Path):
+    """A new run folder, once the data are checked: (cfg, its ldm.json dict, the training set)."""
+    data = load_data(cfg)
+    if run_dir.exists():
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True)
+    info = new_run_info(cfg, data)
+    save_yaml(file_values(cfg, OPTIONS), run_dir / "config.yaml")
+    write_run_info(run_dir, info)
+    return cfg, info, data
+
+
+def check_steps_done(cfg: SimpleNamespace, vae_step: int, diffusion_step: int, has_diffusion: bool) -> None:
+    """The steps a continued run has done must fit the steps asked for, stage by stage."""
+    if cfg.vae_steps < vae_step:
+        raise ConfigError(f"the run's autoencoder has trained {vae_step} steps, more than --vae-steps {cfg.vae_steps}")
+    if cfg.diffusion_steps < diffusion_step:
+        raise ConfigError(f"the run's denoiser has trained {diffusion_step} steps, more than "
+                          f"--diffusion-steps {cfg.diffusion_steps}")
+    if cfg.stage == "diffusion" and vae_step < cfg.vae_steps:
+        raise ConfigError(f"the run's autoencoder has trained {vae_step} of {cfg.vae_steps} steps: "
+                          "finish it first with --stage vae --resume (or --stage all --resume)")
+    if cfg.stage != "diffusion" and vae_step < cfg.vae_steps and has_diffusion:
+        raise ConfigError(f"the run's denoiser was trained on the latents of its autoencoder at step {vae_step}; "
+                          "training the autoencoder further would invalidate it (use --overwrite to start over)")
+
+
+def prepare_run(cfg: SimpleNamespace, run_dir: Path, world_size: int = 1):
+    """Decide what the command means for the run folder; return (cfg, ldm.json dict, training set).
+
+    Nothing is written or deleted before the configuration and the data have been checked. Under
+    torchrun rank 0 alone calls this (see utils.distributed.on_main_rank).
+    """
+    is_run = claim_out_dir(cfg, run_dir)
     wants_diffusion = cfg.stage in ("diffusion", "all")
     if is_run:
         info = read_run_info(run_dir)
@@ -278,30 +311,12 @@ def prepare_run(cfg: SimpleNamespace, run_dir: Path, world_size: int = 1):
         if cfg.stage == "diffusion":
             raise ConfigError(f"--stage diffusion needs a run folder with a trained autoencoder and "
                               f"{run_dir} holds none: train it with --stage vae first, or use --stage all")
-        data = load_data(cfg)
-        if run_dir.exists():
-            shutil.rmtree(run_dir)
-        run_dir.mkdir(parents=True)
-        info = new_run_info(cfg, data)
-        save_yaml(file_values(cfg, OPTIONS), run_dir / "config.yaml")
-        write_run_info(run_dir, info)
-        return cfg, info, data
+        return start_run(cfg, run_dir)
 
     fresh_diffusion = wants_diffusion and (cfg.overwrite or not has_diffusion)
     cfg = merged_config(cfg, run_dir, DIFFUSION_KEYS if fresh_diffusion else set())
     check_values(cfg, world_size)
-    vae_step, diffusion_step = info["vae_step"], 0 if fresh_diffusion else info["diffusion_step"]
-    if cfg.vae_steps < vae_step:
-        raise ConfigError(f"the run's autoencoder has trained {vae_step} steps, more than --vae-steps {cfg.vae_steps}")
-    if cfg.diffusion_steps < diffusion_step:
-        raise ConfigError(f"the run's denoiser has trained {diffusion_step} steps, more than "
-                          f"--diffusion-steps {cfg.diffusion_steps}")
-    if cfg.stage == "diffusion" and vae_step < cfg.vae_steps:
-        raise ConfigError(f"the run's autoencoder has trained {vae_step} of {cfg.vae_steps} steps: "
-                          "finish it first with --stage vae --resume (or --stage all --resume)")
-    if cfg.stage != "diffusion" and vae_step < cfg.vae_steps and has_diffusion:
-        raise ConfigError(f"the run's denoiser was trained on the latents of its autoencoder at step {vae_step}; "
-                          "training the autoencoder further would invalidate it (use --overwrite to start over)")
+    check_steps_done(cfg, info["vae_step"], 0 if fresh_diffusion else info["diffusion_step"], has_diffusion)
     data = load_data(cfg)
     if data.ids != info["train_ids"]:
         raise ConfigError(f"the training list {data.train_file} changed since the run in {run_dir} started; "
