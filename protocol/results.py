@@ -97,30 +97,44 @@ def markdown(rows: list[dict], arms: Sequence[str], generators: dict[int, dict],
         lines.append(f"| {arm} | {len(runs)} | " + " | ".join(mean_std([r.get(m) for r in runs]) for m in METRIC_NAMES)
                      + " |")
     for baseline in [b for b in baselines if b in by_arm and len(arms) > 1]:
-        lines += ["", f"## Difference to `{baseline}`, paired by (split, seed)", "",
-                  f"Each arm's run minus the baseline's run with the same split and seed (the same labels, initial "
-                  f"weights and data order), then the mean over the pairs with its {CONFIDENCE:.0%} confidence "
-                  "interval: mean ± t · sd / √n, Student's t with n − 1 degrees of freedom. The interval treats "
-                  "the pairs as independent; the splits share images, so it is if anything too narrow. "
-                  "'no detectable difference': the interval contains 0.", "",
-                  "| arm | metric | pairs | mean Δ | sd | 95 % CI | reading |",
-                  "| --- | --- | --- | --- | --- | --- | --- |"]
-        for arm in arms:
-            if arm == baseline:
-                continue
-            common = [k for k in keys if k in by_arm[arm] and k in by_arm[baseline]]
-            for m in METRIC_NAMES:
-                d = paired_difference([by_arm[arm][k].get(m) for k in common], [by_arm[baseline][k].get(m) for k in common])
-                form = "{:.2f}" if m in ("hd95", "asd") else "{:.4f}"
-                cells = [form.format(d["mean"]) if d["mean"] is not None else "n/a",
-                         form.format(d["sd"]) if d["sd"] is not None else "n/a",
-                         f"[{form.format(d['low'])}, {form.format(d['high'])}]" if d["low"] is not None else "n/a"]
-                lines.append(f"| {arm} | {METRIC_TITLES[m]} | {d['n']} | " + " | ".join(cells) + f" | {reading(d)} |")
-        lines.append("")
-        lines.append("HD95 and ASD are better when lower; every other metric when higher.")
-    lines += ["", "## Per run", "",
-              "| split | seed | arm | IoU | Dice | HD95 | ASD | NSD | selected iteration | of | wall time (train + predict) |",
-              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+        lines += difference_section(by_arm, arms, keys, baseline)
+    lines += per_run_section(by_arm, arms, keys)
+    if generators:
+        lines += generator_section(generators)
+    return "\n".join(lines) + "\n"
+
+
+def difference_section(by_arm: dict, arms: Sequence[str], keys: list[tuple], baseline: str) -> list[str]:
+    """results.md's lines of every arm's paired difference to ``baseline``, per metric."""
+    lines = ["", f"## Difference to `{baseline}`, paired by (split, seed)", "",
+             f"Each arm's run minus the baseline's run with the same split and seed (the same labels, initial "
+             f"weights and data order), then the mean over the pairs with its {CONFIDENCE:.0%} confidence "
+             "interval: mean ± t · sd / √n, Student's t with n − 1 degrees of freedom. The interval treats "
+             "the pairs as independent; the splits share images, so it is if anything too narrow. "
+             "'no detectable difference': the interval contains 0.", "",
+             "| arm | metric | pairs | mean Δ | sd | 95 % CI | reading |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    for arm in arms:
+        if arm == baseline:
+            continue
+        common = [k for k in keys if k in by_arm[arm] and k in by_arm[baseline]]
+        for m in METRIC_NAMES:
+            d = paired_difference([by_arm[arm][k].get(m) for k in common], [by_arm[baseline][k].get(m) for k in common])
+            form = "{:.2f}" if m in ("hd95", "asd") else "{:.4f}"
+            cells = [form.format(d["mean"]) if d["mean"] is not None else "n/a",
+                     form.format(d["sd"]) if d["sd"] is not None else "n/a",
+                     f"[{form.format(d['low'])}, {form.format(d['high'])}]" if d["low"] is not None else "n/a"]
+            lines.append(f"| {arm} | {METRIC_TITLES[m]} | {d['n']} | " + " | ".join(cells) + f" | {reading(d)} |")
+    lines.append("")
+    lines.append("HD95 and ASD are better when lower; every other metric when higher.")
+    return lines
+
+
+def per_run_section(by_arm: dict, arms: Sequence[str], keys: list[tuple]) -> list[str]:
+    """results.md's table of every run: its metrics, selected iteration and wall time."""
+    lines = ["", "## Per run", "",
+             "| split | seed | arm | IoU | Dice | HD95 | ASD | NSD | selected iteration | of | wall time (train + predict) |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for key in keys:
         for arm in arms:
             r = by_arm[arm].get(key)
@@ -131,25 +145,29 @@ def markdown(rows: list[dict], arms: Sequence[str], generators: dict[int, dict],
                 lines.append(f"| {key[0]} | {'' if key[1] is None else key[1]} | {arm} | {r['iou']:.4f} | "
                              f"{r['dice']:.4f} | {surface} | {r['selected_iteration']} | {r['iterations']} | "
                              f"{wall / 60:.1f} min |")
-    if generators:
-        lines += ["", "## Generator (stage 1) per split", "",
-                  "| split | " + " | ".join(title for _, title, _ in GENERATOR_FIGURES) + " |",
-                  "| --- |" + " --- |" * len(GENERATOR_FIGURES)]
-        for split in sorted(generators):
-            figures = generators[split]
-            cells = []
-            for key, _, form in GENERATOR_FIGURES:
-                value = figures.get(key)
-                cells.append("n/a" if value is None else form.format(value))
-            lines.append(f"| {split} | " + " | ".join(cells) + " |")
-        lines += ["", "PSNR and SSIM: the autoencoder's reconstructions of the split's val images (never trained "
-                  "on). C2ST: held-out accuracy of a classifier telling samples from training images (0.5: "
-                  "indistinguishable). Memorisation: the fraction of samples nearer to their nearest training "
-                  "image than the closest 1 % (5 %) of the split's val images, which the generator never saw, are "
-                  "to theirs: about 0.01 (0.05) for a generator that copies nothing, 1 for one that copies "
-                  "(sample_ldm.py's report.json has the value expected without copying for the number of val "
-                  "images, and both distributions' quantiles)."]
-    return "\n".join(lines) + "\n"
+    return lines
+
+
+def generator_section(generators: dict[int, dict]) -> list[str]:
+    """results.md's table of the generator's figures per split, and how to read them."""
+    lines = ["", "## Generator (stage 1) per split", "",
+             "| split | " + " | ".join(title for _, title, _ in GENERATOR_FIGURES) + " |",
+             "| --- |" + " --- |" * len(GENERATOR_FIGURES)]
+    for split in sorted(generators):
+        figures = generators[split]
+        cells = []
+        for key, _, form in GENERATOR_FIGURES:
+            value = figures.get(key)
+            cells.append("n/a" if value is None else form.format(value))
+        lines.append(f"| {split} | " + " | ".join(cells) + " |")
+    lines += ["", "PSNR and SSIM: the autoencoder's reconstructions of the split's val images (never trained "
+              "on). C2ST: held-out accuracy of a classifier telling samples from training images (0.5: "
+              "indistinguishable). Memorisation: the fraction of samples nearer to their nearest training "
+              "image than the closest 1 % (5 %) of the split's val images, which the generator never saw, are "
+              "to theirs: about 0.01 (0.05) for a generator that copies nothing, 1 for one that copies "
+              "(sample_ldm.py's report.json has the value expected without copying for the number of val "
+              "images, and both distributions' quantiles)."]
+    return lines
 
 
 def plot(rows: list[dict], arms: Sequence[str], path: Path, title: str,
