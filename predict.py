@@ -5,7 +5,10 @@
 
 Writes <out>/masks/<id>.png (0/255, at each input image's own size), <out>/overlays/<id>.png
 (prediction in red, ground truth outlined in green) and, with --masks-dir, <out>/metrics.csv (per
-image) and <out>/metrics.json (means), computed at each image's own size.
+image) and <out>/metrics.json (means), computed at each image's own size. With --trained-ids (the id
+lists the model and its generator trained on), every metric is also given on the clean subset: the
+images with no exact or near-duplicate among those ids (metrics.json's ``clean_subset``, with the
+count and the ids left out; metrics.csv's ``near_duplicates_in_training`` names each one's duplicates).
 
 --checkpoint takes a checkpoint of train.py (checkpoint_best.pt or checkpoint_last.pt; any --method, on
 either --network: the evaluated network is built as the checkpoint names it) or one written
@@ -33,6 +36,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from dataloaders.datasets import SegmentationDataset
+from dataloaders.duplicates import DEFAULT_THRESHOLD, near_duplicates_in
 from dataloaders.io import (MASK_VALUES, DataError, add_pixel_limit_flag, check_images, check_pairs, image_folder,
                             list_images, read_id_list, read_image, read_mask, read_spacing_csv, select_cases,
                             set_max_image_pixels)
@@ -86,8 +90,20 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help=f"tolerance of the normalised surface Dice, in mm with a spacing, else pixels "
                              f"(default: {DEFAULT_NSD_TOLERANCE_PX:g} pixels, i.e. {DEFAULT_NSD_TOLERANCE_PX:g} x the "
                              "spacing in mm)")
+    parser.add_argument("--trained-ids", type=Path, nargs="+", default=None, metavar="FILE",
+                        help="id lists (one id per line) of the images the model and its generator trained on, found "
+                             "in --input-dir by name (e.g. <data>/<name>_train1.txt): the metrics are also given on "
+                             "the clean subset, the images with no exact or near-duplicate among them (see "
+                             "dataloaders/duplicates.py); needs --masks-dir (default: none)")
+    parser.add_argument("--duplicate-threshold", type=float, default=DEFAULT_THRESHOLD,
+                        help="near-duplicate score (0-1] at or above which an image is left out of the clean subset "
+                             f"(default: {DEFAULT_THRESHOLD:g})")
     add_pixel_limit_flag(parser)
     args = parser.parse_args(argv)
+    if args.trained_ids is not None and args.masks_dir is None:
+        parser.error("--trained-ids needs --masks-dir: it splits the metrics into all images and the clean subset")
+    if not 0 < args.duplicate_threshold <= 1:
+        parser.error(f"--duplicate-threshold must be in (0, 1], got {args.duplicate_threshold:g}")
     if args.spacing_mm is not None and args.spacing_csv is not None:
         parser.error("give --spacing-mm or --spacing-csv, not both")
     if args.spacing_mm is not None and (len(args.spacing_mm) > 2 or min(args.spacing_mm) <= 0):
@@ -172,6 +188,28 @@ def match_masks(images: list[Path], masks_dir: Path) -> dict[str, Path]:
     return {p.stem: masks[p.stem] for p in images}
 
 
+DUPLICATE_COLUMN = "near_duplicates_in_training"  # metrics.csv, with --trained-ids
+
+
+def trained_duplicates(input_dir: Path, evaluated: dict[str, Path], id_files: list[Path],
+                       threshold: float) -> dict[str, list[str]]:
+    """Evaluated id -> its exact or near-duplicates among the ids of ``id_files`` (found in the input folder)."""
+    everything = {p.stem: (p,) for p in image_folder(input_dir, "input folder")}
+    trained = {}
+    for path in id_files:
+        trained.update((i, p) for i, p in select_cases(everything, read_id_list(path), str(path)))
+    return near_duplicates_in(evaluated, trained, threshold)
+
+
+def clean_subset(rows: list[dict], leaks: dict[str, list[str]], args) -> dict:
+    """metrics.json's ``clean_subset``: the means over the images with no duplicate among the trained ids."""
+    clean = [r for r in rows if r["id"] not in leaks]
+    means = {k: (float(np.mean([r[k] for r in clean])) if clean else None) for k in METRIC_NAMES}
+    return {"images": len(clean), "dropped": len(rows) - len(clean),
+            "trained_ids": [str(p) for p in args.trained_ids], "threshold": args.duplicate_threshold,
+            "dropped_ids": {r["id"]: leaks[r["id"]] for r in rows if r["id"] in leaks}, **means}
+
+
 @torch.no_grad()
 def main(argv=None) -> int:
     args = parse_args(argv)
@@ -200,6 +238,8 @@ def main(argv=None) -> int:
     else:
         check_images(images)
     image_paths = {p.stem: p for p in images}
+    leaks = trained_duplicates(args.input_dir, image_paths, args.trained_ids, args.duplicate_threshold) \
+        if args.trained_ids else None
     dataset = SegmentationDataset([(p.stem, p, None) for p in images], prep["image_size"], prep["in_channels"],
                                   prep["normalization"])
     loader = DataLoader(dataset, batch_size=args.batch_size, num_workers=args.num_workers,
@@ -230,11 +270,14 @@ def main(argv=None) -> int:
                 save_image(args.output_dir / "overlays" / f"{case_id}.png", overlay(original, pred, truth))
     if rows:
         table = io.StringIO(newline="")
-        writer = csv.DictWriter(table, fieldnames=["id", *METRIC_NAMES])
+        if leaks is not None:  # which images the clean subset leaves out, and why
+            rows = [{**r, DUPLICATE_COLUMN: ";".join(leaks.get(r["id"], []))} for r in rows]
+        writer = csv.DictWriter(table, fieldnames=["id", *METRIC_NAMES, *([DUPLICATE_COLUMN] if leaks is not None else [])])
         writer.writeheader()
         writer.writerows(rows)
         atomic_write_text(args.output_dir / "metrics.csv", table.getvalue())
         means = {k: float(np.mean([r[k] for r in rows])) for k in METRIC_NAMES}
+        clean = clean_subset(rows, leaks, args) if leaks is not None else None
         unit = "mm" if spacing else "px"
         tolerance = (f"{args.nsd_tolerance:g} {unit}" if args.nsd_tolerance is not None else
                      f"{DEFAULT_NSD_TOLERANCE_PX:g} px" + (" (in mm: x each image's spacing)" if spacing else ""))
@@ -242,8 +285,13 @@ def main(argv=None) -> int:
             {"checkpoint": str(args.checkpoint), "images": len(rows), "evaluated_at": "each image's own size",
              "threshold": args.threshold, "distance_unit": unit, "nsd_tolerance": tolerance,
              "spacing": ("--spacing-mm " + " ".join(f"{v:g}" for v in args.spacing_mm) if args.spacing_mm else
-                         str(args.spacing_csv) if spacing else None), **means}, indent=2))
+                         str(args.spacing_csv) if spacing else None), **means,
+             **({"clean_subset": clean} if clean is not None else {})}, indent=2))
         print("  ".join(f"{k} {v:.4f}" for k, v in means.items()))
+        if clean is not None:
+            print(f"clean subset: {clean['images']} of {len(rows)} images ({clean['dropped']} with an exact or "
+                  f"near-duplicate among the trained ids left out)" + ("" if not clean["images"] else ": " + "  ".join(
+                      f"{k} {clean[k]:.4f}" for k in METRIC_NAMES)))
     return 0
 
 

@@ -21,10 +21,11 @@ system every process sees.
 Two quality figures, both on by default, read the run's training images:
 - memorisation: each sample's distance to its nearest training image (normalised L2 at 64x64,
   mirror images included), against the same distance for the split's val images (real images the
-  generator never trained on): the fraction of samples nearer to a training image than the closest
-  1 % (5 %) of val images are, about 0.01 (0.05) for a generator that copies nothing and 1 for one
-  that copies; both distributions' quantiles (memorisation.txt) and the closest sample/training
-  pairs (closest_pairs.png);
+  generator never trained on, less those with a near-duplicate among its training images): the
+  fraction of samples nearer to a training image than the closest 1 % (5 %) of val images are,
+  about 0.01 (0.05) for a generator that copies nothing and 1 for one that copies; both
+  distributions' quantiles (memorisation.txt) and the closest sample/training pairs
+  (closest_pairs.png);
 - C2ST, a classifier two-sample test (Lopez-Paz & Oquab, 2017): a small CNN learns to tell the
   samples from the training images (64x64, as many of each, 5 folds); its held-out accuracy is 0.5
   when they cannot be told apart and 1.0 when they trivially can. About a minute on a CPU for a
@@ -52,6 +53,7 @@ import torch
 from diffusers.utils import logging as diffusers_logging
 from tqdm import tqdm
 
+from dataloaders.duplicates import near_duplicates_in
 from dataloaders.io import DataError, find_cases, image_folder, read_id_list, select_cases, set_max_image_pixels
 from generation.data import thumbnails
 from networks.ldm import sampling_scheduler
@@ -114,14 +116,21 @@ def training_thumbnails(info: dict):
 
 def val_thumbnails(info: dict):
     """The split's val images at 64x64 (never trained on): the memorisation report's reference of how
-    near a real image comes to a training image. None when the run has no val list."""
+    near a real image comes to a training image. None when the run has no val list. A val image with an
+    exact or near-duplicate among the generator's training images (dataloaders/duplicates.py; BUSI has
+    many) is left out: it sits as near to a training image as a copy does, and would calibrate the
+    figure to call copies normal."""
     if not info.get("val_file"):
         return None
     try:
         cases = find_cases(info["data_dir"])
         val_file = Path(info["data_dir"]) / Path(info["val_file"]).name  # the split file beside the data
-        paths = [image for _, image, _ in select_cases(cases, read_id_list(val_file), str(val_file))]
-        return thumbnails(paths, MEMORISATION_SIZE)
+        val = {i: image for i, image, _ in select_cases(cases, read_id_list(val_file), str(val_file))}
+        leaks = near_duplicates_in(val, {i: cases[i][0] for i in info["train_ids"] if i in cases})
+        if leaks:
+            print(f"memorisation: calibrated on {len(val) - len(leaks)} of the {len(val)} val images ({len(leaks)} "
+                  "with an exact or near-duplicate among the training images left out)", flush=True)
+        return thumbnails([image for i, image in val.items() if i not in leaks], MEMORISATION_SIZE)
     except DataError as error:
         raise DataError(f"{error}\n(the memorisation check reads the split's val images; give "
                         "--no-check-memorisation to sample without it)") from None

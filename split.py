@@ -19,10 +19,20 @@ the labeled lists are written, from the training lists in the folder.
     python split.py --data-dir inputs/BUSI
     python split.py --data-dir inputs/BUSI --folds 5 --overwrite
     python split.py --data-dir inputs/BUSI --labeled 50 100
+    python split.py --data-dir inputs/BUSI --check [--pairs-png pairs.png]
+    python split.py --data-dir inputs/BUSI --grouped --split-name busi_grouped
+
+Duplicates (see dataloaders/duplicates.py). ``--check`` writes nothing: it finds the exact and
+near-duplicate images of the folder and reports, for each existing split, how many val ids have one
+in their training list, with the pairs. ``--grouped`` keeps each group of duplicates (a connected
+component of the pairs) on one side of every split: random splits fill each val list with whole
+groups, in a seeded random order, up to the val size; K folds take whole groups, largest first, each
+into the fold with the fewest ids. The default (ungrouped) splits are the published ones, unchanged.
 """
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import re
 import sys
@@ -32,6 +42,8 @@ from pathlib import Path
 
 import numpy as np
 
+from dataloaders.duplicates import (DEFAULT_THRESHOLD, Pair, check_threshold, closest_pairs_image, find_pairs,
+                                    fingerprint, groups, partners)
 from dataloaders.io import (DataError, add_pixel_limit_flag, check_pairs, dataset_name, find_cases, read_id_list,
                             select_cases, set_max_image_pixels)
 
@@ -73,6 +85,53 @@ def make_splits(ids: list[str], seeds: list[int] = DEFAULT_SEEDS, val_fraction: 
         except ValueError as error:  # too few ids for this fraction: one side would be empty
             raise DataError(f"cannot split {len(ids)} cases with --val-fraction {val_fraction}: {error}") from None
         splits.append((list(train), list(val)))
+    return splits
+
+
+def make_grouped_splits(ids: list[str], id_groups: list[list[str]], seeds: list[int] = DEFAULT_SEEDS,
+                        val_fraction: float = DEFAULT_VAL_FRACTION, folds: int | None = None,
+                        ) -> list[tuple[list[str], list[str]]]:
+    """Like :func:`make_splits`, but every group of ``id_groups`` (a partition of ``ids``) on one side.
+
+    Random splits (one per seed, ``default_rng(seed)``): the groups in a random order fill the val list
+    with whole groups while they fit in ceil(val_fraction * n) ids (scikit-learn's val size). K folds
+    (``default_rng(seeds[0])``): the groups in a random order, then largest first, each into the fold
+    with the fewest ids. Val lists keep the groups' drawn order; training lists are shuffled.
+    """
+    if sorted(i for g in id_groups for i in g) != sorted(ids):
+        raise DataError("the groups must partition the ids")
+    id_groups = sorted(sorted(g) for g in id_groups)  # one order whatever the caller's
+    if folds is not None:
+        if not 2 <= folds <= len(id_groups):
+            raise DataError(f"--folds {folds} with --grouped needs 2 to {len(id_groups)} (the number of groups)")
+        rng = np.random.default_rng(seeds[0])
+        drawn = [id_groups[k] for k in rng.permutation(len(id_groups))]
+        members: list[list[str]] = [[] for _ in range(folds)]
+        for group in sorted(drawn, key=len, reverse=True):  # stable: ties keep the drawn order
+            min(members, key=len).extend(group)
+        vals = members
+    else:
+        if not 0 < val_fraction < 1:
+            raise DataError(f"--val-fraction must be between 0 and 1 (exclusive), got {val_fraction}")
+        target = math.ceil(val_fraction * len(ids))
+        vals = []
+        for seed in seeds:
+            rng = np.random.default_rng(seed)
+            val: list[str] = []
+            for k in rng.permutation(len(id_groups)):
+                if len(val) + len(id_groups[k]) <= target:
+                    val += id_groups[k]
+            vals.append(val)
+    splits = []
+    for index, val in enumerate(vals):
+        chosen = set(val)
+        train = [i for i in sorted(ids) if i not in chosen]
+        rng = np.random.default_rng([seeds[0] if folds is not None else seeds[index], index])
+        train = [train[k] for k in rng.permutation(len(train))]
+        if not train or not val:
+            raise DataError(f"grouped split {index + 1} leaves an empty {'val' if not val else 'training'} list "
+                            "(groups too large for this --val-fraction)")
+        splits.append((train, val))
     return splits
 
 
@@ -198,6 +257,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--overwrite", action="store_true",
                         help="replace existing <name>_train*/_val* files (default: refuse); stale ones "
                              "beyond the new count are removed")
+    parser.add_argument("--check", action="store_true",
+                        help="write nothing: report the folder's exact and near-duplicate images and, for each "
+                             "existing split, how many val ids have one in their training list, with the pairs")
+    parser.add_argument("--grouped", action="store_true",
+                        help="keep each group of exact or near-duplicate images on one side of every split (random "
+                             "splits and --folds; default: off, the published ungrouped protocol)")
+    parser.add_argument("--duplicate-threshold", type=float, default=DEFAULT_THRESHOLD,
+                        help="near-duplicate score (0-1] at or above which two images are duplicates, for --check "
+                             f"and --grouped (default: {DEFAULT_THRESHOLD:g}; see dataloaders/duplicates.py)")
+    parser.add_argument("--pairs-png", type=Path, default=None,
+                        help="with --check or --grouped: write a picture of the 16 closest pairs there, for a person "
+                             "to check (default: none)")
     add_pixel_limit_flag(parser)
     return parser
 
@@ -210,6 +281,11 @@ def main(argv: list[str] | None = None) -> int:
             raise DataError("--val-fraction cannot be used with --folds (each validation fold is 1/K)")
         if args.folds is not None and args.seeds is not None and len(args.seeds) > 1:
             raise DataError(f"--folds uses one seed, got {len(args.seeds)}: {' '.join(map(str, args.seeds))}")
+        if args.check and (args.grouped or args.labeled or args.overwrite):
+            raise DataError("--check writes nothing: not with --grouped, --labeled or --overwrite")
+        if args.pairs_png is not None and not (args.check or args.grouped):
+            raise DataError("--pairs-png goes with --check or --grouped")
+        check_threshold(args.duplicate_threshold)
         seeds = args.seeds or list(DEFAULT_SEEDS)
         val_fraction = DEFAULT_VAL_FRACTION if args.val_fraction is None else args.val_fraction
         data_dir = args.data_dir
@@ -220,11 +296,21 @@ def main(argv: list[str] | None = None) -> int:
         ids = list(cases)
         check_ids(ids, cases)
         check_pairs([(i, *cases[i]) for i in ids], progress=sys.stderr.isatty())
+        if args.check:
+            return check_splits(data_dir, name, cases, args.duplicate_threshold, args.pairs_png)
         counts = sorted(set(args.labeled or []))
         present = existing_split_files(data_dir, name, labeled=False)
         if counts and present and not args.overwrite:
             return write_labeled_only(data_dir, name, cases, present, counts, args.labeled_seed)
-        splits = make_splits(ids, seeds, val_fraction, args.folds)
+        if args.grouped:
+            pairs = duplicate_pairs(cases, args.duplicate_threshold)
+            linked = describe_duplicates(cases, pairs, args.duplicate_threshold)
+            splits = make_grouped_splits(ids, groups(ids, pairs), seeds, val_fraction, args.folds)
+            if args.pairs_png is not None:
+                from utils.plots import save_image
+                save_image(args.pairs_png, closest_pairs_image(pairs, {i: cases[i][0] for i in cases}))
+        else:
+            splits = make_splits(ids, seeds, val_fraction, args.folds)
         labeled = {index: labeled_lists(train, counts, args.labeled_seed, index)
                    for index, (train, _) in enumerate(splits, start=1)} if counts else {}
         written, stale = write_split_files(data_dir, name, splits, args.overwrite, labeled)
@@ -234,6 +320,8 @@ def main(argv: list[str] | None = None) -> int:
 
     protocol = (f"{args.folds}-fold cross-validation (seed {seeds[0]})" if args.folds
                 else f"{len(splits)} random split(s), {val_fraction:g} validation")
+    if args.grouped:
+        protocol += f", grouped ({len(linked)} group(s) of duplicates each kept on one side)"
     print(f"{data_dir}: {len(ids)} cases{class_counts(ids)}; {protocol}")
     for index, (train, val) in enumerate(splits, start=1):
         seed_text = "" if args.folds else f", seed {seeds[index - 1]}"
@@ -244,6 +332,49 @@ def main(argv: list[str] | None = None) -> int:
     if stale:
         print(f"  removed {len(stale)} stale file(s): {', '.join(p.name for p in stale)}")
     print(f"wrote {len(written)} files in {data_dir}")
+    return 0
+
+
+def duplicate_pairs(cases: dict, threshold: float) -> list[Pair]:
+    """Every exact or near-duplicate pair of the folder's images."""
+    return find_pairs(fingerprint((i, cases[i][0]) for i in sorted(cases)), threshold=threshold)
+
+
+def describe_duplicates(cases: dict, pairs: list[Pair], threshold: float) -> list[list[str]]:
+    """Print the folder's duplicate counts; returns the groups of two or more ids."""
+    linked = [g for g in groups(cases, pairs) if len(g) > 1]
+    exact = sum(p.exact for p in pairs)
+    print(f"{len(cases)} images: {exact} exact-duplicate pair(s) (same pixels), {len(pairs) - exact} near-duplicate "
+          f"pair(s) (score >= {threshold:g}); {len(linked)} group(s) of duplicates holding {sum(map(len, linked))} "
+          "images")
+    return linked
+
+
+def check_splits(data_dir: Path, name: str, cases: dict, threshold: float, pairs_png: Path | None) -> int:
+    """--check: for each existing split, the val ids with an exact or near-duplicate in the training list."""
+    present = existing_split_files(data_dir, name, labeled=False)
+    indices = sorted({int(m[1]) for p in present if (m := re.fullmatch(rf"{re.escape(name)}_val(\d+)\.txt", p.name))})
+    if not indices:
+        raise DataError(f"no split files {name}_val<i>.txt in {data_dir}: nothing to check (write them first, or "
+                        "give --split-name)")
+    lists = {}
+    for index in indices:
+        train_file, val_file = data_dir / f"{name}_train{index}.txt", data_dir / f"{name}_val{index}.txt"
+        if not train_file.is_file():
+            raise DataError(f"{val_file} has no {train_file.name} beside it")
+        lists[index] = [(f, [i for i, *_ in select_cases(cases, read_id_list(f), str(f))]) for f in (train_file, val_file)]
+    pairs = duplicate_pairs(cases, threshold)
+    describe_duplicates(cases, pairs, threshold)
+    for index, ((train_file, train), (val_file, val)) in lists.items():
+        leaks = partners(val, train, pairs)
+        print(f"  split {index}: {len(leaks)} of {len(val)} val ids ({val_file.name}) have an exact or near-duplicate "
+              f"in {train_file.name}")
+        for case_id in [i for i in val if i in leaks]:
+            print(f"    {case_id!r} ~ " + ", ".join(f"{pair.other(case_id)!r} ({pair.kind()})" for pair in leaks[case_id]))
+    if pairs_png is not None:
+        from utils.plots import save_image
+        save_image(pairs_png, closest_pairs_image(pairs, {i: cases[i][0] for i in cases}))
+        print(f"closest pairs (the first 16): {pairs_png}")
     return 0
 
 

@@ -15,7 +15,7 @@ Each iteration (paper Sec. 3.2-3.3, official schedule):
 --schedule-scale S: S x every iteration count (the iterations, the ramp step, the evaluation and checkpoint
 intervals), so that lambda(t/T) and lr(t/T) are the published curves (utils/schedule.py).
 --mode supervised: labeled images only, main decoder only, L = (0.5 BCE + Dice)(main, mask).
---method mean-teacher | cct | cps | fixmatch | unimatch: the comparison methods (methods/,
+--method mean-teacher | cct | cps | fixmatch | unimatch | bcp: the comparison methods (methods/,
 docs/methods.md), on --network mgcc or unet (MGCCNet without its ConvMixer stages), in this same loop.
 
 Writes to the run folder: config.yaml (resolved), metrics.jsonl (one line per evaluation),
@@ -33,10 +33,11 @@ from pathlib import Path
 import torch
 
 from dataloaders.datasets import SegmentationDataset
-from dataloaders.io import DataError, dataset_name
+from dataloaders.duplicates import DUPLICATES_ADVICE, split_leak_note
+from dataloaders.io import DataError, dataset_name, note
 from dataloaders.splits import load_run_data
 from dataloaders.training_batches import TrainingBatches
-from methods import CONSISTENCY_DEFAULTS, METHODS
+from methods import CONSISTENCY_DEFAULTS, METHODS, pretrain_iterations
 from segmenter.evaluation import evaluate, overlay_grid
 from segmenter.options import CHECKPOINT_KIND, OPTIONS, model_args, resolve_method
 from segmenter.run import RunRecord, claim_run_folder
@@ -113,6 +114,9 @@ def describe_schedule(cfg, schedule) -> str:
         weight = CONSISTENCY_DEFAULTS[cfg.method] if cfg.consistency is None else cfg.consistency
         end = final_consistency_weight(weight, cfg.consistency_rampup, schedule.ramp_every, schedule.iterations)
         parts.append(f"ramp step every {float(schedule.ramp_every):g} iterations, lambda {end:.2f} at the end")
+    if cfg.method == "bcp":
+        parts.append(f"copy-paste pre-training for the first {pretrain_iterations(cfg.pretrain_share, schedule.iterations)} "
+                     f"iterations (pretrain_share {cfg.pretrain_share:g}), then self-training")
     return " | " + ": ".join(parts) if parts else ""
 
 
@@ -136,6 +140,10 @@ def check_config(cfg, run_data, world_size: int, device: torch.device) -> None:
     if cfg.labeled_batch_size % world_size or (semi and unlabeled_batch % world_size):
         raise ConfigError(f"under torchrun the labeled ({cfg.labeled_batch_size}) and unlabeled "
                           f"({unlabeled_batch if semi else 0}) batches must split evenly over {world_size} processes")
+    if cfg.method == "bcp" and (unlabeled_batch != cfg.labeled_batch_size or cfg.labeled_batch_size // world_size % 2):
+        raise ConfigError(f"bcp mixes each half of the labeled batch with one half of the unlabeled batch: batch_size "
+                          f"({cfg.batch_size}) must be twice labeled_batch_size ({cfg.labeled_batch_size}), and "
+                          f"labeled_batch_size per process (over {world_size}) even")
     if cfg.iterations is not None and cfg.iterations < 1:
         raise ConfigError(f"iterations must be positive, got {cfg.iterations}")
 
@@ -206,6 +214,9 @@ def train(cfg, ctx, device) -> int:
                              cfg.unlabeled_from_train, need_unlabeled=semi, progress=cfg.progress and ctx.is_main,
                              mask_values=cfg.mask_values, split_name=cfg.split_name, labeled_list=cfg.labeled_list)
     check_config(cfg, run_data, ctx.world_size, device)
+    if ctx.is_main:  # a note, not an error: the published protocol keeps its splits
+        note(f"near-duplicates across the split: {split_leak_note(cfg.data_dir, cfg.split, cfg.split_name)}: "
+             f"{DUPLICATES_ADVICE}")
     schedule = run_schedule(cfg, run_data)
     iterations, eval_every = schedule.iterations, schedule.eval_every
     if ctx.is_main:

@@ -140,6 +140,7 @@ def run_variant(name: str, args) -> dict:
     ramped = 10 ** 9  # the step at the ramped-up unlabeled weight and the EMA teacher's final decay
 
     def losses():  # on the eager method: compile hides the ops
+        method.module.before_step(ramped)  # bcp: its self-training phase
         consistency = torch.full((), method.module.consistency_weight(ramped), device=device)
         with torch.autocast(device.type, dtype=spec["dtype"], enabled=spec["dtype"] is not None):
             loss = method.module(images, masks, consistency)["loss"]

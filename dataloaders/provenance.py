@@ -9,17 +9,19 @@ compared by name, whatever the dataset folder: two copies of BUSI share their id
 
 The check fails closed: a manifest, a generator folder or an ``ldm.json`` it cannot read in full
 is an error, never a pass. Whatever a manifest says, every image of every unlabeled folder is also
-compared by content (a digest of its decoded grey pixels) with the evaluated images, so an
-evaluated image copied into an unlabeled folder (in any lossless format) is refused too.
+compared by content with the evaluated images by the near-duplicate finder of
+:mod:`dataloaders.duplicates` (the same decoded pixels, or a score of at least its default threshold:
+a copy re-encoded as JPEG, resized, cropped by a few pixels, marked or mirrored), so an evaluated
+image copied into an unlabeled folder is refused however it was saved.
 """
 from __future__ import annotations
 
 import csv
-import hashlib
 import json
 from pathlib import Path
 
-from .io import DataError, note, read_image
+from .duplicates import Fingerprints, find_pairs, fingerprint
+from .io import DataError, note
 
 # The description file of a generator's run folder (written by generation/run.py), read here for the
 # ids it trained on: its name lives at the lower layer, which reads it.
@@ -88,22 +90,16 @@ def generator_train_ids(run: Path, manifest: Path) -> set[str]:
     return set(train_ids)
 
 
-def pixel_digest(path: Path) -> str:
-    """A digest of an image's decoded grey pixels and size: one for every lossless copy of an image."""
-    gray = read_image(path, channels=1)
-    return hashlib.blake2b(f"{gray.shape}".encode() + gray.tobytes(), digest_size=16).hexdigest()
-
-
 def check_unlabeled_provenance(folder: str | Path, evaluated: dict[str, tuple[Path, list[tuple[str, Path]]]],
                                images: list[Path] | None = None, data_dir: str | Path | None = None,
-                               evaluated_digests: dict[str, str] | None = None) -> None:
+                               evaluated_prints: Fingerprints | None = None) -> None:
     """Refuse an unlabeled folder whose generator trained on an id this run evaluates, or that holds an
     evaluated image.
 
     ``evaluated`` maps the name of each evaluated list ("val", "holdout") to (its split file, its
     (id, image path) pairs). ``images``: the folder's images, compared by content with the evaluated
-    ones (``evaluated_digests``, digest -> id, may be passed to reuse across folders). A folder
-    without a manifest (a user's own images) is accepted with a note once its content is checked.
+    ones (``evaluated_prints``, from :func:`evaluated_fingerprints`, may be passed to reuse across
+    folders). A folder without a manifest (a user's own images) is accepted with a note once its content is checked.
     ``data_dir``: the dataset folder, which is never an unlabeled folder.
     """
     folder = Path(folder)
@@ -127,19 +123,25 @@ def check_unlabeled_provenance(folder: str | Path, evaluated: dict[str, tuple[Pa
                         "inflate the scores. Use the samples of a generator that never saw them (train_ldm.py on a "
                         "training list without these ids)")
     if images:
-        digests = evaluated_digests if evaluated_digests is not None else evaluated_pixel_digests(evaluated)
-        copies = [f"{p.name} = {part} image {case_id!r}" for p in images
-                  for part, case_id in [digests.get(pixel_digest(p), (None, None))] if case_id is not None]
+        prints = evaluated_prints if evaluated_prints is not None else evaluated_fingerprints(evaluated)
+        # (not the exact pixels only: issue 33 found JPEG and mirrored copies of val images passing)
+        pairs = find_pairs(fingerprint((p.name, p) for p in images), prints)
+        copies = [f"{pair.a} = {part} image {case_id!r} " for pair in pairs for part, case_id in [pair.b.split(":", 1)]]
+        kinds = [f"({'same pixels' if pair.exact else f'near-duplicate, score {pair.score:.3f}'})" for pair in pairs]
+        copies = [f"{copy}{kind}" for copy, kind in zip(copies, kinds)]
         if copies:
-            raise DataError(f"unlabeled folder {folder} holds {len(copies)} of the images this run evaluates (same "
-                            f"pixels), e.g. {'; '.join(copies[:_SHOWN])}: training on them would inflate the scores; "
-                            "remove them from the folder")
+            n = len({pair.a for pair in pairs})
+            raise DataError(f"unlabeled folder {folder} holds {n} {'copy' if n == 1 else 'copies'} of images this "
+                            "run evaluates "
+                            f"(the same pixels, or re-encoded, resized, cropped, marked or mirrored), e.g. "
+                            f"{'; '.join(copies[:_SHOWN])}: training on them would inflate the scores; remove them "
+                            "from the folder")
     if manifest is None:
         note(f"unlabeled folder {folder} has no {MANIFEST}: where its images come from cannot be checked "
-             "(images generated from evaluated images would inflate the scores); none of them is a copy of an "
-             "evaluated image")
+             "(images generated from evaluated images would inflate the scores); none of them is a copy or a "
+             "near-duplicate of an evaluated image")
 
 
-def evaluated_pixel_digests(evaluated: dict[str, tuple[Path, list[tuple[str, Path]]]]) -> dict[str, tuple[str, str]]:
-    """digest -> (part, id) of every evaluated image (see :func:`pixel_digest`)."""
-    return {pixel_digest(path): (part, case_id) for part, (_, pairs) in evaluated.items() for case_id, path in pairs}
+def evaluated_fingerprints(evaluated: dict[str, tuple[Path, list[tuple[str, Path]]]]) -> Fingerprints:
+    """Fingerprints of every evaluated image, each named ``<part>:<id>`` (see :mod:`dataloaders.duplicates`)."""
+    return fingerprint((f"{part}:{case_id}", path) for part, (_, pairs) in evaluated.items() for case_id, path in pairs)

@@ -16,7 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .provenance import check_unlabeled_provenance, evaluated_pixel_digests
+from .provenance import check_unlabeled_provenance, evaluated_fingerprints
 from .io import (DataError, check_images, check_pairs, find_cases, read_id_list, select_cases, split_files,
                  unlabeled_images)
 
@@ -110,9 +110,9 @@ def load_run_data(data_dir: str | Path, split: int, labeled_fraction: float = 0.
     if need_unlabeled and unlabeled_dirs:
         evaluated = {"val": (val_file, [(i, image) for i, image, _ in val]),
                      **({"holdout": (train_file, [(i, image) for i, image, _ in carved])} if carved else {})}
-        digests = evaluated_pixel_digests(evaluated)
+        prints = evaluated_fingerprints(evaluated)
         for folder, images in folders:
-            check_unlabeled_provenance(folder, evaluated, images, data_dir, digests)
+            check_unlabeled_provenance(folder, evaluated, images, data_dir, prints)
     share = len(labeled) / len(pool)
     if n_holdout:
         return RunData(labeled, unlabeled, carved, "holdout", report=val, labeled_share=share)

@@ -9,6 +9,7 @@
 | cps | cps.py | SSL4MIS code/train_cross_pseudo_supervision_2D.py |
 | fixmatch | fixmatch.py | UniMatch more-scenarios/medical/unimatch.py (reduced) and fixmatch.py |
 | unimatch | unimatch.py | UniMatch more-scenarios/medical/unimatch.py |
+| bcp | bcp.py | BCP code/ACDC_BCP_train.py |
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from networks.unet import build_network
 
 from .augment import Intensity
 from .base import Method
+from .bcp import BCP, PRETRAIN_SHARE, U_WEIGHT, pretrain_iterations
 from .cct import AUX_DECODERS, CrossConsistency
 from .cps import CrossPseudoSupervision
 from .fixmatch import FixMatch
@@ -25,7 +27,7 @@ from .supervised import Supervised
 from .unimatch import UniMatch
 
 METHODS = {m.name: m for m in (Supervised, MGCC, MeanTeacher, CrossConsistency, CrossPseudoSupervision, FixMatch,
-                               UniMatch)}
+                               UniMatch, BCP)}
 # settings whose default (None) means the reference's own value, per method
 CONSISTENCY_DEFAULTS = {"mgcc": 7.0, "mean-teacher": 0.1, "cct": 0.1, "cps": 0.1}
 
@@ -43,11 +45,13 @@ def network_args(network: str, method: str, in_channels: int, width: int, mixer_
 
 def build_method(method: str, network: str, model_args: dict, normalization: str = "official", consistency: float | None = None,
                  consistency_rampup: float = 200.0, consistency_ramp_every: int = 150, ema_decay: float = 0.99,
-                 conf_thresh: float = 0.95, consistency_start: int | None = None) -> Method:
+                 conf_thresh: float = 0.95, consistency_start: int | None = None, iterations: int = 0,
+                 pretrain_share: float = PRETRAIN_SHARE) -> Method:
     """The method with its networks, drawn from the global torch RNG (seed it first).
 
-    ``consistency`` None takes the reference's weight (CONSISTENCY_DEFAULTS), ``consistency_start``
-    None the reference's first iteration of the unlabeled loss (mean-teacher 1000, others 0)."""
+    ``consistency`` None takes the reference's weight (CONSISTENCY_DEFAULTS; bcp's fixed U_WEIGHT),
+    ``consistency_start`` None the reference's first iteration of the unlabeled loss (mean-teacher 1000,
+    others 0); bcp pre-trains for ``pretrain_share`` of the run's ``iterations``."""
     if method not in METHODS:
         raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
     student = build_network(network, **model_args)
@@ -56,6 +60,9 @@ def build_method(method: str, network: str, model_args: dict, normalization: str
     intensity = Intensity(model_args["in_channels"], normalization)
     if method in ("fixmatch", "unimatch"):
         return METHODS[method](student, intensity, conf_thresh=conf_thresh)
+    if method == "bcp":
+        return BCP(student, pretrain_iterations(pretrain_share, iterations),
+                   u_weight=U_WEIGHT if consistency is None else consistency, ema_decay=ema_decay)
     ramp = {"consistency": CONSISTENCY_DEFAULTS[method] if consistency is None else consistency,
             "rampup": consistency_rampup, "ramp_every": consistency_ramp_every}
     if consistency_start is not None:

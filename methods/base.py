@@ -51,6 +51,9 @@ class Method(nn.Module):
         """True when some trainable parameter gets no gradient (DDP's find_unused_parameters)."""
         return False
 
+    def before_step(self, step: int) -> None:
+        """Called before iteration ``step`` (0-based), outside the (compiled, DDP-wrapped) forward: a phase switch."""
+
     @torch.no_grad()
     def after_step(self, step: int) -> None:
         """Called after the optimizer step of iteration ``step`` (0-based): EMA updates."""

@@ -7,13 +7,15 @@ MGCC and the supervised baseline (paper Eq. 5-8; official defaults):
     L_cons = mean over the 3 aux decoders of MSE(sigmoid(main), sigmoid(aux)) on unlabeled   (Eq. 7)
     lambda(t): the ramp-up of utils/schedule.py                                              (Eq. 8)
 
-The comparison methods' references (SSL4MIS, UniMatch's medical scenario) have a multi-class softmax
+The comparison methods' references (SSL4MIS, UniMatch's medical scenario, BCP) have a multi-class softmax
 output. With two classes a softmax over logits (0, z) is exactly sigmoid(z), so:
 
 - cross-entropy is binary cross-entropy with logits;
-- their Dice loss (SSL4MIS ``methods/losses.py`` and UniMatch ``more-scenarios/medical/util/utils.py``,
+- their Dice loss (SSL4MIS ``code/utils/losses.py`` and UniMatch ``more-scenarios/medical/util/utils.py``,
   ``DiceLoss``) is the mean over the classes, background included, of one Dice computed over the
-  whole batch with squared sums in the denominator; here the two classes are p and 1 - p;
+  whole batch with squared sums in the denominator; here the two classes are p and 1 - p. BCP's
+  (``code/utils/losses.py``) is the same with smoothing 1e-10 and an optional pixel mask that restricts
+  every sum to a region;
 - the MSE of the class probabilities is MSE(sigmoid(a), sigmoid(b)): the two channels' squared
   differences are equal, (p - q)^2 = ((1 - p) - (1 - q))^2;
 - argmax is p > 0.5 (a tie goes to class 0, background), the confidence max(p, 1 - p).
@@ -23,7 +25,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-DICE_SMOOTH = 1e-5  # the official BCEDiceLoss and both references' DiceLoss
+DICE_SMOOTH = 1e-5  # the official BCEDiceLoss and SSL4MIS's and UniMatch's DiceLoss
+BCP_DICE_SMOOTH = 1e-10  # BCP's code/utils/losses.py DiceLoss
+BCP_CE_EPS = 1e-16  # BCP's mix_loss: the masked CE's denominator, mask.sum() + 1e-16
 
 
 # --- MGCC and the supervised baseline -------------------------------------------------------------
@@ -68,21 +72,33 @@ def supervised_losses(forward, images: torch.Tensor, masks: torch.Tensor):
     return sup, sup, torch.zeros((), device=sup.device)
 
 
-# --- the comparison methods (SSL4MIS, UniMatch) --------------------------------------------------
+# --- the comparison methods (SSL4MIS, UniMatch, BCP) ---------------------------------------------
 
-def two_class_dice_loss(probs: torch.Tensor, target: torch.Tensor, ignore: torch.Tensor | None = None) -> torch.Tensor:
+def two_class_dice_loss(probs: torch.Tensor, target: torch.Tensor, ignore: torch.Tensor | None = None,
+                        smooth: float = DICE_SMOOTH) -> torch.Tensor:
     """The references' DiceLoss(n_classes=2) on the foreground probability ``probs`` and a 0/1 ``target``.
 
     Per class: 1 - (2 sum(s t) + smooth) / (sum(s^2) + sum(t^2) + smooth) over every pixel of the batch
-    not ignored (``ignore`` True, UniMatch's low-confidence pixels); the loss is the mean of the two.
+    not ignored (``ignore`` True: UniMatch's low-confidence pixels, BCP's pixels outside a region); the
+    loss is the mean of the two.
     """
     keep = torch.ones_like(probs) if ignore is None else (~ignore.bool()).to(probs.dtype)
     losses = []
     for score, truth in ((1 - probs, 1 - target), (probs, target)):  # background, foreground
         intersect = (score * truth * keep).sum()
         denominator = (score * score * keep).sum() + (truth * truth * keep).sum()
-        losses.append(1 - (2 * intersect + DICE_SMOOTH) / (denominator + DICE_SMOOTH))
+        losses.append(1 - (2 * intersect + smooth) / (denominator + smooth))
     return (losses[0] + losses[1]) / 2
+
+
+def region_loss(logits: torch.Tensor, target: torch.Tensor, region: torch.Tensor) -> torch.Tensor:
+    """(Dice + CE) / 2 on the pixels of ``region`` (True inside) alone: one of the two parts of BCP's
+    ``mix_loss`` (code/ACDC_BCP_train.py). Its masked DiceLoss(n_classes=2) with BCP's smoothing, and its CE
+    summed over the region and divided by the region's pixel count + 1e-16 (0 for an empty region)."""
+    region = region.expand_as(logits).to(logits.dtype)
+    dice = two_class_dice_loss(torch.sigmoid(logits), target, ignore=region == 0, smooth=BCP_DICE_SMOOTH)
+    ce = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
+    return (dice + (ce * region).sum() / (region.sum() + BCP_CE_EPS)) / 2
 
 
 def reference_supervised_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

@@ -159,6 +159,8 @@ def arm_stages(args, data: Path, run: Path, i: int, name: str, shown: list[str],
                 f"{prefix}/{arm}/predict", ["predict.py", "--checkpoint", str(folder / "checkpoint_best.pt"),
                                             "--input-dir", str(data), "--ids", str(split_file(data, "val", i, name)),
                                             "--masks-dir", str(data / "masks" / "0"), "--mask-values", mask_values,
+                                            # every id the split's runs and generator trained on: the clean subset
+                                            "--trained-ids", str(split_file(data, "train", i, name)),
                                             *args.predict_args, "--output-dir", str(where / f"{arm}_val"), *shown],
                 where / f"{arm}_val", depends=[f"{prefix}/{arm}"], overwrite_flag=None))
     return stages

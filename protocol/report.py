@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from dataloaders.io import dataset_name
+from .clean_subset import CLEAN_COLUMNS, clean_fields, clean_section
 from utils.config import read_yaml
 from utils.runtime import resolve_device
 
@@ -50,7 +51,8 @@ def collect(args, splits: list[int], ledger: Ledger) -> tuple[list[dict], dict[i
                              "selected_iteration": run["best_iteration"], "iterations": run["iterations"],
                              "selection_set": run["selection_set"],
                              "train_seconds": round(ledger.seconds(f"{prefix}/{arm}") or 0, 1),
-                             "predict_seconds": round(ledger.seconds(f"{prefix}/{arm}/predict") or 0, 1)})
+                             "predict_seconds": round(ledger.seconds(f"{prefix}/{arm}/predict") or 0, 1),
+                             **clean_fields(val)})
         if args.generator:
             figures = {}
             for path in (out / f"split{i}" / "ldm" / "vae_metrics.json", out / f"split{i}" / "samples" / "report.json"):
@@ -90,7 +92,7 @@ def run_curves(args, splits: list[int]) -> dict[str, list[tuple[str, list[int], 
 def write_results(args, splits: list[int], ledger: Ledger, device: str) -> Path:
     rows, generators = collect(args, splits, ledger)
     out = args.out_dir.resolve()
-    results.write_csv(rows, out / "results.csv")
+    results.write_csv(rows, out / "results.csv", [*results.CSV_COLUMNS, *CLEAN_COLUMNS])
     results.write_csv(rows, out / "times.csv", results.TIME_COLUMNS)
     protocol = (f"checkpoint selected on the last {args.holdout:g} of each training list (holdout); the val ids "
                 "evaluated once, by the selected checkpoint" if args.holdout else
@@ -116,7 +118,8 @@ def write_results(args, splits: list[int], ledger: Ledger, device: str) -> Path:
               f"- Command: `{args.command_line}`",
               f"- Curves: every run's selection IoU over its iterations, mean and ± 1 SD band where several: "
               f"[{results.CURVES}]({results.CURVES})"]
-    (out / "results.md").write_text(results.markdown(rows, args.arms, generators, header, BASELINES))
+    (out / "results.md").write_text(results.markdown(rows, args.arms, generators, header, BASELINES)
+                                    + clean_section(rows, args.arms))
     results.plot(rows, args.arms, out / "results.png",
                  f"{dataset_name(args.data_dir)}, {args.labels}: one point per run")
     results.plot_curves(run_curves(args, splits), out / results.CURVES,

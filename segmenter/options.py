@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataloaders.datasets import NORMALIZATIONS
 from dataloaders.device_data import DEVICE_DATA_BUDGET_GIB
 from dataloaders.io import MASK_VALUES, MAX_IMAGE_PIXELS_OPTION
-from methods import CONSISTENCY_DEFAULTS, METHODS, network_args
+from methods import CONSISTENCY_DEFAULTS, METHODS, PRETRAIN_SHARE, U_WEIGHT, network_args
 from networks.unet import NETWORKS
 from utils.config import (NON_NEGATIVE, POSITIVE, ConfigError, Option, between, count_or, greater_than, if_number,
                           multiple_of, odd_positive, optional)
@@ -76,7 +76,8 @@ OPTIONS = [
     Option("weight_decay", 1e-4, "SGD weight decay", check=NON_NEGATIVE),
     Option("consistency", None, "final weight lambda of the unlabeled loss, which the ramp tends to; none: the "
            "method's reference value (" + ", ".join(f"{m} {w:g}" for m, w in CONSISTENCY_DEFAULTS.items()) +
-           "; fixmatch and unimatch have fixed weights in their formula). The official ramp (200 steps of 150 "
+           f"; fixmatch and unimatch have fixed weights in their formula; bcp {U_WEIGHT:g}, the pseudo-labelled parts' "
+           "fixed weight from its self-training phase on, no ramp). The official ramp (200 steps of 150 "
            "iterations) spans 30,000 iterations, so at the end of the official 20,000 mgcc's lambda is 3.99, not 7",
            type=optional(float), check=NON_NEGATIVE),
     Option("consistency_start", None, "iterations before the unlabeled loss counts (weight 0), at scale 1 "
@@ -84,7 +85,11 @@ OPTIONS = [
     Option("consistency_rampup", 200.0, "lambda ramps up over this many ramp steps (sigmoid ramp-up)",
            check=NON_NEGATIVE),
     Option("consistency_ramp_every", 150, "iterations per ramp step (official: t = iteration // 150)", check=POSITIVE),
-    Option("ema_decay", 0.99, "mean-teacher: EMA decay of the teacher (SSL4MIS)", check=between(0, 1)),
+    Option("ema_decay", 0.99, "mean-teacher, bcp: EMA decay of the teacher (SSL4MIS, BCP: 0.99; mean-teacher's "
+           "starts as the true average, min(1 - 1/(it + 1), decay), bcp's is fixed)", check=between(0, 1)),
+    Option("pretrain_share", PRETRAIN_SHARE, "bcp: share of the iterations (after schedule_scale) spent in its "
+           "pre-training phase, copy-paste among the labeled images, before self-training with the EMA teacher (BCP's "
+           "10,000 of 10,000 + 30,000 iterations: 0.25)", check=between(0, 1)),
     Option("conf_thresh", 0.95, "fixmatch, unimatch: confidence threshold of the pseudo-labels (UniMatch)",
            check=between(0, 1)),
     Option("seed", 1337, "random seed of weights, data order, augmentation and perturbations",

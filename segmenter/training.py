@@ -17,14 +17,15 @@ from utils.training import TrainingState
 
 from .options import model_args
 
-def build_training(cfg, ramp_every=None, scale=1):
+def build_training(cfg, ramp_every=None, scale=1, iterations=0):
     """The method (methods/) with its networks (student, EMA teacher, second network), from the global RNG;
     ``ramp_every``: a scaled schedule's iterations per ramp step (None: the config's); ``scale``: its
     schedule_scale, which the first iteration of the unlabeled loss (consistency_start: the config's, or
-    the method's reference value, mean-teacher's 1000) is multiplied by like every other iteration count."""
+    the method's reference value, mean-teacher's 1000) is multiplied by like every other iteration count;
+    ``iterations``: the run's (scaled) iterations, of which bcp pre-trains for pretrain_share."""
     method = build_method(cfg.method, cfg.network, model_args(cfg), cfg.normalization, cfg.consistency,
                           cfg.consistency_rampup, cfg.consistency_ramp_every if ramp_every is None else ramp_every,
-                          cfg.ema_decay, cfg.conf_thresh, cfg.consistency_start)
+                          cfg.ema_decay, cfg.conf_thresh, cfg.consistency_start, iterations, cfg.pretrain_share)
     if getattr(method, "consistency_start", 0):
         method.consistency_start = round(method.consistency_start * scale)
     return method
@@ -76,7 +77,7 @@ def wrap_for_training(method, cfg, ctx, device):
 
 
 class MethodTraining:
-    """A training method (methods/: supervised, mgcc, mean-teacher, cct, cps, fixmatch, unimatch) as
+    """A training method (methods/: supervised, mgcc, mean-teacher, cct, cps, fixmatch, unimatch, bcp) as
     train.py's loop sees it.
 
     A method supplies its networks and what a checkpoint holds (``state``: name -> module,
@@ -84,7 +85,7 @@ class MethodTraining:
     checkpoint_best's "model" (``evaluated``), and ``train_step(images, masks, it)``: one update on a
     batch whose first len(masks) images are labeled, returning its named losses ("loss" their
     total), detached and on the device (the step never waits for the host). A method with a
-    per-step update of its own (an EMA teacher) does it there too. ``module`` is the method itself
+    per-step update of its own (an EMA teacher, a phase switch) does it there too. ``module`` is the method itself
     (methods.base.Method): its networks, its losses, its schedule of the unlabeled weight, its EMA.
     """
     loss_names = ("loss", "sup", "cons")
@@ -93,7 +94,7 @@ class MethodTraining:
         self.cfg, self.ctx, self.device = cfg, ctx, device
         # iterations per step of the consistency ramp: the config's, or a scaled schedule's (a fraction)
         self.ramp_every = cfg.consistency_ramp_every if ramp_every is None else ramp_every
-        self.module = build_training(cfg, self.ramp_every, scale).to(device)
+        self.module = build_training(cfg, self.ramp_every, scale, iterations).to(device)
         self.semi = self.module.uses_unlabeled  # the supervised baseline: the labeled images alone, no unlabeled batch
         if ctx.enabled and cfg.sync_bn:  # same parameter and buffer names: checkpoints stay plain
             self.module = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.module)
@@ -120,6 +121,7 @@ class MethodTraining:
         self.module.train()
 
     def train_step(self, images: torch.Tensor, masks: torch.Tensor, it: int) -> dict[str, torch.Tensor]:
+        self.module.before_step(it)  # bcp's phase switch
         self.consistency.fill_(self.module.consistency_weight(it))
         losses = self.step(images, masks, self.consistency)
         self.module.after_step(it)  # the EMA teacher's update

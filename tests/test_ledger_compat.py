@@ -13,9 +13,17 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from conftest import ROOT, write_dataset
 
 
+# main after issue 27 (merged here): issue 32 added the config key pretrain_share to every train.py stage and
+# issue 30 added --trained-ids to every predict.py stage, so a folder made at a84991b now reruns with
+# every training and predict stage stale. Left for the lead to decide (e.g. the ledger taking a key that
+# is new and at its default as unchanged); strict, so that the test says when it holds again.
+@pytest.mark.xfail(strict=True, reason="issues 30 and 32 changed the plan: pretrain_share in train.py's config, "
+                                       "--trained-ids in predict.py's command")
 def test_the_plan_of_a_fixed_protocol_is_the_one_before_the_restructuring(tmp_path):
     import reproduce
     from protocol.plan import plan

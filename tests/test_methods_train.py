@@ -18,7 +18,7 @@ from utils.checkpoint import load_checkpoint
 
 # every method once, the networks alternating; mean-teacher's consistency from the start so the teacher matters
 CASES = [("supervised", "unet"), ("mgcc", "mgcc"), ("mean-teacher", "unet"), ("cct", "mgcc"), ("cct", "unet"),
-         ("cps", "unet"), ("fixmatch", "mgcc"), ("unimatch", "unet")]
+         ("cps", "unet"), ("fixmatch", "mgcc"), ("unimatch", "unet"), ("bcp", "mgcc")]
 
 
 def method_flags(method, network):
@@ -40,7 +40,7 @@ def test_each_method_trains_and_resumes_to_the_same_weights(tmp_path, dataset, m
     a = load_checkpoint(tmp_path / "straight" / "checkpoint_last.pt")
     b = load_checkpoint(tmp_path / "paused" / "checkpoint_last.pt")
     assert states_equal(a["model"], b["model"])
-    extra = {"mean-teacher": "teacher.", "cps": "second."}.get(method)  # the networks kept besides the student
+    extra = {"mean-teacher": "teacher.", "bcp": "teacher.", "cps": "second."}.get(method)  # the networks kept besides the student
     if extra is None:
         assert a["method_state"] is None and b["method_state"] is None
     else:

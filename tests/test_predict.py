@@ -162,3 +162,41 @@ def test_ids_file_restricts_the_images(tmp_path, trained):
     result = run_script("predict.py", "--checkpoint", checkpoint, "--input-dir", data, "--output-dir", tmp_path / "p",
                         "--ids", tmp_path / "ids.txt", check=False)
     assert result.returncode == 2 and "nobody (0)" in result.stderr
+
+
+@pytest.mark.slow
+def test_trained_ids_give_the_metrics_on_the_clean_subset_too(tmp_path, trained):
+    """Issue 30: a val image that is a (mirrored, re-encoded) copy of a training image is left out of the
+    clean subset, and so is a val id listed as trained; the clean means are over the other val ids."""
+    import shutil
+
+    source, checkpoint = trained
+    data = tmp_path / "toy"
+    shutil.copytree(source, data)
+    train_ids = [i for i in (data / "toy_train1.txt").read_text().splitlines() if i]
+    val_ids = [i for i in (data / "toy_val1.txt").read_text().splitlines() if i]
+    copied, original = val_ids[0], train_ids[1]
+    for sub, ext in (("images", ".jpg"), ("masks/0", ".png")):  # the val image: a mirrored JPEG of a training one
+        picture = cv2.imread(str(data / sub / f"{original}.png"), cv2.IMREAD_GRAYSCALE)[:, ::-1]
+        (data / sub / f"{copied}.png").unlink()
+        cv2.imwrite(str(data / sub / f"{copied}{ext}"), picture, [cv2.IMWRITE_JPEG_QUALITY, 95] if ext == ".jpg" else [])
+    (tmp_path / "more.txt").write_text(f"{val_ids[2]}\n")  # a val id the model is said to have trained on
+    out = tmp_path / "out"
+    result = run_script("predict.py", "--checkpoint", checkpoint, "--input-dir", data, "--output-dir", out,
+                        "--ids", data / "toy_val1.txt", "--masks-dir", data / "masks" / "0", "--num-workers", "0",
+                        "--no-overlays", "--trained-ids", data / "toy_train1.txt", tmp_path / "more.txt")
+    assert "clean subset: 1 of 3 images (2 with an exact or near-duplicate among the trained ids left out)" in result.stdout
+    rows = {r["id"]: r for r in csv.DictReader(open(out / "metrics.csv"))}
+    assert {i: r["near_duplicates_in_training"] for i, r in rows.items()} == {
+        copied: original, val_ids[1]: "", val_ids[2]: val_ids[2]}
+    summary = json.loads((out / "metrics.json").read_text())
+    clean = summary["clean_subset"]
+    assert (summary["images"], clean["images"], clean["dropped"]) == (3, 1, 2)
+    assert clean["dropped_ids"] == {copied: [original], val_ids[2]: [val_ids[2]]}
+    for metric in ("iou", "dice", "hd95"):
+        assert clean[metric] == pytest.approx(float(rows[val_ids[1]][metric]))
+        assert summary[metric] == pytest.approx(np.mean([float(r[metric]) for r in rows.values()]))
+    # without --masks-dir there is nothing to split
+    result = run_script("predict.py", "--checkpoint", checkpoint, "--input-dir", data, "--output-dir", tmp_path / "x",
+                        "--trained-ids", data / "toy_train1.txt", check=False)
+    assert result.returncode == 2 and "--trained-ids needs --masks-dir" in result.stderr

@@ -166,3 +166,43 @@ def test_passed_flags_take_a_value_with_a_space_or_an_equals_sign_and_are_checke
         reproduce.parse_args(common + ["--train-args", "--bogus"])
     with pytest.raises(ConfigError, match=r"--ldm-args '--class-csv': not valid for train_ldm.py: .*expected one"):
         reproduce.parse_args(common + ["--ldm-args", "--class-csv"])
+
+
+@pytest.mark.slow
+def test_results_on_all_val_ids_and_the_clean_subset(tmp_path):
+    """Issue 30: a val image that is a mirrored copy of a training image: reproduce.py notes the split's count,
+    predict scores the clean subset without it, and results.csv / results.md give both columns with counts."""
+    import cv2
+
+    from dataloaders.phantom import make_phantom_dataset
+
+    data = tmp_path / "ph"
+    ids = make_phantom_dataset(data, num_images=12, size=(64, 64), preview_count=0)
+    (data / "ph_train1.txt").write_text("".join(f"{i}\n" for i in ids[:8]))
+    (data / "ph_val1.txt").write_text("".join(f"{i}\n" for i in ids[8:]))
+    for sub in ("images", "masks/0"):  # val id 9 becomes a mirrored copy of training id 2
+        picture = cv2.imread(str(data / sub / f"{ids[2]}.png"), cv2.IMREAD_GRAYSCALE)
+        cv2.imwrite(str(data / sub / f"{ids[9]}.png"), picture[:, ::-1].copy())
+    out = tmp_path / "out"
+    result = run_script("reproduce.py", "--data-dir", data, "--out-dir", out, "--preset", "demo", "--no-generator",
+                        "--arms", "supervised", "--labeled-fraction", "0.5", "--train-args", TINY, "--device", "cpu",
+                        "--no-progress", "--no-estimate")
+    assert ("note: near-duplicates across the splits: split 1: 1 of 4 val ids have an exact or near-duplicate in "
+            "ph_train1.txt") in result.stderr
+    assert "near-duplicates across the split: split 1: 1 of 4 val ids" in result.stderr  # train.py's own note
+    val = json.loads((out / "split1" / "supervised_val" / "metrics.json").read_text())
+    assert val["clean_subset"]["dropped_ids"] == {ids[9]: [ids[2]]}
+    with open(out / "split1" / "supervised_val" / "metrics.csv") as f:
+        per_image = {r["id"]: r for r in csv.DictReader(f)}
+    with open(out / "results.csv") as f:
+        row = next(csv.DictReader(f))
+    assert (row["val_images"], row["clean_images"]) == ("4", "3")
+    for metric in ("iou", "accuracy"):  # (a 2-iteration network: IoU may be 0 everywhere, pixel accuracy is not)
+        clean = sum(float(per_image[i][metric]) for i in ids[8:] if i != ids[9]) / 3
+        assert float(row[f"clean_{metric}"]) == pytest.approx(clean) and float(row[metric]) == pytest.approx(val[metric])
+    assert float(row["clean_accuracy"]) != pytest.approx(float(row["accuracy"]))
+    clean_iou = float(row["clean_iou"])
+    report = (out / "results.md").read_text()
+    assert "## All val ids and the clean subset" in report and "split 1: 3 of 4 (1 dropped)" in report
+    assert "(score >= 0.96," in report
+    assert f"| 1 | {row['seed']} | supervised | 4 | {val['iou']:.4f} | 3 | {clean_iou:.4f} |" in report

@@ -218,5 +218,95 @@ def test_an_interrupted_write_leaves_no_file(tmp_path, monkeypatch):
 @pytest.mark.slow
 def test_help_documents_every_flag():
     text = run_script("split.py", "--help").stdout
-    for flag in ("--data-dir", "--name", "--seeds", "--val-fraction", "--folds", "--overwrite"):
+    for flag in ("--data-dir", "--name", "--seeds", "--val-fraction", "--folds", "--overwrite", "--check", "--grouped",
+                 "--duplicate-threshold", "--pairs-png"):
         assert flag in text
+
+
+def with_planted_duplicates(root: Path) -> tuple[Path, list[set[str]]]:
+    """24 phantoms (96x112) where 'benign (1)' has a JPEG copy and a mirrored copy, and 'malignant (2)' a copy
+    with a caliper mark, with toy_train1.txt (the first 16 ids) and toy_val1.txt: returns the folder and its
+    two groups. (Phantoms, not write_dataset's toy images: an ellipse on white noise is all one structure,
+    and two ellipses in one place look alike to any measure.)"""
+    from dataloaders.phantom import make_phantom_dataset
+
+    ids = make_phantom_dataset(root, num_images=24, size=(96, 112), preview_count=0)
+    (root / "toy_train1.txt").write_text("".join(f"{i}\n" for i in ids[:16]))
+    (root / "toy_val1.txt").write_text("".join(f"{i}\n" for i in ids[16:]))
+    images, masks = root / "images", root / "masks" / "0"
+    source = cv2.imread(str(images / "benign (1).png"), cv2.IMREAD_GRAYSCALE)
+    source_mask = cv2.imread(str(masks / "benign (1).png"), cv2.IMREAD_GRAYSCALE)
+    for target, picture, mask in (("benign (11)", source, source_mask),
+                                  ("malignant (9)", source[:, ::-1], source_mask[:, ::-1])):
+        (images / f"{target}.png").unlink()
+        if target == "benign (11)":
+            cv2.imwrite(str(images / f"{target}.jpg"), picture, [cv2.IMWRITE_JPEG_QUALITY, 95])
+        else:
+            cv2.imwrite(str(images / f"{target}.png"), np.ascontiguousarray(picture))
+        cv2.imwrite(str(masks / f"{target}.png"), np.ascontiguousarray(mask))
+    marked = cv2.imread(str(images / "malignant (2).png"), cv2.IMREAD_GRAYSCALE)
+    cv2.drawMarker(marked, (40, 50), 255, cv2.MARKER_CROSS, 7, 1)
+    cv2.imwrite(str(images / "malignant (7).png"), marked)
+    cv2.imwrite(str(masks / "malignant (7).png"), cv2.imread(str(masks / "malignant (2).png"), cv2.IMREAD_GRAYSCALE))
+    return root, [{"benign (1)", "benign (11)", "malignant (9)"}, {"malignant (2)", "malignant (7)"}]
+
+
+@pytest.mark.slow
+def test_check_reports_the_val_ids_with_a_duplicate_in_training(tmp_path):
+    data, planted = with_planted_duplicates(tmp_path / "toy")
+    before = {p.name: p.read_bytes() for p in data.glob("*.txt")}
+    train = read_id_list(data / "toy_train1.txt")
+    val = read_id_list(data / "toy_val1.txt")
+    expected = sorted(i for group in planted for i in group if i in val and group & set(train))
+    png = tmp_path / "pairs.png"
+    result = run_script("split.py", "--data-dir", data, "--check", "--pairs-png", png)
+    assert "24 images: 0 exact-duplicate pair(s) (same pixels), 4 near-duplicate pair(s)" in result.stdout, result.stdout
+    assert "2 group(s) of duplicates holding 5 images" in result.stdout
+    assert f"split 1: {len(expected)} of {len(val)} val ids (toy_val1.txt) have an exact or near-duplicate in " \
+           "toy_train1.txt" in result.stdout
+    assert len(expected) >= 1 and all(repr(i) in result.stdout for i in expected)
+    assert {p.name: p.read_bytes() for p in data.glob("*.txt")} == before  # nothing written
+    assert cv2.imread(str(png)).shape[2] == 3
+    result = run_script("split.py", "--data-dir", data, "--check", "--grouped", check=False)
+    assert result.returncode == 2 and "--check writes nothing" in result.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("folds", [None, 3])
+def test_grouped_splits_never_separate_a_group(tmp_path, folds):
+    data, planted = with_planted_duplicates(tmp_path / "toy")
+    for p in data.glob("*.txt"):
+        p.unlink()
+    extra = ["--folds", str(folds)] if folds else ["--seeds", *map(str, range(8))]
+    result = run_script("split.py", "--data-dir", data, "--grouped", *extra)
+    assert "grouped (2 group(s) of duplicates each kept on one side)" in result.stdout
+    count = folds or 8
+    vals = []
+    for index in range(1, count + 1):
+        train, val = read_id_list(data / f"toy_train{index}.txt"), read_id_list(data / f"toy_val{index}.txt")
+        assert sorted(train + val) == all_ids(data) and not set(train) & set(val)
+        for group in planted:
+            assert group <= set(train) or group <= set(val), (index, group)
+        if not folds:
+            assert len(val) == 8  # ceil(0.3 * 24) = 8: filled exactly with whole groups and single ids
+        vals.append(val)
+    if folds:
+        assert sorted(i for v in vals for i in v) == all_ids(data) and {len(v) for v in vals} == {8}
+    # some draws put a group in val: the test is not passing by leaving groups always in training
+    assert any(group <= set(v) for group in planted for v in vals)
+    # deterministic
+    again = tmp_path / "again" / "toy"
+    shutil.copytree(data, again)
+    for p in again.glob("*.txt"):
+        p.unlink()
+    run_script("split.py", "--data-dir", again, "--grouped", "--split-name", "toy", *extra)
+    assert all((again / f"toy_val{i}.txt").read_text() == (data / f"toy_val{i}.txt").read_text()
+               for i in range(1, count + 1))
+
+
+def test_grouped_splits_refuse_groups_that_cannot_fit():
+    ids = [f"c{k}" for k in range(10)]
+    with pytest.raises(split.DataError, match="needs 2 to 2"):
+        split.make_grouped_splits(ids, [ids[:5], ids[5:]], folds=3)
+    with pytest.raises(split.DataError, match="leaves an empty val list"):
+        split.make_grouped_splits(ids, [ids[:5], ids[5:]], seeds=[1], val_fraction=0.3)
