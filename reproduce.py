@@ -152,8 +152,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                           help="time limit of each job; a stage still running at its end checkpoints and its job "
                                "is requeued to resume it (default: 1440)")
     parallel.add_argument("--slurm-gpus-per-job", type=int, default=None, metavar="N",
-                          help="GPUs of each job (default: --nproc-per-node with --device cuda or auto on a GPU "
-                               "machine, else 0)")
+                          help="GPUs of each job (default: --nproc-per-node, 0 with --device cpu; each job "
+                               "resolves --device auto on its own node, so a login node without a GPU submits GPU "
+                               "jobs; submitit-local: --nproc-per-node where this machine has CUDA, else 0)")
     parallel.add_argument("--slurm-options", type=Path, default=None, metavar="YAML",
                           help="more submitit SlurmExecutor options, e.g. mem: 32G, cpus_per_task: 8, account: X, "
                                "additional_parameters: {constraint: a100} (default: none)")

@@ -19,7 +19,8 @@ intervals), so that lambda(t/T) and lr(t/T) are the published curves (utils/sche
 docs/methods.md), on --network mgcc or unet (MGCCNet without its ConvMixer stages), in this same loop.
 
 Writes to the run folder: config.yaml (resolved), metrics.jsonl (one line per evaluation),
-metrics.json (final), curves.png, checkpoint_last.pt (for --resume), checkpoint_best.pt and
+metrics.json (final), curves.png, checkpoint_last.pt (for --resume: every --checkpoint-minutes, default 10, or
+--checkpoint-every iterations, at the end and at a stop), checkpoint_best.pt (at each evaluation that improves) and
 tensorboard/ (losses, lambda, learning rate, metrics and overlays; --no-tensorboard: none).
 """
 # Where the pieces live: the options in segmenter/options.py, the network, the step and the method's
@@ -158,7 +159,8 @@ class SegmenterTraining(Trainer):
                  eval_every: int, start: int, ctx, device, stop, out_dir: Path, checkpoint_every: int | None = None):
         super().__init__(iterations, start, ctx, device, stop, method.state, CHECKPOINT_KIND,
                          out_dir / "checkpoint_last.pt", log_every=cfg.log_every,
-                         checkpoint_every=checkpoint_every or cfg.checkpoint_every or eval_every, eval_every=eval_every,
+                         checkpoint_every=checkpoint_every or cfg.checkpoint_every or 0, eval_every=eval_every,
+                         checkpoint_minutes=cfg.checkpoint_minutes,
                          progress=cfg.progress, stop_after=cfg.stop_after,
                          board_dir=out_dir / LOG_DIR if cfg.tensorboard else None)
         self.cfg, self.method, self.data, self.record = cfg, method, data, record
@@ -232,14 +234,14 @@ def train(cfg, ctx, device) -> int:
     method = MethodTraining(cfg, ctx, device, iterations, ramp_every=schedule.ramp_every, scale=schedule.scale)
     if ctx.enabled:
         torch.manual_seed(cfg.seed + ctx.rank)  # each rank its own perturbation noise
-    restore(method.state, checkpoint, ctx)
+    restore(method.state, checkpoint, ctx, device)
     method.begin()
     start = checkpoint["iteration"] if checkpoint else 0
     data = TrainingBatches(cfg, run_data, device, ctx, start, method.unlabeled_batch_size())
     if ctx.is_main:
         print(f"data: {data.describe()}", flush=True)
     record = RunRecord(out_dir, run_data.selection_name, ctx.is_main, *(
-        (checkpoint["history"], checkpoint["best"]) if checkpoint else ()))
+        (checkpoint["history"], checkpoint["best"]) if checkpoint else (None, None)), device=device)
 
     # the loop, then the final evaluation of the selected checkpoint
     with StopRequest() as stop:

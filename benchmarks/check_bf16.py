@@ -7,6 +7,8 @@ Phantom images (4 labeled + 4 unlabeled, official normalisation) through the MGC
 at the same weights. It prints the loss terms in fp32 and in bf16 (+ channels_last), then the cosine
 similarity of the step's parameter gradient to the fp32 one, for the whole network and its encoder:
   - bf16, same batch and perturbation draw (what bf16 changes);
+  - fp32 + channels_last, same draw: the memory format alone (the perturbations draw in NCHW order, so
+    the same elements are dropped: ~1);
   - bf16 with the image's first convolution in bf16 too, as plain autocast does (what
     networks.mgcc.Float32Conv2d prevents);
   - fp32 with another perturbation draw, and fp32 on another batch: the step's own randomness and
@@ -52,10 +54,12 @@ def first_conv_in_autocast(model: MGCCNet):
         conv.__class__ = Float32Conv2d
 
 
-def step_gradient(model, batch, dtype, draw: int) -> tuple[list[float], dict[str, torch.Tensor]]:
-    """The MGCC step's loss terms and its gradient (float64, by parameter name) at the model's weights."""
+def step_gradient(model, batch, dtype, draw: int, channels_last: bool | None = None) -> tuple[list[float], dict[str, torch.Tensor]]:
+    """The MGCC step's loss terms and its gradient (float64, by parameter name) at the model's weights;
+    channels_last: None follows the precision (bf16 with it, fp32 without)."""
     images, masks = batch
-    fmt = torch.channels_last if dtype is not None else torch.contiguous_format
+    channels_last = dtype is not None if channels_last is None else channels_last
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
     model.to(memory_format=fmt).zero_grad(set_to_none=True)
     torch.manual_seed(draw)
     with torch.autocast(images.device.type, dtype=dtype, enabled=dtype is not None):
@@ -89,6 +93,7 @@ def main(argv=None) -> int:
     loss_bf16, bf16 = step_gradient(model, batch, torch.bfloat16, draw=1)
     with first_conv_in_autocast(model):
         loss_plain, plain = step_gradient(model, batch, torch.bfloat16, draw=1)
+    _, fp32_last = step_gradient(model, batch, None, draw=1, channels_last=True)  # the layout alone: ~1
     _, other_draw = step_gradient(model, batch, None, draw=2)
     _, other_images = step_gradient(model, other_batch, None, draw=1)
 
@@ -96,6 +101,7 @@ def main(argv=None) -> int:
         print(json.dumps({"check": "step", "loss_fp32": loss_fp32[0], "loss_bf16": loss_bf16[0],
                           "loss_terms_fp32": loss_fp32, "loss_terms_bf16": loss_bf16,
                           "cosine_network": cosine(fp32, bf16), "cosine_encoder": cosine(fp32, bf16, "encoder."),
+                          "cosine_network_fp32_channels_last": cosine(fp32, fp32_last),
                           "cosine_network_other_draw": cosine(fp32, other_draw),
                           "cosine_network_other_batch": cosine(fp32, other_images)}))
         return 0
@@ -106,6 +112,7 @@ def main(argv=None) -> int:
         print(f"{name:44s} {terms[0]:9.5f} {terms[1]:9.5f} {terms[2]:9.5f}")
     print(f"\n{'gradient cosine to the fp32 step':44s} {'network':>9s} {'encoder':>9s}")
     for name, grads in [("bf16 + channels_last", bf16), ("bf16 + channels_last, first conv in bf16", plain),
+                        ("fp32 + channels_last (same draw)", fp32_last),
                         ("fp32, another perturbation draw", other_draw), ("fp32, another batch", other_images)]:
         print(f"{name:44s} {cosine(fp32, grads):9.3f} {cosine(fp32, grads, 'encoder.'):9.3f}")
     return 0

@@ -85,7 +85,10 @@ class TrainingBatches:
             return self.device_batches(step)
         labeled = next(self.loaders[0])
         images = [labeled["image"]] + [next(loader)["image"] for loader in self.loaders[1:]]
-        return torch.cat(images).to(self.device, non_blocking=True), labeled["mask"].to(self.device, non_blocking=True)
+        # each pinned part is copied as it is, then joined on the device: torch.cat on the host would make one
+        # pageable tensor, whose copy waits for the device
+        images = torch.cat([part.to(self.device, non_blocking=True) for part in images])
+        return images, labeled["mask"].to(self.device, non_blocking=True)
 
     def selection_batches(self):
         return self.selection_set.batches(self.cfg.eval_batch_size) if self.on_device else self.selection_set

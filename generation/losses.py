@@ -64,6 +64,15 @@ def discriminator_loss(disc_pass, images, reconstruction, device, amp_dtype):
     return F.relu(1 - real).mean() + F.relu(1 + fake).mean()
 
 
+def batch_on_device(batch, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The (index, flipped) pairs of a batch as two long tensors on ``device``: one copy, and on a GPU from
+    pinned memory without waiting for the device (a copy from pageable memory waits for the queued steps)."""
+    pairs = torch.tensor([(i, int(f)) for i, f in batch], dtype=torch.long)
+    if device.type == "cuda":
+        pairs = pairs.pin_memory()
+    return pairs.to(device, non_blocking=device.type == "cuda").unbind(1)
+
+
 class LatentDiffusionLoss(nn.Module):
     """The denoiser's loss on the encoded training set: posterior ``means`` and ``stds`` of each
     training image and its mirror image, (N, 2, C, h, w) each, on the training device.
@@ -88,8 +97,7 @@ class LatentDiffusionLoss(nn.Module):
     def forward(self, denoiser, batch, rng: torch.Generator | None, amp_dtype=None) -> torch.Tensor:
         """The loss of one step; ``batch``: the global StepBatchSampler batch of (index, flipped) pairs."""
         device, mine, size = self.means.device, self.mine, len(batch)
-        index = torch.tensor([i for i, _ in batch], device=device)[mine]
-        flip = torch.tensor([int(f) for _, f in batch], device=device)[mine]
+        index, flip = (column[mine] for column in batch_on_device(batch, device))
         shape = (size, *self.means.shape[2:])
         mean, std = self.means[index, flip], self.stds[index, flip]
         latents = (mean + std * torch.randn(shape, generator=rng, device=device)[mine]) * self.scaling

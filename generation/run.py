@@ -362,6 +362,9 @@ class LdmStage(Trainer):
     panels: dict[str, dict[str, str]] = {}  # the loss plot: {panel title: {curve label: loss name}}
     advice = ". A lower learning rate or --grad-clip needs a new run (--overwrite)"
     eval_reads_losses = False  # a preview is no evaluation of the losses: losses are read every log_every
+    # under torchrun the ranks agree on a stop at the loss readings (every log_every steps), not with an
+    # all-reduce read back every step: the step never waits for the device
+    agree_every_step = False
 
     def __init__(self, total: int, cfg: SimpleNamespace, run_dir: Path, info: dict, ctx, device, stop):
         state_file, kind = STATE_FILES[self.name]

@@ -14,6 +14,10 @@ RandomGaussianBlur draws sigma per image; both run on whatever device the batch 
 code serves the data-on-device path and the loader path, after the batch reaches the device. MONAI's
 intensity transforms work one image at a time and have no torchvision-equivalent colour jitter.
 Their random numbers come from the global torch generator, which checkpoints save (exact resume).
+kornia 0.9 draws them on the CPU on purpose: its colour steps decide on the CPU which steps apply (no wait
+for the device) and copy the per-image factors to the device, five small copies per call; drawing them on the
+GPU (``set_rng_device_and_dtype``) would turn those decisions into reads from the device. Older kornia
+(0.7, 0.8) also read the batch's apply-mask back every call, hence ``kornia>=0.9`` in requirements.txt.
 
 Differences: the jitter and blur see the image in [0, 1] float (the reference rounds to 8 bits in
 between); the blur kernel is 13 x 13 (3 sigma at the largest sigma; PIL approximates the Gaussian
@@ -30,22 +34,34 @@ CUTMIX_TRIES = 512  # candidates per box; the chance that none of them fits is b
 
 
 class Intensity:
-    """Maps network inputs (normalised as dataloaders/datasets.py) to intensities in [0, 1] and back."""
+    """Maps network inputs (normalised as dataloaders/datasets.py) to intensities in [0, 1] and back.
+
+    The normalisation constants are copied to a device once, at its first use, and kept there: a copy per
+    call would be a blocking host-to-device transfer in every step (and none is allowed in a CUDA graph)."""
 
     def __init__(self, in_channels: int, normalization: str):
         offset, scale = normalization_constants(in_channels, normalization)
         self.normalization = normalization
         self.offset = torch.from_numpy(offset).view(1, -1, 1, 1)
         self.scale = torch.from_numpy(scale).view(1, -1, 1, 1)
+        self.on_device: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def constants(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(offset, scale) on ``device``, copied there once."""
+        if device not in self.on_device:
+            self.on_device[device] = (self.offset.to(device), self.scale.to(device))
+        return self.on_device[device]
 
     def to_unit(self, x: torch.Tensor) -> torch.Tensor:
         if self.normalization == "official":  # x = (255 u - offset) / scale / 255
-            return (x * 255 * self.scale.to(x.device) + self.offset.to(x.device)) / 255
+            offset, scale = self.constants(x.device)
+            return (x * 255 * scale + offset) / 255
         return (x + 1) / 2  # x = 255 u / 127.5 - 1
 
     def from_unit(self, u: torch.Tensor) -> torch.Tensor:
         if self.normalization == "official":
-            return (u * 255 - self.offset.to(u.device)) / self.scale.to(u.device) / 255
+            offset, scale = self.constants(u.device)
+            return (u * 255 - offset) / scale / 255
         return u * 2 - 1
 
 

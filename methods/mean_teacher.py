@@ -48,7 +48,9 @@ class MeanTeacher(Method):
         return has_unused_decoders(self.student)
 
     def noised(self, images: torch.Tensor) -> torch.Tensor:
-        noise = (torch.randn_like(images) * self.noise_std).clamp(-self.noise_clip, self.noise_clip)
+        # drawn in NCHW order (randn_like would follow a channels_last batch's memory order: other noise per pixel)
+        noise = (torch.randn(images.shape, device=images.device, dtype=images.dtype) * self.noise_std).clamp(
+            -self.noise_clip, self.noise_clip)
         return self.intensity.from_unit(self.intensity.to_unit(images) + noise)
 
     @torch.no_grad()

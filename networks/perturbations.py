@@ -41,7 +41,11 @@ class AlwaysOnDropout(nn.Module):
         self.p = p
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.dropout(x, p=self.p, training=True)
+        # F.dropout's own mask: the mask is drawn in NCHW order (a contiguous float32 tensor) whatever x's memory
+        # format and dtype, so channels_last and bf16 runs drop the elements an fp32 NCHW run drops (F.dropout
+        # draws in memory order). On the CPU the same numbers as F.dropout of a contiguous fp32 x.
+        keep = torch.empty(x.shape, device=x.device).bernoulli_(1 - self.p).div_(1 - self.p)
+        return x * keep.to(x.dtype)
 
 
 class FeatureNoise(nn.Module):

@@ -166,6 +166,21 @@ def read_options(path: Path) -> dict:
     return options
 
 
+def job_gpus(launcher: str, device: str, requested: int | None, nproc_per_node: int) -> int:
+    """GPUs each job asks for: --slurm-gpus-per-job when given; none with --device cpu; else, for SLURM,
+    --nproc-per-node whatever this host has: a login node without a GPU would resolve --device auto to the
+    CPU and every job would ask for 0 GPUs. Each job resolves --device itself, on its node. submitit-local's
+    jobs run here, so this host's device decides."""
+    if requested is not None:
+        return requested
+    if device == "cpu":
+        return 0
+    if launcher == "slurm":
+        return nproc_per_node
+    from utils.runtime import resolve_device
+    return nproc_per_node if resolve_device(device).type == "cuda" else 0
+
+
 def make_executor(launcher: str, folder: Path, time_min: int, partition: str | None, gpus_per_job: int,
                   options_file: Path | None):
     """The submitit executor of ``launcher``, with the job options every stage shares."""

@@ -34,6 +34,11 @@ def device_description(device: str) -> str:
     return f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
 
 
+def stage_devices(ledger: Ledger) -> str:
+    """The devices the cluster jobs recorded for their stages ('' for a local run, whose device is this host's)."""
+    return "; ".join(sorted({entry["device"] for entry in ledger.stages.values() if entry.get("device")}))
+
+
 def collect(args, splits: list[int], ledger: Ledger) -> tuple[list[dict], dict[int, dict]]:
     """results rows (one per run: arm, split, seed) from each run's metrics.json files, and each
     split's generator figures."""
@@ -113,7 +118,7 @@ def write_results(args, splits: list[int], ledger: Ledger, device: str) -> Path:
               seeds,
               f"- Schedule: x {stage2_config(args).schedule_scale:g} of the published one (train.py --schedule-scale; "
               f"the iterations each run made are in the per-run table)",
-              f"- Device: {device_description(device)}; {date.today().isoformat()}",
+              f"- Device: {stage_devices(ledger) or device_description(device)}; {date.today().isoformat()}",
               f"- Project version: {project_version()}",
               f"- Command: `{args.command_line}`",
               f"- Curves: every run's selection IoU over its iterations, mean and ± 1 SD band where several: "

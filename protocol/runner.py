@@ -6,13 +6,13 @@ import sys
 from pathlib import Path
 
 from utils.config import ConfigError
-from utils.runtime import resolve_device
 
 from . import cluster
 from .estimate import estimate, print_plan
 from .ledger import Ledger, Stage, check_plan, execute, format_seconds
 from .parallel import log_path, run_side_by_side
 from .plan import ROOT
+from .report import device_description
 
 
 def run_one_stage(args, stages: list[Stage], ledger: Ledger) -> int:
@@ -27,7 +27,13 @@ def run_one_stage(args, stages: list[Stage], ledger: Ledger) -> int:
         raise ConfigError(f"--stage {stage.name} reads {', '.join(missing)}, which {'is' if len(missing) == 1 else 'are'} "
                           "not done yet")
     statuses = check_plan([stage], ledger)
-    return execute([stage], ledger, statuses, ROOT)
+    code = execute([stage], ledger, statuses, ROOT)
+    if code == 0:  # the device the job ran on (results.md names it, not the device of the host that collects)
+        described = device_description(args.device)
+        with ledger.transaction():
+            if stage.name in ledger.stages:
+                ledger.stages[stage.name]["device"] = described
+    return code
 
 
 def refuse_if_jobs_active(args, ledger: Ledger) -> None:
@@ -41,9 +47,7 @@ def refuse_if_jobs_active(args, ledger: Ledger) -> None:
 
 def submit_jobs(args, stages: list[Stage], ledger: Ledger, statuses: dict[str, str], device: str) -> int:
     """--launcher slurm | submitit-local: a job per stage not done; the number of jobs not ended."""
-    gpus = args.slurm_gpus_per_job
-    if gpus is None:
-        gpus = args.nproc_per_node if resolve_device(device).type == "cuda" else 0
+    gpus = cluster.job_gpus(args.launcher, device, args.slurm_gpus_per_job, args.nproc_per_node)
     executor = cluster.make_executor(args.launcher, args.out_dir.resolve() / "submitit", args.slurm_time,
                                      args.slurm_partition, gpus, args.slurm_options)
     command = lambda stage: [sys.executable, str(ROOT / "reproduce.py"), *args.argv, "--stage", stage.name,

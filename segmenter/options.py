@@ -102,8 +102,11 @@ OPTIONS = [
     Option("channels_last", "auto", "channels_last memory format: on, off, or auto (on with CUDA)",
            choices=("auto", "on", "off")),
     Option("compile", False, "torch.compile the training (see compile_scope, compile_mode)"),
-    Option("compile_scope", "model", "with --compile: model (the network's forward and backward) or step (the "
-           "whole step: forward, loss, backward and the optimizer update)", choices=("model", "step")),
+    Option("compile_scope", "model", "with --compile: model (the method's forward and its backward) or step "
+           "(torch.compile around the step function: not one graph of the whole step. Dynamo compiles the forward "
+           "with the losses, then breaks the graph at optimizer.zero_grad, which it never traces, and at backward(), "
+           "which runs the forward graph's compiled backward; the SGD update is a graph of its own, and on CUDA the "
+           "fused SGD kernel runs as it does eagerly. torch 2.13: 3 graphs, 2 breaks)", choices=("model", "step")),
     Option("compile_mode", "default", "with --compile: the torch.compile mode; reduce-overhead replays the "
            "compiled step as CUDA graphs on a GPU", choices=("default", "reduce-overhead", "max-autotune",
                                                              "max-autotune-no-cudagraphs")),
@@ -115,8 +118,12 @@ OPTIONS = [
     Option("eval_batch_size", 16, "images per evaluation batch", check=POSITIVE),
     Option("nsd_tolerance", None, "tolerance of the final evaluation's normalised surface Dice, in pixels at "
            "image_size; none: 2", type=optional(float)),
-    Option("checkpoint_every", None, "write checkpoint_last.pt every N iterations; none: at each evaluation",
+    Option("checkpoint_every", None, "also write checkpoint_last.pt every N iterations (x schedule_scale); none: by "
+           "checkpoint_minutes alone. It is always written at the end and at a stop (signal, --stop-after)",
            type=optional(int), check=POSITIVE),
+    Option("checkpoint_minutes", 10.0, "write checkpoint_last.pt at the first loss reading (log_every) after this many "
+           "minutes of wall time since the last one (0: by checkpoint_every alone); what a crash or kill -9 can lose. "
+           "checkpoint_best.pt is written at each evaluation that improves", type=float, check=NON_NEGATIVE),
     Option("log_every", 10, "read the losses back from the device every N iterations (progress bar, NaN check)",
            check=POSITIVE),
     Option("out_dir", None, "run folder; none: runs/<dataset>_split<i>_<method>[-unet]_l<fraction>",

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from utils import distributed
-from utils.checkpoint import atomic_save
+from utils.checkpoint import atomic_save, to_host
 from utils.config import ConfigError
 from utils.plots import plot_curves
 from utils.tensorboard import LOG_DIR
@@ -51,8 +51,9 @@ def claim_run_folder(out_dir: Path, overwrite: bool, writer: bool) -> None:
 class RunRecord:
     """Evaluation history, the best result so far, and the files that show them."""
 
-    def __init__(self, out_dir: Path, selection_name: str, writer: bool, history=None, best=None):
+    def __init__(self, out_dir: Path, selection_name: str, writer: bool, history=None, best=None, device=None):
         self.out_dir, self.selection_name, self.writer = out_dir, selection_name, writer
+        self.device = device  # the training device: its peak memory is recorded (--device cuda:1 is not the current one)
         self.history: list[dict] = history or []
         self.best: dict = best or {"iteration": None, "iou": -1.0}
         if writer and history is not None:
@@ -64,8 +65,9 @@ class RunRecord:
         True when it is the best so far (by IoU)."""
         record = {"iteration": iteration, "set": self.selection_name, **metrics,
                   **{f"train_{name}": mean for name, mean in train_means.items()}, "lr": lr, "time": time.time()}
-        if torch.cuda.is_initialized():  # the run's peak so far: what a benchmark of the loop reads back
-            record["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2 ** 30
+        if self.device is not None and self.device.type == "cuda" and torch.cuda.is_initialized():
+            # the run's peak so far on the training device: what a benchmark of the loop reads back
+            record["peak_mem_gib"] = torch.cuda.max_memory_allocated(self.device) / 2 ** 30
         self.history.append(record)
         improved = metrics["iou"] > self.best["iou"]
         if improved:
@@ -87,7 +89,7 @@ class RunRecord:
 
     def save(self, name: str, checkpoint: dict) -> None:
         if self.writer:
-            atomic_save(checkpoint, self.out_dir / name)
+            atomic_save(to_host(checkpoint, self.device) if self.device is not None else checkpoint, self.out_dir / name)
 
     def describe_last(self) -> str:
         r, b = self.history[-1], self.best

@@ -67,10 +67,13 @@ def test_first_conv_is_float32_under_autocast():
     torch.testing.assert_close(y, torch.nn.Conv2d.forward(conv, x), rtol=0, atol=0)
 
 
-def test_auto_precision_is_bf16_only_on_cuda_gpus_that_have_it(monkeypatch):
+def test_auto_precision_is_bf16_only_on_cuda_gpus_with_native_bf16(monkeypatch):
+    """auto: bf16 from compute capability 8.0 (Ampere) on; is_bf16_supported() also says True on a V100 or a T4,
+    where bf16 is emulated, so it is not what decides."""
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: True)
-    assert autocast_dtype("auto", cuda) is torch.bfloat16 and autocast_dtype("auto", cpu) is None
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: False)  # e.g. a V100
-    assert autocast_dtype("auto", cuda) is None
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: True)  # emulated counts too
+    for capability, expected in (((8, 0), torch.bfloat16), ((9, 0), torch.bfloat16), ((7, 0), None), ((7, 5), None)):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *args, c=capability: c)
+        assert autocast_dtype("auto", cuda) is expected, capability
+    assert autocast_dtype("auto", cpu) is None
     assert autocast_dtype("bf16", cpu) is torch.bfloat16 and autocast_dtype("fp32", cuda) is None

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.utils._pytree
 
 from .errors import CheckpointError
 from .files import atomic_write
@@ -30,6 +31,20 @@ def atomic_save(obj: Any, path: str | Path) -> None:
     WriteError naming the file.
     """
     atomic_write(path, lambda f: torch.save(obj, f), catch=(OSError, RuntimeError))
+
+
+def to_host(state: Any, device: torch.device) -> Any:
+    """Nested dicts and lists of tensors on ``device``, copied to the CPU with one wait for the device: every
+    copy is queued without waiting (into pinned memory), then the device is synchronised once. torch.save of
+    GPU tensors copies and waits tensor by tensor (~850 waits for an MGCC checkpoint)."""
+    if device.type == "cpu":
+        return state
+    moved = torch.utils._pytree.tree_map(
+        lambda t: t.detach().to("cpu", non_blocking=True) if isinstance(t, torch.Tensor) and t.device.type != "cpu"
+        else t, state)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return moved
 
 
 def load_checkpoint(path: str | Path, kind: str | None = None, map_location: str | torch.device = "cpu") -> dict:

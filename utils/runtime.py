@@ -4,7 +4,9 @@ from __future__ import annotations
 import contextlib
 import os
 import random
+import shutil
 import signal
+import subprocess
 import sys
 import time
 
@@ -23,27 +25,68 @@ def hub_offline(env=None):
     return env
 
 
+def visible_gpus() -> int:
+    """GPUs that ``nvidia-smi -L`` lists here (0 without nvidia-smi, or when it fails): the driver's view,
+    independent of whether this torch build can use them."""
+    tool = shutil.which("nvidia-smi")
+    if tool is None:
+        return 0
+    try:
+        listed = subprocess.run([tool, "-L"], capture_output=True, text=True, timeout=20)
+    except (OSError, subprocess.SubprocessError):
+        return 0
+    return sum(line.startswith("GPU ") for line in listed.stdout.splitlines()) if listed.returncode == 0 else 0
+
+
+def unusable_gpus_message(name: str) -> str | None:
+    """Why torch cannot use the GPUs the driver sees, or None when it sees none (a CPU-only machine)."""
+    gpus = visible_gpus()
+    if not gpus:
+        return None
+    build = f"a CUDA {torch.version.cuda} build" if torch.version.cuda else "a CPU-only build"
+    return (f"--device {name}: nvidia-smi lists {gpus} GPU(s) but torch {torch.__version__} ({build}) cannot use "
+            "them: install a torch built for this driver's CUDA (docs/gpu-and-clusters.md: pip install torch "
+            "--index-url https://download.pytorch.org/whl/cu126, or the cuXYZ index nvidia-smi's 'CUDA Version' "
+            "allows), or pass --device cpu to train on the CPU")
+
+
 def resolve_device(name: str) -> torch.device:
-    """'auto' -> CUDA when present, else CPU; 'cuda' without a GPU is an error, not a silent CPU run."""
+    """'auto' -> CUDA when present, else CPU; 'cuda' without a GPU is an error, not a silent CPU run.
+
+    'auto' on a machine whose driver lists GPUs that torch cannot use (a CPU build, or a CUDA build newer
+    than the driver) is an error too: a silent CPU run would take days where the GPU takes hours."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        unusable = unusable_gpus_message(name)
+        if unusable:
+            raise ConfigError(unusable)
+        return torch.device("cpu")
     try:
         device = torch.device(name)
     except RuntimeError:
         raise ConfigError(f"device {name!r} is not a torch device (use auto, cpu, cuda or cuda:N)") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device {name!r} asked for, but CUDA is not available here (use --device cpu)")
+        raise ConfigError(unusable_gpus_message(name) or
+                          f"device {name!r} asked for, but CUDA is not available here (use --device cpu)")
     return device
 
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     """The autocast dtype for a precision option: 'auto' is bf16 on a CUDA GPU that has it, else fp32.
 
-    On CPUs bf16 is fast only where the cores have bf16 instructions, so 'auto' keeps fp32 there.
+    On CPUs bf16 is fast only where the cores have bf16 instructions, so 'auto' keeps fp32 there. On GPUs
+    'auto' asks for compute capability 8.0 (Ampere) or newer: ``torch.cuda.is_bf16_supported()`` also answers
+    True on older GPUs (a V100, a T4), where bf16 is emulated and slower than fp32.
     """
     if precision == "auto":
-        precision = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+        precision = "bf16" if device.type == "cuda" and native_bf16(device) else "fp32"
     return {"fp32": None, "bf16": torch.bfloat16}[precision]
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Bf16 tensor cores on CUDA device ``device``: compute capability 8.0 or newer."""
+    return tuple(torch.cuda.get_device_capability(device)) >= (8, 0)
 
 
 def autocast(device: torch.device, dtype: torch.dtype | None):
@@ -71,17 +114,31 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def rng_state() -> dict:
+def cuda_index(device: torch.device) -> int:
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
+def rng_state(device: torch.device | None = None) -> dict:
+    """The CPU generator's state and, when ``device`` is a GPU, that GPU's alone ("cuda_device"): a run
+    resumed where fewer GPUs are visible (or in one process after torchrun) restores it to its own device."""
     state = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if device is not None and device.type == "cuda":
+        state["cuda_device"] = torch.cuda.get_rng_state(cuda_index(device))
     return state
 
 
-def set_rng_state(state: dict) -> None:
+def set_rng_state(state: dict, device: torch.device | None = None) -> None:
+    """Restore :func:`rng_state`'s ``state``: the GPU's state goes to ``device`` (when a GPU). Older
+    checkpoints hold every visible GPU's state ("cuda", a list): ``device``'s own index is taken when the
+    list has it, else the first (the list is never restored whole: fewer GPUs may be visible now)."""
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    if device is None or device.type != "cuda":
+        return
+    if "cuda_device" in state:
+        torch.cuda.set_rng_state(state["cuda_device"], cuda_index(device))
+    elif state.get("cuda"):
+        index = cuda_index(device)
+        torch.cuda.set_rng_state(state["cuda"][index if index < len(state["cuda"]) else 0], index)
 
 
 def ignore_stop_signals(worker_id: int | None = None) -> None:

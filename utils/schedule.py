@@ -57,7 +57,7 @@ class Schedule:
 
 def scaled_schedule(scale, iterations: int, ramp_every, eval_every: int, checkpoint_every: int | None) -> Schedule:
     """The schedule of ``iterations`` (ramp step every ``ramp_every``, evaluation every ``eval_every``,
-    checkpoints every ``checkpoint_every`` or at the evaluations) scaled by ``scale``: every count x S,
+    checkpoints every ``checkpoint_every``; None: by wall time alone) scaled by ``scale``: every count x S,
     the iterations and intervals rounded to whole iterations (at least 1), the ramp step kept exact."""
     s = as_fraction(scale)
     if s <= 0:
