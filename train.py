@@ -36,7 +36,6 @@ import torch
 from dataloaders.datasets import SegmentationDataset
 from dataloaders.duplicates import DUPLICATES_ADVICE, split_leak_note
 from dataloaders.io import DataError, check_outside_data, dataset_name, note
-from dataloaders.samplers import batches_per_epoch
 from dataloaders.splits import load_run_data
 from dataloaders.training_batches import TrainingBatches
 from methods import CONSISTENCY_DEFAULTS, METHODS, pretrain_iterations
@@ -52,7 +51,7 @@ from utils.config import ConfigError, file_values, parse_config, read_yaml, save
 from utils.files import atomic_write_text, check_writable, remove_stale_temporaries
 from utils.locks import hold
 from utils.runtime import StopRequest, seed_everything
-from utils.schedule import final_consistency_weight, scaled_schedule
+from utils.schedule import final_consistency_weight, run_schedule
 from utils.tensorboard import LOG_DIR
 from utils.training import Trainer, restore
 
@@ -134,16 +133,6 @@ def resumable_config(cfg, saved: dict, path: Path, out_dir: Path) -> set[str]:
                               f"continues the run with the options it started with (saved in {path.name}); undo the "
                               "edit, or start a new run (--config <the edited file> --out-dir <another folder>)")
     return set(bad)
-
-
-def run_schedule(cfg, run_data):
-    """The run's schedule: iterations, ramp step, evaluation and checkpoint intervals, x schedule_scale. The
-    official iterations: base_iterations x the labeled fraction (a labeled list's share of the training list)."""
-    share = run_data.labeled_share if cfg.labeled_list else cfg.labeled_fraction
-    iterations = cfg.iterations or round(cfg.base_iterations * share)
-    eval_every = (batches_per_epoch(len(run_data.labeled), cfg.labeled_batch_size) if cfg.eval_every == "epoch"
-                  else cfg.eval_every)
-    return scaled_schedule(cfg.schedule_scale, iterations, cfg.consistency_ramp_every, eval_every, cfg.checkpoint_every)
 
 
 def describe_schedule(cfg, schedule) -> str:

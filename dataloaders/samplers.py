@@ -20,13 +20,9 @@ from typing import Iterator
 import numpy as np
 from torch.utils.data import Sampler
 
+from utils.schedule import batches_per_epoch  # re-exported: the loaders' epochs are the schedule's
+
 LABELED_STREAM, UNLABELED_STREAM = 0, 1
-
-
-def batches_per_epoch(num_items: int, batch_size: int) -> int:
-    """Whole batches in one pass over ``num_items`` (the incomplete tail is dropped): the iterations of
-    one epoch of the labeled stream, the official loop's epoch."""
-    return num_items // batch_size
 
 
 class StreamBatchSampler(Sampler[list[tuple[int, int]]]):

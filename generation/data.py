@@ -21,7 +21,7 @@ import torch
 from torch.utils.data import Dataset, Sampler
 
 from dataloaders.splits import holdout_size
-from dataloaders.io import (DataError, listing, check_images, find_cases, read_id_list, read_image,
+from dataloaders.io import (DataError, listing, note, check_images, find_cases, read_id_list, read_image,
                             select_cases, split_files)
 
 
@@ -83,13 +83,18 @@ def read_class_csv(path: str | Path) -> dict[str, str]:
     return classes
 
 
-def class_labels(ids: Sequence[str], class_names: Sequence[str], class_csv: str | Path | None
-                 ) -> tuple[list[str], list[int] | None]:
+def class_labels(ids: Sequence[str], class_names: Sequence[str], class_csv: str | Path | None,
+                 names_given: bool = True) -> tuple[list[str], list[int] | None]:
     """Class names and one label per id; ``([], None)`` for an unconditional model.
 
     With ``class_csv`` the class comes from the file (names default to its classes, sorted);
     otherwise from the id itself, which must start with one of ``class_names`` (BUSI: ``benign
     (10)``, ``malignant (3)``), case-insensitively, the longest matching name winning.
+
+    Classes are a fact about the data, opt-in: ``names_given`` False (the names come from a config
+    file, not from the user's --class-names) and no id starting with any of them, the model is
+    unconditional, said in one note line (issue 34: every shipped config names BUSI's two classes).
+    Names the user gave, or ids of which some match and others do not, are an error.
     """
     names = list(class_names)
     if len(set(names)) != len(names):
@@ -114,21 +119,26 @@ def class_labels(ids: Sequence[str], class_names: Sequence[str], class_csv: str 
             unmatched.append(case_id)
         else:
             labels.append(names.index(match))
+    if unmatched and not labels and not names_given:
+        note(f"unconditional generator: no training id starts with a class of the config ({', '.join(names)}); "
+             "give --class-names or --class-csv for a class-conditional one")
+        return [], None
     if unmatched:
         raise DataError(listing(f"training ids that start with none of the classes {names} "
-                                 "(give the classes in a CSV with --class-csv instead)", unmatched))
+                                 "(give the classes in a CSV with --class-csv instead, or train an unconditional "
+                                 "generator with --no-class-conditioning)", unmatched))
     return names, labels
 
 
 def load_training_set(data_dir: str | Path, split: int, class_names: Sequence[str] = (),
                       class_csv: str | Path | None = None, progress: bool = False,
-                      split_name: str | None = None, holdout: float = 0.0) -> TrainingSet:
+                      split_name: str | None = None, holdout: float = 0.0, names_given: bool = True) -> TrainingSet:
     """Resolve, check and open once every training image of the split (one DataError if any is bad),
     and find the split's validation images (read later, only to measure the autoencoder)."""
     cases = find_cases(data_dir)  # first: a missing data folder is named as such
     ids, train_file, val_file = training_ids(data_dir, split, split_name, holdout)
     paths = [image for _, image, _ in select_cases(cases, ids, str(train_file))]
-    names, labels = class_labels(ids, class_names, class_csv)
+    names, labels = class_labels(ids, class_names, class_csv, names_given)
     check_images(paths, progress=progress)
     val_paths = [image for _, image, _ in select_cases(cases, read_id_list(val_file), str(val_file))] \
         if val_file is not None else []

@@ -220,8 +220,10 @@ def load_data(cfg: SimpleNamespace):
         raise ConfigError("give --data-dir (the dataset folder whose training images the model learns)")
     class_names = cfg.class_names if cfg.class_conditioning else []
     class_csv = cfg.class_csv if cfg.class_conditioning else None
+    # class names from a config file apply only where the ids carry them; --class-names must (class_labels)
     return load_training_set(cfg.data_dir, cfg.split, class_names, class_csv, progress=cfg.progress,
-                             split_name=cfg.split_name, holdout=cfg.holdout)
+                             split_name=cfg.split_name, holdout=cfg.holdout,
+                             names_given="class_names" in getattr(cfg, "explicit", ()))
 
 
 def new_run_info(cfg: SimpleNamespace, data) -> dict:

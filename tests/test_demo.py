@@ -28,6 +28,7 @@ def test_quick_demo_runs_every_arm_on_two_splits(demo):
                   *(f"split{i}/{arm}/predict" for i in (1, 2) for arm in ARMS)):
         assert f"=== {stage}\n$ python " in result.stdout, stage
     assert "estimate" in result.stdout and "total measured" in result.stdout
+    assert "timing the step for the estimate" not in result.stdout  # no benchmark before the stages (issue 34)
 
     with open(out / "times.csv") as f:
         assert all(float(row["train_seconds"]) > 0 for row in csv.DictReader(f))
@@ -62,7 +63,7 @@ def test_rerun_skips_everything_and_changes_nothing(demo):
     out, _ = demo
     # every stage's outputs; the results files are written again, with the same content
     before = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file() and p.suffix in (".pt", ".png", ".json")
-              and p.name != "stages.json" and not p.name.startswith("results.")}
+              and p.name != "stages.json" and not p.name.startswith(("results.", "results_"))}
     results = (out / "results.csv").read_text()
     rerun = run_script("demo.py", "--quick", "--out-dir", out)
     assert "$ python" not in rerun.stdout  # no stage ran again

@@ -173,7 +173,7 @@ def test_lossy_resized_and_mirrored_val_copies_in_an_unlabeled_folder_are_refuse
 
 
 def test_clean_section_of_results_md():
-    from utils.clean_subset import clean_fields, clean_section
+    from protocol.clean_subset import clean_fields, clean_section
 
     metrics = {"images": 10, "iou": 0.5,
                "clean_subset": {"images": 7, "dropped": 3, "iou": 0.4, "dice": 0.6, "threshold": 0.97}}

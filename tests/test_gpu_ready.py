@@ -222,7 +222,7 @@ def test_train_writes_checkpoint_last_by_time_by_default():
 # -- SLURM from a login node without a GPU ----------------------------------------------------------------
 
 def test_slurm_jobs_ask_for_gpus_whatever_the_submitting_host_has(monkeypatch):
-    from utils.cluster import job_gpus
+    from protocol.cluster import job_gpus
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # a login node
     monkeypatch.setenv("PATH", "/nonexistent")  # and no nvidia-smi there
     assert job_gpus("slurm", "auto", None, 2) == 2 and job_gpus("slurm", "cuda", None, 1) == 1

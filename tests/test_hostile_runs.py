@@ -13,7 +13,7 @@ import time
 import pytest
 
 from utils.config import ConfigError
-from utils.stages import Ledger, Stage, check_plan
+from protocol.ledger import Ledger, Stage, check_plan
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -59,7 +59,7 @@ def test_a_stage_ends_when_its_runner_is_killed_outright(tmp_path):
         "import sys\n"
         f"sys.path.insert(0, {ROOT!r})\n"
         "from pathlib import Path\n"
-        "from utils.stages import Ledger, Stage, execute\n"
+        "from protocol.ledger import Ledger, Stage, execute\n"
         f"stage = Stage('s', [{str(script)!r}], Path({str(tmp_path / 'out')!r}))\n"
         f"ledger = Ledger(Path({str(tmp_path / 'stages.json')!r}))\n"
         "sys.exit(execute([stage], ledger, {'s': 'todo'}, Path('.')))\n")

@@ -88,7 +88,15 @@ def test_reproduce_gives_every_arm_the_splits_labeled_list(tmp_path):
         assert stage.command[stage.command.index("--labeled-list") + 1] == str(data.resolve() / f"toy_train{i}_labeled4.txt")
         assert "--labeled-fraction" not in stage.command
     # the time estimate's iterations: base_iterations x the list's share of the training list (14 ids)
-    assert reproduce.labeled_share(reproduce.stage_config(training[0])) == pytest.approx(4 / 14)
+    from fractions import Fraction
+    from protocol.estimate import stage_run_data
+    from protocol.plan import stage_config
+    from utils.schedule import run_schedule
+
+    cfg = stage_config(training[0])
+    assert stage_run_data(cfg).labeled_share == pytest.approx(4 / 14)
+    assert run_schedule(cfg, stage_run_data(cfg)).iterations == round(round(cfg.base_iterations * 4 / 14)
+                                                                      * Fraction(str(cfg.schedule_scale)))
     args.labeled = 5  # no such lists: one error that says how to write them
     with pytest.raises(DataError, match=r"toy_train1_labeled5.txt not found: write it with python split.py .* --labeled 5"):
         reproduce.plan(args, "toy", [1, 2], "cpu")

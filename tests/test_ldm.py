@@ -408,3 +408,18 @@ def test_sampling_errors(tmp_path: Path, trained_run: Path, capsys):
     fails(["--checkpoint", str(trained_run), "--class", "normal"], "'normal' unknown", "benign, malignant")
     fails(["--checkpoint", str(trained_run), "--steps", "5000"], "exceeds the 1000 timesteps")
     assert not (tmp_path / "out").exists()
+
+
+def test_classes_of_a_config_apply_only_to_ids_that_carry_them(capsys):
+    """Issue 34: a config's class names (every shipped one names BUSI's) and ids that start with none of
+    them: an unconditional model, said in one note line; BUSI's ids keep their two classes; names the user
+    gave (--class-names) or ids of which only some match stay an error."""
+    thyroid = ["1", "2", "10"]
+    assert class_labels(thyroid, ["benign", "malignant"], None, names_given=False) == ([], None)
+    assert capsys.readouterr().err.count("note: unconditional generator") == 1
+    busi = ["benign (1)", "malignant (2)"]
+    assert class_labels(busi, ["benign", "malignant"], None, names_given=False) == (["benign", "malignant"], [0, 1])
+    with pytest.raises(DataError, match="start with none of the classes"):
+        class_labels(thyroid, ["benign", "malignant"], None, names_given=True)
+    with pytest.raises(DataError, match=r"(?s)start with none of the classes.*--no-class-conditioning.*\b1\b"):
+        class_labels(["benign (1)", "1"], ["benign", "malignant"], None, names_given=False)

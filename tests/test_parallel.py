@@ -3,7 +3,7 @@
 One tiny protocol (the generator, its samples, a supervised and an mgcc-synthetic arm, each arm's
 predict stage) is run once one stage after another; every other way of running it must give the same
 results.csv, byte for byte, and the same weights. On the CPU that holds at the same threads per stage
-(utils/parallel.py says why), so the sequential run has one thread and --jobs 2 two cores' worth.
+(protocol/parallel.py says why), so the sequential run has one thread and --jobs 2 two cores' worth.
 """
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from conftest import ROOT, run_script, write_dataset
-from utils.stages import Ledger, Stage
+from protocol.ledger import Ledger, Stage
 
 ARMS = ("supervised", "mgcc-synthetic")
 # 200 iterations, a checkpoint every 10: long enough to be stopped in the middle, a few seconds a run
@@ -262,7 +262,7 @@ def test_each_job_gets_its_own_gpus_and_the_cpu_is_shared_out(monkeypatch):
     those, a torchrun stage gets several, none is shared; on the CPU the threads are divided."""
     import utils.runtime
     from utils.config import ConfigError
-    from utils.parallel import node_slots
+    from protocol.parallel import node_slots
 
     monkeypatch.setattr(utils.runtime, "resolve_device", lambda name: torch.device("cuda" if name != "cpu" else "cpu"))
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,5,6,7")
@@ -277,3 +277,16 @@ def test_each_job_gets_its_own_gpus_and_the_cpu_is_shared_out(monkeypatch):
         node_slots(2, "cuda:1")
     monkeypatch.setenv("OMP_NUM_THREADS", "8")
     assert [s.env["OMP_NUM_THREADS"] for s in node_slots(3, "cpu")] == ["2", "2", "2"]
+
+
+def test_a_job_pickled_before_the_move_to_protocol_still_unpickles():
+    """submitit pickled a queued job's callable by its import path, utils.cluster.StageJob before issue 27:
+    that name still resolves (utils/cluster.py's lazy shim), to the class protocol/cluster.py defines."""
+    import pickle
+    from protocol.cluster import StageJob
+
+    job = StageJob("split1/ldm", ["python", "reproduce.py"], "/tmp", "/tmp/stages.json", "/tmp/log", ["a"])
+    old = pickle.dumps(job, protocol=2).replace(b"protocol.cluster", b"utils.cluster")
+    assert b"utils.cluster" in old
+    restored = pickle.loads(old)
+    assert isinstance(restored, StageJob) and restored.name == "split1/ldm" and restored.depends == ["a"]

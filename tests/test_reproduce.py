@@ -115,7 +115,8 @@ def test_the_estimate_adds_start_up_warm_steps_and_evaluations(tmp_path, monkeyp
     """The plan's model of a training stage, with the benchmark's figures fixed: start-up (the benchmark's
     wall time less its 3 + 1 + 10 timed steps) + iterations x step + the evaluations' forward passes."""
     import reproduce
-    from utils.stages import Ledger
+    from protocol import estimate
+    from protocol.ledger import Ledger
 
     data = write_dataset(tmp_path / "toy", n=15, size=(40, 48))  # 10 training ids, 5 val
     args = reproduce.parse_args(["--data-dir", str(data), "--out-dir", str(tmp_path / "out"), "--preset", "demo",
@@ -130,15 +131,41 @@ def test_the_estimate_adds_start_up_warm_steps_and_evaluations(tmp_path, monkeyp
         # 0.05 s a step, 1e9 FLOPs a step; 14 steps of 0.05 s in a wall time of 3.7 s: 3 s of start-up
         return [{"it_per_s": 20.0, "tflop_per_step": 1e-3}], 3.7
 
-    monkeypatch.setattr(reproduce, "benchmark", benchmark)
-    monkeypatch.setattr(reproduce, "forward_flops_per_image", lambda cfg: 2e8)  # a fifth of a step's FLOPs
-    reproduce.estimate(stages, {s.name: "todo" for s in stages}, Ledger(tmp_path / "l.json"), "cpu", 1)
+    monkeypatch.setattr(estimate, "benchmark", benchmark)
+    monkeypatch.setattr(estimate, "forward_flops_per_image", lambda cfg: 2e8)  # a fifth of a step's FLOPs
+    estimate.estimate(stages, {s.name: "todo" for s in stages}, Ledger(tmp_path / "l.json"), "cpu", 1)
     train, predict = stages
     # 40,000 x 0.5 x 0.01 = 200 iterations, an evaluation every 5 (500 x 0.01): 40 over the 5 val images,
     # and the final one; an image's forward pass is 0.05 s x 0.2 = 0.01 s
     assert train.estimate == pytest.approx(3.0 + 200 * 0.05 + (40 * 5 + 5) * 0.01)
     assert predict.estimate == pytest.approx(3.0 + 5 * 0.01)
     assert calls == ["bench_train.py"]  # one benchmark for both
+
+
+def test_passed_flags_take_a_value_with_a_space_or_an_equals_sign_and_are_checked_before_any_stage(tmp_path):
+    """--ldm-args "--no-class-conditioning" as typed (argparse alone took the value for an option of
+    reproduce.py), the same as --ldm-args=...; a flag its script does not know is one error naming both."""
+    import reproduce
+    from utils.config import ConfigError
+
+    data = write_dataset(tmp_path / "toy", n=12)
+    common = ["--data-dir", str(data), "--out-dir", str(tmp_path / "out"), "--preset", "demo"]
+    spaced = reproduce.parse_args(common + ["--ldm-args", "--no-class-conditioning", "--train-args", "--no-tensorboard",
+                                            "--sample-args", "--steps 3"])
+    equals = reproduce.parse_args(common + ["--ldm-args=--no-class-conditioning", "--train-args=--no-tensorboard",
+                                            "--sample-args=--steps 3"])
+    for args in (spaced, equals):
+        assert (args.ldm_args, args.train_args, args.sample_args) == (
+            ["--no-class-conditioning"], ["--no-tensorboard"], ["--steps", "3"])
+    assert spaced.argv[-6:] == ["--ldm-args", "--no-class-conditioning", "--train-args", "--no-tensorboard",
+                                "--sample-args", "--steps 3"]  # a cluster job's command repeats them as given
+    with pytest.raises(ConfigError, match=r"--sample-args '--steps x': not valid for sample_ldm.py: argument --steps: "
+                                          r"invalid int value: 'x'"):
+        reproduce.parse_args(common + ["--sample-args", "--steps x"])
+    with pytest.raises(ConfigError, match=r"--train-args '--bogus': not valid for train.py: unrecognized arguments"):
+        reproduce.parse_args(common + ["--train-args", "--bogus"])
+    with pytest.raises(ConfigError, match=r"--ldm-args '--class-csv': not valid for train_ldm.py: .*expected one"):
+        reproduce.parse_args(common + ["--ldm-args", "--class-csv"])
 
 
 @pytest.mark.slow

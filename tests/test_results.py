@@ -1,11 +1,11 @@
-"""utils/results.py: paired differences with Student-t intervals, against hand-computed numbers, and
+"""protocol/results.py: paired differences with Student-t intervals, against hand-computed numbers, and
 results.md over (split, seed) pairs."""
 from __future__ import annotations
 
 import pytest
 
 from utils.metrics import METRIC_NAMES
-from utils.results import markdown, paired_difference, reading
+from protocol.results import markdown, paired_difference, reading
 
 
 def test_paired_difference_and_its_interval_by_hand():
@@ -43,3 +43,36 @@ def test_results_pair_runs_by_split_and_seed():
     # the paired differences are those of the first hand-computed case above
     assert "| mgcc-real | IoU | 4 | 0.0250 | 0.0129 | [0.0045, 0.0455] | higher than the baseline |" in text
     assert text.count("| 1 | 0 | supervised |") == 1 and "Student's t with n − 1 degrees of freedom" in text
+
+
+def test_curves_of_a_protocol_folder_are_each_run_s_evaluations_and_their_mean(tmp_path):
+    """Issue 35: results_curves.png's lines from run folders of known metrics.jsonl: one line per run
+    (split, seed), the mean and its SD over the iterations the runs share."""
+    import json
+    from types import SimpleNamespace
+
+    import cv2
+    from protocol.report import run_curves
+    from protocol.results import CURVES, mean_curve, plot_curves, read_curve
+
+    evaluations = {1: [(2, 0.1), (4, 0.3), (6, 0.5)], 2: [(2, 0.3), (4, 0.5), (6, 0.6)]}
+    for seed, points in evaluations.items():
+        folder = tmp_path / "out" / "split1" / f"seed{seed}" / "mgcc-real"
+        folder.mkdir(parents=True)
+        (folder / "metrics.jsonl").write_text("".join(
+            json.dumps({"iteration": it, "set": "val", "iou": iou, "dice": 2 * iou / (1 + iou)}) + "\n"
+            for it, iou in points))
+    args = SimpleNamespace(out_dir=tmp_path / "out", seeds=[1, 2], arms=["mgcc-real", "supervised"])
+    curves = run_curves(args, [1])
+    assert curves["mgcc-real"] == [("split 1, seed 1", [2, 4, 6], [0.1, 0.3, 0.5]),
+                                   ("split 1, seed 2", [2, 4, 6], [0.3, 0.5, 0.6])]
+    assert curves["supervised"] == [("split 1, seed 1", [], []), ("split 1, seed 2", [], [])]  # not run: no line
+    its, mean, sd = mean_curve([(its, ious) for _, its, ious in curves["mgcc-real"]])
+    assert its == [2, 4, 6] and mean == pytest.approx([0.2, 0.4, 0.55])
+    assert sd == pytest.approx([0.1414214, 0.1414214, 0.0707107], abs=1e-6)  # |a - b| / sqrt(2)
+    # a run cut short shares only its first evaluations with the others
+    its, mean, _ = mean_curve([([2, 4, 6], [0.1, 0.3, 0.5]), ([2, 4], [0.3, 0.5])])
+    assert its == [2, 4] and mean == pytest.approx([0.2, 0.4])
+    assert read_curve(tmp_path / "nowhere.jsonl") == ([], [])
+    plot_curves(curves, tmp_path / CURVES, "toy")
+    assert cv2.imread(str(tmp_path / CURVES)) is not None

@@ -1,4 +1,4 @@
-"""utils/stages.py: which stages of a pipeline are done, resume, run afresh, or are stale."""
+"""protocol/ledger.py: which stages of a pipeline are done, resume, run afresh, or are stale."""
 from __future__ import annotations
 
 import json
@@ -11,7 +11,7 @@ import time
 import pytest
 
 from utils.config import ConfigError
-from utils.stages import Ledger, Stage, check_plan, describe_change, execute, experiment_args
+from protocol.ledger import Ledger, Stage, check_plan, describe_change, execute, experiment_args
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -98,7 +98,7 @@ def test_a_signal_reaches_the_running_stage_once_and_its_status_is_returned(tmp_
         "import sys\n"
         f"sys.path.insert(0, {ROOT!r})\n"
         "from pathlib import Path\n"
-        "from utils.stages import Ledger, Stage, execute\n"
+        "from protocol.ledger import Ledger, Stage, execute\n"
         f"stage = Stage('s', [{str(script)!r}], Path({str(tmp_path / 'out')!r}))\n"
         f"ledger = Ledger(Path({str(tmp_path / 'stages.json')!r}))\n"
         "sys.exit(execute([stage], ledger, {'s': 'todo'}, Path('.')))\n")

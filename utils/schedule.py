@@ -69,6 +69,24 @@ def scaled_schedule(scale, iterations: int, ramp_every, eval_every: int, checkpo
                     whole(checkpoint_every) if checkpoint_every else None)
 
 
+def batches_per_epoch(num_items: int, batch_size: int) -> int:
+    """Whole batches in one pass over ``num_items`` (the incomplete tail is dropped): the iterations of
+    one epoch of the labeled stream, the official loop's epoch."""
+    return num_items // batch_size
+
+
+def run_schedule(cfg, run_data) -> Schedule:
+    """A train.py run's schedule: iterations, ramp step, evaluation and checkpoint intervals, x schedule_scale.
+    The official iterations: base_iterations x the labeled fraction (a labeled list's share of the training
+    list, ``run_data.labeled_share``); an evaluation per pass over ``run_data.labeled`` with eval_every epoch.
+    The one place the stage-2 schedule is computed: train.py runs it, reproduce.py's estimate plans with it."""
+    share = run_data.labeled_share if cfg.labeled_list else cfg.labeled_fraction
+    iterations = cfg.iterations or round(cfg.base_iterations * share)
+    eval_every = (batches_per_epoch(len(run_data.labeled), cfg.labeled_batch_size) if cfg.eval_every == "epoch"
+                  else cfg.eval_every)
+    return scaled_schedule(cfg.schedule_scale, iterations, cfg.consistency_ramp_every, eval_every, cfg.checkpoint_every)
+
+
 def final_consistency_weight(weight: float, rampup: float, ramp_every, iterations: int) -> float:
     """lambda at the last iteration of a run: the weight the ramp actually reaches."""
     return consistency_weight(iterations - 1, weight, rampup, as_fraction(ramp_every))

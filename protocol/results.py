@@ -9,13 +9,14 @@ point per run, the points of one (split, seed) joined.
 from __future__ import annotations
 
 import csv
+import json
 import math
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
-from .metrics import METRIC_NAMES
+from utils.metrics import METRIC_NAMES
 
 METRIC_TITLES = {"iou": "IoU", "dice": "Dice", "hd95": "HD95", "asd": "ASD", "nsd": "NSD",
                  "sensitivity": "sensitivity", "precision": "precision", "f1": "F1", "accuracy": "accuracy"}
@@ -96,30 +97,44 @@ def markdown(rows: list[dict], arms: Sequence[str], generators: dict[int, dict],
         lines.append(f"| {arm} | {len(runs)} | " + " | ".join(mean_std([r.get(m) for r in runs]) for m in METRIC_NAMES)
                      + " |")
     for baseline in [b for b in baselines if b in by_arm and len(arms) > 1]:
-        lines += ["", f"## Difference to `{baseline}`, paired by (split, seed)", "",
-                  f"Each arm's run minus the baseline's run with the same split and seed (the same labels, initial "
-                  f"weights and data order), then the mean over the pairs with its {CONFIDENCE:.0%} confidence "
-                  "interval: mean ± t · sd / √n, Student's t with n − 1 degrees of freedom. The interval treats "
-                  "the pairs as independent; the splits share images, so it is if anything too narrow. "
-                  "'no detectable difference': the interval contains 0.", "",
-                  "| arm | metric | pairs | mean Δ | sd | 95 % CI | reading |",
-                  "| --- | --- | --- | --- | --- | --- | --- |"]
-        for arm in arms:
-            if arm == baseline:
-                continue
-            common = [k for k in keys if k in by_arm[arm] and k in by_arm[baseline]]
-            for m in METRIC_NAMES:
-                d = paired_difference([by_arm[arm][k].get(m) for k in common], [by_arm[baseline][k].get(m) for k in common])
-                form = "{:.2f}" if m in ("hd95", "asd") else "{:.4f}"
-                cells = [form.format(d["mean"]) if d["mean"] is not None else "n/a",
-                         form.format(d["sd"]) if d["sd"] is not None else "n/a",
-                         f"[{form.format(d['low'])}, {form.format(d['high'])}]" if d["low"] is not None else "n/a"]
-                lines.append(f"| {arm} | {METRIC_TITLES[m]} | {d['n']} | " + " | ".join(cells) + f" | {reading(d)} |")
-        lines.append("")
-        lines.append("HD95 and ASD are better when lower; every other metric when higher.")
-    lines += ["", "## Per run", "",
-              "| split | seed | arm | IoU | Dice | HD95 | ASD | NSD | selected iteration | of | wall time (train + predict) |",
-              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+        lines += difference_section(by_arm, arms, keys, baseline)
+    lines += per_run_section(by_arm, arms, keys)
+    if generators:
+        lines += generator_section(generators)
+    return "\n".join(lines) + "\n"
+
+
+def difference_section(by_arm: dict, arms: Sequence[str], keys: list[tuple], baseline: str) -> list[str]:
+    """results.md's lines of every arm's paired difference to ``baseline``, per metric."""
+    lines = ["", f"## Difference to `{baseline}`, paired by (split, seed)", "",
+             f"Each arm's run minus the baseline's run with the same split and seed (the same labels, initial "
+             f"weights and data order), then the mean over the pairs with its {CONFIDENCE:.0%} confidence "
+             "interval: mean ± t · sd / √n, Student's t with n − 1 degrees of freedom. The interval treats "
+             "the pairs as independent; the splits share images, so it is if anything too narrow. "
+             "'no detectable difference': the interval contains 0.", "",
+             "| arm | metric | pairs | mean Δ | sd | 95 % CI | reading |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    for arm in arms:
+        if arm == baseline:
+            continue
+        common = [k for k in keys if k in by_arm[arm] and k in by_arm[baseline]]
+        for m in METRIC_NAMES:
+            d = paired_difference([by_arm[arm][k].get(m) for k in common], [by_arm[baseline][k].get(m) for k in common])
+            form = "{:.2f}" if m in ("hd95", "asd") else "{:.4f}"
+            cells = [form.format(d["mean"]) if d["mean"] is not None else "n/a",
+                     form.format(d["sd"]) if d["sd"] is not None else "n/a",
+                     f"[{form.format(d['low'])}, {form.format(d['high'])}]" if d["low"] is not None else "n/a"]
+            lines.append(f"| {arm} | {METRIC_TITLES[m]} | {d['n']} | " + " | ".join(cells) + f" | {reading(d)} |")
+    lines.append("")
+    lines.append("HD95 and ASD are better when lower; every other metric when higher.")
+    return lines
+
+
+def per_run_section(by_arm: dict, arms: Sequence[str], keys: list[tuple]) -> list[str]:
+    """results.md's table of every run: its metrics, selected iteration and wall time."""
+    lines = ["", "## Per run", "",
+             "| split | seed | arm | IoU | Dice | HD95 | ASD | NSD | selected iteration | of | wall time (train + predict) |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for key in keys:
         for arm in arms:
             r = by_arm[arm].get(key)
@@ -130,25 +145,29 @@ def markdown(rows: list[dict], arms: Sequence[str], generators: dict[int, dict],
                 lines.append(f"| {key[0]} | {'' if key[1] is None else key[1]} | {arm} | {r['iou']:.4f} | "
                              f"{r['dice']:.4f} | {surface} | {r['selected_iteration']} | {r['iterations']} | "
                              f"{wall / 60:.1f} min |")
-    if generators:
-        lines += ["", "## Generator (stage 1) per split", "",
-                  "| split | " + " | ".join(title for _, title, _ in GENERATOR_FIGURES) + " |",
-                  "| --- |" + " --- |" * len(GENERATOR_FIGURES)]
-        for split in sorted(generators):
-            figures = generators[split]
-            cells = []
-            for key, _, form in GENERATOR_FIGURES:
-                value = figures.get(key)
-                cells.append("n/a" if value is None else form.format(value))
-            lines.append(f"| {split} | " + " | ".join(cells) + " |")
-        lines += ["", "PSNR and SSIM: the autoencoder's reconstructions of the split's val images (never trained "
-                  "on). C2ST: held-out accuracy of a classifier telling samples from training images (0.5: "
-                  "indistinguishable). Memorisation: the fraction of samples nearer to their nearest training "
-                  "image than the closest 1 % (5 %) of the split's val images, which the generator never saw, are "
-                  "to theirs: about 0.01 (0.05) for a generator that copies nothing, 1 for one that copies "
-                  "(sample_ldm.py's report.json has the value expected without copying for the number of val "
-                  "images, and both distributions' quantiles)."]
-    return "\n".join(lines) + "\n"
+    return lines
+
+
+def generator_section(generators: dict[int, dict]) -> list[str]:
+    """results.md's table of the generator's figures per split, and how to read them."""
+    lines = ["", "## Generator (stage 1) per split", "",
+             "| split | " + " | ".join(title for _, title, _ in GENERATOR_FIGURES) + " |",
+             "| --- |" + " --- |" * len(GENERATOR_FIGURES)]
+    for split in sorted(generators):
+        figures = generators[split]
+        cells = []
+        for key, _, form in GENERATOR_FIGURES:
+            value = figures.get(key)
+            cells.append("n/a" if value is None else form.format(value))
+        lines.append(f"| {split} | " + " | ".join(cells) + " |")
+    lines += ["", "PSNR and SSIM: the autoencoder's reconstructions of the split's val images (never trained "
+              "on). C2ST: held-out accuracy of a classifier telling samples from training images (0.5: "
+              "indistinguishable). Memorisation: the fraction of samples nearer to their nearest training "
+              "image than the closest 1 % (5 %) of the split's val images, which the generator never saw, are "
+              "to theirs: about 0.01 (0.05) for a generator that copies nothing, 1 for one that copies "
+              "(sample_ldm.py's report.json has the value expected without copying for the number of val "
+              "images, and both distributions' quantiles)."]
+    return lines
 
 
 def plot(rows: list[dict], arms: Sequence[str], path: Path, title: str,
@@ -179,6 +198,59 @@ def plot(rows: list[dict], arms: Sequence[str], path: Path, title: str,
         ax.set_title(METRIC_TITLES[metric] + (" (lower is better)" if metric in LOWER_IS_BETTER else ""))
         ax.grid(alpha=0.3, axis="y")
     axes[0][0].legend(fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+CURVES = "results_curves.png"  # beside results.png: every run's selection IoU over its iterations
+
+
+def read_curve(metrics_jsonl: Path) -> tuple[list[int], list[float]]:
+    """(iterations, IoU) of a train.py run's evaluations, from its metrics.jsonl (train.py's RunRecord:
+    one JSON object per evaluation on the selection set); empty lists when the file is missing."""
+    if not metrics_jsonl.is_file():
+        return [], []
+    records = [json.loads(line) for line in metrics_jsonl.read_text().splitlines() if line.strip()]
+    records = [r for r in records if "iteration" in r and "iou" in r]
+    return [r["iteration"] for r in records], [r["iou"] for r in records]
+
+
+def mean_curve(runs: Sequence[tuple[list[int], list[float]]]) -> tuple[list[int], np.ndarray, np.ndarray]:
+    """(iterations every run evaluated at, mean IoU there, standard deviation there) over several runs."""
+    common = sorted(set.intersection(*(set(its) for its, _ in runs)))
+    values = np.array([[dict(zip(its, ious))[it] for it in common] for its, ious in runs], dtype=float)
+    return common, values.mean(axis=0), values.std(axis=0, ddof=1)
+
+
+def plot_curves(curves: dict[str, list[tuple[str, list[int], list[float]]]], path: Path, title: str) -> None:
+    """One panel per arm: a thin line per run (label, iterations, IoU) and, where there are several, their
+    mean with a band of ± one standard deviation over the iterations they share."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    arms = [arm for arm, runs in curves.items() if any(its for _, its, _ in runs)]
+    columns = min(3, max(len(arms), 1))
+    rows = math.ceil(max(len(arms), 1) / columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(4.2 * columns, 3.2 * rows), squeeze=False, sharey=True)
+    for ax, arm in zip(axes.flat, arms):
+        runs = [(label, its, ious) for label, its, ious in curves[arm] if its]
+        for label, its, ious in runs:
+            ax.plot(its, ious, linewidth=1, alpha=0.6, label=label)
+        if len(runs) > 1:
+            its, mean, std = mean_curve([(its, ious) for _, its, ious in runs])
+            ax.plot(its, mean, color="black", linewidth=2, label="mean")
+            ax.fill_between(its, mean - std, mean + std, color="black", alpha=0.15, linewidth=0)
+        ax.set_title(arm, fontsize=10)
+        ax.set_xlabel("iteration")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    for ax in list(axes.flat)[len(arms):]:
+        ax.axis("off")
+    for ax in axes[:, 0]:
+        ax.set_ylabel("selection IoU")
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=100)

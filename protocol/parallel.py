@@ -16,7 +16,7 @@ A stage's output goes to its log, ``<folder>.log`` beside its folder (the folder
 as a whole by its script); the terminal shows which stages run and, on a terminal with progress on,
 each one's last line. Ctrl-C or SIGTERM is passed to every running stage, which finishes its step and
 checkpoints; a rerun continues each. If this process is killed outright, each stage gets SIGTERM
-from the kernel (:func:`utils.stages.parent_death_signal`) and does the same.
+from the kernel (:func:`protocol.ledger.parent_death_signal`) and does the same.
 """
 from __future__ import annotations
 
@@ -31,8 +31,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import IO, Sequence
 
-from .config import ConfigError
-from .stages import Ledger, Stage, begin, child_environment, format_seconds, parent_death_signal
+from utils.config import ConfigError
+from .ledger import Ledger, Stage, begin, child_environment, format_seconds, parent_death_signal
 
 POLL_SECONDS = 0.2
 REDRAW_SECONDS = 1.0
@@ -62,7 +62,7 @@ def node_slots(jobs: int, device: str, gpus: Sequence[int] | None = None, gpus_p
     OMP_NUM_THREADS when set, else the cores it may run on."""
     if jobs < 1:
         raise ConfigError(f"--jobs must be at least 1, got {jobs}")
-    from .runtime import resolve_device
+    from utils.runtime import resolve_device
 
     if resolve_device(device).type == "cuda":
         if device not in ("cuda", "auto"):

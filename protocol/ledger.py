@@ -33,10 +33,10 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable, Sequence
 
-from .files import atomic_write_text
-from .config import ConfigError
-from .locks import exclusive
-from .runtime import hub_offline
+from utils.files import atomic_write_text
+from utils.config import ConfigError
+from utils.locks import exclusive
+from utils.runtime import hub_offline
 
 # flags that change how a stage runs or shows progress, not what it makes
 PRESENTATION_FLAGS = {"--device": 1, "--progress": 0, "--no-progress": 0, "--overwrite": 0}

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from .metrics import METRIC_NAMES
+from utils.metrics import METRIC_NAMES
 from .results import METRIC_TITLES, mean_std, run_key
 
 CLEAN_COLUMNS = ["val_images", "clean_images", *[f"clean_{m}" for m in METRIC_NAMES]]

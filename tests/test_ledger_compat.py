@@ -1,0 +1,48 @@
+"""A protocol folder made before issue 27's restructuring reruns with every stage "done": the ledger
+(protocol/ledger.py) compares each stage's command and resolved configuration with what it recorded,
+so the plan of a fixed protocol must give, stage for stage, the commands and configurations that
+commit a84991b (before protocol/ existed) gave. tests/fixtures/plan_a84991b.json is that commit's
+plan, with the temporary folder and the checkout as <TMP> and <ROOT>.
+
+A difference here is a folder of an existing --out-dir turned stale: a new config key, a changed
+default, a flag added to a stage's command. Make such a change on purpose only, and say so.
+(Checked once by hand as well: a demo.py --quick folder made at a84991b reran with all 18 stages
+done and byte-identical results.csv and stages.json.)"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT, write_dataset
+
+
+# main after issue 27 (merged here): issue 32 added the config key pretrain_share to every train.py stage and
+# issue 30 added --trained-ids to every predict.py stage, so a folder made at a84991b now reruns with
+# every training and predict stage stale. Left for the lead to decide (e.g. the ledger taking a key that
+# is new and at its default as unchanged); strict, so that the test says when it holds again.
+@pytest.mark.xfail(strict=True, reason="issues 30 and 32 changed the plan: pretrain_share in train.py's config, "
+                                       "--trained-ids in predict.py's command")
+def test_the_plan_of_a_fixed_protocol_is_the_one_before_the_restructuring(tmp_path):
+    import reproduce
+    from protocol.plan import plan
+
+    data = write_dataset(tmp_path / "toy", n=15, size=(40, 48))
+    args = reproduce.parse_args([
+        "--data-dir", str(data), "--out-dir", str(tmp_path / "out"), "--preset", "demo", "--seeds", "1", "2",
+        "--arms", "supervised", "mgcc-real", "mgcc-synthetic", "cct-unet-real", "--holdout", "0.2",
+        "--labeled-fraction", "0.5", "--schedule-scale", "0.01", "--train-args", "--width 4",
+        "--ldm-args", "--vae-steps 4", "--sample-args", "--steps 3", "--no-progress"])
+    args.nproc_per_node = 1
+    stages = []
+    for stage in plan(args, "toy", [1], "cpu"):
+        config, files = stage.reads()
+        stages.append({"name": stage.name, "command": stage.command, "depends": stage.depends,
+                       "folder": str(stage.folder), "config": config, "files": sorted(files)})
+    text = json.dumps(stages, default=str).replace(str(tmp_path.resolve()), "<TMP>").replace(str(ROOT), "<ROOT>")
+    expected = json.loads((Path(__file__).parent / "fixtures" / "plan_a84991b.json").read_text())
+    now = json.loads(text)
+    assert [s["name"] for s in now] == [s["name"] for s in expected]
+    for old, new in zip(expected, now):
+        assert new == old, old["name"]
