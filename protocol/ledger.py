@@ -40,6 +40,10 @@ from utils.runtime import hub_offline
 
 # flags that change how a stage runs or shows progress, not what it makes
 PRESENTATION_FLAGS = {"--device": 1, "--progress": 0, "--no-progress": 0, "--overwrite": 0}
+# Flags added to a stage's command since, which only add to what it writes (predict.py --trained-ids: the
+# same masks and metrics, and the clean subset's beside them): a finished stage made without one is made
+# again ("todo"), not refused as stale.
+ADDED_OUTPUT_FLAGS = ("--trained-ids",)
 # variables torchrun sets for its workers: a stage started from a worker must not inherit them
 TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "GROUP_WORLD_SIZE",
                       "ROLE_RANK", "ROLE_WORLD_SIZE", "ROLE_NAME", "MASTER_ADDR", "MASTER_PORT",
@@ -64,6 +68,9 @@ class Stage:
     # what the stage reads: () -> (resolved configuration as a plain dict or None, {name: path} of the
     # files it reads); recorded when it starts, compared on every rerun
     reads: Callable[[], tuple[dict | None, dict[str, Path]]] | None = None
+    # the script's option defaults: a key a recorded configuration lacks (an option added to the script
+    # since) counts as unchanged while it is at its default, which keeps the behaviour it was added with
+    defaults: dict = field(default_factory=dict)
 
 
 _DIGESTS: dict[tuple[str, int, int], str] = {}  # (path, size, mtime) -> SHA-256, within this process only
@@ -123,6 +130,17 @@ def experiment_args(command: Sequence[str]) -> list[str]:
         elif token in PRESENTATION_FLAGS:
             skip = PRESENTATION_FLAGS[token]
         else:
+            kept.append(token)
+    return kept
+
+
+def without_flags(command: Sequence[str], flags: Sequence[str]) -> list[str]:
+    """The command without ``flags`` and their values."""
+    kept, dropping = [], False
+    for token in command:
+        if token.startswith("--"):
+            dropping = token in flags
+        if not dropping:
             kept.append(token)
     return kept
 
@@ -210,9 +228,13 @@ class Ledger:
             return ""
         config, files = now
         recorded = entry["reads"]
-        if recorded["config"] == config and recorded["files"] == files_key(files):
+        recorded_config = recorded["config"]
+        if recorded_config is not None and config is not None:  # options added since, at their defaults
+            added = {k: plain(stage.defaults[k]) for k in config if k not in recorded_config and k in stage.defaults}
+            recorded_config = {**added, **recorded_config}
+        if recorded_config == config and recorded["files"] == files_key(files):
             return ""
-        return describe_read_change(recorded["config"], config, self.file_sets.get(recorded["files"]), files)
+        return describe_read_change(recorded_config, config, self.file_sets.get(recorded["files"]), files)
 
     def status(self, stage: Stage, pending: set[str]) -> tuple[str, str]:
         """(done | resume | todo | stale, why). ``pending``: stages of this pipeline that will run."""
@@ -222,6 +244,8 @@ class Ledger:
         if experiment_args(entry["command"]) != experiment_args(stage.command):
             if not entry["finished"] and not (stage.resume and stage.resume() is not None):
                 return "todo", ""  # it failed before its first checkpoint: nothing made, nothing to lose
+            if experiment_args(entry["command"]) == without_flags(experiment_args(stage.command), ADDED_OUTPUT_FLAGS):
+                return "todo", ""  # made before a flag that only adds outputs: made again, with them
             return "stale", f"made with other options: {describe_change(entry['command'], stage.command)}"
         if change := self.read_change(stage, entry):
             if not entry["finished"] and not (stage.resume and stage.resume() is not None):

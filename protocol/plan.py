@@ -178,6 +178,8 @@ def plan(args, name: str, splits: list[int], device: str) -> list[Stage]:
             + arm_stages(args, data, run, i, name, shown, mask_values)
         for stage in split_stages:
             stage.reads = stage_reads(stage, data, i, name)
+            options = SCRIPT_OPTIONS.get(stage.command[0])
+            stage.defaults = {o.name: o.default for o in options if o.in_file} if options else {}
         stages += split_stages
     return stages
 

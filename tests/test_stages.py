@@ -162,3 +162,20 @@ def test_an_edited_config_or_a_changed_file_makes_a_finished_stage_stale(tmp_pat
     assert check_plan([reading_stage(tmp_path, config, [images[0], extra])], unfinished) == {"train": "todo"}
     # the ledger keeps one copy of each file list, shared by the stages that read it
     assert len(json.loads((tmp_path / "stages.json").read_text())["file_sets"]) == 1
+
+
+def test_an_option_added_since_at_its_default_and_an_output_flag_added_since_keep_the_ledger(tmp_path):
+    """A stage recorded before an option existed stays done while the option is at its default (and is
+    stale once it is not); a predict stage recorded before --trained-ids is made again, not refused."""
+    trained = Stage("t", ["train.py", "--out-dir", str(tmp_path / "t")], tmp_path / "t",
+                    reads=lambda: ({"lr": 0.01}, {}), defaults={"lr": 0.01, "pretrain_share": 0.25})
+    predicted = Stage("p", ["predict.py", "--output-dir", str(tmp_path / "p")], tmp_path / "p", depends=["t"])
+    ledger = Ledger(tmp_path / "stages.json")
+    finish(ledger, trained)
+    finish(ledger, predicted)
+    trained.reads = lambda: ({"lr": 0.01, "pretrain_share": 0.25}, {})  # the option added since, at its default
+    predicted.command = predicted.command + ["--trained-ids", "train1.txt"]
+    assert check_plan([trained, predicted], Ledger(tmp_path / "stages.json")) == {"t": "done", "p": "todo"}
+    trained.reads = lambda: ({"lr": 0.01, "pretrain_share": 0.5}, {})  # ... and not at its default
+    with pytest.raises(ConfigError, match="pretrain_share"):
+        check_plan([trained], Ledger(tmp_path / "stages.json"))
