@@ -169,6 +169,40 @@ def publish(partial: Path, out_dir: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
+def denoise_dealt_batches(cfg, ctx, device, stop, models, info: dict, classes: list, names: list[str],
+                          folder: Path) -> tuple[dict, bool]:
+    """Denoise this process's share of the images into ``folder``, batch by batch, until done or a stop
+    request; (image number -> 64x64 thumbnail for the memorisation report, whether it stopped)."""
+    vae, unet, scheduler, amp_dtype = models
+    null_label = len(info["class_names"])
+    latent_shape = (info["latent_channels"], info["latent_size"], info["latent_size"])
+    # the batches of a single-process run, dealt out in turn: each image is denoised in the same
+    # batch whatever the number of processes, so its bytes are the same too
+    batches = [range(first, min(first + cfg.batch_size, cfg.num_images))
+               for first in range(0, cfg.num_images, cfg.batch_size)]
+    small, stopping = {}, False
+    progress = tqdm(total=cfg.num_images, desc="sampling", unit="image", dynamic_ncols=True,
+                    disable=not (cfg.progress and ctx.is_main))
+    for round_ in range(math.ceil(len(batches) / ctx.world_size)):
+        k = round_ * ctx.world_size + ctx.rank
+        if k < len(batches):
+            batch = batches[k]
+            noise = image_noise(cfg.seed, batch, latent_shape).to(device)
+            labels = torch.tensor([classes[n] for n in batch], device=device) if info["class_names"] else None
+            images = generate(unet, vae, scheduler, noise, labels, null_label, cfg.guidance_scale,
+                              cfg.steps, info["latent_scaling_factor"], amp_dtype)
+            for n, image in zip(batch, images):
+                save_image(folder / names[n], image)
+                if cfg.check_memorisation or cfg.c2st:  # (the training thumbnails are on rank 0 only)
+                    small[n] = cv2.resize(image, (MEMORISATION_SIZE,) * 2, interpolation=cv2.INTER_AREA)
+        progress.update(sum(len(b) for b in batches[round_ * ctx.world_size:(round_ + 1) * ctx.world_size]))
+        stopping = stop_requested(stop, ctx, device)
+        if stopping:
+            break
+    progress.close()
+    return small, stopping
+
+
 def sample(cfg: SimpleNamespace, ctx, device) -> int:
     """Sample the images this process is dealt; rank 0 publishes the folder. The exit status."""
     diffusers_logging.set_verbosity_error()
@@ -204,15 +238,8 @@ def sample(cfg: SimpleNamespace, ctx, device) -> int:
                               "timesteps the model was trained with")
         scheduler = sampling_scheduler(cfg.scheduler, training_schedule)
         classes = image_classes(cfg, info, label)
-        null_label = len(info["class_names"])
-        latent_shape = (info["latent_channels"], info["latent_size"], info["latent_size"])
         width = max(4, len(str(cfg.num_images - 1)))
         names = [f"{cfg.prefix}_{n:0{width}d}.png" for n in range(cfg.num_images)]
-        # the batches of a single-process run, dealt out in turn: each image is denoised in the same
-        # batch whatever the number of processes, so its bytes are the same too
-        batches = [range(first, min(first + cfg.batch_size, cfg.num_images))
-                   for first in range(0, cfg.num_images, cfg.batch_size)]
-        rounds = math.ceil(len(batches) / ctx.world_size)
 
         partial = out_dir.parent / f".{out_dir.name}.partial"
         if ctx.is_main:
@@ -226,28 +253,8 @@ def sample(cfg: SimpleNamespace, ctx, device) -> int:
                 print(f"sampling {cfg.num_images} images from {run_dir} (denoiser at training step "
                       f"{info['diffusion_step']}; {cfg.scheduler}, {cfg.steps} steps, class {requested}, guidance "
                       f"{cfg.guidance_scale}) on {where}", flush=True)
-            small = {}  # image number -> 64x64 thumbnail, for the memorisation report
-            stopping = False
-            progress = tqdm(total=cfg.num_images, desc="sampling", unit="image", dynamic_ncols=True,
-                            disable=not (cfg.progress and ctx.is_main))
-            for round_ in range(rounds):
-                k = round_ * ctx.world_size + ctx.rank
-                if k < len(batches):
-                    batch = batches[k]
-                    noise = image_noise(cfg.seed, batch, latent_shape).to(device)
-                    labels = (torch.tensor([classes[n] for n in batch], device=device)
-                              if info["class_names"] else None)
-                    images = generate(unet, vae, scheduler, noise, labels, null_label, cfg.guidance_scale,
-                                      cfg.steps, info["latent_scaling_factor"], amp_dtype)
-                    for n, image in zip(batch, images):
-                        save_image(partial / "images" / names[n], image)
-                        if cfg.check_memorisation or cfg.c2st:  # (the training thumbnails are on rank 0 only)
-                            small[n] = cv2.resize(image, (MEMORISATION_SIZE,) * 2, interpolation=cv2.INTER_AREA)
-                progress.update(sum(len(b) for b in batches[round_ * ctx.world_size:(round_ + 1) * ctx.world_size]))
-                stopping = stop_requested(stop, ctx, device)
-                if stopping:
-                    break
-            progress.close()
+            small, stopping = denoise_dealt_batches(cfg, ctx, device, stop, (vae, unet, scheduler, amp_dtype), info,
+                                                    classes, names, partial / "images")
             if stopping:
                 code = stop_status(stop)
                 if ctx.is_main:
