@@ -195,10 +195,10 @@ def test_pretrain_share_and_build_method():
 
 
 def test_reproduce_has_the_bcp_arms():
-    import reproduce
-    arms = [arm.name for arm in reproduce.make_arms(METHODS, ["mgcc", "unet"], ["real", "synthetic"])]
+    from protocol.arms import Arm, make_arms, parse_arm
+    arms = [arm.name for arm in make_arms(METHODS, ["mgcc", "unet"], ["real", "synthetic"])]
     assert {"bcp-real", "bcp-synthetic", "bcp-unet-real", "bcp-unet-synthetic"} <= set(arms)
-    assert reproduce.parse_arm("bcp-unet-real") == reproduce.Arm("bcp", "unet", "real")
+    assert parse_arm("bcp-unet-real") == Arm("bcp", "unet", "real")
 
 
 @pytest.mark.slow
