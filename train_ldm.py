@@ -39,7 +39,7 @@ from diffusers.training_utils import EMAModel
 from diffusers.utils import logging as diffusers_logging
 from torch.utils.data import DataLoader
 
-from generation.data import StepBatchSampler, TrainingImages
+from generation.data import StepBatchSampler, TrainingImages, latent_masks
 from networks.ldm import (STREAM_DIFFUSION, STREAM_PREVIEW, STREAM_VAE, AutoencoderPass, PatchDiscriminator,
                           build_unet, build_vae, encode_training_set, latent_scaling_factor, latent_size,
                           noise_scheduler, optimizer_and_schedule, parameter_counts, sampling_scheduler)
@@ -167,7 +167,7 @@ class DenoiserStage(LdmStage):
         cfg, ctx, device, info = self.cfg, self.ctx, self.device, self.info
         self.panels = {"denoising loss": {cfg.diffusion_loss: "loss"}}
         self.vae = load_model("vae", self.run_dir / VAE_DIR, "autoencoder").to(device).eval().requires_grad_(False)
-        dataset = TrainingImages(data.paths, data.labels, cfg.image_size)
+        dataset, masks = denoiser_pairs(cfg, data)
         means, stds = encode_training_set(self.vae, dataset, device, cfg.batch_size, cfg.progress and ctx.is_main)
         if info["latent_scaling_factor"] is None:
             # rank 0's value on every rank (GPUs may differ in the last bits): the one written to ldm.json
@@ -190,14 +190,17 @@ class DenoiserStage(LdmStage):
         self.ema.to(device)
         self.denoiser = wrap_ddp(self.unet, ctx, device)
 
-        labels_of = torch.tensor(data.labels, device=device) if data.labels is not None else None
+        labels_of = torch.tensor(dataset.labels, device=device) if dataset.labels is not None else None
         self.null_label = num_classes  # the extra embedding: "no class" (classifier-free guidance)
         self.sampler = StepBatchSampler(len(dataset), cfg.batch_size, cfg.seed, self.start, cfg.diffusion_steps)
         self.loss = LatentDiffusionLoss(self.scheduler, means, stds, labels_of, self.scaling, cfg, self.null_label,
-                                        mine=slice(ctx.rank, None, ctx.world_size))  # this rank's items of a batch
+                                        mine=slice(ctx.rank, None, ctx.world_size),  # this rank's items of a batch
+                                        masks_of=masks.to(device) if masks is not None else None)
         self.preview_noise = torch.randn((cfg.preview_images, *means.shape[2:]), generator=torch.Generator().manual_seed(
             derived_seed(cfg.seed, 0, STREAM_PREVIEW)))
         self.preview_labels = (torch.arange(cfg.preview_images, device=device) % num_classes) if num_classes else None
+        # a mask-conditioned preview: the first training masks in turn (shown above the samples)
+        self.preview_masks = masks[torch.arange(cfg.preview_images) % len(masks), 0] if masks is not None else None
         self.unet.train()
 
     def train_step(self, step: int) -> dict[str, torch.Tensor]:
@@ -216,13 +219,29 @@ class DenoiserStage(LdmStage):
     def save_preview(self, step: int) -> None:
         self.unet.eval()
         with ema_weights(self.ema, self.unet):
+            masks = self.preview_masks.to(self.device) if self.preview_masks is not None else None
             images = generate(self.unet, self.vae, sampling_scheduler("ddim", self.scheduler.config),
                               self.preview_noise.to(self.device), self.preview_labels, self.null_label, 1.0,
-                              self.cfg.preview_steps, self.scaling, self.amp_dtype)
+                              self.cfg.preview_steps, self.scaling, self.amp_dtype, masks=masks)
         self.unet.train()
-        grid = image_grid(list(images), columns=8)
+        shown = list(images)
+        if masks is not None:  # each sample below its mask (brought to the image's size)
+            size = images.shape[-1]
+            big = torch.nn.functional.interpolate(masks.float().cpu(), size=(size, size), mode="nearest")
+            shown = [m for m in (big[:, 0] * 255).round().to(torch.uint8).numpy()] + shown
+        grid = image_grid(shown, columns=len(images) if masks is not None else 8)
         save_image(self.run_dir / PREVIEW_DIR / f"diffusion_step{step:07d}.png", grid)
         self.board.image("denoiser/samples", step, grid)
+
+
+def denoiser_pairs(cfg: SimpleNamespace, data) -> tuple[TrainingImages, torch.Tensor | None]:
+    """What the denoiser learns from: every training image, or (conditioning mask) the labeled images alone
+    with their masks at the latent's size, (N, 2, 1, h, w) (as they are, mirrored)."""
+    if cfg.conditioning != "mask":
+        return TrainingImages(data.paths, data.labels, cfg.image_size), None
+    labels = [data.labels[k] for k in data.mask_index] if data.labels is not None else None
+    dataset = TrainingImages([data.paths[k] for k in data.mask_index], labels, cfg.image_size)
+    return dataset, latent_masks(data.mask_paths, cfg.image_size, latent_size(cfg), cfg.mask_values)
 
 
 def train_diffusion(cfg: SimpleNamespace, run_dir: Path, info: dict, data, device, ctx, stop) -> int:
@@ -258,6 +277,9 @@ def train(cfg: SimpleNamespace, ctx, device) -> int:
                        if info["class_names"] else "unconditional")
             where = f"{device} x {ctx.world_size} processes" if ctx.enabled else str(device)
             print(f"run {run_dir}: {len(data.ids)} training images of {data.train_file.name}, {classes}, on {where}")
+            if cfg.conditioning == "mask":
+                print(f"mask-conditioned denoiser: learns from the {len(data.mask_index)} labeled images and their "
+                      f"masks (the autoencoder from all {len(data.ids)}); mask dropout {cfg.mask_dropout}")
             print(f"autoencoder {counts['vae']:,} parameters, denoiser {counts['unet']:,} parameters; latents "
                   f"{info['latent_channels']}x{info['latent_size']}x{info['latent_size']} for images "
                   f"{cfg.image_size}x{cfg.image_size}", flush=True)

@@ -63,6 +63,21 @@ def labeled_from_list(pool: list[Item], labeled_list: str | Path, train_file: Pa
     return [by_id[i] for i in ids], [item for item in pool if item[0] not in chosen]
 
 
+def choose_labeled(pool: list, labeled_fraction: float, labeled_list: str | Path | None, train_file: Path,
+                   n_holdout: int = 0) -> tuple[list, list]:
+    """(labeled, the rest of the pool): the ids of ``labeled_list``, else the first int(labeled_fraction * n)
+    of the pool (the training list less its holdout), as train.py labels them. train_ldm.py's mask-conditioned
+    generator calls this too: it learns from exactly the pairs a train.py run with the same flags labels."""
+    if labeled_list is not None:
+        return labeled_from_list(pool, labeled_list, train_file, n_holdout)
+    if not 0 < labeled_fraction <= 1:
+        raise DataError(f"labeled_fraction must be in (0, 1], got {labeled_fraction}")
+    n_labeled = int(labeled_fraction * len(pool))
+    if n_labeled == 0:
+        raise DataError(f"labeled_fraction {labeled_fraction} of {len(pool)} training ids selects no image")
+    return pool[:n_labeled], pool[n_labeled:]
+
+
 def load_run_data(data_dir: str | Path, split: int, labeled_fraction: float = 0.5, holdout: float = 0.0,
                   unlabeled_dirs: list[str | Path] = (), unlabeled_from_train: bool = True,
                   need_unlabeled: bool = True, check_files: bool = True, progress: bool = False,
@@ -82,13 +97,7 @@ def load_run_data(data_dir: str | Path, split: int, labeled_fraction: float = 0.
 
     n_holdout = holdout_size(len(train), holdout)
     pool, carved = (train[:len(train) - n_holdout], train[len(train) - n_holdout:]) if n_holdout else (train, [])
-    if labeled_list is not None:
-        labeled, rest = labeled_from_list(pool, labeled_list, train_file, n_holdout)
-    else:
-        n_labeled = int(labeled_fraction * len(pool))
-        if n_labeled == 0:
-            raise DataError(f"labeled_fraction {labeled_fraction} of {len(pool)} training ids selects no image")
-        labeled, rest = pool[:n_labeled], pool[n_labeled:]
+    labeled, rest = choose_labeled(pool, labeled_fraction, labeled_list, train_file, n_holdout)
 
     unlabeled: list[Item] = []
     folder_images: list[Path] = []

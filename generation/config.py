@@ -9,8 +9,8 @@ from __future__ import annotations
 from pathlib import Path
 from types import SimpleNamespace
 
-from dataloaders.io import MAX_IMAGE_PIXELS_OPTION
-from networks.ldm import check_architecture
+from dataloaders.io import MASK_VALUES, MAX_IMAGE_PIXELS_OPTION
+from networks.ldm import CONDITIONINGS, check_architecture
 from utils.config import ConfigError, Option, optional, read_yaml
 
 OPTIONS = [
@@ -39,6 +39,19 @@ OPTIONS = [
            "malignant)", repeatable=True),
     Option("class_csv", None, "CSV of 'id,class' rows giving each training id's class (instead of the "
            "id prefix)", type=optional(str)),
+    Option("conditioning", "none", "what the denoiser is conditioned on besides the class: none, or mask (the "
+           "lesion mask brought to the latent's size, concatenated to its input as extra channels; it then learns "
+           "from the labeled images only, labeled_fraction or labeled_list as train.py selects them, while the "
+           "autoencoder learns from every training image). sample_ldm.py then makes image-mask pairs",
+           choices=CONDITIONINGS),
+    Option("mask_dropout", 0.1, "conditioning mask: probability of dropping the mask during training, so that "
+           "the denoiser also learns unconditionally (classifier-free guidance, sample_ldm.py --guidance-scale)"),
+    Option("labeled_fraction", 0.5, "conditioning mask: the denoiser learns from the first labeled_fraction of "
+           "the training list (less the holdout), the images train.py --labeled-fraction labels"),
+    Option("labeled_list", None, "conditioning mask: file of the labeled ids (train.py --labeled-list) instead "
+           "of labeled_fraction", type=optional(str)),
+    Option("mask_values", "binary", "conditioning mask: how masks are read, as train.py --mask-values",
+           choices=MASK_VALUES),
     # autoencoder
     Option("vae_channels", [64, 128, 256, 512], "autoencoder block widths (one block per entry; the "
            "image is halved len-1 times)", type=int, repeatable=True),
@@ -107,7 +120,8 @@ FREE_KEYS = {"vae_steps", "diffusion_steps", "precision", "num_workers", "log_ev
 DIFFUSION_KEYS = {"unet_channels", "unet_layers_per_block", "unet_norm_groups", "unet_mid_attention",
                   "unet_dropout", "batch_size", "lr", "train_timesteps", "beta_schedule", "beta_start", "beta_end",
                   "prediction_type", "diffusion_loss", "class_dropout", "ema_decay", "ema_power",
-                  "class_conditioning"}
+                  "class_conditioning", "conditioning", "mask_dropout", "labeled_fraction", "labeled_list",
+                  "mask_values"}
 
 
 def check_values(cfg: SimpleNamespace, world_size: int = 1) -> None:
@@ -135,6 +149,8 @@ def check_values(cfg: SimpleNamespace, world_size: int = 1) -> None:
     require(0 < cfg.beta_start < cfg.beta_end < 1,
             f"need 0 < beta_start < beta_end < 1, got {cfg.beta_start}, {cfg.beta_end}")
     require(0 <= cfg.class_dropout < 1, f"class_dropout must be in [0, 1), got {cfg.class_dropout}")
+    require(0 <= cfg.mask_dropout < 1, f"mask_dropout must be in [0, 1), got {cfg.mask_dropout}")
+    require(0 < cfg.labeled_fraction <= 1, f"labeled_fraction must be in (0, 1], got {cfg.labeled_fraction}")
     require(0 <= cfg.unet_dropout < 1, f"unet_dropout must be in [0, 1), got {cfg.unet_dropout}")
     require(0 <= cfg.ema_decay <= 1, f"ema_decay must be in [0, 1], got {cfg.ema_decay}")
     require(cfg.ema_power > 0, f"ema_power must be positive, got {cfg.ema_power}")
@@ -148,7 +164,7 @@ def check_values(cfg: SimpleNamespace, world_size: int = 1) -> None:
 
 def absolute_paths(values: dict) -> dict:
     """Paths are kept absolute, so that a run compares and resumes from any working folder."""
-    for key in ("data_dir", "class_csv"):
+    for key in ("data_dir", "class_csv", "labeled_list"):
         if values.get(key) is not None:
             values[key] = str(Path(values[key]).expanduser().resolve())
     return values

@@ -11,7 +11,7 @@ whatever the data-loader workers do.
 from __future__ import annotations
 
 import csv
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -20,9 +20,9 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
-from dataloaders.splits import holdout_size
-from dataloaders.io import (DataError, listing, note, check_images, find_cases, read_id_list, read_image,
-                            select_cases, split_files)
+from dataloaders.splits import choose_labeled, holdout_size
+from dataloaders.io import (DataError, listing, note, check_images, check_pairs, find_cases, read_id_list,
+                            read_image, read_mask, select_cases, split_files)
 
 
 @dataclass
@@ -35,6 +35,13 @@ class TrainingSet:
     train_file: Path
     val_file: Path | None  # the split's validation list, when it exists (checked for overlap)
     val_paths: list[Path]  # its images: the autoencoder is measured on them, never trained on them
+    # a mask-conditioned denoiser's pairs: positions in ``ids`` of the labeled images and their masks
+    mask_index: list[int] = field(default_factory=list)
+    mask_paths: list[Path] = field(default_factory=list)
+
+    @property
+    def mask_ids(self) -> list[str]:
+        return [self.ids[k] for k in self.mask_index]
 
 
 def training_ids(data_dir: str | Path, split: int, split_name: str | None = None, holdout: float = 0.0
@@ -130,19 +137,69 @@ def class_labels(ids: Sequence[str], class_names: Sequence[str], class_csv: str 
     return names, labels
 
 
+@dataclass
+class LabeledSelection:
+    """Which training images a mask-conditioned denoiser learns from: train.py's labeled images."""
+    labeled_fraction: float = 0.5
+    labeled_list: str | Path | None = None
+    mask_values: str = "binary"
+
+
 def load_training_set(data_dir: str | Path, split: int, class_names: Sequence[str] = (),
                       class_csv: str | Path | None = None, progress: bool = False,
-                      split_name: str | None = None, holdout: float = 0.0, names_given: bool = True) -> TrainingSet:
+                      split_name: str | None = None, holdout: float = 0.0, names_given: bool = True,
+                      labeled: LabeledSelection | None = None) -> TrainingSet:
     """Resolve, check and open once every training image of the split (one DataError if any is bad),
-    and find the split's validation images (read later, only to measure the autoencoder)."""
+    and find the split's validation images (read later, only to measure the autoencoder). With
+    ``labeled``, also the labeled images and their masks (dataloaders.splits.choose_labeled, train.py's
+    own choice), each mask checked."""
     cases = find_cases(data_dir)  # first: a missing data folder is named as such
     ids, train_file, val_file = training_ids(data_dir, split, split_name, holdout)
-    paths = [image for _, image, _ in select_cases(cases, ids, str(train_file))]
+    triples = select_cases(cases, ids, str(train_file))
+    paths = [image for _, image, _ in triples]
     names, labels = class_labels(ids, class_names, class_csv, names_given)
     check_images(paths, progress=progress)
     val_paths = [image for _, image, _ in select_cases(cases, read_id_list(val_file), str(val_file))] \
         if val_file is not None else []
-    return TrainingSet(ids, paths, labels, names, train_file, val_file, val_paths)
+    data = TrainingSet(ids, paths, labels, names, train_file, val_file, val_paths)
+    if labeled is not None:
+        chosen, _ = choose_labeled(triples, labeled.labeled_fraction, labeled.labeled_list, train_file)
+        check_pairs(chosen, progress=progress, mask_values=labeled.mask_values)
+        position = {case_id: k for k, case_id in enumerate(ids)}
+        data.mask_index = [position[case_id] for case_id, _, _ in chosen]
+        data.mask_paths = [mask for _, _, mask in chosen]
+    return data
+
+
+def mask_fractions(mask: np.ndarray, image_size: int, size: int) -> np.ndarray:
+    """A boolean mask (any size) -> float32 size x size: each latent cell's lesion fraction. The mask is first
+    brought to the image size as the image is (nearest: it stays a mask), then averaged over each cell."""
+    mask = mask.astype(np.uint8)
+    if mask.shape != (image_size, image_size):
+        mask = cv2.resize(mask, (image_size, image_size), interpolation=cv2.INTER_NEAREST)
+    return cv2.resize(mask.astype(np.float32), (size, size), interpolation=cv2.INTER_AREA)
+
+
+def read_masks_at(data_dir: str | Path, ids: Sequence[str], image_size: int, mask_values: str = "binary",
+                  source: str = "the run's ldm.json") -> list[np.ndarray]:
+    """The masks of ``ids`` in ``data_dir``, each as a uint8 0/1 image_size x image_size array (nearest: the
+    size the generator's images have)."""
+    cases = find_cases(data_dir)
+    out = []
+    for _, _, mask_path in select_cases(cases, list(ids), source):
+        mask = read_mask(mask_path, mask_values).astype(np.uint8)
+        out.append(cv2.resize(mask, (image_size, image_size), interpolation=cv2.INTER_NEAREST))
+    return out
+
+
+def latent_masks(paths: Sequence[Path], image_size: int, size: int, mask_values: str = "binary") -> torch.Tensor:
+    """The masks of a mask-conditioned denoiser's pairs at the latent's size, each as it is and mirrored (as
+    encode_training_set encodes each image): (N, 2, 1, size, size) float32 lesion fractions."""
+    out = []
+    for path in paths:
+        fractions = mask_fractions(read_mask(path, mask_values), image_size, size)
+        out.append(np.stack([fractions, fractions[:, ::-1]])[:, None])
+    return torch.from_numpy(np.ascontiguousarray(np.stack(out)))
 
 
 def load_image(path: Path, size: int) -> np.ndarray:

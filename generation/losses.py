@@ -18,6 +18,7 @@ from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from torch import nn
 
 from generation.image_quality import ssim
+from networks.ldm import mask_channels
 from utils.runtime import autocast
 
 
@@ -78,21 +79,27 @@ class LatentDiffusionLoss(nn.Module):
     training image and its mirror image, (N, 2, C, h, w) each, on the training device.
 
     ``labels_of``: each image's class (None: unconditional); ``null_label``: the "no class" label
-    that classifier-free guidance trains with probability ``cfg.class_dropout``; ``scaling``: the
+    that classifier-free guidance trains with probability ``cfg.class_dropout``; ``masks_of``: each image's
+    mask at the latent's size, concatenated to the noisy latent (None: not mask-conditioned), dropped
+    with probability ``cfg.mask_dropout`` (independently of the class); ``scaling``: the
     latent scaling factor; ``mine``: this process's items of each global batch (under torchrun).
     Every random number is drawn for the whole batch and sliced: each item gets the numbers it gets
     in a single-process run.
     """
 
     def __init__(self, scheduler, means: torch.Tensor, stds: torch.Tensor, labels_of: torch.Tensor | None,
-                 scaling: float, cfg: SimpleNamespace, null_label: int, mine: slice = slice(0, None, 1)):
+                 scaling: float, cfg: SimpleNamespace, null_label: int, mine: slice = slice(0, None, 1),
+                 masks_of: torch.Tensor | None = None):
         super().__init__()
         self.scheduler, self.scaling, self.null_label, self.mine = scheduler, scaling, null_label, mine
         self.timesteps, self.class_dropout = cfg.train_timesteps, cfg.class_dropout
+        self.mask_dropout = getattr(cfg, "mask_dropout", 0.0)
         self.prediction_type, self.kind = cfg.prediction_type, cfg.diffusion_loss
         self.register_buffer("means", means, persistent=False)
         self.register_buffer("stds", stds, persistent=False)
         self.register_buffer("labels_of", labels_of, persistent=False)
+        # a mask-conditioned denoiser: each item's mask at the latent's size, as it is and mirrored (N, 2, 1, h, w)
+        self.register_buffer("masks_of", masks_of, persistent=False)
 
     def forward(self, denoiser, batch, rng: torch.Generator | None, amp_dtype=None) -> torch.Tensor:
         """The loss of one step; ``batch``: the global StepBatchSampler batch of (index, flipped) pairs."""
@@ -108,6 +115,9 @@ class LatentDiffusionLoss(nn.Module):
             dropped = (torch.rand(size, generator=rng, device=device) < self.class_dropout)[mine]
             labels = torch.where(dropped, torch.full_like(index, self.null_label), self.labels_of[index])
         noisy = self.scheduler.add_noise(latents, noise, timesteps)
+        if self.masks_of is not None:  # drawn after the others: an unconditional run's numbers stay as they were
+            known = (torch.rand(size, generator=rng, device=device) >= self.mask_dropout)[mine]
+            noisy = torch.cat([noisy, mask_channels(self.masks_of[index, flip], known)], dim=1)
         target = (noise if self.prediction_type == "epsilon"
                   else self.scheduler.get_velocity(latents, noise, timesteps))
         with autocast(device, amp_dtype):

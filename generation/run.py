@@ -26,8 +26,8 @@ from types import SimpleNamespace
 
 from dataloaders.io import check_outside_data, dataset_name
 from dataloaders.provenance import RUN_INFO
-from generation.data import load_training_set
-from networks.ldm import IMAGE_CHANNELS, latent_size
+from generation.data import LabeledSelection, load_training_set
+from networks.ldm import IMAGE_CHANNELS, condition_channels, latent_size
 from utils.checkpoint import CheckpointError, UnsafeCheckpointError, check_finite, load_checkpoint, retyped
 from utils import distributed
 from utils.config import ConfigError, file_values, read_yaml, save_yaml
@@ -184,8 +184,9 @@ def load_sampling_models(run_dir: Path, info: dict):
     vae = load_model("vae", run_dir / VAE_DIR, "autoencoder")
     unet = load_model("unet", run_dir / EMA_DIR, "EMA denoiser")
     classes = len(info["class_names"])
+    extra = condition_channels(SimpleNamespace(conditioning=run_conditioning(info)))
     found = {"autoencoder latent channels": (vae.config.latent_channels, info["latent_channels"]),
-             "denoiser input channels": (unet.config.in_channels, info["latent_channels"]),
+             "denoiser input channels": (unet.config.in_channels, info["latent_channels"] + extra),
              "denoiser input size": (unet.config.sample_size, info["latent_size"]),
              "denoiser class embeddings": (unet.config.num_class_embeds, classes + 1 if classes else None)}
     wrong = [f"{name} {got} (ldm.json implies {want})" for name, (got, want) in found.items() if got != want]
@@ -221,9 +222,11 @@ def load_data(cfg: SimpleNamespace):
     class_names = cfg.class_names if cfg.class_conditioning else []
     class_csv = cfg.class_csv if cfg.class_conditioning else None
     # class names from a config file apply only where the ids carry them; --class-names must (class_labels)
+    labeled = (LabeledSelection(cfg.labeled_fraction, cfg.labeled_list, cfg.mask_values)
+               if cfg.conditioning == "mask" else None)
     return load_training_set(cfg.data_dir, cfg.split, class_names, class_csv, progress=cfg.progress,
                              split_name=cfg.split_name, holdout=cfg.holdout,
-                             names_given="class_names" in getattr(cfg, "explicit", ()))
+                             names_given="class_names" in getattr(cfg, "explicit", ()), labeled=labeled)
 
 
 def new_run_info(cfg: SimpleNamespace, data) -> dict:
@@ -233,7 +236,20 @@ def new_run_info(cfg: SimpleNamespace, data) -> dict:
             "latent_scaling_factor": None, "class_names": data.class_names, "class_counts": counts,
             "data_dir": str(Path(cfg.data_dir).resolve()), "split": cfg.split,
             "train_file": str(data.train_file), "val_file": str(data.val_file) if data.val_file else None,
-            "train_ids": data.ids, "vae_step": 0, "diffusion_step": 0}
+            "train_ids": data.ids, "vae_step": 0, "diffusion_step": 0, **conditioning_info(cfg, data)}
+
+
+def conditioning_info(cfg: SimpleNamespace, data) -> dict:
+    """What ldm.json records of the denoiser's conditioning: "none", or "mask" with the ids whose masks it
+    learns from (``mask_ids``, a subset of ``train_ids``: the leak checks read train_ids) and how masks are read."""
+    if cfg.conditioning != "mask":
+        return {"conditioning": "none"}
+    return {"conditioning": "mask", "mask_ids": data.mask_ids, "mask_values": cfg.mask_values}
+
+
+def run_conditioning(info: dict) -> str:
+    """A run's conditioning; runs written before it was recorded are unconditional by mask."""
+    return info.get("conditioning", "none")
 
 
 def remove_diffusion_outputs(run_dir: Path, info: dict) -> None:
@@ -326,12 +342,19 @@ def prepare_run(cfg: SimpleNamespace, run_dir: Path, world_size: int = 1):
         raise ConfigError(f"the training list {data.train_file} changed since the run in {run_dir} started; "
                           "a continued run must learn from the same images")
     info["data_dir"] = cfg.data_dir  # where the memorisation check of sample_ldm.py finds the images
-    if fresh_diffusion:  # classes matter to the denoiser only, which starts afresh here
+    if fresh_diffusion:  # classes and masks matter to the denoiser only, which starts afresh here
         fresh = new_run_info(cfg, data)
         info.update(class_names=fresh["class_names"], class_counts=fresh["class_counts"])
+        for key in ("mask_ids", "mask_values"):
+            info.pop(key, None)
+        info.update(conditioning_info(cfg, data))
     elif data.class_names != info["class_names"]:
         raise ConfigError(f"the classes of the training images changed since the run in {run_dir} started "
                           f"({info['class_names']} then, {data.class_names} now)")
+    elif data.mask_ids != info.get("mask_ids", []):
+        raise ConfigError(f"the labeled images whose masks the denoiser learns from changed since the run in "
+                          f"{run_dir} started ({len(info.get('mask_ids', []))} then, {len(data.mask_ids)} now); a "
+                          "continued run must learn from the same pairs")
     if cfg.overwrite:
         remove_diffusion_outputs(run_dir, info)
     save_config(cfg, run_dir, info)

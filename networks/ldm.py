@@ -20,6 +20,12 @@ from networks import count_parameters
 from utils.config import ConfigError
 
 IMAGE_CHANNELS = 1  # ultrasound images are grayscale
+# A mask-conditioned denoiser (conditioning: mask) takes two channels more than the latent: the mask at the
+# latent's size (each cell's lesion fraction, in [0, 1]) and a "mask known" channel (1; 0 where the mask is
+# dropped for classifier-free guidance). The second channel keeps "no mask" apart from "no lesion" (an empty
+# mask, as BUSI's normal images have), which a single channel of zeros would confuse.
+MASK_CHANNELS = 2
+CONDITIONINGS = ("none", "mask")
 
 # Independent random streams of train_ldm.py, derived from (seed, step, stream) with
 # utils.runtime.step_generator: a resumed run draws exactly the numbers an uninterrupted one would,
@@ -45,11 +51,26 @@ def vae_config(cfg: SimpleNamespace) -> dict[str, Any]:
                 sample_size=cfg.image_size, mid_block_add_attention=cfg.vae_mid_attention)
 
 
+def condition_channels(cfg: SimpleNamespace) -> int:
+    """Input channels the denoiser takes besides the latent: MASK_CHANNELS for a mask-conditioned model."""
+    return MASK_CHANNELS if getattr(cfg, "conditioning", "none") == "mask" else 0
+
+
+def mask_channels(fractions: torch.Tensor, known: torch.Tensor) -> torch.Tensor:
+    """The denoiser's extra input of a mask-conditioned model: (B, 2, h, w) from the masks at the latent's
+    size ``fractions`` (B, 1, h, w, lesion fraction per cell) and ``known`` (B,) bool: where False (the mask
+    dropped, classifier-free guidance) both channels are 0, else (fraction, 1)."""
+    keep = known.to(fractions.dtype).view(-1, 1, 1, 1)
+    return torch.cat([fractions * keep, keep.expand_as(fractions)], dim=1)
+
+
 def unet_config(cfg: SimpleNamespace, num_classes: int) -> dict[str, Any]:
     """The denoiser on the latents. A conditional model gets one class embedding more than there
-    are classes: the last one is the "no class" label of classifier-free guidance."""
+    are classes: the last one is the "no class" label of classifier-free guidance. A mask-conditioned
+    one takes the mask channels concatenated to its input (segmentation-guided diffusion, Konz et al.
+    2024), and still predicts the latent's channels."""
     blocks = len(cfg.unet_channels)
-    return dict(sample_size=latent_size(cfg), in_channels=cfg.vae_latent_channels,
+    return dict(sample_size=latent_size(cfg), in_channels=cfg.vae_latent_channels + condition_channels(cfg),
                 out_channels=cfg.vae_latent_channels,
                 down_block_types=("DownBlock2D",) * blocks, up_block_types=("UpBlock2D",) * blocks,
                 block_out_channels=tuple(cfg.unet_channels), layers_per_block=cfg.unet_layers_per_block,

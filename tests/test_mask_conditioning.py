@@ -1,0 +1,174 @@
+"""Synthetic labeled pairs (issue 31): the mask-conditioned generator (train_ldm.py --conditioning mask),
+the pairs sample_ldm.py makes from masks, and train.py's --synthetic-pairs.
+
+Tiny sizes on the CPU (configs/ldm_tiny.yaml, 64x64 images, a few steps); the data are the tests' own
+(conftest.write_dataset).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import ROOT, write_dataset
+
+import train_ldm
+from dataloaders.splits import load_run_data
+from generation.data import LabeledSelection, load_training_set, mask_fractions
+from generation.losses import LatentDiffusionLoss
+from generation.sampling import guidance_inputs
+from networks.ldm import MASK_CHANNELS, build_unet, mask_channels, noise_scheduler, unet_config
+from utils.config import parse_config
+from generation.config import OPTIONS
+
+pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")  # diffusers + numpy 2
+
+TINY = str(ROOT / "configs" / "ldm_tiny.yaml")
+
+
+def tiny_config(*extra: str) -> SimpleNamespace:
+    return parse_config(OPTIONS, "", ["--config", TINY, *extra])
+
+
+def tiny_args(data: Path, out: Path, *extra: str) -> list[str]:
+    return ["--config", TINY, "--data-dir", str(data), "--out-dir", str(out), "--device", "cpu",
+            "--no-progress", "--no-tensorboard", *extra]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    return write_dataset(tmp_path_factory.mktemp("pairs") / "toy", n=12, size=(64, 80))
+
+
+# ----------------------------------------------------------------------------------------------
+# the conditioned denoiser
+# ----------------------------------------------------------------------------------------------
+
+def test_conditioned_denoiser_takes_the_mask_channels_and_predicts_the_latent():
+    plain, masked = tiny_config(), tiny_config("--conditioning", "mask")
+    assert plain.conditioning == "none"  # the default: existing configs and runs are unconditional by mask
+    assert unet_config(plain, 2)["in_channels"] == plain.vae_latent_channels == 4
+    assert unet_config(masked, 2)["in_channels"] == 4 + MASK_CHANNELS
+    assert unet_config(masked, 2)["out_channels"] == 4
+    unet = build_unet(masked, 2)
+    latents = torch.randn(3, 4, 16, 16)
+    condition = mask_channels(torch.rand(3, 1, 16, 16), torch.tensor([True, False, True]))
+    out = unet(torch.cat([latents, condition], 1), torch.tensor([1, 500, 999]),
+               class_labels=torch.tensor([0, 1, 2])).sample  # class conditioning composes: 2 classes + "no class"
+    assert out.shape == latents.shape
+
+
+def test_mask_channels_and_their_dropout():
+    fractions = torch.tensor([[[[0.25, 1.0]]], [[[0.5, 0.0]]]])  # (2, 1, 1, 2)
+    out = mask_channels(fractions, torch.tensor([True, False]))
+    assert out.shape == (2, 2, 1, 2)
+    assert out[0, 0].tolist() == [[0.25, 1.0]] and out[0, 1].tolist() == [[1.0, 1.0]]  # the mask, "known"
+    assert out[1].abs().sum() == 0  # dropped: no mask and "unknown", told apart from an empty mask (0, 1)
+    empty = mask_channels(torch.zeros(1, 1, 1, 2), torch.tensor([True]))
+    assert empty[0, 1].tolist() == [[1.0, 1.0]]
+    # guidance: the conditional inputs, then the unconditional ones (no class, no mask)
+    labels, condition = guidance_inputs(torch.tensor([1, 0]), 2, fractions, guided=True)
+    assert labels.tolist() == [1, 0, 2, 2]
+    assert torch.equal(condition[:2], mask_channels(fractions, torch.tensor([True, True])))
+    assert condition[2:].abs().sum() == 0
+
+
+def test_mask_at_the_latent_size_is_each_cells_lesion_fraction():
+    mask = np.zeros((8, 8), bool)
+    mask[0:2, 0:4] = True  # the top-left 4x4 cell: 8 of 16 pixels; the top-right cell: none
+    mask[4:8, 4:8] = True  # the bottom-right cell: all
+    assert mask_fractions(mask, 8, 2).tolist() == [[0.5, 0.0], [0.0, 1.0]]
+    # a mask of another size is first brought to the image size (nearest), as the image is
+    assert mask_fractions(np.kron(mask, np.ones((2, 2), bool)), 8, 2).tolist() == [[0.5, 0.0], [0.0, 1.0]]
+
+
+class Recorder(torch.nn.Module):
+    """A denoiser that records its input and predicts zeros."""
+
+    def forward(self, x, t, class_labels=None):
+        self.seen, self.labels = x, class_labels
+        return SimpleNamespace(sample=torch.zeros(x.shape[0], 4, *x.shape[2:]))
+
+
+@pytest.mark.parametrize("dropout, known", [(0.0, 1.0), (0.999999, 0.0)])
+def test_training_loss_feeds_the_masks_and_drops_them(dropout: float, known: float):
+    cfg = tiny_config("--conditioning", "mask", "--mask-dropout", str(dropout))
+    n, h = 3, 16
+    masks = torch.rand(n, 2, 1, h, h)
+    loss = LatentDiffusionLoss(noise_scheduler(cfg), torch.randn(n, 2, 4, h, h), torch.ones(n, 2, 4, h, h),
+                               None, 1.0, cfg, 0, masks_of=masks)
+    denoiser = Recorder()
+    loss(denoiser, [(2, True), (0, False)], torch.Generator().manual_seed(0))
+    assert denoiser.seen.shape == (2, 4 + MASK_CHANNELS, h, h)
+    extra = denoiser.seen[:, 4:]
+    assert torch.equal(extra[:, 1], torch.full((2, h, h), known))
+    if known:  # each item's own mask, mirrored where its image is
+        assert torch.equal(extra[0, 0], masks[2, 1, 0]) and torch.equal(extra[1, 0], masks[0, 0, 0])
+    else:
+        assert extra[:, 0].abs().sum() == 0
+
+
+def test_unconditional_loss_draws_the_numbers_it_drew_before():
+    """A model without masks: the same noisy input as the loss without the masks_of argument gives."""
+    cfg = tiny_config()
+    means, stds = torch.randn(3, 2, 4, 16, 16), torch.ones(3, 2, 4, 16, 16)
+    seen = []
+    for kwargs in ({}, {"masks_of": None}):
+        denoiser = Recorder()
+        LatentDiffusionLoss(noise_scheduler(cfg), means, stds, None, 1.0, cfg, 0, **kwargs)(
+            denoiser, [(0, False), (1, True)], torch.Generator().manual_seed(5))
+        seen.append(denoiser.seen)
+    assert seen[0].shape[1] == 4 and torch.equal(*seen)
+
+
+def test_generator_learns_from_the_pairs_train_py_labels(data: Path):
+    """The labeled images of train.py (load_run_data) are the mask-conditioned generator's pairs, by fraction
+    or by list; the autoencoder keeps every training image."""
+    for selection, run_kwargs in ((LabeledSelection(0.5), {"labeled_fraction": 0.5}),
+                                  (LabeledSelection(0.3), {"labeled_fraction": 0.3})):
+        generator = load_training_set(data, 1, labeled=selection)
+        segmenter = load_run_data(data, 1, need_unlabeled=False, **run_kwargs)
+        assert generator.mask_ids == [i for i, _, _ in segmenter.labeled]
+        assert len(generator.ids) == 8 and [generator.ids[k] for k in generator.mask_index] == generator.mask_ids
+        assert [p.name for p in generator.mask_paths] == [f"{i}.png" for i in generator.mask_ids]
+    listed = data.parent / "labeled.txt"
+    listed.write_text("malignant (4)\nbenign (1)\n")
+    generator = load_training_set(data, 1, labeled=LabeledSelection(labeled_list=listed))
+    assert generator.mask_ids == ["malignant (4)", "benign (1)"]
+    assert load_training_set(data, 1).mask_ids == []  # unconditional: no masks read
+
+
+# ----------------------------------------------------------------------------------------------
+# train_ldm.py --conditioning mask: a run, its record, resume
+# ----------------------------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_conditioned_run_records_its_pairs_and_resumes_exactly(data: Path, tmp_path: Path, capsys):
+    from safetensors.torch import load_file
+
+    short = ("--conditioning", "mask", "--labeled-fraction", "0.5", "--vae-steps", "2", "--checkpoint-every", "2",
+             "--sample-every", "2", "--log-every", "1")
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    assert train_ldm.main(tiny_args(data, straight, *short, "--diffusion-steps", "4")) == 0
+    info = json.loads((straight / "ldm.json").read_text())
+    assert info["conditioning"] == "mask" and info["mask_values"] == "binary"
+    assert info["mask_ids"] == ["benign (1)", "malignant (2)", "benign (3)", "malignant (4)"]
+    assert len(info["train_ids"]) == 8  # the autoencoder's; the leak checks read these
+    config = json.loads((straight / "unet_ema" / "config.json").read_text())
+    assert config["in_channels"] == 4 + MASK_CHANNELS
+    assert (straight / "previews" / "diffusion_step0000004.png").is_file()
+    assert train_ldm.main(tiny_args(data, resumed, *short, "--diffusion-steps", "2")) == 0
+    assert train_ldm.main(tiny_args(data, resumed, *short, "--diffusion-steps", "4", "--resume")) == 0
+    for folder in ("unet", "unet_ema"):
+        a = load_file(straight / folder / "diffusion_pytorch_model.safetensors")
+        b = load_file(resumed / folder / "diffusion_pytorch_model.safetensors")
+        assert all(torch.equal(a[k], b[k]) for k in a), folder
+    capsys.readouterr()
+    # another labeled set is another run
+    with pytest.raises(Exception, match="labeled_fraction"):
+        train_ldm.main(tiny_args(data, resumed, *short[:2], "--labeled-fraction", "0.25", "--vae-steps", "2",
+                                 "--diffusion-steps", "6", "--resume"))
