@@ -11,6 +11,14 @@ images go to a hidden <out-dir>/../.<name>.partial folder that is renamed at the
 interrupted run (a signal, kill -9, a crash) never leaves a half-written --out-dir; a signal exits
 with status 128 + its number, bad input or an unusable run folder with status 2.
 
+Image-mask pairs: a run trained with train_ldm.py --conditioning mask makes each image for a mask, the
+run's labeled training masks in turn and, from the second pass over them on, new layouts of them
+(--mask-augmentation: affine, elastic or both, lesion count kept; generation/mask_layouts.py). The
+masks go to <out-dir>/masks/0/<prefix>_<n>.png beside the images (the dataset layout, no split files:
+train.py --synthetic-pairs), and the manifest adds each pair's mask file, source id (mask_source) and
+augmentation. --guidance-scale s mixes the conditional and the unconditional (no mask, no class)
+predictions as u + s (c - u).
+
 Several GPUs: torchrun --nproc_per_node N sample_ldm.py ... (the same flags). The batches of
 --batch-size images are dealt out to the processes in turn (batch k to rank k mod N); every image
 keeps its global name and seed and is written once, and rank 0 alone writes manifest.csv and the
@@ -55,18 +63,20 @@ from diffusers.utils import logging as diffusers_logging
 from tqdm import tqdm
 
 from dataloaders.duplicates import near_duplicates_in
-from dataloaders.io import DataError, check_outside_data, find_cases, image_folder, read_id_list, select_cases, set_max_image_pixels
-from generation.data import thumbnails
+from dataloaders.io import (MASK_SUBDIR, DataError, check_outside_data, find_cases, image_folder, read_id_list,
+                            select_cases, set_max_image_pixels)
+from generation.data import mask_fractions, read_masks_at, thumbnails
+from generation.mask_layouts import pair_layouts
 from networks.ldm import sampling_scheduler
-from generation.sampling import generate, image_class, image_noise
+from generation.sampling import IMAGE_MASK, generate, image_class, image_noise, image_seed
 from utils import distributed
 from generation.image_quality import c2st_accuracy, calibrated_memorisation, closest_pairs_image, describe_memorisation
-from generation.run import load_sampling_models, open_run, write_json
+from generation.run import load_sampling_models, open_run, run_conditioning, write_json
 from utils.files import atomic_write_text
 from utils.locks import carry_into, hold, holds_files, release_held
 from utils.cli import run_cli, run_on_device
 from generation.sampling_config import (C2ST_FOLDS, GRID, GRID_IMAGES, MANIFEST_COLUMNS, MEMORISATION_SIZE, OPTIONS,
-                                       PAIR_COUNT, PAIRS, REPORT, check_values)
+                                       PAIR_COLUMNS, PAIR_COUNT, PAIRS, REPORT, check_values)
 from utils.config import ConfigError, parse_config
 from utils.plots import image_grid, save_image
 from utils.runtime import autocast_dtype, StopRequest
@@ -151,6 +161,27 @@ def image_classes(cfg: SimpleNamespace, info: dict, label: int | None) -> list[i
     return [image_class(cfg.seed, n, frequencies) for n in range(cfg.num_images)]
 
 
+def pair_masks(cfg: SimpleNamespace, info: dict) -> list[tuple[np.ndarray, int, str]] | None:
+    """A mask-conditioned run's pairs: each image's mask (uint8 0/1 at the image size), the index of its source
+    in ldm.json's mask_ids and the augmentation applied (generation/mask_layouts.py); None for another run."""
+    if run_conditioning(info) != "mask":
+        return None
+    try:
+        sources = read_masks_at(info["data_dir"], info["mask_ids"], info["image_size"], info.get("mask_values", "binary"))
+    except DataError as error:
+        raise DataError(f"{error}\n(a mask-conditioned generator makes its images for the masks of its labeled "
+                        "training images, read from the run's data folder)") from None
+    return pair_layouts(sources, cfg.num_images, cfg.mask_augmentation,
+                        lambda n: np.random.default_rng(image_seed(cfg.seed, n, IMAGE_MASK)))
+
+
+def outlined(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """A gray image in colour with its mask's outline in red (the pairs' grid)."""
+    colour = cv2.cvtColor(image, cv2.COLOR_GRAY2BGR)
+    contours, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
+    return cv2.drawContours(colour, contours, -1, (0, 0, 255), 1)
+
+
 def publish(partial: Path, out_dir: Path) -> None:
     """Rename the finished ``partial`` folder to ``out_dir``; an existing --out-dir (--overwrite) is
     moved aside first and deleted only once the new folder is in place."""
@@ -170,9 +201,10 @@ def publish(partial: Path, out_dir: Path) -> None:
 
 
 def denoise_dealt_batches(cfg, ctx, device, stop, models, info: dict, classes: list, names: list[str],
-                          folder: Path) -> tuple[dict, bool]:
-    """Denoise this process's share of the images into ``folder``, batch by batch, until done or a stop
-    request; (image number -> 64x64 thumbnail for the memorisation report, whether it stopped)."""
+                          folder: Path, layouts: list | None = None) -> tuple[dict, bool]:
+    """Denoise this process's share of the images into ``folder``/images, batch by batch, until done or a stop
+    request; with ``layouts`` (pair_masks), each image for its mask, written to ``folder``/masks/0 under the
+    image's name. (image number -> 64x64 thumbnail for the memorisation report, whether it stopped)."""
     vae, unet, scheduler, amp_dtype = models
     null_label = len(info["class_names"])
     latent_shape = (info["latent_channels"], info["latent_size"], info["latent_size"])
@@ -189,10 +221,15 @@ def denoise_dealt_batches(cfg, ctx, device, stop, models, info: dict, classes: l
             batch = batches[k]
             noise = image_noise(cfg.seed, batch, latent_shape).to(device)
             labels = torch.tensor([classes[n] for n in batch], device=device) if info["class_names"] else None
+            masks = None if layouts is None else torch.from_numpy(np.stack([
+                mask_fractions(layouts[n][0], info["image_size"], info["latent_size"]) for n in batch]))[:, None]
             images = generate(unet, vae, scheduler, noise, labels, null_label, cfg.guidance_scale,
-                              cfg.steps, info["latent_scaling_factor"], amp_dtype)
+                              cfg.steps, info["latent_scaling_factor"], amp_dtype,
+                              masks=masks.to(device) if masks is not None else None)
             for n, image in zip(batch, images):
-                save_image(folder / names[n], image)
+                save_image(folder / "images" / names[n], image)
+                if layouts is not None:
+                    save_image(folder / MASK_SUBDIR / names[n], layouts[n][0].astype(np.uint8) * 255)
                 if cfg.check_memorisation or cfg.c2st:  # (the training thumbnails are on rank 0 only)
                     small[n] = cv2.resize(image, (MEMORISATION_SIZE,) * 2, interpolation=cv2.INTER_AREA)
         progress.update(sum(len(b) for b in batches[round_ * ctx.world_size:(round_ + 1) * ctx.world_size]))
@@ -221,15 +258,15 @@ def sample(cfg: SimpleNamespace, ctx, device) -> int:
             info = open_run(run_dir)
             check_outside_data(out_dir, info.get("data_dir"))
             label = class_for_sampling(requested, info["class_names"])
-            if cfg.guidance_scale != 1.0 and not info["class_names"]:
+            if cfg.guidance_scale != 1.0 and not info["class_names"] and run_conditioning(info) != "mask":
                 raise ConfigError(f"--guidance-scale {cfg.guidance_scale}: the model in {run_dir} is unconditional "
-                                  "(classifier-free guidance needs a class-conditional model); use 1")
+                                  "(classifier-free guidance needs a class- or mask-conditional model); use 1")
             check_out_dir(out_dir, cfg.overwrite)
             memorisation["training"] = training_thumbnails(info) if cfg.check_memorisation or cfg.c2st else None
             memorisation["val"] = val_thumbnails(info) if cfg.check_memorisation else None
-            return info, label
+            return info, label, pair_masks(cfg, info)
 
-        info, label = distributed.on_main_rank(prepare, ctx)
+        info, label, layouts = distributed.on_main_rank(prepare, ctx)
         amp_dtype = autocast_dtype(cfg.precision, device)
         vae, unet, training_schedule = load_sampling_models(run_dir, info)
         vae, unet = vae.to(device).eval(), unet.to(device).eval()
@@ -238,6 +275,8 @@ def sample(cfg: SimpleNamespace, ctx, device) -> int:
                               "timesteps the model was trained with")
         scheduler = sampling_scheduler(cfg.scheduler, training_schedule)
         classes = image_classes(cfg, info, label)
+        if layouts is not None and label is None and info.get("mask_labels") is not None:
+            classes = [info["mask_labels"][source] for _, source, _ in layouts]  # each pair in its mask's class
         width = max(4, len(str(cfg.num_images - 1)))
         names = [f"{cfg.prefix}_{n:0{width}d}.png" for n in range(cfg.num_images)]
 
@@ -245,6 +284,8 @@ def sample(cfg: SimpleNamespace, ctx, device) -> int:
         if ctx.is_main:
             shutil.rmtree(partial, ignore_errors=True)  # left by an interrupted run
             (partial / "images").mkdir(parents=True)
+            if layouts is not None:  # image-mask pairs: the dataset layout, without split files
+                (partial / MASK_SUBDIR).mkdir(parents=True)
         distributed.barrier()  # the folder exists before any rank writes into it
         published = False
         try:
@@ -254,7 +295,7 @@ def sample(cfg: SimpleNamespace, ctx, device) -> int:
                       f"{info['diffusion_step']}; {cfg.scheduler}, {cfg.steps} steps, class {requested}, guidance "
                       f"{cfg.guidance_scale}) on {where}", flush=True)
             small, stopping = denoise_dealt_batches(cfg, ctx, device, stop, (vae, unet, scheduler, amp_dtype), info,
-                                                    classes, names, partial / "images")
+                                                    classes, names, partial, layouts)
             if stopping:
                 code = stop_status(stop)
                 if ctx.is_main:
@@ -265,7 +306,7 @@ def sample(cfg: SimpleNamespace, ctx, device) -> int:
             if ctx.is_main:
                 small = {n: t for part in gathered for n, t in part.items()}
                 write_outputs(cfg, info, classes, names, run_dir, partial, memorisation["training"],
-                              memorisation["val"], small)
+                              memorisation["val"], small, layouts)
                 publish(partial, out_dir)
                 published = True
                 print(f"wrote {cfg.num_images} images to {out_dir / 'images'}, {out_dir / 'manifest.csv'} and "
@@ -318,12 +359,13 @@ def quality_report(cfg, info: dict, names: list[str], folder: Path, training, va
 
 
 def write_outputs(cfg, info: dict, classes: list, names: list[str], run_dir: Path, folder: Path,
-                  training, val, small: dict) -> None:
+                  training, val, small: dict, layouts: list | None = None) -> None:
     """manifest.csv, memorisation.txt, closest_pairs.png and report.json into ``folder``; prints the figures."""
+    keys = ("seed", "scheduler", "steps", "guidance_scale", "class", "batch_size", "precision", "prefix") + \
+        (("mask_augmentation",) if layouts is not None else ())
     report = {"num_images": cfg.num_images, "checkpoint": str(run_dir.resolve()),
-              "diffusion_step": info["diffusion_step"],
-              "settings": {key: getattr(cfg, key) for key in ("seed", "scheduler", "steps", "guidance_scale",
-                                                               "class", "batch_size", "precision", "prefix")}}
+              "diffusion_step": info["diffusion_step"], "pairs": layouts is not None,
+              "settings": {key: getattr(cfg, key) for key in keys}}
     samples = np.stack([small[n] for n in range(cfg.num_images)]) if training is not None else None
     figures, nearest_ids, distances = (quality_report(cfg, info, names, folder, training, val, samples)
                                        if training is not None else ({"c2st_accuracy": None}, [""] * len(names),
@@ -332,14 +374,18 @@ def write_outputs(cfg, info: dict, classes: list, names: list[str], run_dir: Pat
     checkpoint = str(run_dir.resolve())
     table = io.StringIO(newline="")
     writer = csv.writer(table)
-    writer.writerow(MANIFEST_COLUMNS)
+    writer.writerow(MANIFEST_COLUMNS if layouts is None else PAIR_COLUMNS)
     for n in range(cfg.num_images):
         class_name = info["class_names"][classes[n]] if classes[n] is not None else "none"
+        pair = [] if layouts is None else [f"{MASK_SUBDIR.as_posix()}/{names[n]}", info["mask_ids"][layouts[n][1]],
+                                           layouts[n][2]]
         writer.writerow([f"images/{names[n]}", cfg.seed, class_name, cfg.scheduler, cfg.steps,
-                         cfg.guidance_scale, checkpoint, nearest_ids[n], distances[n]])
+                         cfg.guidance_scale, checkpoint, nearest_ids[n], distances[n], *pair])
     atomic_write_text(folder / "manifest.csv", table.getvalue())  # a full disk: one error naming it
     write_json(folder / REPORT, report)
     shown = [cv2.imread(str(folder / "images" / name), cv2.IMREAD_GRAYSCALE) for name in names[:GRID_IMAGES]]
+    if layouts is not None:  # each image with its mask's outline
+        shown = [outlined(image, layouts[n][0]) for n, image in enumerate(shown)]
     save_image(folder / GRID, image_grid(shown, columns=8))
 
 

@@ -241,10 +241,13 @@ def new_run_info(cfg: SimpleNamespace, data) -> dict:
 
 def conditioning_info(cfg: SimpleNamespace, data) -> dict:
     """What ldm.json records of the denoiser's conditioning: "none", or "mask" with the ids whose masks it
-    learns from (``mask_ids``, a subset of ``train_ids``: the leak checks read train_ids) and how masks are read."""
+    learns from (``mask_ids``, a subset of ``train_ids``: the leak checks read train_ids), their classes
+    (``mask_labels``, indices into class_names, or None: sample_ldm.py makes pair n in its mask's class) and how
+    masks are read."""
     if cfg.conditioning != "mask":
         return {"conditioning": "none"}
-    return {"conditioning": "mask", "mask_ids": data.mask_ids, "mask_values": cfg.mask_values}
+    labels = [data.labels[k] for k in data.mask_index] if data.labels is not None else None
+    return {"conditioning": "mask", "mask_ids": data.mask_ids, "mask_labels": labels, "mask_values": cfg.mask_values}
 
 
 def run_conditioning(info: dict) -> str:
@@ -345,7 +348,7 @@ def prepare_run(cfg: SimpleNamespace, run_dir: Path, world_size: int = 1):
     if fresh_diffusion:  # classes and masks matter to the denoiser only, which starts afresh here
         fresh = new_run_info(cfg, data)
         info.update(class_names=fresh["class_names"], class_counts=fresh["class_counts"])
-        for key in ("mask_ids", "mask_values"):
+        for key in ("mask_ids", "mask_labels", "mask_values"):
             info.pop(key, None)
         info.update(conditioning_info(cfg, data))
     elif data.class_names != info["class_names"]:

@@ -9,11 +9,14 @@ from __future__ import annotations
 import re
 from types import SimpleNamespace
 
+from generation.mask_layouts import AUGMENTATIONS
 from utils.pixel_limit import MAX_IMAGE_PIXELS_OPTION
 from utils.config import ConfigError, Option, between, optional
 
 MANIFEST_COLUMNS = ["file", "seed", "class", "scheduler", "steps", "guidance", "checkpoint",
                     "nearest_train_id", "nearest_distance"]
+# a mask-conditioned run's pairs: each image's mask file, the labeled id it was made from, and how it was moved
+PAIR_COLUMNS = MANIFEST_COLUMNS + ["mask", "mask_source", "mask_augmentation"]
 MEMORISATION_SIZE = 64  # the size at which samples and training images are compared (both checks)
 REPORT = "report.json"
 GRID, GRID_IMAGES = "grid.png", 64  # the first images side by side, for people to look at
@@ -31,11 +34,16 @@ OPTIONS = [
     Option("batch_size", 16, "images denoised together (per process under torchrun)"),
     Option("scheduler", "ddim", "sampler: ddim or dpmsolver (DPM-Solver++)", choices=("ddim", "dpmsolver")),
     Option("steps", 50, "denoising steps"),
-    Option("guidance_scale", 1.0, "classifier-free guidance scale (class-conditional models; 1 = none)",
+    Option("guidance_scale", 1.0, "classifier-free guidance scale (class- or mask-conditional models; 1 = none): "
+           "the conditional prediction c and the unconditional one u (no class, no mask) mixed as u + s (c - u)",
            check=between(0, MAX_GUIDANCE, " (beyond a few tens every image saturates; from 1e30 on the "
                                           "denoiser's numbers overflow to black images)")),
     Option("class", "all", "class of the images for a class-conditional model, or all (classes drawn "
-           "with their training frequencies)"),
+           "with their training frequencies; a mask-conditioned model's pair: the class of its mask's image)"),
+    Option("mask_augmentation", "both", "mask-conditioned models (train_ldm.py --conditioning mask), which make "
+           "image-mask pairs: pair n takes the run's labeled mask n mod M; from the second pass over the M masks on, "
+           "it is moved to a new layout from pair n's seed: none, affine, elastic or both (lesion count kept; "
+           "docs/generation.md)", choices=AUGMENTATIONS),
     Option("seed", 0, "image n is drawn from numbers derived from (seed, n): another seed shares no image"),
     Option("prefix", "synth", "file names are <prefix>_<n>.png"),
     Option("check_memorisation", True, "report each sample's distance to its nearest training image "

@@ -16,7 +16,10 @@ import torch
 
 from conftest import ROOT, write_dataset
 
+import sample_ldm
 import train_ldm
+from dataloaders.io import check_pairs, find_cases, read_mask
+from generation.mask_layouts import UNCHANGED, lesion_count, new_layout, pair_layouts
 from dataloaders.splits import load_run_data
 from generation.data import LabeledSelection, load_training_set, mask_fractions
 from generation.losses import LatentDiffusionLoss
@@ -42,6 +45,24 @@ def tiny_args(data: Path, out: Path, *extra: str) -> list[str]:
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
     return write_dataset(tmp_path_factory.mktemp("pairs") / "toy", n=12, size=(64, 80))
+
+
+@pytest.fixture(scope="module")
+def conditioned_run(data: Path) -> Path:
+    """A mask- and class-conditioned generator, 4 + 4 steps, on the first half of the training list."""
+    run = data.parent / "conditioned"
+    assert train_ldm.main(tiny_args(data, run, "--conditioning", "mask", "--vae-steps", "4",
+                                    "--diffusion-steps", "4")) == 0
+    return run
+
+
+@pytest.fixture(scope="module")
+def pairs(conditioned_run: Path, data: Path) -> Path:
+    out = data.parent / "pairs"
+    assert sample_ldm.main(["--checkpoint", str(conditioned_run), "--num-images", "7", "--batch-size", "3",
+                            "--steps", "3", "--guidance-scale", "2", "--out-dir", str(out), "--device", "cpu",
+                            "--no-progress", "--no-c2st"]) == 0
+    return out
 
 
 # ----------------------------------------------------------------------------------------------
@@ -172,3 +193,73 @@ def test_conditioned_run_records_its_pairs_and_resumes_exactly(data: Path, tmp_p
     with pytest.raises(Exception, match="labeled_fraction"):
         train_ldm.main(tiny_args(data, resumed, *short[:2], "--labeled-fraction", "0.25", "--vae-steps", "2",
                                  "--diffusion-steps", "6", "--resume"))
+
+
+# ----------------------------------------------------------------------------------------------
+# sample_ldm.py: pairs from masks
+# ----------------------------------------------------------------------------------------------
+
+def two_lesions() -> np.ndarray:
+    mask = np.zeros((64, 64), np.uint8)
+    mask[10:20, 10:22] = 1
+    mask[40:52, 36:50] = 1
+    return mask
+
+
+@pytest.mark.parametrize("kind", ["affine", "elastic", "both"])
+def test_new_layouts_move_the_mask_and_keep_its_lesions(kind: str):
+    mask = two_lesions()
+    moved = [new_layout(mask, kind, np.random.default_rng(seed)) for seed in range(6)]
+    assert all(applied == kind and lesion_count(m) == 2 for m, applied in moved)
+    assert all(set(np.unique(m)) <= {0, 1} and m.shape == mask.shape for m, _ in moved)
+    assert sum(not np.array_equal(m, mask) for m, _ in moved) == 6  # every draw is a new layout
+    again, _ = new_layout(mask, kind, np.random.default_rng(3))
+    assert np.array_equal(again, moved[3][0])  # a pair's layout is a function of its seed
+
+
+def test_a_layout_that_cannot_keep_its_lesion_count_stays_as_it_is():
+    mask = np.zeros((64, 64), np.uint8)
+    mask[::2, ::2] = 1  # 1024 one-pixel lesions: every move merges or loses some of them
+    for kind in ("affine", "elastic", "both"):
+        result, applied = new_layout(mask, kind, np.random.default_rng(0))
+        assert applied == UNCHANGED and np.array_equal(result, mask)
+
+
+def test_pairs_take_each_mask_as_it_is_first_then_new_layouts():
+    sources = [two_lesions(), np.roll(two_lesions(), 5, axis=0)]
+    layouts = pair_layouts(sources, 5, "affine", lambda n: np.random.default_rng(n))
+    assert [(source, applied) for _, source, applied in layouts] == [(0, "none"), (1, "none"), (0, "affine"),
+                                                                      (1, "affine"), (0, "affine")]
+    assert layouts[0][0] is sources[0] and not np.array_equal(layouts[2][0], sources[0])
+    same = pair_layouts(sources, 5, "none", lambda n: np.random.default_rng(n))
+    assert all(np.array_equal(m, sources[n % 2]) for n, (m, _, _) in enumerate(same))
+
+
+@pytest.mark.slow
+def test_pairs_are_a_dataset_whose_manifest_ties_each_pair_to_generator_and_mask(pairs: Path, conditioned_run: Path,
+                                                                                 data: Path):
+    import csv
+    import cv2
+
+    cases = find_cases(pairs)  # the dataset layout: images/ and masks/0/, one mask per image
+    assert sorted(cases) == [f"synth_{n:04d}" for n in range(7)]
+    check_pairs([(i, *paths) for i, paths in cases.items()], mask_values="binary")
+    assert not list(pairs.glob("*_train*.txt")) and not list(pairs.glob("*_val*.txt"))  # split-free
+    with (pairs / "manifest.csv").open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    info = json.loads((conditioned_run / "ldm.json").read_text())
+    assert all(r["checkpoint"] == str(conditioned_run.resolve()) for r in rows)
+    assert [r["mask_source"] for r in rows] == [info["mask_ids"][n % 4] for n in range(7)]
+    assert [r["mask_augmentation"] for r in rows] == ["none"] * 4 + ["both"] * 3
+    assert [r["class"] for r in rows] == [info["class_names"][info["mask_labels"][n % 4]] for n in range(7)]
+    for n, row in enumerate(rows):
+        assert row["mask"] == f"masks/0/synth_{n:04d}.png" and row["guidance"] == "2.0"
+        written = read_mask(pairs / row["mask"])
+        source = cv2.resize(read_mask(data / "masks" / "0" / f"{row['mask_source']}.png").astype(np.uint8),
+                            (64, 64), interpolation=cv2.INTER_NEAREST).astype(bool)
+        if n < 4:
+            assert np.array_equal(written, source)  # the labeled masks as they are
+        else:
+            assert lesion_count(written) == lesion_count(source) and not np.array_equal(written, source)
+    report = json.loads((pairs / "report.json").read_text())
+    assert report["pairs"] and report["settings"]["mask_augmentation"] == "both"
