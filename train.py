@@ -17,6 +17,9 @@ intervals), so that lambda(t/T) and lr(t/T) are the published curves (utils/sche
 --mode supervised: labeled images only, main decoder only, L = (0.5 BCE + Dice)(main, mask).
 --method mean-teacher | cct | cps | fixmatch | unimatch | bcp: the comparison methods (methods/,
 docs/methods.md), on --network mgcc or unet (MGCCNet without its ConvMixer stages), in this same loop.
+--synthetic-pairs DIR (sample_ldm.py's image-mask pairs of a mask-conditioned generator): extra labeled
+data for any method; they fill --synthetic-pairs-share of every labeled batch, the real labeled images the
+rest (the schedule still counts the real labeled images).
 
 Writes to the run folder: config.yaml (resolved), metrics.jsonl (one line per evaluation),
 metrics.json (final), curves.png, checkpoint_last.pt (for --resume: every --checkpoint-minutes, default 10, or
@@ -37,7 +40,7 @@ from dataloaders.datasets import SegmentationDataset
 from dataloaders.duplicates import DUPLICATES_ADVICE, split_leak_note
 from dataloaders.io import DataError, check_outside_data, dataset_name, note
 from dataloaders.splits import load_run_data
-from dataloaders.training_batches import TrainingBatches
+from dataloaders.training_batches import TrainingBatches, labeled_parts
 from methods import CONSISTENCY_DEFAULTS, METHODS, pretrain_iterations
 from segmenter.evaluation import evaluate, overlay_grid
 from segmenter.options import CHECKPOINT_KIND, OPTIONS, model_args, resolve_method
@@ -159,9 +162,22 @@ def check_config(cfg, run_data, world_size: int, device: torch.device) -> None:
     if semi and not 0 < cfg.labeled_batch_size < cfg.batch_size:
         raise ConfigError(f"labeled_batch_size must be in [1, batch_size - 1] for {cfg.method}, got "
                           f"{cfg.labeled_batch_size} of batch_size {cfg.batch_size}")
-    if len(run_data.labeled) < cfg.labeled_batch_size:
+    real, synthetic = labeled_parts(cfg.labeled_batch_size, cfg.synthetic_pairs_share if cfg.synthetic_pairs else None)
+    if cfg.synthetic_pairs and not 0 < synthetic < cfg.labeled_batch_size:
+        raise ConfigError(f"synthetic_pairs_share {cfg.synthetic_pairs_share} of a labeled batch of "
+                          f"{cfg.labeled_batch_size} gives {synthetic} synthetic pairs; it must leave at least one "
+                          "real and one synthetic image in each labeled batch")
+    if len(run_data.labeled) < real:
         raise DataError(f"labeled_batch_size {cfg.labeled_batch_size} is larger than the labeled set "
-                        f"({len(run_data.labeled)} images)")
+                        f"({len(run_data.labeled)} images)" if not synthetic else
+                        f"the {real} real images of each labeled batch need that many labeled images, found "
+                        f"{len(run_data.labeled)}")
+    if len(run_data.synthetic) < synthetic:
+        raise DataError(f"the {synthetic} synthetic pairs of each labeled batch need that many pairs in "
+                        f"{cfg.synthetic_pairs}, found {len(run_data.synthetic)}")
+    if real % world_size or synthetic % world_size:
+        raise ConfigError(f"under torchrun the real ({real}) and synthetic ({synthetic}) parts of the labeled batch "
+                          f"must each split evenly over {world_size} processes")
     unlabeled_batch = cfg.batch_size - cfg.labeled_batch_size
     if semi and len(run_data.unlabeled) < unlabeled_batch:
         raise DataError(f"an unlabeled batch of {unlabeled_batch} needs that many unlabeled images, "
@@ -242,7 +258,8 @@ def train(cfg, ctx, device) -> int:
     semi = METHODS[cfg.method].uses_unlabeled
     run_data = load_run_data(cfg.data_dir, cfg.split, cfg.labeled_fraction, cfg.holdout, cfg.unlabeled_dir,
                              cfg.unlabeled_from_train, need_unlabeled=semi, progress=cfg.progress and ctx.is_main,
-                             mask_values=cfg.mask_values, split_name=cfg.split_name, labeled_list=cfg.labeled_list)
+                             mask_values=cfg.mask_values, split_name=cfg.split_name, labeled_list=cfg.labeled_list,
+                             synthetic_pairs=cfg.synthetic_pairs)
     check_config(cfg, run_data, ctx.world_size, device)
     if ctx.is_main:  # a note, not an error: the published protocol keeps its splits
         note(f"near-duplicates across the split: {split_leak_note(cfg.data_dir, cfg.split, cfg.split_name)}: "
@@ -292,7 +309,10 @@ def finish(cfg, model, record, run_data, out_dir, iterations, device, val_batche
                "parameters": count_parameters(model),
                "selection_set": run_data.selection_name, "best_iteration": best["iteration"],
                "best": {k: v for k, v in best.items() if k != "iteration"}, "last": record.history[-1],
-               "labeled": len(run_data.labeled), "labeled_list": cfg.labeled_list}
+               "labeled": len(run_data.labeled), "labeled_list": cfg.labeled_list,
+               **({"synthetic_pairs": str(Path(cfg.synthetic_pairs).resolve()), "synthetic_pairs_count":
+                   len(run_data.synthetic), "synthetic_pairs_share": cfg.synthetic_pairs_share}
+                  if cfg.synthetic_pairs else {})}
     model.load_state_dict(load_checkpoint(out_dir / "checkpoint_best.pt", CHECKPOINT_KIND)["model"])
     summary["val"] = evaluate(model, val_batches, device, nsd_tolerance=cfg.nsd_tolerance)
     board.scalars(iterations, summary["val"], prefix="final_val")  # checkpoint_best on the val list, surface metrics too

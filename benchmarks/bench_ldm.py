@@ -46,8 +46,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # the library modules (utils/, networks/, dataloaders/)
 from networks.ldm import (STREAM_DIFFUSION, STREAM_VAE, AutoencoderPass, PatchDiscriminator,  # noqa: E402
-                          build_unet, build_vae, check_architecture, count_parameters, latent_size, noise_scheduler,
-                          optimizer_and_schedule, sampling_scheduler)
+                          build_unet, build_vae, check_architecture, condition_channels, count_parameters, latent_size,
+                          noise_scheduler, optimizer_and_schedule, sampling_scheduler)
 from generation.losses import LatentDiffusionLoss, discriminator_loss, vae_losses  # noqa: E402
 from generation.sampling import generate  # noqa: E402
 from utils.benchmarking import (VARIANTS, bf16_peak, counted_flops, default_variants, device_name,  # noqa: E402
@@ -233,7 +233,8 @@ def diffusion_benchmark(run, spec):
     optimizer, schedule = optimizer_and_schedule(unet.parameters(), cfg.lr, cfg)
     labels_of = (torch.arange(TRAINING_IMAGES, device=device) % run.num_classes) if run.num_classes else None
     sampler = StepBatchSampler(TRAINING_IMAGES, cfg.batch_size, cfg.seed, 0, 1 << 62)
-    diffusion_loss = LatentDiffusionLoss(scheduler, means, stds, labels_of, 1.0, cfg, run.num_classes)
+    diffusion_loss = LatentDiffusionLoss(scheduler, means, stds, labels_of, 1.0, cfg, run.num_classes,
+                                         masks_of=bench_masks(cfg, (TRAINING_IMAGES, 2), device))
     counter = iter(range(1 << 62))
 
     def step():
@@ -249,6 +250,14 @@ def diffusion_benchmark(run, spec):
     return step, compile_networks, cfg.batch_size
 
 
+def bench_masks(cfg, leading: tuple, device):
+    """Masks at the latent size for a mask-conditioned denoiser (train_ldm.py --conditioning mask), else None."""
+    if not condition_channels(cfg):
+        return None
+    size = latent_size(cfg)
+    return torch.rand((*leading, 1, size, size), device=device)
+
+
 def sampling_benchmark(run, spec, sampler: str, num_steps: int):
     """(step, compile, batch) of one batch of generation.sampling.generate, the sampling loop of sample_ldm.py."""
     cfg, device, dtype = run.cfg, run.device, spec["dtype"]
@@ -260,10 +269,11 @@ def sampling_benchmark(run, spec, sampler: str, num_steps: int):
     size, batch = latent_size(cfg), run.sampling_batch_size
     noise = torch.randn(batch, cfg.vae_latent_channels, size, size, device=device).contiguous(memory_format=fmt)
     labels = (torch.arange(batch, device=device) % run.num_classes) if run.num_classes else None
-    guidance = run.guidance_scale if labels is not None else 1.0
+    masks = bench_masks(cfg, (batch,), device)
+    guidance = run.guidance_scale if labels is not None or masks is not None else 1.0
 
     def step():
-        generate(unet, vae, scheduler, noise, labels, run.num_classes, guidance, num_steps, 1.0, dtype)
+        generate(unet, vae, scheduler, noise, labels, run.num_classes, guidance, num_steps, 1.0, dtype, masks=masks)
 
     def compile_networks():
         unet.compile(mode=run.compile_mode)
@@ -306,7 +316,8 @@ def diffusion_step_flops(cfg, num_classes: int) -> int:
         means = stds = torch.empty(TRAINING_IMAGES, 2, cfg.vae_latent_channels, size, size)
         labels_of = torch.zeros(TRAINING_IMAGES, dtype=torch.long) if num_classes else None
     batch = StepBatchSampler(TRAINING_IMAGES, cfg.batch_size, cfg.seed, 0, 1).batch(0)
-    loss = LatentDiffusionLoss(noise_scheduler(cfg), means, stds, labels_of, 1.0, cfg, num_classes)
+    masks_of = bench_masks(cfg, (TRAINING_IMAGES, 2), META)
+    loss = LatentDiffusionLoss(noise_scheduler(cfg), means, stds, labels_of, 1.0, cfg, num_classes, masks_of=masks_of)
     return counted_flops(lambda: loss(unet, batch, None).backward())
 
 
@@ -315,13 +326,17 @@ def sampling_flops(cfg, num_classes: int, num_steps: int, guidance_scale: float,
     """One batch of networks.ldm.generate: ``num_steps`` denoiser calls (on twice the batch with
     classifier-free guidance), then the decoder. Scheduler updates are elementwise: 0 FLOPs."""
     size = latent_size(cfg)
-    guided = num_classes > 0 and guidance_scale != 1.0
+    extra = condition_channels(cfg)
+    guided = (num_classes > 0 or extra > 0) and guidance_scale != 1.0
     with META:
         unet, vae = build_unet(cfg, num_classes), build_vae(cfg)
         latents = torch.empty(batch, cfg.vae_latent_channels, size, size)
         labels = torch.zeros(batch * (2 if guided else 1), dtype=torch.long) if num_classes else None
         timestep = torch.zeros((), dtype=torch.long)
     unet_input = torch.cat([latents, latents]) if guided else latents
+    if extra:  # a mask-conditioned denoiser: its mask channels concatenated (networks.ldm.mask_channels)
+        with META:
+            unet_input = torch.cat([unet_input, torch.empty(len(unet_input), extra, size, size)], dim=1)
     return (num_steps * counted_flops(lambda: unet(unet_input, timestep, class_labels=labels))
             + counted_flops(lambda: vae.decode(latents)))
 

@@ -182,13 +182,16 @@ class DeviceBatches:
     """
 
     def __init__(self, labeled: tuple[DeviceImageSet, StreamBatchSampler],
-                 unlabeled: tuple[DeviceImageSet, StreamBatchSampler] | None, seed: int):
-        self.streams = [labeled] + ([unlabeled] if unlabeled is not None else [])
+                 unlabeled: tuple[DeviceImageSet, StreamBatchSampler] | None, seed: int,
+                 pairs: tuple[DeviceImageSet, StreamBatchSampler] | None = None):
+        # the labeled streams first (the real images, then the synthetic pairs), then the unlabeled one
+        self.streams = [labeled] + ([pairs] if pairs is not None else []) + ([unlabeled] if unlabeled is not None else [])
+        self.labeled_streams = 2 if pairs is not None else 1
         data, self.device = labeled[0], labeled[0].device
         self.augmentation = DeviceAugmentation(seed, self.device, data.orientation_of_draw)
 
     def __call__(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(images, masks) of step ``step``: the labeled masks only."""
+        """(images, masks) of step ``step``: the labeled masks only (real, then synthetic)."""
         total = sum(sampler.batch_size for _, sampler in self.streams)
         orientations = self.augmentation.draw(step, total)
         parts, start = [], 0
@@ -197,4 +200,4 @@ class DeviceBatches:
             start += sampler.batch_size
             indices = host_to_device(sampler.indices(step)[sampler.rank::sampler.world_size], self.device)
             parts.append(data.batch(indices, chosen))
-        return torch.cat([p["image"] for p in parts]), parts[0]["mask"]
+        return torch.cat([p["image"] for p in parts]), torch.cat([p["mask"] for p in parts[:self.labeled_streams]])

@@ -23,6 +23,7 @@ from torch.utils.data import Sampler
 from utils.schedule import batches_per_epoch  # re-exported: the loaders' epochs are the schedule's
 
 LABELED_STREAM, UNLABELED_STREAM = 0, 1
+PAIRS_STREAM = 3  # the synthetic pairs' own labeled stream (2 is device_data's augmentation draws)
 
 
 class StreamBatchSampler(Sampler[list[tuple[int, int]]]):

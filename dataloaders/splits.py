@@ -31,9 +31,11 @@ class RunData:
     selection_name: str  # "val" or "holdout"
     report: list[Item] = field(default_factory=list)  # evaluated once at the end (holdout protocol)
     labeled_share: float = 1.0  # labeled images / training ids outside the holdout (the labeled fraction)
+    synthetic: list[Item] = field(default_factory=list)  # synthetic image-mask pairs (train.py --synthetic-pairs)
 
     def summary(self) -> str:
-        text = (f"{len(self.labeled)} labeled, {len(self.unlabeled)} unlabeled, "
+        pairs = f" (+ {len(self.synthetic)} synthetic pairs)" if self.synthetic else ""
+        text = (f"{len(self.labeled)} labeled{pairs}, {len(self.unlabeled)} unlabeled, "
                 f"{len(self.selection)} {self.selection_name} images")
         return text + (f", {len(self.report)} val images reported at the end" if self.report else "")
 
@@ -82,8 +84,10 @@ def load_run_data(data_dir: str | Path, split: int, labeled_fraction: float = 0.
                   unlabeled_dirs: list[str | Path] = (), unlabeled_from_train: bool = True,
                   need_unlabeled: bool = True, check_files: bool = True, progress: bool = False,
                   mask_values: str = "binary", split_name: str | None = None,
-                  labeled_list: str | Path | None = None) -> RunData:
-    """Resolve and check a run's data; every problem is a DataError raised before training starts."""
+                  labeled_list: str | Path | None = None, synthetic_pairs: str | Path | None = None) -> RunData:
+    """Resolve and check a run's data; every problem is a DataError raised before training starts.
+    ``synthetic_pairs``: a folder of image-mask pairs in the dataset layout (sample_ldm.py's pairs), extra
+    labeled data, checked for provenance and copies of evaluated images as the unlabeled folders are."""
     if labeled_list is None and not 0 < labeled_fraction <= 1:
         raise DataError(f"labeled_fraction must be in (0, 1], got {labeled_fraction}")
     cases = find_cases(data_dir)
@@ -118,16 +122,35 @@ def load_run_data(data_dir: str | Path, split: int, labeled_fraction: float = 0.
             raise DataError("mgcc mode needs unlabeled images: give --unlabeled-dir or use a labeled "
                             "fraction below 1 with unlabeled_from_train")
 
+    synthetic = synthetic_items(synthetic_pairs, data_dir) if synthetic_pairs is not None else []
     if check_files:
-        check_pairs(train + val, progress=progress, mask_values=mask_values)
+        check_pairs(train + val + synthetic, progress=progress, mask_values=mask_values)
         check_images(folder_images, progress=progress)
-    if need_unlabeled and unlabeled_dirs:
+    checked = [(folder, images, "unlabeled folder") for folder, images in folders] if need_unlabeled else []
+    checked += [(synthetic_pairs, [image for _, image, _ in synthetic], "synthetic pairs folder")] if synthetic else []
+    if checked:
         evaluated = {"val": (val_file, [(i, image) for i, image, _ in val]),
                      **({"holdout": (train_file, [(i, image) for i, image, _ in carved])} if carved else {})}
         prints = evaluated_fingerprints(evaluated)
-        for folder, images in folders:
-            check_unlabeled_provenance(folder, evaluated, images, data_dir, prints)
+        for folder, images, what in checked:
+            check_unlabeled_provenance(folder, evaluated, images, data_dir, prints, what=what)
     share = len(labeled) / len(pool)
     if n_holdout:
-        return RunData(labeled, unlabeled, carved, "holdout", report=val, labeled_share=share)
-    return RunData(labeled, unlabeled, val, "val", labeled_share=share)
+        return RunData(labeled, unlabeled, carved, "holdout", report=val, labeled_share=share, synthetic=synthetic)
+    return RunData(labeled, unlabeled, val, "val", labeled_share=share, synthetic=synthetic)
+
+
+def synthetic_items(folder: str | Path, data_dir: str | Path) -> list[Item]:
+    """The image-mask pairs of a synthetic pairs folder (the dataset layout, split files ignored), each id
+    prefixed with the folder's name; the data folder itself is refused (its pairs are the real ones)."""
+    if Path(folder).resolve() == Path(data_dir).resolve():
+        raise DataError(f"synthetic pairs folder {folder} is the data folder itself; give sample_ldm.py's pairs "
+                        "folder of a mask-conditioned generator")
+    try:
+        cases = find_cases(folder)
+    except DataError as error:
+        raise DataError(f"synthetic pairs folder {folder}: {error} (expected sample_ldm.py's pairs: images/ and "
+                        "masks/0/)") from None
+    if not cases:
+        raise DataError(f"synthetic pairs folder {folder} holds no image-mask pair (images/ and masks/0/)")
+    return [(f"{Path(folder).name}/{case_id}", image, mask) for case_id, (image, mask) in cases.items()]

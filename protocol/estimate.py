@@ -169,12 +169,17 @@ def predict_seconds(stage: Stage, stages: list[Stage], rates: Rates) -> float:
     return rate["startup"] + len(data.report or data.selection) * rate["image"]
 
 
+# stage 1's kinds of stage and the generator each belongs to (issue 31: the pairs' mask-conditioned one)
+GENERATOR_OF = {"ldm": "ldm", "samples": "ldm", "ldm-pairs": "ldm-pairs", "pairs": "ldm-pairs"}
+
+
 def generator_seconds(stage: Stage, kind: str, stages: list[Stage], rates: Rates) -> float:
     """train_ldm.py: its autoencoder's and denoiser's steps; sample_ldm.py: its images and its C2ST."""
     cfg = stage_config(stage)
-    ldm_cfg = stage_config(next(s for s in stages if s.name == stage.name.replace(kind, "ldm")))
-    rate = rates.ldm(ldm_cfg, cfg.steps if kind == "samples" else None)
-    if kind == "ldm":
+    generator = GENERATOR_OF[kind]
+    ldm_cfg = stage_config(next(s for s in stages if s.name == stage.name[:-len(kind)] + generator))
+    rate = rates.ldm(ldm_cfg, cfg.steps if kind != generator else None)
+    if kind == generator:
         return rate["startup"] + ldm_cfg.vae_steps / rate["autoencoder"] + ldm_cfg.diffusion_steps / rate["denoiser"]
     train_ids = len(read_id_list(split_file(ldm_cfg.data_dir, "train", ldm_cfg.split, ldm_cfg.split_name)))
     return (rate["startup"] + cfg.num_images / rate["sampling"]
@@ -207,7 +212,7 @@ def estimate(stages: list[Stage], statuses: dict[str, str], ledger: Ledger, devi
             stage.estimate = predict_seconds(stage, stages, rates)
             stage.estimate_source = "model: start-up + forward passes"
         else:
-            seconds = (generator_seconds(stage, kind, stages, rates) if kind in ("ldm", "samples")
+            seconds = (generator_seconds(stage, kind, stages, rates) if kind in GENERATOR_OF
                        else training_seconds(stage, rates))
             stage.estimate = seconds / nproc
             stage.estimate_source = "model: start-up + warm steps" + (f", / {nproc} processes" if nproc > 1 else "")

@@ -69,12 +69,14 @@ def choose_arms(args) -> None:
     """args.arms: the arms' names in the table's order; args.arm_of: name -> Arm."""
     if args.arms:
         chosen = [parse_arm(name) for name in args.arms]
-        args.arms = [arm for arm in make_arms(METHODS, NETWORKS, UNLABELED) if arm in chosen]  # in the table's order
+        # in the table's order
+        args.arms = [arm for arm in make_arms(METHODS, NETWORKS, UNLABELED, pairs=(False, True)) if arm in chosen]
     else:
         args.arms = make_arms(args.methods, args.networks, args.unlabeled or (UNLABELED if args.generator else ["real"]))
     for arm in args.arms:
-        if arm.unlabeled == "synthetic" and not args.generator:
+        if (arm.unlabeled == "synthetic" or arm.pairs) and not args.generator:
             raise ConfigError(f"--arms {arm.name} needs the generator: drop --no-generator")
+    args.pairs = any(arm.pairs for arm in args.arms)  # the split's mask-conditioned generator and its pairs
     args.arm_of = {arm.name: arm for arm in args.arms}
     args.arms = [arm.name for arm in args.arms]
 

@@ -79,9 +79,11 @@ def stage_reads(stage: Stage, data: Path, i: int, name: str):
         if stage.command[0] == "predict.py":
             return None, files
         cfg = stage_config(stage)
-        for folder in getattr(cfg, "unlabeled_dir", []) or []:
-            if Path(folder).is_dir():
+        for folder in [*(getattr(cfg, "unlabeled_dir", []) or []), getattr(cfg, "synthetic_pairs", None)]:
+            if folder is not None and Path(folder).is_dir():
                 files.update({str(p): p for p in image_folder(folder)})
+        if getattr(cfg, "labeled_list", None) and stage.command[0] == "train_ldm.py":  # the pairs' generator
+            files[str(cfg.labeled_list)] = Path(cfg.labeled_list)
         if getattr(cfg, "class_csv", None):
             files[str(cfg.class_csv)] = Path(cfg.class_csv)
         return config_values(stage, cfg), files
@@ -128,7 +130,34 @@ def generator_stages(args, data: Path, run: Path, i: int, name: str, shown: list
               launcher=torchrun),
         Stage(f"split{i}/samples", ["sample_ldm.py", "--checkpoint", str(ldm), "--num-images", str(args.num_samples),
                                     "--out-dir", str(samples), *seed, *args.sample_args, *shown],
-              samples, depends=[f"split{i}/ldm"], launcher=torchrun)]
+              samples, depends=[f"split{i}/ldm"], launcher=torchrun)] + (
+        pairs_stages(args, data, run, i, name, shown) if getattr(args, "pairs", False) else [])
+
+
+def arm_labels(args, data: Path, i: int, name: str) -> list[str]:
+    """The labeled images of split i's arms: the split's labeled list, or the head of its training list."""
+    return (["--labeled-list", str(labeled_list_file(data, name, i, args.labeled))] if args.labeled
+            else ["--labeled-fraction", f"{args.labeled_fraction:g}"])
+
+
+def pairs_stages(args, data: Path, run: Path, i: int, name: str, shown: list[str]) -> list[Stage]:
+    """The pairs of split i (arms ending in -pairs): a mask-conditioned train_ldm.py on the arms' labeled images
+    (its autoencoder on all the split's training ids but the holdout), then sample_ldm.py's image-mask pairs."""
+    ldm, pairs = run / "ldm-pairs", run / "pairs"
+    seeds = args.seeds or [args.seed]
+    seed = ["--seed", str(seeds[0])] if seeds[0] is not None else []
+    holdout = ["--holdout", f"{args.holdout:g}"] if args.holdout else []
+    torchrun = torchrun_launcher(args.nproc_per_node)
+    return [
+        Stage(f"split{i}/ldm-pairs", ["train_ldm.py", "--config", str(args.ldm_config.resolve()), "--data-dir",
+                                      str(data), "--split", str(i), "--split-name", name, *holdout, "--conditioning",
+                                      "mask", *arm_labels(args, data, i, name), "--out-dir", str(ldm), *seed,
+                                      *args.ldm_args, *shown],
+              ldm, resume=resumable("train_ldm.py", ldm, shown, "state_vae.pt", "state_diffusion.pt"),
+              launcher=torchrun),
+        Stage(f"split{i}/pairs", ["sample_ldm.py", "--checkpoint", str(ldm), "--num-images", str(args.num_samples),
+                                  "--out-dir", str(pairs), *seed, *args.sample_args, *shown],
+              pairs, depends=[f"split{i}/ldm-pairs"], launcher=torchrun)]
 
 
 def arm_stages(args, data: Path, run: Path, i: int, name: str, shown: list[str], mask_values: str) -> list[Stage]:
@@ -137,8 +166,7 @@ def arm_stages(args, data: Path, run: Path, i: int, name: str, shown: list[str],
     scale = ["--schedule-scale", f"{args.schedule_scale:g}"] if args.schedule_scale is not None else []
     torchrun = torchrun_launcher(args.nproc_per_node)
     # every arm labels the same images: the split's labeled list, or the head of its training list
-    labels = (["--labeled-list", str(labeled_list_file(data, name, i, args.labeled))] if args.labeled
-              else ["--labeled-fraction", f"{args.labeled_fraction:g}"])
+    labels = arm_labels(args, data, i, name)
     stages = []
     for s in args.seeds or [args.seed]:  # None: each config's own
         # with --seeds, each seed's runs in their own folder; the generator is the split's one
@@ -147,12 +175,13 @@ def arm_stages(args, data: Path, run: Path, i: int, name: str, shown: list[str],
         for arm in args.arms:
             folder = where / arm
             synthetic = args.arm_of[arm].unlabeled == "synthetic"
+            pairs = args.arm_of[arm].pairs
             stages.append(Stage(
                 f"{prefix}/{arm}", ["train.py", "--config", str(args.config.resolve()), "--data-dir", str(data),
                                     "--split", str(i), "--split-name", name, *labels, "--holdout", f"{args.holdout:g}",
-                                    *args.arm_of[arm].flags(samples), *arm_seed, *scale, *args.train_args,
-                                    "--mask-values", mask_values, "--out-dir", str(folder), *shown],
-                folder, depends=[f"split{i}/samples"] if synthetic else [],
+                                    *args.arm_of[arm].flags(samples, run / "pairs"), *arm_seed, *scale,
+                                    *args.train_args, "--mask-values", mask_values, "--out-dir", str(folder), *shown],
+                folder, depends=([f"split{i}/samples"] if synthetic else []) + ([f"split{i}/pairs"] if pairs else []),
                 resume=resumable("train.py", folder, shown, "checkpoint_last.pt"), launcher=torchrun))
             # predict.py takes the image size, channels and normalisation from the checkpoint
             stages.append(Stage(

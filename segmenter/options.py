@@ -29,6 +29,13 @@ OPTIONS = [
            "iterations scale with its share of the training list", type=optional(str)),
     Option("unlabeled_dir", [], "folder of unlabeled images (<dir>/images/* or <dir>/*), e.g. sample_ldm.py's "
            "output", type=str, repeatable=True),
+    Option("synthetic_pairs", None, "folder of synthetic image-mask pairs (images/, masks/0/: sample_ldm.py's "
+           "output of a mask-conditioned generator) used as extra labeled data; they fill synthetic_pairs_share of "
+           "every labeled batch, the real labeled images the rest. Checked as --unlabeled-dir is: its generator must "
+           "not have trained on an evaluated id, and no image may copy one", type=optional(str)),
+    Option("synthetic_pairs_share", 0.5, "with synthetic_pairs: the share of each labeled batch they fill, "
+           "round(share x labeled_batch_size) images (at least 1, at most labeled_batch_size - 1)",
+           check=between(0, 1, above_low=True)),
     Option("unlabeled_from_train", True, "also use the training ids left unlabeled as unlabeled images"),
     Option("holdout", 0.0, "fraction of the training list (its last ids) held out for model selection; the val "
            "list is then evaluated once at the end. 0: select on the val list (official, optimistic)"),

@@ -19,7 +19,8 @@ from conftest import ROOT, write_dataset
 # Since a84991b two changes reached the plan on purpose, and the ledger takes both without calling a stage
 # stale: issue 32 added the option pretrain_share to train.py (a key a recorded configuration lacks counts
 # as unchanged at its default: Stage.defaults), and issue 30 added --trained-ids to predict.py's command
-# (ADDED_OUTPUT_FLAGS: such a predict stage is made again, adding the clean subset).
+# (ADDED_OUTPUT_FLAGS: such a predict stage is made again, adding the clean subset). Issue 31 added
+# train_ldm.py's conditioning options and train.py's synthetic_pairs options, all at their defaults here.
 def test_the_plan_of_a_fixed_protocol_is_the_one_before_the_restructuring(tmp_path):
     import reproduce
     from protocol.ledger import ADDED_OUTPUT_FLAGS, without_flags
@@ -33,12 +34,14 @@ def test_the_plan_of_a_fixed_protocol_is_the_one_before_the_restructuring(tmp_pa
         "--ldm-args", "--vae-steps 4", "--sample-args", "--steps 3", "--no-progress"])
     args.nproc_per_node = 1
     expected = json.loads((Path(__file__).parent / "fixtures" / "plan_a84991b.json").read_text())
-    recorded_keys = {k for s in expected if s["config"] for k in s["config"]}
+    # per stage, as the ledger compares them (issue 31 added to train_ldm.py keys that train.py stages have)
+    recorded_keys = {s["name"]: set(s["config"] or ()) for s in expected}
     stages = []
     for stage in plan(args, "toy", [1], "cpu"):
         config, files = stage.reads()
         if config is not None:  # keys added since a84991b, at their defaults, as the ledger reads them
-            config = {k: v for k, v in config.items() if k in recorded_keys or stage.defaults.get(k, object()) != v}
+            config = {k: v for k, v in config.items()
+                      if k in recorded_keys.get(stage.name, ()) or stage.defaults.get(k, object()) != v}
         stages.append({"name": stage.name, "command": without_flags(stage.command, ADDED_OUTPUT_FLAGS),
                        "depends": stage.depends, "folder": str(stage.folder), "config": config, "files": sorted(files)})
     text = json.dumps(stages, default=str).replace(str(tmp_path.resolve()), "<TMP>").replace(str(ROOT), "<ROOT>")
