@@ -161,9 +161,16 @@ def training_seconds(stage: Stage, rates: Rates) -> float:
 
 
 def predict_seconds(stage: Stage, stages: list[Stage], rates: Rates) -> float:
-    """predict.py: start-up + the val images' forward passes, at its training stage's rates."""
-    train_stage = next(s for s in stages if s.name == stage.name.rsplit("/", 1)[0])
-    cfg = stage_config(train_stage)
+    """predict.py: start-up + the val images' forward passes, at its training stage's rates. A fidelity stage
+    (issue 31: the supervised arm's checkpoint on the split's pairs or samples, named <images' stage>/predict):
+    start-up + those images' forward passes."""
+    named = next(s for s in stages if s.name == stage.name.rsplit("/", 1)[0])
+    if named.command[0] == "sample_ldm.py":
+        checkpoint = Path(stage.command[stage.command.index("--checkpoint") + 1])
+        train_stage = next(s for s in stages if s.command[0] == "train.py" and s.folder == checkpoint.parent)
+        rate = rates.train(stage_config(train_stage))
+        return rate["startup"] + stage_config(named).num_images * rate["image"]
+    cfg = stage_config(named)
     data = stage_run_data(cfg)
     rate = rates.train(cfg)
     return rate["startup"] + len(data.report or data.selection) * rate["image"]

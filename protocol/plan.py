@@ -195,6 +195,30 @@ def arm_stages(args, data: Path, run: Path, i: int, name: str, shown: list[str],
     return stages
 
 
+# the mask fidelity of the pairs (issue 31): a segmenter trained on the real labeled images alone (the
+# supervised arm of the first seed) segments the pairs, and, for comparison, the unconditional generator's
+# samples of the same names, each scored against the pair's mask: (stage name suffix, images, output folder)
+FIDELITY = (("pairs/predict", "pairs", "pairs_fidelity"), ("samples/predict", "samples", "samples_fidelity"))
+
+
+def fidelity_stages(args, data: Path, run: Path, i: int, shown: list[str]) -> list[Stage]:
+    """predict.py on split i's pairs and samples against the pairs' masks, with the supervised arm's checkpoint;
+    none unless the protocol has -pairs arms and the supervised arm."""
+    if not getattr(args, "pairs", False) or "supervised" not in args.arms:
+        return []
+    seeds = args.seeds or [args.seed]
+    where, prefix = (run / f"seed{seeds[0]}", f"split{i}/seed{seeds[0]}") if args.seeds else (run, f"split{i}")
+    stages = []
+    for suffix, images, folder in FIDELITY:
+        stages.append(Stage(
+            f"split{i}/{suffix}", ["predict.py", "--checkpoint", str(where / "supervised" / "checkpoint_best.pt"),
+                                   "--input-dir", str(run / images), "--masks-dir", str(run / "pairs" / "masks" / "0"),
+                                   "--no-overlays", *args.predict_args, "--output-dir", str(run / folder), *shown],
+            run / folder, depends=[f"{prefix}/supervised", f"split{i}/pairs", f"split{i}/{images}"],
+            overwrite_flag=None))
+    return stages
+
+
 def plan(args, name: str, splits: list[int], device: str) -> list[Stage]:
     """Every stage of the protocol, in the order they run."""
     data, out = args.data_dir.resolve(), args.out_dir.resolve()
@@ -204,7 +228,8 @@ def plan(args, name: str, splits: list[int], device: str) -> list[Stage]:
     for i in splits:
         run = out / f"split{i}"
         split_stages = (generator_stages(args, data, run, i, name, shown) if args.generator else []) \
-            + arm_stages(args, data, run, i, name, shown, mask_values)
+            + arm_stages(args, data, run, i, name, shown, mask_values) \
+            + fidelity_stages(args, data, run, i, shown)
         for stage in split_stages:
             stage.reads = stage_reads(stage, data, i, name)
             options = SCRIPT_OPTIONS.get(stage.command[0])

@@ -63,8 +63,23 @@ def collect(args, splits: list[int], ledger: Ledger) -> tuple[list[dict], dict[i
             for path in (out / f"split{i}" / "ldm" / "vae_metrics.json", out / f"split{i}" / "samples" / "report.json"):
                 if path.is_file():
                     figures.update(json.loads(path.read_text()))
-            generators[i] = figures
+            generators[i] = {**figures, **fidelity_figures(args, out / f"split{i}")}
     return rows, generators
+
+
+def fidelity_figures(args, run: Path) -> dict:
+    """The mask fidelity of split ``run``'s pairs (issue 31, protocol/plan.py FIDELITY): the supervised segmenter's
+    IoU with the pairs' masks on the pairs, on the unconditional samples of the same names, and on the real val
+    images; {} without them."""
+    figures = {}
+    seeds = args.seeds or [None]
+    where = run / f"seed{seeds[0]}" if seeds[0] is not None else run
+    for key, path in (("mask_fidelity_iou", run / "pairs_fidelity" / "metrics.json"),
+                      ("unconditional_fidelity_iou", run / "samples_fidelity" / "metrics.json"),
+                      ("segmenter_val_iou", where / "supervised_val" / "metrics.json")):
+        if path.is_file() and (key != "segmenter_val_iou" or figures):
+            figures[key] = json.loads(path.read_text()).get("iou")
+    return figures
 
 
 def project_version() -> str:

@@ -26,6 +26,10 @@ GENERATOR_FIGURES = [("psnr", "autoencoder PSNR (dB, val)", "{:.2f}"), ("ssim", 
                      ("memorisation_q01", "closer than the closest 1 % of val", "{:.3f}"),
                      ("memorisation_q05", "closer than the closest 5 % of val", "{:.3f}"),
                      ("num_images", "samples", "{:d}")]
+# with -pairs arms and the supervised arm (issue 31): the supervised segmenter's IoU with the pairs' masks
+FIDELITY_FIGURES = [("mask_fidelity_iou", "mask fidelity: IoU on the pairs", "{:.4f}"),
+                    ("unconditional_fidelity_iou", "IoU of unconditional samples on the same masks", "{:.4f}"),
+                    ("segmenter_val_iou", "the same segmenter's IoU on val", "{:.4f}")]
 # results.csv holds what the runs made, so that the same protocol gives the same file, byte for byte,
 # however its stages were scheduled; their wall times, which vary from run to run, go to times.csv
 CSV_COLUMNS = ["arm", "split", "seed", *METRIC_NAMES, "selected_iteration", "iterations", "selection_set"]
@@ -150,13 +154,15 @@ def per_run_section(by_arm: dict, arms: Sequence[str], keys: list[tuple]) -> lis
 
 def generator_section(generators: dict[int, dict]) -> list[str]:
     """results.md's table of the generator's figures per split, and how to read them."""
+    fidelity = any("mask_fidelity_iou" in f for f in generators.values())
+    shown = GENERATOR_FIGURES + (FIDELITY_FIGURES if fidelity else [])
     lines = ["", "## Generator (stage 1) per split", "",
-             "| split | " + " | ".join(title for _, title, _ in GENERATOR_FIGURES) + " |",
-             "| --- |" + " --- |" * len(GENERATOR_FIGURES)]
+             "| split | " + " | ".join(title for _, title, _ in shown) + " |",
+             "| --- |" + " --- |" * len(shown)]
     for split in sorted(generators):
         figures = generators[split]
         cells = []
-        for key, _, form in GENERATOR_FIGURES:
+        for key, _, form in shown:
             value = figures.get(key)
             cells.append("n/a" if value is None else form.format(value))
         lines.append(f"| {split} | " + " | ".join(cells) + " |")
@@ -167,6 +173,12 @@ def generator_section(generators: dict[int, dict]) -> list[str]:
               "to theirs: about 0.01 (0.05) for a generator that copies nothing, 1 for one that copies "
               "(sample_ldm.py's report.json has the value expected without copying for the number of val "
               "images, and both distributions' quantiles)."]
+    if fidelity:
+        lines += ["", "Mask fidelity (the -pairs arms' mask-conditioned generator): the supervised arm's segmenter, "
+                  "trained on the real labeled images alone, segments each synthetic pair, and its IoU with the "
+                  "pair's mask is averaged; beside it the same for the unconditional generator's samples of the same "
+                  "names against the same masks (what chance placement gives), and the segmenter's IoU on the real "
+                  "val images (what a faithful pair would score)."]
     return lines
 
 

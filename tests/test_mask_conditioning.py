@@ -384,7 +384,23 @@ def test_pairs_arms_are_named_planned_and_fed_by_a_mask_conditioned_generator(tm
         assert f"--synthetic-pairs {out / 'pairs'}" in command and "split1/pairs" in stages[f"split1/{arm}"].depends
     for arm in ("supervised", "mgcc-real", "mgcc-synthetic"):
         assert "--synthetic-pairs" not in stages[f"split1/{arm}"].command
+    for images in ("pairs", "samples"):  # the mask fidelity: the supervised arm's segmenter on both, same masks
+        fidelity = stages[f"split1/{images}/predict"]
+        command = " ".join(fidelity.command)
+        assert f"--checkpoint {out / 'supervised' / 'checkpoint_best.pt'}" in command
+        assert f"--input-dir {out / images} --masks-dir {out / 'pairs' / 'masks' / '0'}" in command
+        assert set(fidelity.depends) == {"split1/supervised", "split1/pairs", f"split1/{images}"}
     assert {stage_kind(n) for n in stages} >= {"ldm-pairs", "pairs"} and {"ldm-pairs", "pairs"} <= set(GENERATOR_OF)
+    # the estimate of a fidelity stage: start-up + the pairs' forward passes at the supervised arm's rates
+    from protocol.estimate import predict_seconds
+
+    class Rates:
+        def train(self, cfg):
+            assert cfg.mode == "supervised" and cfg.synthetic_pairs is None
+            return {"startup": 3.0, "image": 0.01}
+
+    listed = list(stages.values())
+    assert predict_seconds(stages["split1/pairs/predict"], listed, Rates()) == pytest.approx(3.0 + args.num_samples * 0.01)
     with pytest.raises(Exception, match="needs the generator"):
         reproduce.parse_args(["--data-dir", str(data), "--out-dir", str(tmp_path / "o2"), "--preset", "demo",
                               "--arms", "supervised-pairs", "--no-generator"])
@@ -412,3 +428,11 @@ def test_reproduce_runs_the_pairs_arms_end_to_end(tmp_path: Path):
     assert run["synthetic_pairs_count"] == 6 and run["selection_set"] == "holdout"
     with (out / "results.csv").open(newline="") as f:
         assert [r["arm"] for r in csv.DictReader(f)] == ["supervised", "supervised-pairs", "mgcc-real-pairs"]
+    # the mask fidelity: the supervised segmenter on the pairs and on the unconditional samples, same masks
+    pairs_iou = json.loads((out / "split1" / "pairs_fidelity" / "metrics.json").read_text())
+    samples_iou = json.loads((out / "split1" / "samples_fidelity" / "metrics.json").read_text())
+    assert pairs_iou["images"] == samples_iou["images"] == 6
+    assert str(out / "split1" / "supervised" / "checkpoint_best.pt") in pairs_iou["checkpoint"]
+    text = (out / "results.md").read_text()
+    assert "mask fidelity: IoU on the pairs" in text and f"{pairs_iou['iou']:.4f}" in text
+    assert f"{samples_iou['iou']:.4f}" in text
