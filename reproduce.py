@@ -13,6 +13,11 @@ For each split (default: every <name>_train<i>.txt with its <name>_val<i>.txt):
                <method>[-unet][-real|-synthetic]: e.g. supervised-unet, cct-real (CCT on the MGCC
                network), unimatch-unet-synthetic. results.md gives each arm's paired difference to
                supervised (the MGCC network) and to supervised-unet, where they ran.
+               An arm named with -pairs at the end (--arms supervised-pairs mgcc-real-pairs ...) also trains
+               on the split's synthetic image-mask pairs (train.py --synthetic-pairs): stage 1 then adds a
+               mask-conditioned train_ldm.py on the arms' labeled images and its sample_ldm.py pairs, and,
+               with the supervised arm, predict.py of its checkpoint on the pairs and on the unconditional
+               samples against the pairs' masks (the mask fidelity, in results.md).
   3. predict.py of each arm's selected checkpoint on the split's val ids, at each image's own size
 Every stage is the project's real script, run as a subprocess with its command printed. The output
 folder gets results.csv (one row per run: arm, split, seed), results.md (mean ± std over runs, the
@@ -75,8 +80,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="prefix of the split files, NAME_train<i>.txt (default: the data folder's name "
                              "lower-cased, or the only prefix there)")
     parser.add_argument("--arms", nargs="+", default=None, metavar="ARM",
-                        help="arms to run, by name: <method>[-unet][-real|-synthetic] (default: those of --methods, "
-                             "--networks and --unlabeled)")
+                        help="arms to run, by name: <method>[-unet][-real|-synthetic][-pairs] (-pairs: with the "
+                             "split's synthetic image-mask pairs as extra labeled data, docs/protocol.md) (default: "
+                             "those of --methods, --networks and --unlabeled)")
     parser.add_argument("--methods", nargs="+", choices=list(METHODS), default=["supervised", "mgcc"],
                         help="methods of the arms (default: supervised mgcc)")
     parser.add_argument("--networks", nargs="+", choices=NETWORKS, default=["mgcc"],

@@ -6,7 +6,10 @@ Two stages, both on the training images of one split only (never a validation im
   diffusion  a UNet2DModel (diffusers) learns to denoise the frozen autoencoder's latents
              (DDPM, epsilon prediction, L1 loss), optionally conditioned on the class, with an EMA
              copy of its weights used for sampling.
---stage all runs both. The run folder gets config.yaml, ldm.json, vae/, unet/, unet_ema/ (diffusers
+--stage all runs both. --conditioning mask makes a mask-conditioned denoiser for image-mask pairs: the
+lesion mask at the latent's size as extra input channels (dropped with --mask-dropout for classifier-free
+guidance), learned from the labeled images only (--labeled-fraction / --labeled-list, as train.py picks
+them), while the autoencoder learns from every training image (docs/generation.md). The run folder gets config.yaml, ldm.json, vae/, unet/, unet_ema/ (diffusers
 save_pretrained), state files for --resume, preview grids and loss plots. Then sample with
 sample_ldm.py --checkpoint <run folder>.
 
