@@ -40,7 +40,7 @@ import os
 import sys
 from pathlib import Path
 
-from dataloaders.duplicates import DUPLICATES_ADVICE, split_leak_note
+from dataloaders.duplicates import leak_note
 from dataloaders.io import note
 from methods import METHODS
 from protocol import options
@@ -195,8 +195,7 @@ def main(argv=None) -> int:
     print(f"reproduce: {args.data_dir} -> {args.out_dir} | splits {', '.join(map(str, splits))} | arms "
           f"{', '.join(args.arms)} | {args.labels} | "
           f"{'holdout ' + format(args.holdout, 'g') if args.holdout else 'selection on val (official)'}", flush=True)
-    note("near-duplicates across the splits: " + "; ".join(split_leak_note(args.data_dir, i, name) for i in splits)
-         + f": {DUPLICATES_ADVICE}")
+    note(f"near-duplicates across the splits: {leak_note(args.data_dir, splits, name)}")
     if args.launcher != "local":
         if submit_jobs(args, stages, ledger, statuses, device):
             return 0
