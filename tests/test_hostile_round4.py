@@ -15,7 +15,7 @@ import torch
 from conftest import write_dataset
 from dataloaders.io import DataError
 from dataloaders.splits import load_run_data
-from test_data import generated_folder
+from test_data import generated_folder, leaky_samples
 from utils.checkpoint import CheckpointError
 
 
@@ -23,12 +23,7 @@ from utils.checkpoint import CheckpointError
 
 @pytest.mark.parametrize("target", ["images", ""])
 def test_a_link_to_leaky_samples_is_refused_as_their_real_path_is(dataset, tmp_path, target):
-    train1 = (dataset / "toy_train1.txt").read_text().splitlines()
-    val1 = (dataset / "toy_val1.txt").read_text().splitlines()
-    (dataset / "toy_train2.txt").write_text("\n".join(train1[3:] + val1) + "\n")
-    (dataset / "toy_val2.txt").write_text("\n".join(train1[:3]) + "\n")
-    synth = tmp_path / "synth_split1"
-    generated_folder(synth, train1, tmp_path)
+    synth = leaky_samples(dataset, tmp_path)
     link = tmp_path / "innocent"
     link.symlink_to(synth / target if target else synth)
     with pytest.raises(DataError, match="a generator trained on 3 of the 3 val ids"):
