@@ -271,11 +271,10 @@ def stopped_run(tmp_path_factory):
 
 @pytest.mark.slow
 def test_train_ldm_refuses_a_hand_edited_config_yaml_as_train_py_does(tmp_path):
-    from conftest import ROOT, run_script
+    from conftest import LDM_TINY_VAE, run_script
     data = write_dataset(tmp_path / "toy", n=6, size=(32, 32))
     run = tmp_path / "ldm"
-    tiny = ("--config", ROOT / "configs" / "ldm_tiny.yaml", "--image-size", "32", "--device", "cpu",
-            "--no-progress", "--num-workers", "0", "--preview-images", "0", "--stage", "vae")
+    tiny = LDM_TINY_VAE
     run_script("train_ldm.py", "--data-dir", data, "--out-dir", run, *tiny, "--vae-steps", "1")
     text = (run / "config.yaml").read_text()
     edited = re.sub(r"vae_latent_channels: \d+", "vae_latent_channels: 7", text)
