@@ -45,7 +45,7 @@ import os
 import sys
 from pathlib import Path
 
-from dataloaders.duplicates import DUPLICATES_ADVICE, split_leak_note
+from dataloaders.duplicates import leak_note
 from dataloaders.io import note
 from methods import METHODS
 from protocol import options
@@ -95,12 +95,14 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="skip stage 1 (no synthetic images, so no mgcc-synthetic arm)")
     parser.add_argument("--preset", choices=sorted(PRESETS), default="busi",
                         help="names both stage configs and the number of samples: busi (configs/busi.yaml and "
-                             "configs/ldm_busi.yaml, for a GPU) or demo (configs/demo.yaml and "
-                             "configs/ldm_demo.yaml: 64x64, minutes on a CPU) (default: busi)")
+                             "configs/ldm_busi.yaml, for a GPU), demo (configs/demo.yaml and configs/ldm_demo.yaml: "
+                             "64x64, minutes on a CPU) or cpu (configs/cpu.yaml and configs/ldm_demo.yaml: 64x64, "
+                             "800 iterations with the ramp compressed so the unlabeled terms act; the CPU results "
+                             "page) (default: busi)")
     parser.add_argument("--config", type=Path, default=None, help="train.py config (default: the preset's)")
     parser.add_argument("--ldm-config", type=Path, default=None, help="train_ldm.py config (default: the preset's)")
     parser.add_argument("--num-samples", type=int, default=None,
-                        help="synthetic images per split (default: the preset's, busi 1000, demo 128)")
+                        help="synthetic images per split (default: the preset's, busi 1000, demo 128, cpu 256)")
     parser.add_argument("--holdout", type=float, default=0.0,
                         help="select each arm's checkpoint on the last F of the training list and evaluate the "
                              "val ids once (default: 0, the official protocol: selection on the val ids)")
@@ -199,8 +201,7 @@ def main(argv=None) -> int:
     print(f"reproduce: {args.data_dir} -> {args.out_dir} | splits {', '.join(map(str, splits))} | arms "
           f"{', '.join(args.arms)} | {args.labels} | "
           f"{'holdout ' + format(args.holdout, 'g') if args.holdout else 'selection on val (official)'}", flush=True)
-    note("near-duplicates across the splits: " + "; ".join(split_leak_note(args.data_dir, i, name) for i in splits)
-         + f": {DUPLICATES_ADVICE}")
+    note(f"near-duplicates across the splits: {leak_note(args.data_dir, splits, name)}")
     if args.launcher != "local":
         if submit_jobs(args, stages, ledger, statuses, device):
             return 0

@@ -37,7 +37,7 @@ from pathlib import Path
 import torch
 
 from dataloaders.datasets import SegmentationDataset
-from dataloaders.duplicates import DUPLICATES_ADVICE, split_leak_note
+from dataloaders.duplicates import leak_note
 from dataloaders.io import DataError, check_outside_data, dataset_name, note
 from dataloaders.splits import load_run_data
 from dataloaders.training_batches import TrainingBatches, labeled_parts
@@ -262,8 +262,7 @@ def train(cfg, ctx, device) -> int:
                              synthetic_pairs=cfg.synthetic_pairs)
     check_config(cfg, run_data, ctx.world_size, device)
     if ctx.is_main:  # a note, not an error: the published protocol keeps its splits
-        note(f"near-duplicates across the split: {split_leak_note(cfg.data_dir, cfg.split, cfg.split_name)}: "
-             f"{DUPLICATES_ADVICE}")
+        note(f"near-duplicates across the split: {leak_note(cfg.data_dir, [cfg.split], cfg.split_name)}")
     schedule = run_schedule(cfg, run_data)
     iterations, eval_every = schedule.iterations, schedule.eval_every
     if ctx.is_main:

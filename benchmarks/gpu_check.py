@@ -541,6 +541,8 @@ def environment(device: str, date: str, final: bool = True) -> dict:
     context while they run) the device's properties from torch; before, nvidia-smi's name for it."""
     import torch
 
+    from utils.runtime import native_bf16  # bf16 as train.py's precision auto decides it (CC >= 8.0)
+
     info = {"date": date, "torch": torch.__version__, "cuda": torch.version.cuda, "python": platform.python_version(),
             "cpu_count": os.cpu_count(), "diffusers": diffusers_version(), "dependencies": dependencies()}
     if device.startswith("cuda") and not final:
@@ -549,7 +551,7 @@ def environment(device: str, date: str, final: bool = True) -> dict:
         index = torch.device(device).index or 0
         props = torch.cuda.get_device_properties(index)
         info.update(device=props.name, gpu_memory_gib=round(props.total_memory / 2 ** 30, 1),
-                    cudnn=torch.backends.cudnn.version(), bf16=torch.cuda.is_bf16_supported())
+                    cudnn=torch.backends.cudnn.version(), bf16=native_bf16(torch.device(device)))
         info["driver"] = nvidia_smi("driver_version")
     else:
         info["device"] = f"CPU ({platform.processor() or platform.machine()})"
@@ -708,7 +710,8 @@ def parse_args(argv=None):
                         help="published (width 64, batch 4 + 4, 256x256; stage 1 at its configurations' sizes) or "
                              "tiny (width 4, batch 2 + 2, 32x32, 2 steps: minutes on a CPU) (default: published)")
     parser.add_argument("--budget-s", type=float, default=540.0,
-                        help="wall-time budget in seconds; part k may run until 60/75/90/100 %% of it are spent "
+                        help="wall-time budget in seconds; the parts smoke, 1, 2, 3, 4 may run until 35/65/80/92/100 %% of it are "
+                             "spent "
                              "(default: 540, 9 minutes)")
     parser.add_argument("--parts", nargs="+", default=["smoke", "1", "2", "3", "4"], metavar="PART",
                         help="parts to run, in priority order: smoke, 1, 2, 3, 4, separated by spaces or commas "

@@ -15,6 +15,10 @@
 #   run   matplotlib (curves.png), diffusers and its hub, kornia, MONAI, TensorBoard, submitit, PyYAML, tqdm
 set -euo pipefail
 cd "$(dirname "$0")/.."
+case "${1:-}" in
+  -h|--help) sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//'; echo "usage: bash benchmarks/gpu_wheels.sh [DEST]  (default DEST: .whl)"; exit 0;;
+  -*) echo "error: unknown option $1 (usage: bash benchmarks/gpu_wheels.sh [DEST])" >&2; exit 2;;
+esac
 DEST=${1:-.whl}
 rm -rf "$DEST/cv" "$DEST/sci" "$DEST/run"  # exactly this list, nothing left from an earlier one
 

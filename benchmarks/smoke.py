@@ -8,7 +8,7 @@ after train.py, the resume after the SIGTERM) is skipped with that reason when t
 The rows (on --device D, the smoke data being phantom images made in a temporary folder):
   train_ldm.py --stage vae, then --stage diffusion (configs/ldm_tiny.yaml at 32x32), then
   sample_ldm.py with its report (memorisation and the classifier two-sample test);
-  train.py for every method on both networks with --precision auto --data-on-device auto (13 runs:
+  train.py for every method on both networks with --precision auto --data-on-device auto (15 runs:
   MGCC needs its own network);
   train.py stopped by SIGTERM to its process group once its first checkpoint is written (exit 143),
   then resumed with --resume to its end;
@@ -36,7 +36,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 # train.py's methods and networks (methods.METHODS, networks.unet.build_network); written out so that this
 # list stands when a dependency of the methods package (kornia) is missing: those rows then fail, saying so
-METHODS = ("supervised", "mgcc", "mean-teacher", "cct", "cps", "fixmatch", "unimatch")
+METHODS = ("supervised", "mgcc", "mean-teacher", "cct", "cps", "fixmatch", "unimatch", "bcp")
 NETWORKS = ("mgcc", "unet")
 # train.py refuses these (method, network) pairs: MGCC perturbs the ConvMixer stages the U-Net lacks
 INVALID = {("mgcc", "unet")}

@@ -279,10 +279,9 @@ def near_duplicates_in(evaluated: dict[str, Path], trained: dict[str, Path],
     return {i: sorted(set(found[i])) for i in evaluated if i in found}
 
 
-def split_leak_note(data_dir: str | Path, split: int, split_name: str | None = None,
-                    threshold: float = DEFAULT_THRESHOLD) -> str:
-    """One line for train.py and reproduce.py: how many of the split's val ids have an exact or
-    near-duplicate in its training list."""
+def split_leaks(data_dir: str | Path, split: int, split_name: str | None = None,
+                threshold: float = DEFAULT_THRESHOLD) -> tuple[int, int, str]:
+    """(val ids with an exact or near-duplicate in the split's training list, val ids, the training file's name)."""
     from .io import find_cases, read_id_list, select_cases, split_files
 
     cases = find_cases(data_dir)
@@ -290,8 +289,18 @@ def split_leak_note(data_dir: str | Path, split: int, split_name: str | None = N
     train = [i for i, *_ in select_cases(cases, read_id_list(train_file), str(train_file))]
     val = [i for i, *_ in select_cases(cases, read_id_list(val_file), str(val_file))]
     prints = fingerprint((i, cases[i][0]) for i in dict.fromkeys(train + val))
-    leaks = partners(val, train, find_pairs(prints, threshold=threshold))
-    return f"split {split}: {len(leaks)} of {len(val)} val ids have an exact or near-duplicate in {train_file.name}"
+    return len(partners(val, train, find_pairs(prints, threshold=threshold))), len(val), train_file.name
+
+
+def leak_note(data_dir: str | Path, splits: list[int], split_name: str | None = None) -> str:
+    """One line for train.py and reproduce.py: per split, how many val ids have an exact or near-duplicate
+    in its training list, and what that means where any has (nothing more where none has)."""
+    counts = [(split, *split_leaks(data_dir, split, split_name)) for split in splits]
+    line = "; ".join(f"split {split}: {leaks} of {val} val ids have an exact or near-duplicate in {train}"
+                     for split, leaks, val, train in counts)
+    if any(leaks for _, leaks, _, _ in counts):
+        return f"{line}: {DUPLICATES_ADVICE}"
+    return line
 
 
 DUPLICATES_ADVICE = ("their scores are partly memory (split.py --check lists them, --grouped writes splits without "

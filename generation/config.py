@@ -99,7 +99,7 @@ OPTIONS = [
     Option("weight_decay", 0.01, "AdamW weight decay"),
     Option("warmup_steps", 500, "linear learning-rate warm-up steps, then constant"),
     Option("grad_clip", 1.0, "gradient norm clipping; 0 = none"),
-    Option("precision", "auto", "autocast precision: auto (bf16 on CUDA, fp32 on CPU), bf16 or fp32",
+    Option("precision", "auto", "autocast precision: auto (bf16 on a CUDA GPU of compute capability 8.0 or newer, else fp32), bf16 or fp32",
            choices=("auto", "bf16", "fp32")),
     Option("num_workers", 4, "data-loader worker processes (autoencoder stage; per process under torchrun)"),
     Option("log_every", 50, "steps between loss records (CSV and PNG plot)"),

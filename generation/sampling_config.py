@@ -55,7 +55,7 @@ OPTIONS = [
            "generator's or real images as a control, against --checkpoint's training and val images",
            in_file=False),
     Option("overwrite", False, "replace --out-dir when it already holds images", in_file=False),
-    Option("precision", "auto", "autocast precision: auto (bf16 on CUDA, fp32 on CPU), bf16 or fp32",
+    Option("precision", "auto", "autocast precision: auto (bf16 on a CUDA GPU of compute capability 8.0 or newer, else fp32), bf16 or fp32",
            choices=("auto", "bf16", "fp32")),
     Option("device", "auto", "auto, cpu, cuda or cuda:N (under torchrun: cuda means each process's own GPU, "
            "LOCAL_RANK)", in_file=False),

@@ -22,6 +22,7 @@ ROOT = Path(__file__).resolve().parent.parent
 PRESETS = {  # stage-2 config, stage-1 config, synthetic images per split
     "busi": dict(config=ROOT / "configs" / "busi.yaml", ldm_config=ROOT / "configs" / "ldm_busi.yaml", num_samples=1000),
     "demo": dict(config=ROOT / "configs" / "demo.yaml", ldm_config=ROOT / "configs" / "ldm_demo.yaml", num_samples=128),
+    "cpu": dict(config=ROOT / "configs" / "cpu.yaml", ldm_config=ROOT / "configs" / "ldm_demo.yaml", num_samples=256),
 }
 # each script's option schema, by the script's name in a stage's command
 SCRIPT_OPTIONS = {"train.py": segmenter_options.OPTIONS, "train_ldm.py": ldm_config.OPTIONS,

@@ -62,3 +62,17 @@ def run_script(script: str, *args: str, cwd: Path = ROOT, check: bool = True, ti
         raise AssertionError(f"{script} {' '.join(map(str, args))} exited {result.returncode}\n"
                              f"stdout:\n{result.stdout[-3000:]}\nstderr:\n{result.stderr[-5000:]}")
     return result
+
+
+# train_ldm.py's autoencoder stage at the smallest size the tests train it (with --vae-steps N)
+LDM_TINY_VAE = ("--config", ROOT / "configs" / "ldm_tiny.yaml", "--image-size", "32", "--device", "cpu",
+                "--no-progress", "--num-workers", "0", "--preview-images", "0", "--stage", "vae")
+
+
+def fake_sbatch(bin_dir: Path) -> None:
+    """An sbatch stand-in in ``bin_dir``: numbers the jobs from 101 in $FAKE/count, keeps each job's script as
+    $FAKE/job<N>.sh and answers as sbatch does."""
+    bin_dir.mkdir(exist_ok=True)
+    (bin_dir / "sbatch").write_text(
+        "#!/bin/sh\nn=$(($(cat \"$FAKE/count\" 2>/dev/null || echo 100) + 1)); echo $n > \"$FAKE/count\"\n"
+        "cp \"$1\" \"$FAKE/job$n.sh\"; echo \"Submitted batch job $n\"\n")

@@ -9,10 +9,10 @@ import cv2
 import numpy as np
 import pytest
 
-from dataloaders.duplicates import (DEFAULT_THRESHOLD, Pair, clean_ids, closest_pairs_image, find_pairs, fingerprint,
-                                    fingerprint_images, groups, partners)
+from dataloaders.duplicates import (DEFAULT_THRESHOLD, DUPLICATES_ADVICE, Pair, clean_ids, closest_pairs_image,
+                                    find_pairs, fingerprint, fingerprint_images, groups, leak_note, partners)
 from dataloaders.io import DataError
-from dataloaders.phantom import make_phantom
+from dataloaders.phantom import make_phantom, make_phantom_dataset
 from dataloaders.splits import load_run_data
 
 SIZE = (128, 128)
@@ -202,3 +202,18 @@ def test_the_memorisation_figure_is_calibrated_on_val_images_without_a_training_
     cv2.imwrite(str(data / "images" / f"{ids[6]}.png"), jpeg(picture, 95))  # a val image: a training one re-encoded
     assert len(val_thumbnails(info)) == 2
     assert "calibrated on 2 of the 3 val images (1 with an exact or near-duplicate" in capsys.readouterr().out
+
+
+def test_the_leak_note_gives_its_advice_only_where_a_val_id_has_a_training_copy(tmp_path):
+    ids = make_phantom_dataset(tmp_path, num_images=8, size=(64, 64), preview_count=0)
+    (tmp_path / "ph_train1.txt").write_text("".join(f"{i}\n" for i in ids[:6]))
+    (tmp_path / "ph_val1.txt").write_text("".join(f"{i}\n" for i in ids[6:]))
+    clean = leak_note(tmp_path, [1], "ph")
+    assert clean == "split 1: 0 of 2 val ids have an exact or near-duplicate in ph_train1.txt"  # no advice
+    for sub in ("images", "masks/0"):  # val id 7 becomes a copy of training id 1
+        (tmp_path / sub / f"{ids[7]}.png").write_bytes((tmp_path / sub / f"{ids[1]}.png").read_bytes())
+    (tmp_path / "ph_train2.txt").write_text("".join(f"{i}\n" for i in ids[:6]))
+    (tmp_path / "ph_val2.txt").write_text(f"{ids[6]}\n")
+    assert leak_note(tmp_path, [1, 2], "ph") == (
+        "split 1: 1 of 2 val ids have an exact or near-duplicate in ph_train1.txt; "
+        f"split 2: 0 of 1 val ids have an exact or near-duplicate in ph_train2.txt: {DUPLICATES_ADVICE}")

@@ -210,7 +210,7 @@ def test_smoke_part_on_the_cpu_runs_every_script(tmp_path):
     expected |= {"train_ldm.py --stage vae", "train_ldm.py --stage diffusion", "sample_ldm.py with its report",
                  "train.py stopped by SIGTERM", "train.py --resume after SIGTERM", "predict.py on a checkpoint",
                  "torchrun --nproc_per_node 1 train.py", "reproduce.py --jobs 1"}
-    assert sorted(names) == sorted(expected) and len(names) == 13 + 8  # 7 methods x 2 networks, less one
+    assert sorted(names) == sorted(expected) and len(names) == 15 + 8  # 8 methods x 2 networks, less one
     for r in rows:
         assert r["part"] == 0 and r["status"] == "ok", (r["step"], r["reason"], result.stderr[-3000:])
         assert finite(r["seconds"]) and r["seconds"] > 0 and Path(r["log"]).read_text().startswith("$ "), r

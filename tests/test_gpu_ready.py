@@ -236,13 +236,10 @@ def test_slurm_scripts_from_a_cpu_host_request_gpus_and_resolve_the_device_in_th
     each job asks for a GPU and passes --device auto on, to be resolved on its node."""
     import subprocess
     import sys
-    from conftest import ROOT, write_dataset
+    from conftest import ROOT, fake_sbatch, write_dataset
     data = write_dataset(tmp_path / "toy", n=15, size=(40, 48))
     bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    (bin_dir / "sbatch").write_text(
-        "#!/bin/sh\nn=$(($(cat \"$FAKE/count\" 2>/dev/null || echo 100) + 1)); echo $n > \"$FAKE/count\"\n"
-        "cp \"$1\" \"$FAKE/job$n.sh\"; echo \"Submitted batch job $n\"\n")
+    fake_sbatch(bin_dir)
     (bin_dir / "sacct").write_text("#!/bin/sh\necho 'JobID|State|NodeList'\n")
     (bin_dir / "srun").write_text("#!/bin/sh\nexit 1\n")
     for tool in ("sbatch", "sacct", "srun"):

@@ -17,7 +17,7 @@ import pytest
 from conftest import write_dataset
 from dataloaders.io import DataError, check_pairs, read_image, read_mask
 from dataloaders.splits import load_run_data
-from test_data import generated_folder
+from test_data import generated_folder, leaky_samples
 from utils.config import ConfigError, Option, at_least, multiple_of, odd_positive, parse_config
 
 
@@ -142,12 +142,7 @@ def test_a_split_file_that_is_not_utf8_is_named(dataset):
 @pytest.fixture
 def leaking(dataset, tmp_path):
     """Split 2, whose val ids split 1's generator trained on, and split 1's samples (see test_data)."""
-    train1 = (dataset / "toy_train1.txt").read_text().splitlines()
-    val1 = (dataset / "toy_val1.txt").read_text().splitlines()
-    (dataset / "toy_train2.txt").write_text("\n".join(train1[3:] + val1) + "\n")
-    (dataset / "toy_val2.txt").write_text("\n".join(train1[:3]) + "\n")
-    synth = tmp_path / "synth_split1"
-    generated_folder(synth, train1, tmp_path)
+    synth = leaky_samples(dataset, tmp_path)
     with pytest.raises(DataError, match="a generator trained on 3 of the 3 val ids"):  # the real manifest
         load_run_data(dataset, 2, unlabeled_dirs=[synth])
     return dataset, synth, tmp_path / "ldm_synth_split1"

@@ -7,7 +7,6 @@ import errno
 import os
 
 import cv2
-import numpy as np
 import pytest
 import torch
 

@@ -15,7 +15,7 @@ import torch
 from conftest import write_dataset
 from dataloaders.io import DataError
 from dataloaders.splits import load_run_data
-from test_data import generated_folder
+from test_data import generated_folder, leaky_samples
 from utils.checkpoint import CheckpointError
 
 
@@ -23,12 +23,7 @@ from utils.checkpoint import CheckpointError
 
 @pytest.mark.parametrize("target", ["images", ""])
 def test_a_link_to_leaky_samples_is_refused_as_their_real_path_is(dataset, tmp_path, target):
-    train1 = (dataset / "toy_train1.txt").read_text().splitlines()
-    val1 = (dataset / "toy_val1.txt").read_text().splitlines()
-    (dataset / "toy_train2.txt").write_text("\n".join(train1[3:] + val1) + "\n")
-    (dataset / "toy_val2.txt").write_text("\n".join(train1[:3]) + "\n")
-    synth = tmp_path / "synth_split1"
-    generated_folder(synth, train1, tmp_path)
+    synth = leaky_samples(dataset, tmp_path)
     link = tmp_path / "innocent"
     link.symlink_to(synth / target if target else synth)
     with pytest.raises(DataError, match="a generator trained on 3 of the 3 val ids"):
@@ -276,11 +271,10 @@ def stopped_run(tmp_path_factory):
 
 @pytest.mark.slow
 def test_train_ldm_refuses_a_hand_edited_config_yaml_as_train_py_does(tmp_path):
-    from conftest import ROOT, run_script
+    from conftest import LDM_TINY_VAE, run_script
     data = write_dataset(tmp_path / "toy", n=6, size=(32, 32))
     run = tmp_path / "ldm"
-    tiny = ("--config", ROOT / "configs" / "ldm_tiny.yaml", "--image-size", "32", "--device", "cpu",
-            "--no-progress", "--num-workers", "0", "--preview-images", "0", "--stage", "vae")
+    tiny = LDM_TINY_VAE
     run_script("train_ldm.py", "--data-dir", data, "--out-dir", run, *tiny, "--vae-steps", "1")
     text = (run / "config.yaml").read_text()
     edited = re.sub(r"vae_latent_channels: \d+", "vae_latent_channels: 7", text)

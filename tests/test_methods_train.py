@@ -9,7 +9,7 @@ import signal
 import pytest
 import torch
 
-from conftest import ROOT, run_script
+from conftest import run_script
 from test_distributed import torchrun
 from test_interruptions import start_training, wait_for
 from test_train import TINY

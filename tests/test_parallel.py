@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import ROOT, run_script, write_dataset
+from conftest import ROOT, fake_sbatch, run_script, write_dataset
 from protocol.ledger import Ledger, Stage
 
 ARMS = ("supervised", "mgcc-synthetic")
@@ -178,10 +178,7 @@ def test_slurm_jobs_carry_the_stages_dependencies_and_are_never_submitted_twice(
     run submits nothing; once one has failed, that stage alone is submitted again."""
     data = write_dataset(tmp_path / "toy", n=15, size=(40, 48))
     bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    (bin_dir / "sbatch").write_text(
-        "#!/bin/sh\nn=$(($(cat \"$FAKE/count\" 2>/dev/null || echo 100) + 1)); echo $n > \"$FAKE/count\"\n"
-        "cp \"$1\" \"$FAKE/job$n.sh\"; echo \"Submitted batch job $n\"\n")
+    fake_sbatch(bin_dir)
     (bin_dir / "sacct").write_text(  # every job asked about: the state in $FAKE/state.<id>, else RUNNING
         "#!/bin/sh\nids=$(echo \"$@\" | grep -o -- '-j [0-9,]*' | sed 's/-j //' | tr ',' ' ')\n"
         "echo 'JobID|State|NodeList'\n"

@@ -11,7 +11,7 @@ import time
 import pytest
 
 from utils.config import ConfigError
-from protocol.ledger import Ledger, Stage, check_plan, describe_change, execute, experiment_args
+from protocol.ledger import Ledger, Stage, check_plan, describe_change, experiment_args
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

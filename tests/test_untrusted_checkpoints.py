@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import ROOT, run_script, write_dataset
+from conftest import LDM_TINY_VAE, run_script, write_dataset
 
 
 class LeavesAMark:
@@ -66,8 +66,7 @@ def test_train_resume_refuses_a_crafted_checkpoint(tmp_path):
 def test_train_ldm_resume_refuses_a_crafted_state_file(tmp_path):
     data = write_dataset(tmp_path / "toy", n=6, size=(32, 32))
     run = tmp_path / "ldm"
-    tiny = ("--config", ROOT / "configs" / "ldm_tiny.yaml", "--image-size", "32", "--device", "cpu",
-            "--no-progress", "--num-workers", "0", "--preview-images", "0", "--stage", "vae")
+    tiny = LDM_TINY_VAE
     run_script("train_ldm.py", "--data-dir", data, "--out-dir", run, *tiny, "--vae-steps", "1")
     mark = tmp_path / "mark"
     path = crafted_checkpoint(run / "state_vae.pt", mark, "mgcc-ldm-vae-state")
