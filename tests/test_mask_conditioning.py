@@ -436,3 +436,55 @@ def test_reproduce_runs_the_pairs_arms_end_to_end(tmp_path: Path):
     text = (out / "results.md").read_text()
     assert "mask fidelity: IoU on the pairs" in text and f"{pairs_iou['iou']:.4f}" in text
     assert f"{samples_iou['iou']:.4f}" in text
+
+
+# ----------------------------------------------------------------------------------------------
+# torchrun, and ldm.json's record
+# ----------------------------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_two_processes_learn_and_sample_the_pairs_one_process_does(data: Path, tmp_path: Path, monkeypatch):
+    import csv
+    from conftest import run_script
+    from test_distributed import torchrun
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    args = ("--config", TINY, "--data-dir", str(data), "--image-size", "32", "--vae-steps", "2", "--diffusion-steps",
+            "2", "--log-every", "1", "--sample-every", "0", "--preview-images", "2", "--conditioning", "mask",
+            "--device", "cpu", "--no-progress", "--no-tensorboard")
+    single, ddp = tmp_path / "single", tmp_path / "ddp"
+    run_script("train_ldm.py", "--out-dir", single, *args)
+    torchrun("train_ldm.py", "--out-dir", ddp, *args)
+    rows = []
+    for run in (single, ddp):
+        with (run / "losses_diffusion.csv").open(newline="") as f:
+            rows.append([float(r["loss"]) for r in csv.DictReader(f)])
+    assert len(rows[0]) == 2 and rows[0] == pytest.approx(rows[1], rel=1e-4)  # each rank its own masks' slice
+    sampled = []
+    for name, launch in (("one", run_script), ("two", torchrun)):
+        out = tmp_path / f"pairs_{name}"
+        launch("sample_ldm.py", "--checkpoint", str(single), "--num-images", "6", "--batch-size", "2", "--steps", "2",
+               "--guidance-scale", "1.5", "--out-dir", str(out), "--device", "cpu", "--no-progress", "--no-c2st")
+        sampled.append(out)
+    for sub in ("images", "masks/0"):
+        names = sorted(p.name for p in (sampled[0] / sub).iterdir())
+        assert len(names) == 6 and names == sorted(p.name for p in (sampled[1] / sub).iterdir())
+        assert all((sampled[0] / sub / n).read_bytes() == (sampled[1] / sub / n).read_bytes() for n in names), sub
+    assert (sampled[0] / "manifest.csv").read_text() == (sampled[1] / "manifest.csv").read_text()
+
+
+@pytest.mark.slow
+def test_ldm_json_conditioning_must_match_the_saved_denoiser(conditioned_run: Path, tmp_path: Path):
+    """A run folder whose ldm.json predates the record (no "conditioning": unconditional by mask) or was edited
+    cannot load a mask-conditioned denoiser: the input channels are checked, one clear error."""
+    import shutil
+    from generation.run import load_sampling_models, run_conditioning
+    from utils.checkpoint import CheckpointError
+
+    info = json.loads((conditioned_run / "ldm.json").read_text())
+    vae, unet, _ = load_sampling_models(conditioned_run, info)
+    assert unet.config.in_channels == info["latent_channels"] + MASK_CHANNELS
+    old = {k: v for k, v in info.items() if k not in ("conditioning", "mask_ids", "mask_labels", "mask_values")}
+    assert run_conditioning(old) == "none"
+    with pytest.raises(CheckpointError, match="denoiser input channels 6"):
+        load_sampling_models(conditioned_run, old)
