@@ -148,9 +148,13 @@ def val_thumbnails(info: dict):
                         "--no-check-memorisation to sample without it)") from None
 
 
-def image_classes(cfg: SimpleNamespace, info: dict, label: int | None) -> list[int | None]:
+def image_classes(cfg: SimpleNamespace, info: dict, label: int | None, layouts: list | None = None
+                  ) -> list[int | None]:
     """One label per image: the asked class, or (``all``) drawn from image n's own seed with the
-    training frequencies, so that image n is the same whatever --num-images and --batch-size."""
+    training frequencies, so that image n is the same whatever --num-images and --batch-size; a pair of a
+    class- and mask-conditioned model (``layouts``), with ``all``: the class of its mask's labeled image."""
+    if layouts is not None and label is None and info.get("mask_labels") is not None:
+        return [info["mask_labels"][source] for _, source, _ in layouts]
 
     if not info["class_names"]:
         return [None] * cfg.num_images
@@ -274,9 +278,7 @@ def sample(cfg: SimpleNamespace, ctx, device) -> int:
             raise ConfigError(f"--steps {cfg.steps} exceeds the {training_schedule.num_train_timesteps} "
                               "timesteps the model was trained with")
         scheduler = sampling_scheduler(cfg.scheduler, training_schedule)
-        classes = image_classes(cfg, info, label)
-        if layouts is not None and label is None and info.get("mask_labels") is not None:
-            classes = [info["mask_labels"][source] for _, source, _ in layouts]  # each pair in its mask's class
+        classes = image_classes(cfg, info, label, layouts)
         width = max(4, len(str(cfg.num_images - 1)))
         names = [f"{cfg.prefix}_{n:0{width}d}.png" for n in range(cfg.num_images)]
 

@@ -477,12 +477,11 @@ def test_two_processes_learn_and_sample_the_pairs_one_process_does(data: Path, t
 def test_ldm_json_conditioning_must_match_the_saved_denoiser(conditioned_run: Path, tmp_path: Path):
     """A run folder whose ldm.json predates the record (no "conditioning": unconditional by mask) or was edited
     cannot load a mask-conditioned denoiser: the input channels are checked, one clear error."""
-    import shutil
     from generation.run import load_sampling_models, run_conditioning
     from utils.checkpoint import CheckpointError
 
     info = json.loads((conditioned_run / "ldm.json").read_text())
-    vae, unet, _ = load_sampling_models(conditioned_run, info)
+    _, unet, _ = load_sampling_models(conditioned_run, info)
     assert unet.config.in_channels == info["latent_channels"] + MASK_CHANNELS
     old = {k: v for k, v in info.items() if k not in ("conditioning", "mask_ids", "mask_labels", "mask_values")}
     assert run_conditioning(old) == "none"
