@@ -115,8 +115,10 @@ def resumable(script: str, folder: Path, shown: list[str], *state_files: str):
     return resume
 
 
-def generator_stages(args, data: Path, run: Path, i: int, name: str, shown: list[str]) -> list[Stage]:
-    """Stage 1 of split i: train_ldm.py on the split's training ids, then sample_ldm.py."""
+def generator_stages(args, data: Path, run: Path, i: int, name: str, shown: list[str],
+                     mask_values: str = "binary") -> list[Stage]:
+    """Stage 1 of split i: train_ldm.py on the split's training ids, then sample_ldm.py (and with -pairs arms,
+    the mask-conditioned generator, reading the masks as the arms do, and its pairs)."""
     ldm, samples = run / "ldm", run / "samples"
     seeds = args.seeds or [args.seed]  # stage 1 once per split, with the first seed
     seed = ["--seed", str(seeds[0])] if seeds[0] is not None else []
@@ -132,7 +134,7 @@ def generator_stages(args, data: Path, run: Path, i: int, name: str, shown: list
         Stage(f"split{i}/samples", ["sample_ldm.py", "--checkpoint", str(ldm), "--num-images", str(args.num_samples),
                                     "--out-dir", str(samples), *seed, *args.sample_args, *shown],
               samples, depends=[f"split{i}/ldm"], launcher=torchrun)] + (
-        pairs_stages(args, data, run, i, name, shown) if getattr(args, "pairs", False) else [])
+        pairs_stages(args, data, run, i, name, shown, mask_values) if getattr(args, "pairs", False) else [])
 
 
 def arm_labels(args, data: Path, i: int, name: str) -> list[str]:
@@ -141,7 +143,7 @@ def arm_labels(args, data: Path, i: int, name: str) -> list[str]:
             else ["--labeled-fraction", f"{args.labeled_fraction:g}"])
 
 
-def pairs_stages(args, data: Path, run: Path, i: int, name: str, shown: list[str]) -> list[Stage]:
+def pairs_stages(args, data: Path, run: Path, i: int, name: str, shown: list[str], mask_values: str) -> list[Stage]:
     """The pairs of split i (arms ending in -pairs): a mask-conditioned train_ldm.py on the arms' labeled images
     (its autoencoder on all the split's training ids but the holdout), then sample_ldm.py's image-mask pairs."""
     ldm, pairs = run / "ldm-pairs", run / "pairs"
@@ -152,7 +154,8 @@ def pairs_stages(args, data: Path, run: Path, i: int, name: str, shown: list[str
     return [
         Stage(f"split{i}/ldm-pairs", ["train_ldm.py", "--config", str(args.ldm_config.resolve()), "--data-dir",
                                       str(data), "--split", str(i), "--split-name", name, *holdout, "--conditioning",
-                                      "mask", *arm_labels(args, data, i, name), "--out-dir", str(ldm), *seed,
+                                      "mask", *arm_labels(args, data, i, name), "--mask-values", mask_values,
+                                      "--out-dir", str(ldm), *seed,
                                       *args.ldm_args, *shown],
               ldm, resume=resumable("train_ldm.py", ldm, shown, "state_vae.pt", "state_diffusion.pt"),
               launcher=torchrun),
@@ -228,7 +231,7 @@ def plan(args, name: str, splits: list[int], device: str) -> list[Stage]:
     stages = []
     for i in splits:
         run = out / f"split{i}"
-        split_stages = (generator_stages(args, data, run, i, name, shown) if args.generator else []) \
+        split_stages = (generator_stages(args, data, run, i, name, shown, mask_values) if args.generator else []) \
             + arm_stages(args, data, run, i, name, shown, mask_values) \
             + fidelity_stages(args, data, run, i, shown)
         for stage in split_stages:

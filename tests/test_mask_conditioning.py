@@ -368,7 +368,8 @@ def test_pairs_arms_are_named_planned_and_fed_by_a_mask_conditioned_generator(tm
     data = write_dataset(tmp_path / "toy", n=15, size=(40, 48))
     args = reproduce.parse_args(["--data-dir", str(data), "--out-dir", str(tmp_path / "out"), "--preset", "demo",
                                  "--arms", "mgcc-real-pairs", "supervised", "mgcc-real", "supervised-pairs",
-                                 "mgcc-synthetic", "--labeled-fraction", "0.5", "--holdout", "0.2"])
+                                 "mgcc-synthetic", "--labeled-fraction", "0.5", "--holdout", "0.2",
+                                 "--mask-values", "nonzero"])
     args.nproc_per_node = 1
     assert args.arms == ["supervised", "supervised-pairs", "mgcc-real", "mgcc-real-pairs", "mgcc-synthetic"]
     stages = {s.name: s for s in reproduce.plan(args, "toy", [1], "cpu")}
@@ -376,6 +377,7 @@ def test_pairs_arms_are_named_planned_and_fed_by_a_mask_conditioned_generator(tm
     out = tmp_path.resolve() / "out" / "split1"
     assert "--conditioning mask --labeled-fraction 0.5" in " ".join(ldm.command)
     assert "--holdout 0.2" in " ".join(ldm.command)  # as the arms: the generator never sees the holdout ids
+    assert "--mask-values nonzero" in " ".join(ldm.command)  # it reads the masks as the arms do
     assert "--conditioning" not in stages["split1/ldm"].command  # the unlabeled images' generator is as it was
     assert pairs.command[:3] == ["sample_ldm.py", "--checkpoint", str(out / "ldm-pairs")]
     assert pairs.depends == ["split1/ldm-pairs"]
