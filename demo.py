@@ -1,6 +1,6 @@
 """The whole method in one command, on phantom data, on a laptop CPU.
 
-    python demo.py                 # split 1 at 64x64 on a CPU: stage 1, then three arms
+    python demo.py                 # split 1 at 48x48 on a CPU: stage 1, then three arms
     python demo.py --quick         # every stage at a tiny size on 2 splits (CI's end-to-end test)
 
 Two stages make the data, then reproduce.py runs the paper's protocol with its demo preset
@@ -11,13 +11,15 @@ printed):
   3. reproduce.py --preset demo      per split: the latent diffusion model, its samples, then the
                                      supervised baseline, MGCC on the real unlabeled images and MGCC
                                      on the synthetic ones, each segmenting the val ids
-The segmenters run the published schedule scaled by 0.03 (configs/demo.yaml: schedule_scale, so
-lambda(t/T) and lr(t/T) are the published curves); meant to finish within 10 minutes on an idle
-2-core CPU. reproduce.py's time estimate is left out here (--no-estimate: it benchmarks each kind of
-step before the first stage starts, minutes on a CPU, for a demo shorter than that); every stage runs
-as it would without it, and the measured time of each is printed at the end, with reproduce.py's
-results table and the paths of the pictures. Like reproduce.py, a rerun
-skips what is finished and continues what was interrupted. The phantom data are for demonstration
+The phantom images are 48x48, and the demo shrinks the preset's stages to them (the flags are in
+SETTINGS below and in the printed commands): stage 1 at 48x48 with 400 autoencoder and 500 denoiser
+steps, the segmenters on the published schedule scaled by 0.02 (200 of the 10,000 iterations of a
+quarter of the labels; lambda(t/T) and lr(t/T) are the published curves). Meant to finish within
+5 minutes on an idle 2-core CPU. reproduce.py's time estimate is left out here (--no-estimate: it
+benchmarks each kind of step before the first stage starts, minutes on a CPU); every stage runs as it
+would without it, and the measured time of each is printed at the end, with reproduce.py's results
+table and the paths of the pictures. Like reproduce.py, a rerun skips what is finished and continues
+what was interrupted. The phantom data are for demonstration
 only: numbers on them say nothing about ultrasound.
 """
 from __future__ import annotations
@@ -34,7 +36,9 @@ ROOT = Path(__file__).resolve().parent
 
 # sizes of the full demo and of --quick (a smoke test of every stage boundary, on two splits)
 SETTINGS = {
-    "full": dict(images=160, size=64, splits=[1], reproduce=[]),
+    "full": dict(images=160, size=48, splits=[1], reproduce=[
+        "--ldm-args", "--image-size 48 --vae-steps 400 --diffusion-steps 500",
+        "--schedule-scale", "0.02", "--train-args", "--image-size 48"]),
     "quick": dict(images=24, size=32, splits=[1, 2], reproduce=[
         "--labeled-fraction", "0.5", "--ldm-config", str(ROOT / "configs" / "ldm_tiny.yaml"), "--num-samples", "8",
         "--ldm-args", "--vae-steps 4 --diffusion-steps 4 --image-size 32",
