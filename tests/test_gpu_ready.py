@@ -287,12 +287,23 @@ def test_loader_batches_are_joined_on_the_device():
     from dataloaders.training_batches import TrainingBatches
     labeled = iter([{"image": torch.ones(2, 3, 4, 4), "mask": torch.ones(2, 1, 4, 4)}])
     unlabeled = iter([{"image": torch.zeros(3, 3, 4, 4)}])
-    fake = SimpleNamespace(on_device=False, loaders=[labeled, unlabeled], device=torch.device("meta"))
+    fake = SimpleNamespace(on_device=False, loaders=[labeled, unlabeled], labeled_loaders=1,
+                           device=torch.device("meta"))
     with DeviceCopies() as seen:
         images, masks = TrainingBatches.batch(fake, 0)
     assert images.shape == (5, 3, 4, 4) and images.device.type == "meta" and masks.device.type == "meta"
     assert sorted(seen.copies) == sorted(["aten._to_copy.default[(2, 3, 4, 4)]", "aten._to_copy.default[(3, 3, 4, 4)]",
                                           "aten._to_copy.default[(2, 1, 4, 4)]"])
+    # with synthetic pairs (train.py --synthetic-pairs): real labeled, pairs, unlabeled; the masks of both labeled parts
+    labeled = iter([{"image": torch.ones(2, 3, 4, 4), "mask": torch.ones(2, 1, 4, 4)}])
+    pairs = iter([{"image": torch.ones(1, 3, 4, 4), "mask": torch.zeros(1, 1, 4, 4)}])
+    unlabeled = iter([{"image": torch.zeros(3, 3, 4, 4)}])
+    fake = SimpleNamespace(on_device=False, loaders=[labeled, pairs, unlabeled], labeled_loaders=2,
+                           device=torch.device("meta"))
+    with DeviceCopies() as seen:
+        images, masks = TrainingBatches.batch(fake, 0)
+    assert images.shape == (6, 3, 4, 4) and masks.shape == (3, 1, 4, 4) and masks.device.type == "meta"
+    assert len(seen.copies) == 5  # each part's image and mask copied as it is: no host concatenation
 
 
 class HostReads(TorchDispatchMode):
