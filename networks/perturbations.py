@@ -8,7 +8,6 @@ encoder feature separately, with fresh randomness per feature and call, as in th
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 
