@@ -242,8 +242,7 @@ def denoiser_pairs(cfg: SimpleNamespace, data) -> tuple[TrainingImages, torch.Te
     with their masks at the latent's size, (N, 2, 1, h, w) (as they are, mirrored)."""
     if cfg.conditioning != "mask":
         return TrainingImages(data.paths, data.labels, cfg.image_size), None
-    labels = [data.labels[k] for k in data.mask_index] if data.labels is not None else None
-    dataset = TrainingImages([data.paths[k] for k in data.mask_index], labels, cfg.image_size)
+    dataset = TrainingImages([data.paths[k] for k in data.mask_index], data.mask_labels, cfg.image_size)
     return dataset, latent_masks(data.mask_paths, cfg.image_size, latent_size(cfg), cfg.mask_values)
 
 

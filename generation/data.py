@@ -43,6 +43,11 @@ class TrainingSet:
     def mask_ids(self) -> list[str]:
         return [self.ids[k] for k in self.mask_index]
 
+    @property
+    def mask_labels(self) -> list[int] | None:
+        """The classes of the labeled images (None: unconditional by class)."""
+        return [self.labels[k] for k in self.mask_index] if self.labels is not None else None
+
 
 def training_ids(data_dir: str | Path, split: int, split_name: str | None = None, holdout: float = 0.0
                  ) -> tuple[list[str], Path, Path | None]:

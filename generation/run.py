@@ -246,8 +246,8 @@ def conditioning_info(cfg: SimpleNamespace, data) -> dict:
     masks are read."""
     if cfg.conditioning != "mask":
         return {"conditioning": "none"}
-    labels = [data.labels[k] for k in data.mask_index] if data.labels is not None else None
-    return {"conditioning": "mask", "mask_ids": data.mask_ids, "mask_labels": labels, "mask_values": cfg.mask_values}
+    return {"conditioning": "mask", "mask_ids": data.mask_ids, "mask_labels": data.mask_labels,
+            "mask_values": cfg.mask_values}
 
 
 def run_conditioning(info: dict) -> str:
