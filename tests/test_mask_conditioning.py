@@ -269,32 +269,27 @@ def test_pairs_are_a_dataset_whose_manifest_ties_each_pair_to_generator_and_mask
 # mask fidelity: the conditioned generator puts lesions where its masks say
 # ----------------------------------------------------------------------------------------------
 
-def dark_regions(image: np.ndarray) -> np.ndarray:
-    """A segmenter of write_dataset's images that needs no training: their lesions are gray 50 (sd 20) on
-    tissue of gray 150 (sd 40), so a 5x5 Gaussian blur thresholded halfway, at 100, finds them. Being fixed,
-    it scores every image set by one rule; the test measures it on real images too."""
-    return cv2.GaussianBlur(image.astype(np.float32), (5, 5), 0) < 100
-
-
-def mean_iou(found: list[np.ndarray], masks: list[np.ndarray]) -> tuple[float, np.ndarray]:
-    from utils.metrics import confusion_counts, overlap_metrics
-
-    iou = overlap_metrics(confusion_counts(torch.from_numpy(np.stack(found)), torch.from_numpy(np.stack(masks))))["iou"]
-    return float(iou.mean()), iou.numpy()
-
-
 @pytest.mark.slow
 def test_mask_conditioned_generator_puts_lesions_where_its_masks_say(tmp_path: Path):
-    """Two denoisers on one autoencoder (40 toy images at 32x32, 26 training ids, 1,000 denoiser steps each):
-    one mask-conditioned on the 13 labeled pairs, one unconditional. The conditioned one's 26 pairs (the 13
-    masks as they are, then 13 new layouts) are segmented by dark_regions and scored against their masks; the
-    unconditional one's 26 samples against the same masks, and the real val images against theirs.
-    Calibration (seeds 0-3, 2-core CPU, 2026-12-03): pairs 0.63-0.73 (new layouts 0.61-0.70), unconditional
-    0.10-0.15, real 0.87-0.89; about 75 s."""
+    """The mask fidelity of reproduce.py's report, measured the same way on phantom data (dataloaders/phantom.py,
+    60 images at 48x48, split.py's split 1: 42 training ids, 21 labeled). Two denoisers on one autoencoder, all
+    at 32x32: one mask-conditioned on the 21 labeled pairs, one unconditional. A segmenter trained by train.py on
+    the same 21 real labeled images segments, with predict.py --masks-dir, the conditioned generator's 42 pairs
+    (the 21 masks as they are, then 21 new layouts) against their masks, and the unconditional generator's 42
+    samples against the same masks; its own val IoU on real images stands beside them.
+    Calibration (this test's settings, seeds 0-3, 2-core CPU, 2026-12-03): pairs 0.42-0.54 (new layouts
+    0.36-0.52), unconditional 0.10-0.12, segmenter on real val 0.65-0.69; about 2.5 minutes."""
     import csv
     import shutil
 
-    data = write_dataset(tmp_path / "toy", n=40, size=(64, 80))
+    import predict
+    import split
+    import train
+    from dataloaders.phantom import make_phantom_dataset
+
+    data = tmp_path / "phantom"
+    make_phantom_dataset(data, num_images=60, size=(48, 48), preview_count=0)
+    assert split.main(["--data-dir", str(data)]) == 0
     common = ["--config", TINY, "--data-dir", str(data), "--image-size", "32", "--device", "cpu", "--no-progress",
               "--no-tensorboard", "--preview-images", "0", "--no-class-conditioning", "--vae-steps", "300"]
     unconditional, conditioned = tmp_path / "unconditional", tmp_path / "conditioned"
@@ -305,32 +300,37 @@ def test_mask_conditioned_generator_puts_lesions_where_its_masks_say(tmp_path: P
     assert train_ldm.main([*common, "--out-dir", str(unconditional), *denoiser]) == 0
     assert train_ldm.main([*common, "--out-dir", str(conditioned), *denoiser, "--conditioning", "mask",
                            "--labeled-fraction", "0.5"]) == 0
-    sampling = ["--num-images", "26", "--steps", "25", "--device", "cpu", "--no-progress", "--no-c2st",
+    sampling = ["--num-images", "42", "--steps", "25", "--device", "cpu", "--no-progress", "--no-c2st",
                 "--no-check-memorisation"]
-    assert sample_ldm.main(["--checkpoint", str(conditioned), "--out-dir", str(tmp_path / "pairs"),
-                            "--guidance-scale", "2", *sampling]) == 0
-    assert sample_ldm.main(["--checkpoint", str(unconditional), "--out-dir", str(tmp_path / "samples"), *sampling]) == 0
+    pairs, samples = tmp_path / "pairs", tmp_path / "samples"
+    assert sample_ldm.main(["--checkpoint", str(conditioned), "--out-dir", str(pairs), "--guidance-scale", "2",
+                            *sampling]) == 0
+    assert sample_ldm.main(["--checkpoint", str(unconditional), "--out-dir", str(samples), *sampling]) == 0
 
-    def gray(path: Path) -> np.ndarray:
-        return cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
+    segmenter = tmp_path / "segmenter"  # as the protocol's supervised arm: the real labeled images alone
+    assert train.main(["--config", str(ROOT / "configs" / "demo.yaml"), "--data-dir", str(data), "--out-dir",
+                       str(segmenter), "--image-size", "32", "--labeled-fraction", "0.5", "--method", "supervised",
+                       "--schedule-scale", "1", "--iterations", "300", "--eval-every", "50", "--num-workers", "0",
+                       "--no-progress", "--no-tensorboard"]) == 0
+    for images in (pairs, samples):  # protocol/plan.py FIDELITY: both scored against the pairs' masks
+        assert predict.main(["--checkpoint", str(segmenter / "checkpoint_best.pt"), "--input-dir", str(images),
+                             "--masks-dir", str(pairs / "masks" / "0"), "--no-overlays", "--device", "cpu",
+                             "--no-progress", "--output-dir", str(tmp_path / f"{images.name}_fidelity")]) == 0
 
-    with (tmp_path / "pairs" / "manifest.csv").open(newline="") as f:
-        rows = list(csv.DictReader(f))
-    masks = [read_mask(tmp_path / "pairs" / row["mask"]) for row in rows]
-    pairs, per_pair = mean_iou([dark_regions(gray(tmp_path / "pairs" / row["file"])) for row in rows], masks)
-    samples, _ = mean_iou([dark_regions(gray(tmp_path / "samples" / row["file"])) for row in rows], masks)
-    moved = np.array([row["mask_augmentation"] != "none" for row in rows])
-    val_ids = (data / "toy_val1.txt").read_text().splitlines()
-    real, _ = mean_iou(
-        [dark_regions(cv2.resize(gray(data / "images" / f"{i}.png"), (32, 32), interpolation=cv2.INTER_AREA))
-         for i in val_ids],
-        [cv2.resize(read_mask(data / "masks" / "0" / f"{i}.png").astype(np.uint8), (32, 32),
-                    interpolation=cv2.INTER_NEAREST).astype(bool) for i in val_ids])
-    figures = (f"pairs {pairs:.3f} (new layouts {per_pair[moved].mean():.3f}), unconditional {samples:.3f}, "
-               f"real val {real:.3f}")
-    assert moved.sum() == 13 and real > 0.8, figures  # the segmenter finds real lesions
-    assert pairs > 0.5 and per_pair[moved].mean() > 0.45, figures  # the pairs follow their masks, moved ones too
-    assert samples < 0.3 and pairs - samples > 0.35, figures  # an unconditional generator's lesions do not
+    def fidelity(name: str) -> float:
+        return json.loads((tmp_path / f"{name}_fidelity" / "metrics.json").read_text())["iou"]
+
+    with (pairs / "manifest.csv").open(newline="") as f:
+        moved = {Path(row["file"]).stem for row in csv.DictReader(f) if row["mask_augmentation"] != "none"}
+    with (tmp_path / "pairs_fidelity" / "metrics.csv").open(newline="") as f:
+        new_layouts = [float(row["iou"]) for row in csv.DictReader(f) if row["id"] in moved]
+    real = json.loads((segmenter / "metrics.json").read_text())["val"]["iou"]
+    figures = (f"pairs {fidelity('pairs'):.3f} (new layouts {np.mean(new_layouts):.3f}), unconditional "
+               f"{fidelity('samples'):.3f}, real val {real:.3f}")
+    print(figures)  # shown by pytest -rP
+    assert len(new_layouts) == 21 and real > 0.55, figures  # the segmenter finds real lesions
+    assert fidelity("pairs") > 0.35 and np.mean(new_layouts) > 0.28, figures  # the pairs follow their masks
+    assert fidelity("samples") < 0.2 and fidelity("pairs") - fidelity("samples") > 0.2, figures  # samples do not
 
 
 # ----------------------------------------------------------------------------------------------
