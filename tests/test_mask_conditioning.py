@@ -317,20 +317,19 @@ def test_mask_conditioned_generator_puts_lesions_where_its_masks_say(tmp_path: P
                              "--masks-dir", str(pairs / "masks" / "0"), "--no-overlays", "--device", "cpu",
                              "--no-progress", "--output-dir", str(tmp_path / f"{images.name}_fidelity")]) == 0
 
-    def fidelity(name: str) -> float:
-        return json.loads((tmp_path / f"{name}_fidelity" / "metrics.json").read_text())["iou"]
-
+    pairs_iou, samples_iou = (json.loads((tmp_path / f"{name}_fidelity" / "metrics.json").read_text())["iou"]
+                              for name in ("pairs", "samples"))
     with (pairs / "manifest.csv").open(newline="") as f:
         moved = {Path(row["file"]).stem for row in csv.DictReader(f) if row["mask_augmentation"] != "none"}
     with (tmp_path / "pairs_fidelity" / "metrics.csv").open(newline="") as f:
         new_layouts = [float(row["iou"]) for row in csv.DictReader(f) if row["id"] in moved]
     real = json.loads((segmenter / "metrics.json").read_text())["val"]["iou"]
-    figures = (f"pairs {fidelity('pairs'):.3f} (new layouts {np.mean(new_layouts):.3f}), unconditional "
-               f"{fidelity('samples'):.3f}, real val {real:.3f}")
+    figures = (f"pairs {pairs_iou:.3f} (new layouts {np.mean(new_layouts):.3f}), unconditional {samples_iou:.3f}, "
+               f"real val {real:.3f}")
     print(figures)  # shown by pytest -rP
     assert len(new_layouts) == 21 and real > 0.55, figures  # the segmenter finds real lesions
-    assert fidelity("pairs") > 0.35 and np.mean(new_layouts) > 0.28, figures  # the pairs follow their masks
-    assert fidelity("samples") < 0.2 and fidelity("pairs") - fidelity("samples") > 0.2, figures  # samples do not
+    assert pairs_iou > 0.35 and np.mean(new_layouts) > 0.28, figures  # the pairs follow their masks
+    assert samples_iou < 0.2 and pairs_iou - samples_iou > 0.2, figures  # samples do not
 
 
 # ----------------------------------------------------------------------------------------------
